@@ -1,0 +1,159 @@
+"""Training tokens/s of our Transformer against torch.nn.Transformer (and MarianMTModel if installed).
+
+Same sizes, same batch, same optimizer (the paper's Adam), same label-smoothed loss, same machine,
+one run: the models take turns, and each figure is the median over rounds so that machine noise
+hits all of them alike. Printed as ratios to torch.nn.Transformer.
+
+    python bench/model_throughput.py --preset small            # CPU, the ANCHORS.md size
+    python bench/model_throughput.py --preset base --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from transformer import ModelConfig, build_model, preset
+from transformer.flops import training_flops_per_token
+from transformer.loss import label_smoothed_loss
+from transformer.schedule import paper_adam
+
+
+class TorchTransformerSeq2Seq(nn.Module):
+    """torch.nn.Transformer with the same embeddings, positions and tied output layer as ours."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        ours = build_model(config)  # borrow the embedding/positional modules so only the core differs
+        self.src_embed, self.tgt_embed, self.output = ours.src_embed, ours.tgt_embed, ours.output
+        self.core = nn.Transformer(
+            config.d_model, config.n_heads, config.n_layers, config.decoder_layers, config.d_ff,
+            dropout=config.dropout, batch_first=True, norm_first=config.norm == "pre",
+        )
+        self.pad_id = config.pad_id
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, logits_at: torch.Tensor | None = None):
+        length = tgt_in.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=src.device)
+        src_pad = src == self.pad_id
+        hidden = self.core(
+            self.src_embed(src), self.tgt_embed(tgt_in), tgt_mask=mask, tgt_is_causal=True,
+            src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad,
+        )
+        return self.output(hidden, logits_at)
+
+
+def _marian(config: ModelConfig) -> nn.Module | None:
+    try:
+        from transformers import MarianConfig, MarianMTModel
+    except ImportError:
+        return None
+    marian = MarianMTModel(MarianConfig(
+        vocab_size=config.vocab_size, d_model=config.d_model, encoder_layers=config.n_layers,
+        decoder_layers=config.decoder_layers, encoder_attention_heads=config.n_heads,
+        decoder_attention_heads=config.n_heads, encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.d_ff,
+        dropout=config.dropout, activation_function="relu", pad_token_id=config.pad_id,
+        decoder_start_token_id=config.bos_id, max_position_embeddings=config.max_positions,
+    ))
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = marian
+
+        def forward(self, src, tgt_in, logits_at=None):
+            logits = self.inner(input_ids=src, attention_mask=src != config.pad_id, decoder_input_ids=tgt_in).logits
+            return logits if logits_at is None else logits[logits_at]
+
+    return Wrapped()
+
+
+def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -> Callable[[], None]:
+    optimizer = paper_adam(model.parameters(), lr=1e-4)
+    src, tgt_in, tgt_out = batch
+    at = tgt_out != config.pad_id
+    autocast = torch.autocast(src.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> None:
+        with autocast:
+            logits = model(src, tgt_in, at)
+        loss, _ = label_smoothed_loss(logits, tgt_out[at], config.label_smoothing, config.pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / at.sum()).backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--src-len", type=int, default=20)
+    parser.add_argument("--tgt-len", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: not printed)")
+    args = parser.parse_args()
+
+    config = preset(args.preset, vocab_size=args.vocab_size)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, args.vocab_size, (args.batch, args.src_len), generator=generator).to(device)
+    tgt = torch.randint(4, args.vocab_size, (args.batch, args.tgt_len + 1), generator=generator).to(device)
+    batch = (src, tgt[:, :-1], tgt[:, 1:])
+    target_tokens = args.batch * args.tgt_len
+
+    candidates: dict[str, nn.Module] = {}
+    torch.manual_seed(0)
+    candidates["aiayn"] = build_model(config)
+    torch.manual_seed(0)
+    candidates["torch.nn.Transformer"] = TorchTransformerSeq2Seq(config)
+    marian = _marian(config)
+    if marian is not None:
+        candidates["MarianMTModel"] = marian
+    steps = {name: _step_fn(model.to(device).train(), config, batch, dtype) for name, model in candidates.items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for step in steps.values():  # warm-up
+        for _ in range(2):
+            step()
+    sync()
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            rates[name].append(args.steps * target_tokens / (time.perf_counter() - start))
+
+    peer = statistics.median(rates["torch.nn.Transformer"])
+    flops = training_flops_per_token(config, args.src_len, args.tgt_len)
+    result = {"config": vars(args), "torch_threads": torch.get_num_threads(), "models": {}}
+    for name, values in rates.items():
+        median = statistics.median(values)
+        row = {"target_tokens_per_s": round(median, 1), "ratio_vs_torch_nn_transformer": round(median / peer, 3)}
+        if args.peak_tflops:
+            row["mfu"] = round(median * flops / (args.peak_tflops * 1e12), 4)
+        result["models"][name] = row
+    if marian is None:
+        result["note"] = "transformers is not installed: MarianMTModel not measured"
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

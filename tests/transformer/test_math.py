@@ -1,0 +1,85 @@
+"""Schedules, positional encodings, the loss, averaging and FLOPs against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from transformer import preset
+from transformer.averaging import average_state_dicts
+from transformer.embeddings import sinusoidal_table
+from transformer.flops import encoder_decoder_training_flops, training_flops_per_token
+from transformer.loss import label_smoothed_loss
+from transformer.schedule import inverse_sqrt_lr, noam_lr, paper_adam
+
+
+def test_noam_schedule_hand_values() -> None:
+    # d_model = 512, warmup = 4000: peak at step 4000 is 512^-0.5 * 4000^-0.5.
+    assert noam_lr(4000, 512, 4000) == pytest.approx(1 / math.sqrt(512) / math.sqrt(4000))
+    assert noam_lr(1, 512, 4000) == pytest.approx(512**-0.5 * 4000**-1.5)
+    assert noam_lr(16000, 512, 4000) == pytest.approx(3.49386e-4, rel=1e-5)  # 512^-0.5 * 16000^-0.5
+    assert noam_lr(2000, 512, 4000) == pytest.approx(0.5 * noam_lr(4000, 512, 4000))
+
+
+def test_inverse_sqrt_schedule_hand_values() -> None:
+    assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
+    assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
+    assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+
+
+def test_paper_adam_hyperparameters() -> None:
+    optimizer = paper_adam([torch.nn.Parameter(torch.zeros(1))])
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9
+
+
+def test_sinusoidal_positions_hand_values() -> None:
+    table = sinusoidal_table(10, 4)
+    # PE(pos, 0) = sin(pos), PE(pos, 1) = cos(pos), PE(pos, 2) = sin(pos / 100), PE(pos, 3) = cos(pos / 100)
+    pos = 3
+    expected = torch.tensor([math.sin(3), math.cos(3), math.sin(0.03), math.cos(0.03)])
+    torch.testing.assert_close(table[pos], expected)
+
+
+def test_label_smoothed_loss_hand_values() -> None:
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])  # second row is padding (pad id 2 here)
+    loss, nll = label_smoothed_loss(logits, targets, epsilon=0.1, pad_id=2)
+    nll_expected = -math.log(0.5)
+    uniform = -(math.log(0.5) + 2 * math.log(0.25)) / 3
+    assert nll.item() == pytest.approx(nll_expected)
+    assert loss.item() == pytest.approx(0.9 * nll_expected + 0.1 * uniform)
+
+
+def test_average_of_checkpoints() -> None:
+    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(2)}]
+    averaged = average_state_dicts(states)
+    torch.testing.assert_close(averaged["w"], torch.tensor([2.0, 4.0]))
+    assert averaged["n"].item() == 2
+    with pytest.raises(ValueError, match="different parameter names"):
+        average_state_dicts([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def test_flops_hand_count_for_a_one_layer_model() -> None:
+    config = preset("tiny", n_layers=1, d_model=4, d_ff=8, n_heads=2, vocab_size=10)
+    s, t = 3, 2
+    attn = 4 * 4 * 4  # four 4x4 projections (h * d_k = 4)
+    ffn = 2 * 4 * 8
+    scores = lambda ctx: 2 * ctx * 2 * (2 + 2)  # noqa: E731
+    encoder = s * (2 * (attn + ffn) + scores(s))
+    decoder = t * (2 * attn + scores(1.5) + 2 * (attn / 2) + scores(s) + 2 * ffn)
+    cross_kv = s * 2 * (attn / 2)
+    output = t * 2 * 4 * 10
+    expected = 3 * (encoder + decoder + cross_kv + output)
+    assert encoder_decoder_training_flops(config, s, t) == pytest.approx(expected)
+    assert training_flops_per_token(config, s, t) == pytest.approx(expected / t)
+
+
+def test_flops_are_about_six_n_for_short_sequences() -> None:
+    config = preset("base", vocab_size=37000)
+    from transformer import build_model, count_parameters
+
+    n = count_parameters(build_model(config))
+    per_token = training_flops_per_token(config, 1, 1)
+    # With one token, attention terms vanish; the encoder-decoder forward touches every weight once.
+    assert per_token == pytest.approx(6 * n, rel=0.03)

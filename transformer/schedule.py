@@ -1,0 +1,26 @@
+"""Learning-rate schedules and the paper's optimizer (§5.3)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def noam_lr(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
+    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (§5.3, eq. 3). Steps count from 1."""
+    step = max(step, 1)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+
+
+def inverse_sqrt_lr(step: int, peak_lr: float, warmup_steps: int, warmup_init_lr: float = 0.0) -> float:
+    """fairseq's inverse_sqrt: linear warm-up to peak_lr, then peak_lr * sqrt(warmup / step)."""
+    step = max(step, 1)
+    if step < warmup_steps:
+        return warmup_init_lr + (peak_lr - warmup_init_lr) * step / warmup_steps
+    return peak_lr * (warmup_steps / step) ** 0.5
+
+
+def paper_adam(params: Iterable[torch.nn.Parameter], lr: float = 1.0) -> torch.optim.Adam:
+    """Adam with beta1 = 0.9, beta2 = 0.98, epsilon = 1e-9 (§5.3)."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
