@@ -34,6 +34,35 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(args: argparse.Namespace):
+    from jobs.config import load_job_config
+
+    return load_job_config(args.config, args.overrides)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from cluster.runtime import connect
+    from data_pipeline.prepare import plan_prepare, run_prepare
+
+    config = _load_config(args)
+    plan = plan_prepare(config.data)
+    if plan.up_to_date and not args.force:
+        print(f"{config.data.dataset_uri}: already prepared from the same inputs and settings; nothing to do")
+        return 0
+    connect(args.address or config.cluster.address)
+    manifest = run_prepare(plan)
+    summary = {split: {"rows": info["rows"], "shards": len(info["shards"])} for split, info in manifest["splits"].items()}
+    print(json.dumps({"dataset": config.data.dataset_uri, "splits": summary, "cleaning": manifest["cleaning"]["train"],
+                      "vocab_size": manifest["tokenizer"]["vocab_size"], "seconds": manifest["prepare_seconds"]}, indent=2))
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML recipe, e.g. configs/multi30k_small.yaml")
+    parser.add_argument("--address", default="", help="Ray cluster address (default: embedded local Ray)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiayn", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,15 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--vocab-size", type=int, default=37000)
     info.add_argument("--seq-len", type=int, default=32, help="source and target length for the FLOPs count")
     info.set_defaults(handler=_model_info)
+
+    prepare = commands.add_parser("prepare", help="clean, tokenize and shard a corpus into Parquet (a Ray Data job)")
+    _add_config_arguments(prepare)
+    prepare.add_argument("--force", action="store_true", help="prepare again even if an identical dataset exists")
+    prepare.set_defaults(handler=_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from data_pipeline.errors import InputError
+    from jobs.config import ConfigError
+
     try:
         return handler(args)
-    except UserError as error:
+    except (UserError, InputError, ConfigError) as error:
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
 

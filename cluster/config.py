@@ -1,0 +1,30 @@
+"""Where a job runs: the Ray address, the worker group and the shared storage for checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = ""  # empty: start an embedded local Ray; "auto" or ray://host:port: connect
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: Placement = "PACK"
+    storage_path: str = "runs"  # local dir, NFS path, or s3:// / gs:// URI seen by every node
+    max_failures: int = 3  # worker-group restarts Ray Train attempts before giving up
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"cluster.num_workers must be at least 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cluster.cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        allowed = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in allowed:
+            raise ValueError(f"cluster.placement_strategy must be one of {', '.join(allowed)}, got {self.placement_strategy!r}")
+        if self.max_failures < 0:
+            raise ValueError(f"cluster.max_failures must be >= 0 (-1 is not supported), got {self.max_failures}")

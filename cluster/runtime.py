@@ -1,0 +1,29 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def connect(address: str = "", *, num_cpus: int | None = None) -> None:
+    """Start an embedded local Ray (no address and no RAY_ADDRESS) or join a running cluster.
+
+    Inside a Ray job (submitted with the Jobs API) RAY_ADDRESS is set and the job's cluster is used.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS", "")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if target:
+        ray.init(address=target, **quiet)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))

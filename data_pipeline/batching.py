@@ -1,0 +1,107 @@
+"""Token-budget batches from a window of examples, and padding them into tensors.
+
+A window is the bounded sort buffer: its rows are shuffled, sorted by length (source, then
+target) so that neighbours have similar lengths, cut greedily into batches whose padded size
+(rows x longest side) stays within `max_tokens` like fairseq's --max-tokens, and the batch order
+is shuffled. Decoder-only windows are packed instead: documents joined with EOS between them
+(each already ends with EOS) and cut into sequences of fixed length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipeline.tokenizer import BOS_ID, PAD_ID
+
+
+@dataclass
+class Window:
+    """Rows of a window as flat token arrays with offsets (row i is values[offsets[i]:offsets[i+1]])."""
+
+    src_values: np.ndarray
+    src_offsets: np.ndarray
+    tgt_values: np.ndarray | None
+    tgt_offsets: np.ndarray | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.src_offsets) - 1
+
+    def src(self, row: int) -> np.ndarray:
+        return self.src_values[self.src_offsets[row] : self.src_offsets[row + 1]]
+
+    def tgt(self, row: int) -> np.ndarray:
+        assert self.tgt_values is not None and self.tgt_offsets is not None
+        return self.tgt_values[self.tgt_offsets[row] : self.tgt_offsets[row + 1]]
+
+
+@dataclass
+class Batch:
+    """Padded tensors. Encoder-decoder: src (B, S), tgt_in (B, T) = BOS + target[:-1],
+    tgt_out (B, T) = target (ending with EOS). Decoder-only: src is None."""
+
+    src: torch.Tensor | None
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.tgt_out != PAD_ID).sum())
+
+    @property
+    def real_tokens(self) -> int:
+        source = 0 if self.src is None else int((self.src != PAD_ID).sum())
+        return source + self.target_tokens
+
+    @property
+    def padded_tokens(self) -> int:
+        return (0 if self.src is None else self.src.numel()) + self.tgt_out.numel()
+
+
+def plan_token_batches(
+    src_len: np.ndarray, tgt_len: np.ndarray, rng: np.random.Generator, max_tokens: int, max_sentences: int,
+) -> list[np.ndarray]:
+    """Row indices of each batch, shuffled. Rows longer than the budget must be removed beforehand."""
+    order = rng.permutation(len(src_len))
+    order = order[np.lexsort((tgt_len[order], src_len[order]))]  # stable: ties keep the shuffle
+    longest = np.maximum(src_len, tgt_len)
+    batches, start, running_max = [], 0, 0
+    for position, row in enumerate(order):
+        candidate_max = max(running_max, int(longest[row]))
+        rows = position - start + 1
+        full = rows * candidate_max > max_tokens or (max_sentences and rows > max_sentences)
+        if full:
+            batches.append(order[start:position])
+            start, candidate_max = position, int(longest[row])
+        running_max = candidate_max
+    if start < len(order):
+        batches.append(order[start:])
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _pad(rows: list[np.ndarray]) -> torch.Tensor:
+    out = np.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
+
+
+def collate(window: Window, rows: np.ndarray) -> Batch:
+    targets = [window.tgt(int(r)) for r in rows]
+    inputs = [np.concatenate(([BOS_ID], t[:-1])) for t in targets]
+    return Batch(src=_pad([window.src(int(r)) for r in rows]), tgt_in=_pad(inputs), tgt_out=_pad(targets))
+
+
+def packed_batches(window: Window, rng: np.random.Generator, length: int, max_tokens: int) -> list[Batch]:
+    """Decoder-only: shuffled documents joined into one stream and cut into (length + 1)-token chunks
+    that overlap by one token, so that every token but the first is predicted exactly once."""
+    order = rng.permutation(window.rows)
+    stream = np.concatenate([window.src(int(r)) for r in order]) if window.rows else np.zeros(0, np.int32)
+    chunks = [stream[i : i + length + 1] for i in range(0, max(len(stream) - 1, 0), length)]
+    per_batch = max(1, max_tokens // length)
+    groups = [chunks[i : i + per_batch] for i in range(0, len(chunks), per_batch)]
+    batches = [Batch(src=None, tgt_in=_pad([c[:-1] for c in g]), tgt_out=_pad([c[1:] for c in g])) for g in groups]
+    return [batches[i] for i in rng.permutation(len(batches))]

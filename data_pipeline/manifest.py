@@ -1,0 +1,113 @@
+"""manifest.json: what a prepared dataset holds and how it was made; its presence marks completion.
+
+Layout of a prepared dataset:
+    <dataset>/manifest.json  tokenizer.model  train/part-00000.parquet ...  valid/...  test/...
+Shard columns: src_ids (list<int32>, ends with EOS), src_len (int32), and for translation data
+tgt_ids / tgt_len; valid and test shards also keep `index` (input line order), src_text, tgt_text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data_pipeline import storage
+from data_pipeline.errors import InputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+HISTOGRAM_EDGES = [0, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def length_histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Counts of lengths in [0,8), [8,16), ... [1024, inf)."""
+    edges = HISTOGRAM_EDGES + [np.iinfo(np.int64).max]
+    counts, _ = np.histogram(lengths, bins=edges)
+    labels = [f"{low}-{high - 1}" for low, high in zip(HISTOGRAM_EDGES, HISTOGRAM_EDGES[1:])] + [f"{HISTOGRAM_EDGES[-1]}+"]
+    return {label: int(count) for label, count in zip(labels, counts)}
+
+
+def describe_split(dataset_uri: str, split: str) -> dict:
+    """Rows, tokens, length histograms and per-shard checksums of a written split."""
+    shards, src_lengths, tgt_lengths = [], [], []
+    for shard in storage.list_files(f"{dataset_uri}/{split}", ".parquet"):
+        fs, path = storage.filesystem(shard)
+        table = pq.read_table(path, filesystem=fs, columns=None)
+        src_lengths.append(table.column("src_len").to_numpy())
+        if "tgt_len" in table.column_names:
+            tgt_lengths.append(table.column("tgt_len").to_numpy())
+        shards.append({"file": f"{split}/{shard.rsplit('/', 1)[1]}", "rows": table.num_rows, "sha256": storage.sha256_of(shard)})
+    src = np.concatenate(src_lengths) if src_lengths else np.zeros(0, dtype=np.int64)
+    described = {
+        "rows": int(src.size),
+        "src_tokens": int(src.sum()),
+        "length_histogram": {"src": length_histogram(src)},
+        "shards": shards,
+    }
+    if tgt_lengths:
+        tgt = np.concatenate(tgt_lengths)
+        described["tgt_tokens"] = int(tgt.sum())
+        described["length_histogram"]["tgt"] = length_histogram(tgt)
+    return described
+
+
+@dataclass(frozen=True)
+class Manifest:
+    uri: str  # the dataset directory
+    data: dict
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return f"{self.uri}/{self.data['tokenizer']['file']}"
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.data["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.data["tokenizer"]["vocab_size"])
+
+    @property
+    def monolingual(self) -> bool:
+        return bool(self.data["monolingual"])
+
+    def has_split(self, split: str) -> bool:
+        return split in self.data["splits"] and self.data["splits"][split]["rows"] > 0
+
+    def shard_uris(self, split: str) -> list[tuple[str, int]]:
+        """(uri, rows) of each shard of a split, in order."""
+        if split not in self.data["splits"]:
+            raise InputError(f"{self.uri}/{MANIFEST}: the dataset has no {split!r} split")
+        return [(f"{self.uri}/{s['file']}", int(s["rows"])) for s in self.data["splits"][split]["shards"]]
+
+
+def load_manifest(dataset_uri: str) -> Manifest:
+    """The manifest of a complete dataset; a clear error if there is none or it is too new."""
+    data = storage.read_json(f"{dataset_uri}/{MANIFEST}")
+    if data is None:
+        raise InputError(f"{dataset_uri}: no {MANIFEST}, so no complete dataset is there; run `aiayn prepare` first")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(
+            f"{dataset_uri}/{MANIFEST}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}; "
+            "prepare the data again with this version of aiayn"
+        )
+    return Manifest(dataset_uri, data)
+
+
+def write_manifest(dataset_uri: str, data: dict) -> None:
+    storage.write_bytes_atomic(f"{dataset_uri}/{MANIFEST}", json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def check_tokenizer_matches(manifest: Manifest, tokenizer_sha256: str, where: str) -> None:
+    """Refuse data encoded with another tokenizer than the model's."""
+    if manifest.tokenizer_sha256 != tokenizer_sha256:
+        raise InputError(
+            f"{manifest.uri}/{MANIFEST}: data was encoded with tokenizer {manifest.tokenizer_sha256[:12]} but "
+            f"{where} uses {tokenizer_sha256[:12]}; prepare the data with the model's tokenizer "
+            "(data.tokenizer.path) or train a new model"
+        )

@@ -1,0 +1,222 @@
+"""`aiayn prepare`: corpus -> cleaned pairs -> SentencePiece -> Ray Data encoding -> Parquet shards.
+
+Two phases so that bad input fails before any cluster resource is taken:
+- `plan_prepare` (no Ray): validates every input completely, computes the fingerprint of inputs
+  and settings, and finds out whether an identical dataset already exists;
+- `run_prepare` (a Ray Data job on whatever Ray the caller connected to): streams and cleans the
+  pairs into a local staging Parquet file per split while sampling sentences for SentencePiece,
+  trains the tokenizer, encodes with `map_batches` over an actor pool (each actor loads the
+  tokenizer once), writes shards of `shard_rows` rows, then the manifest, then commits atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline import storage
+from data_pipeline.cleaning import Cleaner
+from data_pipeline.config import PrepareConfig
+from data_pipeline.errors import InputError
+from data_pipeline.manifest import MANIFEST, SCHEMA_VERSION, TOKENIZER, describe_split, write_manifest
+from data_pipeline.sources import SPLITS, check_split, read_split, split_inputs
+from data_pipeline.tokenizer import ReservoirSample, load_tokenizer, tokenizer_sha256, train_tokenizer
+
+_RAW_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    config: PrepareConfig
+    inputs: dict  # split -> SplitInputs
+    described_inputs: list[dict]
+    fingerprint: str
+    up_to_date: bool
+
+
+def plan_prepare(config: PrepareConfig) -> PreparePlan:
+    """Validate everything a prepare needs, without Ray and without writing anything."""
+    skip_invalid = config.cleaning.invalid_utf8 == "skip"
+    storage.check_writable(config.output_dir, "data.output_dir")
+    if config.tokenizer.path:
+        load_tokenizer(config.tokenizer.path)
+    inputs, described = {}, []
+    for split in SPLITS:
+        found = split_inputs(config.source, split)
+        if found is not None:
+            inputs[split] = found
+            described.append(check_split(config.source, found, skip_invalid))
+    settings = dataclasses.asdict(config)
+    for machine_only in ("output_dir", "name", "encode_actors", "encode_batch_rows"):
+        settings.pop(machine_only)
+    settings["tokenizer"]["path"] = (
+        tokenizer_sha256(config.tokenizer.path) if config.tokenizer.path else ""
+    )
+    fingerprint = hashlib.sha256(
+        json.dumps({"schema": SCHEMA_VERSION, "inputs": [
+            {**d, "files": [f["sha256"] for f in d["files"]]} for d in described
+        ], "settings": settings}, sort_keys=True).encode()
+    ).hexdigest()
+    existing = storage.read_json(f"{config.dataset_uri}/{MANIFEST}")
+    up_to_date = existing is not None and existing.get("fingerprint") == fingerprint
+    return PreparePlan(config, inputs, described, fingerprint, up_to_date)
+
+
+def _stage_split(plan: PreparePlan, split: str, path: Path, sample: ReservoirSample | None) -> dict:
+    """Write one split's (cleaned, for train) text pairs to a local Parquet file; return counts."""
+    config = plan.config
+    monolingual = config.source.monolingual
+    cleaner = Cleaner(config.cleaning, monolingual) if split == "train" else None
+    skip_invalid = config.cleaning.invalid_utf8 == "skip"
+    schema = pa.schema([("index", pa.int64()), ("src_text", pa.string()), ("tgt_text", pa.string())])
+    invalid, rows = 0, {"index": [], "src_text": [], "tgt_text": []}
+    with pq.ParquetWriter(path, schema) as writer:
+        for index, pair in enumerate(read_split(config.source, plan.inputs[split], skip_invalid)):
+            if cleaner is not None:
+                if not cleaner.keep(pair):
+                    continue
+            elif pair is None:
+                invalid += 1
+                continue
+            src, tgt = pair[0].strip(), pair[1].strip()
+            rows["index"].append(index)
+            rows["src_text"].append(src)
+            rows["tgt_text"].append(tgt)
+            if sample is not None:
+                sample.add(src)
+                if not monolingual:
+                    sample.add(tgt)
+            if len(rows["index"]) >= _RAW_BATCH:
+                writer.write_table(pa.table(rows, schema=schema))
+                rows = {key: [] for key in rows}
+        writer.write_table(pa.table(rows, schema=schema))
+    if cleaner is not None:
+        return cleaner.report()
+    return {"kept": pq.ParquetFile(path).metadata.num_rows, "dropped": {"invalid_utf8": invalid}}
+
+
+class _Encoder:
+    """Ray Data actor: loads the SentencePiece model once, encodes batches of text pairs."""
+
+    def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool):
+        import sentencepiece as spm
+
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.monolingual, self.keep_text = monolingual, keep_text
+
+    def _encode(self, texts: list[str]) -> tuple[pa.Array, pa.Array]:
+        ids = self.processor.encode(texts, add_eos=True)
+        return pa.array(ids, type=pa.list_(pa.int32())), pa.array([len(i) for i in ids], type=pa.int32())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        src_ids, src_len = self._encode(batch.column("src_text").to_pylist())
+        columns = {"src_ids": src_ids, "src_len": src_len}
+        if not self.monolingual:
+            columns["tgt_ids"], columns["tgt_len"] = self._encode(batch.column("tgt_text").to_pylist())
+        if self.keep_text:
+            columns.update(index=batch.column("index"), src_text=batch.column("src_text"), tgt_text=batch.column("tgt_text"))
+        return pa.table(columns)
+
+
+def _encode_split(plan: PreparePlan, split: str, raw: Path, model_proto: bytes, out_uri: str) -> None:
+    import ray.data
+
+    config = plan.config
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same inputs, same shards
+    context.enable_progress_bars = False
+    # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing, read and write
+    # tasks need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
+    io_cpus = 0.1
+    spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
+    actor_cpus = max(0.05, min(1.0, spare / config.encode_actors))
+    dataset = ray.data.read_parquet(str(raw), override_num_blocks=max(1, config.encode_actors * 2), num_cpus=io_cpus)
+    encoded = dataset.map_batches(
+        _Encoder,
+        fn_constructor_kwargs={
+            "model_proto": model_proto, "monolingual": config.source.monolingual, "keep_text": split != "train",
+        },
+        batch_format="pyarrow", batch_size=config.encode_batch_rows, concurrency=(1, config.encode_actors), num_cpus=actor_cpus,
+    )
+    fs, path = storage.filesystem(out_uri)
+    encoded.write_parquet(
+        path, filesystem=fs, min_rows_per_file=config.shard_rows, max_rows_per_file=config.shard_rows,
+        ray_remote_args={"num_cpus": io_cpus},
+    )
+    _rename_shards(out_uri)
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _rename_shards(split_uri: str) -> None:
+    """Ray Data names files by uuid, task and block; give them stable names in write order."""
+    fs, _ = storage.filesystem(split_uri)
+    for number, shard in enumerate(sorted(storage.list_files(split_uri, ".parquet"), key=_natural_key)):
+        _, source = storage.filesystem(shard)
+        fs.move(source, f"{source.rsplit('/', 1)[0]}/part-{number:05d}.parquet")
+
+
+def run_prepare(plan: PreparePlan) -> dict:
+    """Build the dataset (Ray must be reachable); returns its manifest."""
+    config = plan.config
+    final_uri = config.dataset_uri
+    staging = storage.staging_uri(final_uri)
+    scratch = Path(tempfile.mkdtemp(prefix="aiayn-prepare-"))
+    started = time.time()
+    try:
+        sample = ReservoirSample(config.tokenizer.sample_sentences, config.seed)
+        cleaning = {}
+        for split in plan.inputs:
+            cleaning[split] = _stage_split(plan, split, scratch / f"{split}.parquet", sample if split == "train" else None)
+        if cleaning["train"]["kept"] == 0:
+            raise InputError(f"{plan.inputs['train'].paths[0]}: every training pair was dropped by cleaning: {cleaning['train']['dropped']}")
+        if config.tokenizer.path:
+            model_path = Path(config.tokenizer.path)
+        else:
+            model_path = train_tokenizer(sample.items, config.tokenizer, scratch / "tokenizer")
+        processor = load_tokenizer(str(model_path))
+        storage.write_bytes_atomic(f"{staging}/{TOKENIZER}", model_path.read_bytes())
+        splits = {}
+        for split in plan.inputs:
+            _encode_split(plan, split, scratch / f"{split}.parquet", model_path.read_bytes(), f"{staging}/{split}")
+            splits[split] = describe_split(staging, split)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": config.dataset_name,
+            "fingerprint": plan.fingerprint,
+            "created_unix": int(started),
+            "prepare_seconds": round(time.time() - started, 1),
+            "monolingual": config.source.monolingual,
+            "source": dataclasses.asdict(config.source),
+            "settings": dataclasses.asdict(config),
+            "inputs": plan.described_inputs,
+            "cleaning": cleaning,
+            "tokenizer": {
+                "file": TOKENIZER, "sha256": tokenizer_sha256(str(model_path)),
+                "vocab_size": processor.vocab_size(), "model_type": config.tokenizer.model_type,
+                "pad_id": processor.pad_id(), "unk_id": processor.unk_id(),
+                "bos_id": processor.bos_id(), "eos_id": processor.eos_id(),
+            },
+            "splits": splits,
+        }
+        manifest = json.loads(json.dumps(manifest))  # exactly what readers will load (tuples become lists)
+        write_manifest(staging, manifest)
+        storage.commit_directory(staging, final_uri)
+        return manifest
+    except BaseException:
+        storage.discard_staging(staging, final_uri)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

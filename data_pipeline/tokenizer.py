@@ -1,0 +1,62 @@
+"""One joint SentencePiece model with fixed special ids, trained on a bounded random sample."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.errors import InputError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class ReservoirSample:
+    """Uniform sample of at most `capacity` items from a stream of unknown length (Algorithm R)."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity, self.items, self.seen = capacity, [], 0
+        self._random = random.Random(seed)
+
+    def add(self, item: str) -> None:
+        self.seen += 1
+        if len(self.items) < self.capacity:
+            self.items.append(item)
+        else:
+            slot = self._random.randrange(self.seen)
+            if slot < self.capacity:
+                self.items[slot] = item
+
+
+def train_tokenizer(sentences: Iterable[str], config: TokenizerConfig, output: Path, threads: int = 2) -> Path:
+    """Train `output`.model from the sample; returns the model path."""
+    corpus = output.with_suffix(".sample.txt")
+    corpus.write_text("\n".join(s.replace("\n", " ") for s in sentences) + "\n", encoding="utf-8")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(output.with_suffix("")), model_type=config.model_type,
+            vocab_size=config.vocab_size, character_coverage=config.character_coverage,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            hard_vocab_limit=False, num_threads=threads, minloglevel=2,
+        )
+    finally:
+        corpus.unlink(missing_ok=True)
+    return output.with_suffix(".model")
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    if not Path(path).is_file():
+        raise InputError(f"{path}: tokenizer model not found; run `aiayn prepare` or fix data.tokenizer.path")
+    processor = spm.SentencePieceProcessor(model_file=path)
+    ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise InputError(f"{path}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
+    return processor
+
+
+def tokenizer_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,236 @@
+"""The job config: one typed section per concern, loaded from a YAML recipe plus `key.sub=value`
+overrides. Unknown keys and bad values fail with the full dotted key and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cluster.config import ClusterConfig
+from data_pipeline.config import PrepareConfig, StreamConfig
+from transformer.config import PRESETS, ModelConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Schedule = Literal["inverse_sqrt", "noam"]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    schedule: Schedule = "inverse_sqrt"  # "noam" is the paper's eq. 3 (lr is then its scale factor)
+    lr: float = 1.5e-3  # peak learning rate for inverse_sqrt; scale for noam
+    warmup_steps: int = 300
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 disables gradient clipping
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("inverse_sqrt", "noam"):
+            raise ValueError(f"optim.schedule must be inverse_sqrt or noam, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps <= 0:
+            raise ValueError("optim.lr and optim.warmup_steps must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 0  # 0: no step limit
+    max_epochs: int = 0  # 0: no epoch limit
+    max_minutes: float = 15.0  # wall-clock training budget; 0: none
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: Precision = "fp32"
+    threads_per_worker: int = 1  # torch intra-op threads in each worker
+    seed: int = 1
+    log_every: int = 10
+    checkpoint_every_steps: int = 200
+    checkpoint_every_minutes: float = 5.0
+    keep_checkpoints: int = 3
+    validate_every: int = 200
+    bleu_every: int = 0  # 0: only at the end
+    bleu_valid_sentences: int = 300
+    patience: int = 0  # stop after this many validations without improvement; 0: never
+    average_last: int = 1  # average the weights of the last N checkpoints for the export
+    beam_size: int = 4
+    length_penalty: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for key in ("grad_accum", "threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.average_last > self.keep_checkpoints:
+            raise ValueError("train.average_last cannot exceed train.keep_checkpoints")
+        if not (self.max_steps or self.max_epochs or self.max_minutes):
+            raise ValueError("set at least one of train.max_steps, train.max_epochs, train.max_minutes")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local store ./mlruns
+    experiment: str = "aiayn"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = ""  # run name; the same name resumes the same run
+    model: ModelConfig = field(default_factory=lambda: PRESETS["small"])
+    data: PrepareConfig = field(default_factory=PrepareConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated JSON
+
+
+def _allowed(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert one YAML value to the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; use {_allowed(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key)
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def build_section(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """A dataclass from a mapping, starting from `base` (or the class defaults)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    data = dict(data)
+    if cls is ModelConfig and "preset" in data:
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"{prefix}.preset: unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    if base is None:
+        base = cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    changes = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; allowed keys are {', '.join(names)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            changes[key] = build_section(hints[key], value, full, getattr(base, key))
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.max_steps=100', 'model.preset=tiny'] -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(into: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
+    tree: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise ConfigError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    _merge(tree, parse_overrides(overrides))
+    return build_section(JobConfig, tree, "")
+
+
+def config_to_dict(config: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the shape MLflow params need."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,111 @@
+"""`prepare` end to end on a real (embedded) Ray: shards, manifest, idempotence, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+from data_pipeline.config import PrepareConfig, SourceConfig, TokenizerConfig
+from data_pipeline.manifest import check_tokenizer_matches, load_manifest
+from data_pipeline.errors import InputError
+from data_pipeline.prepare import plan_prepare, run_prepare
+from data_pipeline.sources import file_sha256
+from data_pipeline.tokenizer import tokenizer_sha256
+from tests.data_pipeline.synthetic import write_parallel_corpus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    train = write_parallel_corpus(root, 1200, seed=1, prefix="train")
+    with open(f"{train}.en", "a") as en, open(f"{train}.de", "a") as de:  # two droppable pairs
+        en.write("a dog\n\n")
+        de.write("A DOG\nEIN\n")
+    valid = write_parallel_corpus(root, 50, seed=2, prefix="valid")
+    return train, valid
+
+
+def _config(corpus, out, **changes) -> PrepareConfig:
+    train, valid = corpus
+    fields = dict(
+        source=SourceConfig(format="text", train=train, valid=valid),
+        tokenizer=TokenizerConfig(vocab_size=60, sample_sentences=500),
+        output_dir=str(out), shard_rows=500, encode_actors=2, encode_batch_rows=256,
+    )
+    fields.update(changes)
+    return PrepareConfig(**fields)
+
+
+def test_prepare_writes_shards_manifest_and_tokenizer(local_ray, corpus, tmp_path) -> None:
+    config = _config(corpus, tmp_path / "data")
+    manifest = run_prepare(plan_prepare(config))
+    dataset = tmp_path / "data" / config.dataset_name
+    on_disk = json.loads((dataset / "manifest.json").read_text())
+    assert on_disk == manifest
+    train = manifest["splits"]["train"]
+    assert manifest["cleaning"]["train"]["dropped"]["empty"] == 1
+    assert manifest["cleaning"]["train"]["dropped"]["duplicate"] >= 1
+    assert train["rows"] == manifest["cleaning"]["train"]["kept"]
+    assert [s["rows"] for s in train["shards"]][:-1] == [500] * (len(train["shards"]) - 1)
+    assert sum(s["rows"] for s in train["shards"]) == train["rows"]
+    for shard in train["shards"]:
+        assert file_sha256(str(dataset / shard["file"])) == shard["sha256"]
+    assert manifest["inputs"][0]["files"][0]["sha256"] == file_sha256(corpus[0] + ".en")
+    assert sum(train["length_histogram"]["src"].values()) == train["rows"]
+    # tokens in the manifest agree with the shards, and ids are the fixed ones
+    table = pq.read_table(dataset / train["shards"][0]["file"])
+    assert set(table.column_names) == {"src_ids", "src_len", "tgt_ids", "tgt_len"}
+    assert all(row[-1] == 3 for row in table.column("src_ids").to_pylist())
+    processor = spm.SentencePieceProcessor(model_file=str(dataset / "tokenizer.model"))
+    assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (0, 1, 2, 3)
+    assert manifest["tokenizer"]["sha256"] == tokenizer_sha256(str(dataset / "tokenizer.model"))
+    # valid keeps the input order and the raw text for BLEU references
+    valid = pq.read_table(dataset / "valid" / "part-00000.parquet")
+    assert valid.column("index").to_pylist() == list(range(50))
+    assert valid.column("tgt_text").to_pylist()[0] == open(corpus[1] + ".de").readline().strip()
+
+
+def test_repeated_prepare_is_a_no_op_and_changes_are_noticed(local_ray, corpus, tmp_path) -> None:
+    config = _config(corpus, tmp_path / "data")
+    run_prepare(plan_prepare(config))
+    assert plan_prepare(config).up_to_date
+    assert not plan_prepare(_config(corpus, tmp_path / "data", shard_rows=400)).up_to_date
+
+
+def test_interrupted_prepare_leaves_no_dataset(local_ray, corpus, tmp_path, monkeypatch) -> None:
+    import data_pipeline.prepare as prepare_module
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption while describing shards")
+
+    monkeypatch.setattr(prepare_module, "describe_split", fail)
+    out = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(plan_prepare(_config(corpus, out)))
+    assert list(out.iterdir()) == []  # neither the dataset nor its staging directory remains
+
+
+def test_data_from_another_tokenizer_is_refused(local_ray, corpus, tmp_path) -> None:
+    config = _config(corpus, tmp_path / "data")
+    run_prepare(plan_prepare(config))
+    manifest = load_manifest(str(tmp_path / "data" / config.dataset_name))
+    with pytest.raises(InputError, match="encoded with tokenizer"):
+        check_tokenizer_matches(manifest, "f" * 64, "the model")
+
+
+def test_reusing_a_tokenizer_and_monolingual_data(local_ray, corpus, tmp_path) -> None:
+    first = _config(corpus, tmp_path / "data")
+    run_prepare(plan_prepare(first))
+    model = str(tmp_path / "data" / first.dataset_name / "tokenizer.model")
+    mono = _config(corpus, tmp_path / "data", name="mono",
+                   source=SourceConfig(format="text", train=corpus[0], src_lang="en", tgt_lang=""),
+                   tokenizer=TokenizerConfig(path=model))
+    manifest = run_prepare(plan_prepare(mono))
+    assert manifest["monolingual"] and manifest["tokenizer"]["sha256"] == tokenizer_sha256(model)
+    table = pq.read_table(tmp_path / "data" / "mono" / "train" / "part-00000.parquet")
+    assert "tgt_ids" not in table.column_names
