@@ -20,7 +20,8 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if target:
         ray.init(address=target, **quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def cluster_cpus() -> float:

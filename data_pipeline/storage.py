@@ -106,14 +106,18 @@ def discard_staging(staging: str, final_uri: str) -> None:
 
 
 def check_writable(uri: str, key: str) -> None:
-    """Fail early with the config key when a local output location cannot be written."""
+    """Fail early, naming the config key, when a local output location cannot be written.
+    Tries for real (create the directory, write and remove a probe file): permission bits say
+    nothing for root, nor for paths below a regular file."""
     from data_pipeline.errors import InputError
 
     if not is_local(uri):
         return
     path = local_path(uri)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise InputError(f"{key}={uri}: {probe} is not writable; choose a directory you can write to")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".aiayn-write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"{key}={uri}: cannot write there ({error.strerror or error}); choose a writable directory") from None

@@ -57,6 +57,74 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jobs.train_driver import train
+
+    config = _load_config(args)
+    if args.address:
+        import dataclasses
+
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
+    if args.name:
+        import dataclasses
+
+        config = dataclasses.replace(config, name=args.name)
+    outcome = train(config, resume_from=args.resume or "")
+    print(f"\nrun {outcome.run_name}: {outcome.steps} steps; model exported to {outcome.export_dir}")
+    if outcome.test_bleu is not None:
+        print(f"test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
+        for source, reference, hypothesis in outcome.samples:
+            print(f"  SRC {source}\n  REF {reference}\n  HYP {hypothesis}\n")
+    print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}\n"
+          f"  browse it: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def _resolve_model(reference: str):
+    """An export directory, or an MLflow URI (runs:/<id>/export, models:/...) downloaded first."""
+    from pathlib import Path
+
+    if ":/" in reference:
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
+    return Path(reference)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from data_pipeline.manifest import check_tokenizer_matches, load_manifest
+    from jobs.evaluation import bleu, bleu_signature, detokenize, load_processor, read_eval_split, translate_ids
+    from jobs.export import load_export
+
+    model, _, info = load_export(_resolve_model(args.model))
+    manifest = load_manifest(args.data)
+    check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
+    split = read_eval_split(manifest, args.split, args.limit)
+    hyps = detokenize(load_processor(manifest.tokenizer_uri),
+                      translate_ids(model, split.src_ids, beam_size=args.beam, alpha=args.alpha))
+    score = bleu(hyps, split.references)
+    print(json.dumps({"split": args.split, "sentences": len(hyps), "bleu": round(score.score, 2),
+                      "signature": bleu_signature(hyps, split.references)}, indent=2))
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from jobs.evaluation import detokenize, translate_ids
+    from jobs.export import load_export
+
+    import sentencepiece as spm
+    from pathlib import Path
+
+    directory = _resolve_model(args.model)
+    model, _, _ = load_export(directory)
+    processor = spm.SentencePieceProcessor(model_file=str(Path(directory) / "tokenizer.model"))
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    sources = processor.encode([line.strip() for line in lines], add_eos=True)
+    for text in detokenize(processor, translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha)):
+        print(text)
+    return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML recipe, e.g. configs/multi30k_small.yaml")
     parser.add_argument("--address", default="", help="Ray cluster address (default: embedded local Ray)")
@@ -77,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(prepare)
     prepare.add_argument("--force", action="store_true", help="prepare again even if an identical dataset exists")
     prepare.set_defaults(handler=_prepare)
+
+    train = commands.add_parser("train", help="train with Ray Train + DeepSpeed, tracked in MLflow")
+    _add_config_arguments(train)
+    train.add_argument("--name", default="", help="run name; running the same name again resumes it")
+    train.add_argument("--resume", default="", metavar="CHECKPOINT_DIR", help="start from this checkpoint")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="sacreBLEU of an exported model on a prepared split")
+    evaluate.add_argument("--model", required=True, help="export directory or MLflow URI (runs:/<run id>/export)")
+    evaluate.add_argument("--data", default="data/multi30k-en-de", help="prepared dataset directory or URI")
+    evaluate.add_argument("--split", default="test", choices=["valid", "test"])
+    evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
+    evaluate.add_argument("--beam", type=int, default=4)
+    evaluate.add_argument("--alpha", type=float, default=0.6)
+    evaluate.set_defaults(handler=_evaluate)
+
+    translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
+    translate.add_argument("--model", required=True, help="export directory or MLflow URI (runs:/<run id>/export)")
+    translate.add_argument("--beam", type=int, default=4)
+    translate.add_argument("--alpha", type=float, default=0.6)
+    translate.set_defaults(handler=_translate)
     return parser
 
 

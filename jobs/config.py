@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class OptimConfig:
     schedule: Schedule = "inverse_sqrt"  # "noam" is the paper's eq. 3 (lr is then its scale factor)
-    lr: float = 1.5e-3  # peak learning rate for inverse_sqrt; scale for noam
-    warmup_steps: int = 300
+    lr: float = 2e-3  # peak learning rate for inverse_sqrt; scale for noam
+    warmup_steps: int = 250
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
@@ -46,21 +46,21 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 0  # 0: no step limit
     max_epochs: int = 0  # 0: no epoch limit
-    max_minutes: float = 15.0  # wall-clock training budget; 0: none
+    max_minutes: float = 14.0  # wall-clock training budget; 0: none
     grad_accum: int = 1
     zero_stage: int = 2
     precision: Precision = "fp32"
     threads_per_worker: int = 1  # torch intra-op threads in each worker
     seed: int = 1
     log_every: int = 10
-    checkpoint_every_steps: int = 200
+    checkpoint_every_steps: int = 100
     checkpoint_every_minutes: float = 5.0
-    keep_checkpoints: int = 3
-    validate_every: int = 200
+    keep_checkpoints: int = 5
+    validate_every: int = 100
     bleu_every: int = 0  # 0: only at the end
     bleu_valid_sentences: int = 300
     patience: int = 0  # stop after this many validations without improvement; 0: never
-    average_last: int = 1  # average the weights of the last N checkpoints for the export
+    average_last: int = 5  # average the weights of the last N checkpoints for the export (§6.1)
     beam_size: int = 4
     length_penalty: float = 0.6
 
@@ -89,7 +89,7 @@ class JobConfig:
     name: str = ""  # run name; the same name resumes the same run
     model: ModelConfig = field(default_factory=lambda: PRESETS["small"])
     data: PrepareConfig = field(default_factory=PrepareConfig)
-    stream: StreamConfig = field(default_factory=StreamConfig)
+    stream: StreamConfig = field(default_factory=lambda: StreamConfig(max_tokens=2048))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -1,0 +1,135 @@
+"""Training checkpoints: each rank's DeepSpeed shard plus the state that makes a resume exact.
+
+A checkpoint directory (Ray Train merges every rank's files into one):
+    deepspeed/state/...          DeepSpeed's own files (model, ZeRO optimizer partitions, scheduler)
+    job_state.json               rank 0: step, epoch, tokens, elapsed time, MLflow run id, config...
+    rank_00001.pt                each rank: its data position and RNG state
+    rank_00001.complete          each rank, written last: the size of every file that rank wrote
+A checkpoint is complete only if job_state.json exists and every rank's marker matches the files
+on disk; anything else (a write that was interrupted) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from data_pipeline.stream import StreamPosition
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+JOB_STATE = "job_state.json"
+_STEP_NAME = re.compile(r"checkpoint_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class JobState:
+    """What every rank agrees on; saved once, by rank 0."""
+
+    step: int = 0
+    epoch: int = 0
+    tokens_seen: int = 0  # global target tokens trained on
+    elapsed_seconds: float = 0.0  # training time across restarts, for train.max_minutes
+    mlflow_run_id: str = ""
+    world_size: int = 1
+    zero_stage: int = 0
+    tokenizer_sha256: str = ""
+    best_valid_loss: float = math.inf
+    validations_without_improvement: int = 0
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class RankState:
+    position: StreamPosition
+    rng_state: torch.Tensor
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_step{step:08d}"
+
+
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"rank_{rank:05d}.pt", f"rank_{rank:05d}.complete"
+
+
+def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | None, rank_state: RankState) -> None:
+    """Write this rank's part of a checkpoint into a local directory (collective: all ranks call it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    state_file, marker = _rank_files(rank)
+    torch.save({"position": rank_state.position.to_dict(), "rng_state": rank_state.rng_state}, directory / state_file)
+    if job_state is not None:
+        (directory / JOB_STATE).write_text(json.dumps(asdict(job_state), indent=2))
+    sizes = {
+        str(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".complete")
+    }
+    (directory / marker).write_text(json.dumps(sizes, indent=1))
+
+
+def read_job_state(directory: Path) -> JobState:
+    data = json.loads((directory / JOB_STATE).read_text())
+    return JobState(**data)
+
+
+def is_complete(directory: Path) -> bool:
+    """True if every rank finished writing its files (sizes match the markers)."""
+    try:
+        job_state = read_job_state(directory)
+    except (OSError, ValueError, TypeError):
+        return False
+    for rank in range(job_state.world_size):
+        marker = directory / _rank_files(rank)[1]
+        if not marker.is_file():
+            return False
+        try:
+            sizes = json.loads(marker.read_text())
+        except ValueError:
+            return False
+        for name, size in sizes.items():
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != size:
+                return False
+    return True
+
+
+def load_rank_state(directory: Path, rank: int) -> RankState:
+    data = torch.load(directory / _rank_files(rank)[0], weights_only=False)
+    return RankState(StreamPosition.from_dict(data["position"]), data["rng_state"])
+
+
+def load_engine_state(engine, directory: Path, job_state: JobState, world_size: int) -> None:
+    if job_state.world_size != world_size:
+        raise CheckpointError(
+            f"{directory} was written by {job_state.world_size} workers; resuming with {world_size} is not "
+            f"supported yet: set cluster.num_workers={job_state.world_size}"
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_NAME.search(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    for candidate in reversed(list_checkpoints(run_dir)):
+        if is_complete(candidate):
+            return candidate
+    return None

@@ -1,0 +1,44 @@
+"""The DeepSpeed JSON, generated from the typed job config (never kept by hand beside it)."""
+
+from __future__ import annotations
+
+import copy
+
+from jobs.config import JobConfig
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(job: JobConfig, world_size: int) -> dict:
+    """Batches are token budgets, so DeepSpeed's sample-count batch size is nominal (1 per micro
+    batch); the loss is normalised by the global token count in the training loop instead."""
+    train = job.train
+    config: dict = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.grad_accum * world_size,
+        "gradient_clipping": job.optim.clip_norm,
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": False,  # gloo on CPU gains nothing and loses determinism
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
+        },
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we report metrics ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if train.zero_stage == 3:
+        config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+    return _merge(config, job.deepspeed)

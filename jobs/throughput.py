@@ -1,0 +1,51 @@
+"""Tokens/s and MFU, computed in one place. FLOPs come from transformer.flops (see its docstring
+for what is counted); the peak is the device's dense peak for the precision in use."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from data_pipeline.batching import Batch
+from data_pipeline.tokenizer import PAD_ID
+from transformer.config import ModelConfig
+from transformer.flops import decoder_only_training_flops, encoder_decoder_training_flops
+
+# Dense (no sparsity) peaks, FLOP/s: bf16/fp16 tensor cores, and fp32 without TF32.
+_GPU_PEAKS = {
+    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12), "L4": (121e12, 30.3e12), "A10": (125e12, 31.2e12), "V100": (125e12, 15.7e12),
+}
+
+
+def measured_cpu_peak(seconds: float = 0.3) -> float:
+    """FLOP/s of a large fp32 matmul with this process's threads: the CPU's practical peak."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return runs * 2 * 512**3 / (time.perf_counter() - start)
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, single) in _GPU_PEAKS.items():
+            if key in name:
+                return (single if precision == "fp32" else half), f"{name} datasheet"
+        return 0.0, f"{name}: unknown peak"
+    return measured_cpu_peak(), "measured fp32 matmul"
+
+
+def batch_training_flops(config: ModelConfig, batch: Batch) -> float:
+    """Training FLOPs of one batch, from each row's real lengths."""
+    tgt_len = (batch.tgt_out != PAD_ID).sum(1).numpy().astype(np.float64)
+    if batch.src is None:
+        return float(decoder_only_training_flops(config, tgt_len).sum())
+    src_len = (batch.src != PAD_ID).sum(1).numpy().astype(np.float64)
+    return float(encoder_decoder_training_flops(config, src_len, tgt_len).sum())

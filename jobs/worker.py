@@ -1,0 +1,306 @@
+"""The per-worker training function that Ray Train runs on every rank.
+
+restore -> build model -> DeepSpeed engine -> stream this rank's batches -> step -> metrics
+(rank 0 -> MLflow) -> every N steps or T minutes each rank saves its shard and data position
+-> ray.train.report. It knows nothing of clusters: only the Ray Train session API.
+
+Exactness: the loss is normalised by the *global* target-token count of the whole accumulated
+batch (all ranks, all micro-batches), so the update does not depend on how batches fall on ranks.
+Ranks can have different numbers of batches in an epoch; a rank that ran out steps with a
+zero-weight dummy batch until every rank has, then all start the next epoch together.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.batching import Batch
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jobs import checkpoint as ckpt
+from jobs.config import JobConfig, build_section, config_to_dict
+from jobs.deepspeed_config import deepspeed_config
+from jobs.evaluation import bleu, detokenize, load_processor, read_eval_split, translate_ids
+from jobs.throughput import batch_training_flops, device_peak_flops
+from jobs.tracking import MetricLogger
+from transformer import build_model
+from transformer.loss import label_smoothed_loss
+from transformer.schedule import inverse_sqrt_lr, noam_lr
+
+_DUMMY = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
+
+
+def lr_factor(job: JobConfig, step: int) -> float:
+    """Multiplier of the optimizer's base lr at optimizer step `step` (1-based)."""
+    if job.optim.schedule == "noam":
+        return noam_lr(step, job.model.d_model, job.optim.warmup_steps, scale=job.optim.lr)
+    return inverse_sqrt_lr(step, 1.0, job.optim.warmup_steps)
+
+
+def _forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    at = batch.tgt_out != PAD_ID
+    inputs = (batch.tgt_in, at) if batch.src is None else (batch.src, batch.tgt_in, at)
+    return label_smoothed_loss(engine(*inputs), batch.tgt_out[at], epsilon, PAD_ID)
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _from_rank0(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+@dataclass
+class _Window:
+    """Sums since the last log line."""
+
+    loss: float = 0.0
+    nll: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    steps: int = 0
+    data_wait: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    def __init__(self, loop_config: dict):
+        import deepspeed
+        import ray.train
+
+        self.job: JobConfig = build_section(JobConfig, loop_config["job"], "")
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(self.job.train.threads_per_worker)
+        self.manifest = load_manifest(loop_config["dataset_uri"])
+        self.model_config = self.job.model.replace(vocab_size=self.manifest.vocab_size)
+        self.tracking_uri, self.run_id = loop_config["tracking_uri"], loop_config["run_id"]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        torch.manual_seed(self.job.train.seed)  # identical initial weights on every rank
+        model = build_model(self.model_config)
+        ds_config = deepspeed_config(self.job, self.world)
+        ds_config["optimizer"] = {"type": "Adam", "params": {
+            "lr": self.job.optim.lr if self.job.optim.schedule == "inverse_sqrt" else 1.0,
+            "betas": list(self.job.optim.betas), "eps": self.job.optim.eps,
+            "weight_decay": self.job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
+        }}
+        job = self.job
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
+        )
+        self.resumed_from_step: int | None = None
+        self.state = ckpt.JobState(
+            mlflow_run_id=self.run_id, world_size=self.world, zero_stage=job.train.zero_stage,
+            tokenizer_sha256=self.manifest.tokenizer_sha256, config=config_to_dict(job),
+        )
+        position = StreamPosition()
+        torch.manual_seed(job.train.seed * 1000 + self.rank + 1)  # dropout stream of this rank
+        restored = ray.train.get_checkpoint()
+        resume_from = loop_config.get("resume_from") or ""
+        if restored is not None:
+            with restored.as_directory() as directory:
+                position = self._restore(Path(directory))
+        elif resume_from:
+            position = self._restore(Path(resume_from))
+        self.stream = ShardStream(self.manifest, "train", job.stream, rank=self.rank, world_size=self.world,
+                                  position=position, max_length=self.model_config.max_positions)
+        self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, job.train.precision)
+
+    def _restore(self, directory: Path) -> StreamPosition:
+        if not ckpt.is_complete(directory):
+            raise ckpt.CheckpointError(f"{directory} is incomplete (interrupted while being written); not loading it")
+        saved = ckpt.read_job_state(directory)
+        if saved.tokenizer_sha256 != self.manifest.tokenizer_sha256:
+            raise ckpt.CheckpointError(f"{directory} was trained with another tokenizer than the dataset's")
+        ckpt.load_engine_state(self.engine, directory, saved, self.world)
+        rank_state = ckpt.load_rank_state(directory, self.rank)
+        torch.set_rng_state(rank_state.rng_state)
+        self.state = saved
+        self.state.mlflow_run_id = self.run_id
+        self.resumed_from_step = saved.step
+        return rank_state.position
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _train_step(self, micro: list[Batch | None], global_tokens: float, window: _Window) -> None:
+        scale = self.world * self.job.train.grad_accum / max(global_tokens, 1.0)
+        for batch in micro:
+            weight = 0.0 if batch is None else 1.0
+            batch = batch or _DUMMY
+            loss, nll = _forward_loss(self.engine, batch, self.model_config.label_smoothing)
+            self.engine.backward(loss * (scale * weight))
+            self.engine.step()
+            window.loss += float(loss.detach()) * weight
+            window.nll += float(nll) * weight
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if not self.manifest.has_split("valid"):
+            return {}
+        self.engine.eval()
+        stream = ShardStream(self.manifest, "valid", self.job.stream, rank=self.rank, world_size=self.world,
+                             shuffle=False, max_length=self.model_config.max_positions)
+        sums = [0.0, 0.0, 0.0]
+        for batch in stream.epoch_batches():
+            loss, nll = _forward_loss(self.engine, batch, self.model_config.label_smoothing)
+            sums = [sums[0] + float(loss), sums[1] + float(nll), sums[2] + batch.target_tokens]
+        self.engine.train()
+        loss, nll, tokens = _all_sum(sums)
+        return {"valid/loss": loss / tokens, "valid/nll": nll / tokens, "valid/ppl": math.exp(nll / tokens)}
+
+    @torch.no_grad()
+    def validation_bleu(self) -> dict[str, float]:
+        """Beam-search BLEU on the first sentences of valid, each rank translating a slice."""
+        if self.manifest.monolingual or not self.manifest.has_split("valid"):
+            return {}
+        import deepspeed
+
+        split = read_eval_split(self.manifest, "valid", self.job.train.bleu_valid_sentences)
+        mine = list(range(self.rank, len(split.src_ids), self.world))
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+                                               enabled=self.job.train.zero_stage == 3):
+            hyps = translate_ids(self.engine.module, [split.src_ids[i] for i in mine],
+                                 beam_size=self.job.train.beam_size, alpha=self.job.train.length_penalty)
+        self.engine.train()
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, list(zip(mine, hyps)))
+        ordered = sorted(pair for part in gathered for pair in part)
+        processor = load_processor(self.manifest.tokenizer_uri)
+        score = bleu(detokenize(processor, [h for _, h in ordered]), split.references)
+        return {"valid/bleu": score.score}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix=f"aiayn-ckpt-r{self.rank}-") as local:
+            directory = Path(local)
+            ckpt.save_checkpoint(
+                self.engine, directory, self.rank, self.state if self.rank == 0 else None,
+                ckpt.RankState(self.stream.position, torch.get_rng_state()),
+            )
+            ray.train.report(
+                {**metrics, "step": self.state.step},
+                checkpoint=ray.train.Checkpoint.from_directory(local),
+                checkpoint_dir_name=ckpt.checkpoint_dir_name(self.state.step),
+            )
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[Batch]:
+        if self.stream.position.epoch == self.state.epoch:
+            return self.stream.epoch_batches()
+        return iter(())  # this rank finished the epoch before the checkpoint; others had not
+
+    def run(self) -> None:
+        train, job = self.job.train, self.job
+        if self.logger is not None:
+            nodes: list = [None] * self.world
+            dist.all_gather_object(nodes, socket.gethostname())
+            self.logger.set_tags({"world_size": self.world, "zero_stage": train.zero_stage,
+                                  "peak_flops_source": self.peak_source,
+                                  **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
+            if self.resumed_from_step is not None:
+                self.logger.set_tags({"resumed_from_step": self.resumed_from_step})
+        else:
+            dist.all_gather_object([None] * self.world, socket.gethostname())
+        started, elapsed_before = time.monotonic(), self.state.elapsed_seconds
+        last_save = time.monotonic()
+        batches, window, stop = self._batches(), _Window(), False
+        while not stop:
+            if train.max_steps and self.state.step >= train.max_steps:
+                break
+            fetch = time.perf_counter()
+            micro = [next(batches, None) for _ in range(train.grad_accum)]
+            window.data_wait += time.perf_counter() - fetch
+            real = [b for b in micro if b is not None]
+            local = [sum(b.target_tokens for b in real), float(bool(real)),
+                     sum(batch_training_flops(self.model_config, b) for b in real)]
+            global_tokens, ranks_with_data, global_flops = _all_sum(local)
+            if ranks_with_data == 0:  # every rank finished the epoch
+                self.state.epoch += 1
+                if train.max_epochs and self.state.epoch >= train.max_epochs:
+                    stop = True
+                else:
+                    batches = self._batches()
+                    continue
+            else:
+                self._train_step(micro, global_tokens, window)
+                self.state.step += 1
+                self.state.tokens_seen += int(global_tokens)
+                window.tokens += global_tokens
+                window.flops += global_flops
+                window.steps += 1
+            elapsed = elapsed_before + time.monotonic() - started
+            self.state.elapsed_seconds = elapsed
+            time_up, save_due = _from_rank0([
+                float(bool(train.max_minutes) and elapsed >= train.max_minutes * 60),
+                float(time.monotonic() - last_save >= train.checkpoint_every_minutes * 60),
+            ])
+            step = self.state.step
+            stop = stop or bool(time_up) or bool(train.max_steps and step >= train.max_steps)
+            metrics: dict[str, float] = {}
+            if window.steps and (step % train.log_every == 0 or stop):
+                metrics.update(self._window_metrics(window))
+                window = _Window()
+            if train.validate_every and step % train.validate_every == 0 or stop:
+                metrics.update(self.validate())
+                stop = self._patience(metrics) or stop
+            if train.bleu_every and step % train.bleu_every == 0:
+                metrics.update(self.validation_bleu())
+            if self.logger is not None and metrics:
+                self.logger.log(metrics, step)
+            if stop or save_due or (train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0):
+                self.save(metrics)
+                last_save = time.monotonic()
+
+    def _patience(self, metrics: dict[str, float]) -> bool:
+        if "valid/loss" not in metrics:
+            return False
+        if metrics["valid/loss"] < self.state.best_valid_loss:
+            self.state.best_valid_loss = metrics["valid/loss"]
+            self.state.validations_without_improvement = 0
+        else:
+            self.state.validations_without_improvement += 1
+        return bool(self.job.train.patience) and self.state.validations_without_improvement >= self.job.train.patience
+
+    def _window_metrics(self, window: _Window) -> dict[str, float]:
+        loss, nll = _all_sum([window.loss, window.nll])
+        seconds = time.perf_counter() - window.started
+        tokens = max(window.tokens, 1.0)
+        metrics = {
+            "train/loss": loss / tokens, "train/nll": nll / tokens, "train/ppl": math.exp(min(nll / tokens, 50)),
+            "train/lr": float(self.scheduler.get_last_lr()[0]),
+            "train/tokens_per_s": window.tokens / seconds, "train/step_time_s": seconds / window.steps,
+            "train/data_wait_s": window.data_wait / window.steps, "train/epoch": float(self.state.epoch),
+            "train/tokens_seen": float(self.state.tokens_seen),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if self.peak_flops:
+            metrics["train/mfu"] = window.flops / seconds / (self.peak_flops * self.world)
+        return metrics
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point given to TorchTrainer."""
+    Trainer(loop_config).run()
+

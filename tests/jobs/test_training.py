@@ -1,0 +1,165 @@
+"""Training end to end on real services: a 2-node Ray cluster, DeepSpeed engines, MLflow.
+
+Tolerance for the ZeRO comparison: every stage computes the same mathematics; only the order of
+floating-point reductions differs (all-reduce vs reduce-scatter/all-gather), so the per-step
+losses of stages 1-3 must match stage 0 to 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from data_pipeline.errors import InputError
+from jobs import checkpoint as ckpt
+from jobs.train_driver import train
+from jobs.tracking import RUN_NAME_TAG
+from tests.jobs.helpers import tiny_job, tiny_overrides
+
+pytestmark = pytest.mark.slow
+MAX_STEPS = 30
+
+
+def _quiet(*_args) -> None:
+    return None
+
+
+def _runs_named(tracking_uri: str, name: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def _steps(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[int]:
+    return [m.step for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _losses(tracking_uri: str, run_id: str) -> list[float]:
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def _when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
+    """Run `action` as soon as the checkpoint of `step` is complete (polled every 50 ms)."""
+    def watch() -> None:
+        target = run_dir / ckpt.checkpoint_dir_name(step)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if target.is_dir() and ckpt.is_complete(target):
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _kill_one_train_worker() -> None:
+    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert pids, "no Ray Train worker process found to kill"
+    os.kill(int(pids[0]), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
+    """An uninterrupted ZeRO-2 run, tracked on the real MLflow server."""
+    root = tmp_path_factory.mktemp("reference")
+    outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=mlflow_server), log=_quiet)
+    return root, outcome
+
+
+def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) -> None:
+    root, outcome = reference_run
+    runs = _runs_named(mlflow_server, "reference")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))
+    run = runs[0]
+    for key in ("train/nll", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "train/step_time_s", "train/data_wait_s", "valid/loss", "valid/ppl", "test/bleu"):
+        assert key in run.data.metrics, key
+    assert run.data.params["train.zero_stage"] == "2" and run.data.tags["world_size"] == "2"
+    assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature"} <= set(run.data.tags)
+    artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
+    assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
+    assert outcome.test_bleu is not None and "nrefs:1" in outcome.bleu_signature
+
+
+def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
+    root, outcome = reference_run
+    stage2 = _losses(outcome.tracking_uri, outcome.run_id)[:20]
+    for stage in (0, 1, 3):
+        job = tiny_job(tiny_corpus, tmp_path, f"zero{stage}", address=ray_cluster,
+                       extra=(f"train.zero_stage={stage}", "train.max_steps=20", "train.validate_every=0"))
+        result = train(job, log=_quiet)
+        curve = _losses(result.tracking_uri, result.run_id)
+        assert len(curve) == 20
+        for step, (ours, theirs) in enumerate(zip(curve, stage2), start=1):
+            assert ours == pytest.approx(theirs, rel=1e-4), f"stage {stage} step {step}"
+    assert stage2[-1] < stage2[0]  # and it is learning
+
+
+def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
+    _, reference = reference_run
+    job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server)
+    killer = _when_checkpoint_exists(tmp_path / "runs" / "killed", 5, _kill_one_train_worker)
+    outcome = train(job, log=_quiet)
+    killer.join(timeout=5)
+    runs = _runs_named(mlflow_server, "killed")
+    assert len(runs) == 1
+    assert int(runs[0].data.tags["resumed_from_step"]) >= 5  # a restart really happened
+    assert _steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
+    ours, theirs = _weights(outcome.export_dir), _weights(reference.export_dir)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp_path) -> None:
+    command = [sys.executable, "-m", "jobs.cli", "train", *tiny_overrides(tiny_corpus, tmp_path, "restarted", address=ray_cluster)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    watcher = _when_checkpoint_exists(tmp_path / "runs" / "restarted", 10, lambda: os.killpg(first.pid, signal.SIGKILL))
+    first.wait(timeout=600)
+    watcher.join(timeout=5)
+    assert first.returncode == -signal.SIGKILL
+    time.sleep(5)  # let Ray reap the dead driver's workers
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = _runs_named(tracking, "restarted")
+    assert len(runs) == 1 and int(runs[0].data.tags["resumed_from_step"]) >= 10
+    assert _steps(tracking, runs[0].info.run_id) == list(range(1, MAX_STEPS + 1))
+
+
+def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> None:
+    root, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "runs" / "reference", run_dir)
+    last = ckpt.latest_complete_checkpoint(run_dir)
+    assert last is not None and last.name == ckpt.checkpoint_dir_name(MAX_STEPS)
+    broken = run_dir / ckpt.checkpoint_dir_name(MAX_STEPS + 5)
+    shutil.copytree(last, broken)
+    optimizer_shard = next(broken.rglob("zero_pp_rank_1_*optim_states.pt"))
+    optimizer_shard.write_bytes(optimizer_shard.read_bytes()[:100])  # the write was cut short
+    assert not ckpt.is_complete(broken)
+    assert ckpt.latest_complete_checkpoint(run_dir) == last
+    (broken / "rank_00001.complete").unlink()  # or the rank never finished at all
+    assert not ckpt.is_complete(broken)
+    with pytest.raises(InputError, match="not a complete checkpoint"):
+        train(tiny_job({"train": "", "valid": "", "test": "", "root": tmp_path}, tmp_path, "x",
+                       extra=("data.source.format=multi30k",)), resume_from=str(broken))
