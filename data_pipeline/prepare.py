@@ -146,7 +146,8 @@ def _encode_split(plan: PreparePlan, split: str, raw: Path, model_proto: bytes, 
         fn_constructor_kwargs={
             "model_proto": model_proto, "monolingual": config.source.monolingual, "keep_text": split != "train",
         },
-        batch_format="pyarrow", batch_size=config.encode_batch_rows, concurrency=(1, config.encode_actors), num_cpus=actor_cpus,
+        batch_format="pyarrow", batch_size=config.encode_batch_rows, num_cpus=actor_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_actors),
     )
     fs, path = storage.filesystem(out_uri)
     encoded.write_parquet(

@@ -107,17 +107,20 @@ def discard_staging(staging: str, final_uri: str) -> None:
 
 def check_writable(uri: str, key: str) -> None:
     """Fail early, naming the config key, when a local output location cannot be written.
-    Tries for real (create the directory, write and remove a probe file): permission bits say
-    nothing for root, nor for paths below a regular file."""
+    Writes and removes a probe file in the nearest existing directory (permission bits say
+    nothing for root) and creates nothing else."""
     from data_pipeline.errors import InputError
 
     if not is_local(uri):
         return
-    path = local_path(uri)
+    existing = local_path(uri)
+    while not existing.exists():
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".aiayn-write-probe-{uuid.uuid4().hex[:8]}"
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe = existing / f".aiayn-write-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise InputError(f"{key}={uri}: cannot write there ({error.strerror or error}); choose a writable directory") from None
+        raise InputError(f"{key}={uri}: cannot write there ({error}); choose a writable directory") from None

@@ -1,0 +1,107 @@
+"""The full training stack against a bare PyTorch loop, and 2 workers against 1, in one run.
+
+- bare: one process, one thread, the same model, batches (the same worker stream) and Adam;
+- stack-1: `aiayn train` with 1 worker x 1 thread (Ray Train + DeepSpeed ZeRO-2 + the stream);
+- stack-2: the same with 2 workers x 1 thread;
+- seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of step 1).
+Throughput of the stack is the global target tokens/s it logs, after the first log window.
+
+    python bench/training_stack.py --data-dir data --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.config import StreamConfig
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import ShardStream
+from data_pipeline.tokenizer import PAD_ID
+from jobs.config import JobConfig
+from jobs.tracking import RUN_NAME_TAG
+from transformer import build_model
+from transformer.loss import label_smoothed_loss
+from transformer.schedule import paper_adam
+
+
+def bare_loop(dataset: str, steps: int, max_tokens: int) -> float:
+    torch.set_num_threads(1)
+    manifest = load_manifest(dataset)
+    config = JobConfig().model.replace(vocab_size=manifest.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = paper_adam(model.parameters(), lr=1e-4)
+    batches = ShardStream(manifest, "train", StreamConfig(max_tokens=max_tokens)).epoch_batches()
+    tokens, start = 0, 0.0
+    for step, batch in zip(range(steps), batches):
+        if step == 5:
+            tokens, start = 0, time.perf_counter()
+        at = batch.tgt_out != PAD_ID
+        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at), batch.tgt_out[at], 0.1, PAD_ID)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / at.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        tokens += batch.target_tokens
+    return tokens / (time.perf_counter() - start)
+
+
+def stack_run(data_dir: str, workers: int, steps: int, max_tokens: int, scratch: Path) -> dict:
+    name = f"bench-{workers}w"
+    tracking = f"sqlite:///{scratch / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "jobs.cli", "train", f"--name={name}", f"data.output_dir={data_dir}",
+        f"cluster.num_workers={workers}", "cluster.cpus_per_worker=1", "train.threads_per_worker=1",
+        f"train.max_steps={steps}", "train.max_minutes=0", "train.log_every=1", "train.validate_every=0",
+        f"train.checkpoint_every_steps={steps}", "train.average_last=1", "train.keep_checkpoints=1",
+        f"stream.max_tokens={max_tokens}", f"cluster.storage_path={scratch / 'runs'}", f"tracking.uri={tracking}",
+        "train.beam_size=1",
+    ]
+    started = time.time()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    client = MlflowClient(tracking)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")[0]
+    history = sorted(client.get_metric_history(run.info.run_id, "train/tokens_per_s"), key=lambda m: m.step)
+    first_step = min(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    return {
+        "target_tokens_per_s": statistics.median(m.value for m in history[5:]),
+        "seconds_to_first_step": round(first_step.timestamp / 1000 - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default="data", help="where `aiayn prepare` put multi30k-en-de")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    args = parser.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    with tempfile.TemporaryDirectory() as scratch:
+        one = stack_run(data_dir, 1, args.steps, args.max_tokens, Path(scratch))
+        two = stack_run(data_dir, 2, args.steps, args.max_tokens, Path(scratch))
+        bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens)
+    print(json.dumps({
+        "bare_loop_1_thread_tokens_per_s": round(bare),
+        "stack_1_worker_tokens_per_s": round(one["target_tokens_per_s"]),
+        "stack_2_workers_tokens_per_s": round(two["target_tokens_per_s"]),
+        "ratio_stack_1_worker_vs_bare": round(one["target_tokens_per_s"] / bare, 3),
+        "ratio_2_workers_vs_1_worker": round(two["target_tokens_per_s"] / one["target_tokens_per_s"], 3),
+        "seconds_to_first_step_1_worker": one["seconds_to_first_step"],
+        "seconds_to_first_step_2_workers": two["seconds_to_first_step"],
+        "steps": args.steps, "max_tokens": args.max_tokens,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The job config: YAML + overrides, errors naming the dotted key, and the generated DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from jobs.config import ConfigError, JobConfig, flatten, config_to_dict, load_job_config
+from jobs.deepspeed_config import deepspeed_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_main_recipe_file_is_the_default_config() -> None:
+    assert load_job_config(str(ROOT / "configs" / "multi30k_small.yaml"), []) == JobConfig()
+
+
+def test_overrides_reach_nested_sections_with_types() -> None:
+    config = load_job_config(None, ["model.preset=tiny", "model.dropout=0.2", "train.zero_stage=3",
+                                    "optim.betas=[0.9, 0.99]", "cluster.use_gpu=false", "data.source.tgt_lang=fr"])
+    assert config.model.d_model == 64 and config.model.dropout == 0.2
+    assert config.train.zero_stage == 3 and config.optim.betas == (0.9, 0.99)
+    assert config.data.source.tgt_lang == "fr"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.nope=1", "train.nope: unknown key"),
+    ("nope.x=1", "nope: unknown key"),
+    ("train.zero_stage=4", "train.zero_stage must be 0, 1, 2 or 3"),
+    ("train.max_steps=ten", "train.max_steps: expected an integer"),
+    ("model.preset=huge", "model.preset: unknown preset 'huge'"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not allowed"),
+    ("stream.max_tokens=0", "stream.max_tokens must be positive"),
+    ("no_equals_sign", "overrides look like key.sub=value"),
+])
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        load_job_config(None, [override])
+    assert "\n" not in str(error.value)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_job_config(str(recipe), [])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_job_config(str(tmp_path / "missing.yaml"), [])
+
+
+def test_flattened_params_cover_the_whole_config() -> None:
+    flat = flatten(config_to_dict(JobConfig()))
+    assert flat["train.zero_stage"] == 2 and flat["model.d_model"] == 256 and flat["data.source.format"] == "multi30k"
+
+
+def test_deepspeed_json_is_generated_and_overridable() -> None:
+    config = load_job_config(None, ["train.zero_stage=3", "train.grad_accum=4", "optim.clip_norm=0.5"])
+    generated = deepspeed_config(config, world_size=2)
+    assert generated["zero_optimization"]["stage"] == 3
+    assert generated["gradient_accumulation_steps"] == 4 and generated["train_batch_size"] == 8
+    assert generated["gradient_clipping"] == 0.5
+    raw = load_job_config(None, ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
+    assert deepspeed_config(raw, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert deepspeed_config(raw, 1)["zero_optimization"]["stage"] == 2
