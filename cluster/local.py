@@ -65,6 +65,11 @@ class Service:
         self.process.wait(timeout=timeout)
 
 
+# Ray 2.60 turns token authentication on for clusters started with `ray start --head`; processes
+# that join or connect must be told to send the token (from ~/.ray/auth_token).
+RAY_TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
+
+
 def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None) -> Service:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
@@ -86,7 +91,7 @@ def start_ray_head(log_dir: Path, *, num_cpus: int, port: int | None = None, das
     ]
     if temp_dir is not None:
         command.append(f"--temp-dir={temp_dir}")
-    service = _spawn("ray-head", command, log_dir)
+    service = _spawn("ray-head", command, log_dir, RAY_TOKEN_AUTH)
     _wait_until(lambda: _port_open(port) and _port_open(dashboard_port), 90, "ray head", service.process, service.log)
     return service, f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}"
 
@@ -94,14 +99,15 @@ def start_ray_head(log_dir: Path, *, num_cpus: int, port: int | None = None, das
 def start_ray_worker(log_dir: Path, address: str, *, num_cpus: int, index: int) -> Service:
     command = [_bin("ray"), "start", "--block", f"--address={address}", f"--node-ip-address={LOOPBACK}",
                f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    return _spawn(f"ray-worker-{index}", command, log_dir)
+    return _spawn(f"ray-worker-{index}", command, log_dir, RAY_TOKEN_AUTH)
 
 
 def wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
     """Block until `count` nodes are alive (asked through `ray status`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True)
+        status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True,
+                                env={**os.environ, **RAY_TOKEN_AUTH})
         if status.returncode == 0 and status.stdout.count("node_") >= count:
             return
         time.sleep(1.0)

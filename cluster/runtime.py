@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 
 def connect(address: str = "", *, num_cpus: int | None = None) -> None:
@@ -16,6 +17,8 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS", "")
+    if target and "RAY_AUTH_MODE" not in os.environ and Path.home().joinpath(".ray", "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"  # clusters started by Ray 2.60's `ray start` expect the token
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if target:
         ray.init(address=target, **quiet)

@@ -47,6 +47,12 @@ class Batch:
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
 
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out))
+
     @property
     def target_tokens(self) -> int:
         return int((self.tgt_out != PAD_ID).sum())

@@ -125,6 +125,75 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from cluster import local_cluster
+
+    if args.action == "up":
+        state = local_cluster.up(args.nodes, args.cpus_per_node, with_mlflow=not args.no_mlflow)
+        print(json.dumps({"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
+                          "mlflow": state.mlflow_url, "nodes": state.nodes, "logs": state.log_dir,
+                          "state_file": str(local_cluster.state_file())}, indent=2))
+    elif args.action == "down":
+        stopped = local_cluster.down()
+        print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
+    else:
+        info = local_cluster.status()
+        ray_status = info.pop("ray_status", "")
+        print(json.dumps(info, indent=2))
+        if ray_status:
+            print(ray_status)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    command = [c for c in args.command if c != "--"]
+    tracking = args.tracking_uri
+    if not tracking:
+        from cluster.local_cluster import read_state
+
+        state = read_state()
+        tracking = state.mlflow_url if state is not None and not args.address else ""
+    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking)
+    passed = submit.passed_through_names()
+    print(job_id)
+    if passed:
+        print(f"passed through (values not shown): {', '.join(passed)}", file=sys.stderr)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    client = submit.client(args.address)
+    if args.action == "list":
+        for job in client.list_jobs():
+            print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise UserError(f"jobs {args.action} needs a job id")
+    if args.action == "status":
+        print(client.get_job_status(args.job_id).value)
+    elif args.action == "stop":
+        print("stopped" if client.stop_job(args.job_id) else "not running")
+    elif args.follow:
+        submit.follow_logs(args.address, args.job_id)
+    else:
+        print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.bundle import build_wheelhouse
+
+    wheels = build_wheelhouse(Path(args.output), with_dependencies=not args.no_deps)
+    print(f"{len(wheels)} wheels in {args.output}; see {args.output}/INSTALL.txt")
+    return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML recipe, e.g. configs/multi30k_small.yaml")
     parser.add_argument("--address", default="", help="Ray cluster address (default: embedded local Ray)")
@@ -132,7 +201,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiayn", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="aiayn", description="Train the Transformer of 'Attention Is All You Need' on Ray, DeepSpeed and MLflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("model-info", help="parameters and FLOPs of a model preset, as JSON")
@@ -166,6 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--beam", type=int, default=4)
     translate.add_argument("--alpha", type=float, default=0.6)
     translate.set_defaults(handler=_translate)
+
+    cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster with an MLflow server")
+    cluster.add_argument("action", choices=["up", "status", "down"])
+    cluster.add_argument("--nodes", type=int, default=3)
+    cluster.add_argument("--cpus-per-node", type=int, default=2)
+    cluster.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
+    cluster.set_defaults(handler=_cluster)
+
+    submit = commands.add_parser("submit", help="run any aiayn command as a Ray job (Jobs API)")
+    submit.add_argument("--address", default="", help="Jobs API URL, e.g. http://127.0.0.1:8265 (default: local cluster)")
+    submit.add_argument("--name", default="", help="submission id")
+    submit.add_argument("--tracking-uri", default="", help="MLFLOW_TRACKING_URI for the job")
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="-- <aiayn command>")
+    submit.set_defaults(handler=_submit)
+
+    jobs = commands.add_parser("jobs", help="status, logs, stop or list submitted jobs")
+    jobs.add_argument("action", choices=["status", "logs", "stop", "list"])
+    jobs.add_argument("job_id", nargs="?", default="")
+    jobs.add_argument("--address", default="")
+    jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    jobs.set_defaults(handler=_jobs)
+
+    bundle = commands.add_parser("bundle", help="a wheelhouse of the project and its dependencies, for offline nodes")
+    bundle.add_argument("--output", default="wheelhouse")
+    bundle.add_argument("--no-deps", action="store_true", help="the project's own wheel only")
+    bundle.set_defaults(handler=_bundle)
     return parser
 
 

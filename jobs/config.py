@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 class OptimConfig:
     schedule: Schedule = "inverse_sqrt"  # "noam" is the paper's eq. 3 (lr is then its scale factor)
     lr: float = 2e-3  # peak learning rate for inverse_sqrt; scale for noam
-    warmup_steps: int = 250
+    warmup_steps: int = 150
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
@@ -53,14 +53,14 @@ class TrainConfig:
     threads_per_worker: int = 1  # torch intra-op threads in each worker
     seed: int = 1
     log_every: int = 10
-    checkpoint_every_steps: int = 100
+    checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 5.0
-    keep_checkpoints: int = 5
+    keep_checkpoints: int = 4
     validate_every: int = 100
     bleu_every: int = 0  # 0: only at the end
     bleu_valid_sentences: int = 300
     patience: int = 0  # stop after this many validations without improvement; 0: never
-    average_last: int = 5  # average the weights of the last N checkpoints for the export (§6.1)
+    average_last: int = 4  # average the weights of the last N checkpoints for the export (§6.1)
     beam_size: int = 4
     length_penalty: float = 0.6
 

@@ -53,6 +53,7 @@ def translate_ids(
 ) -> list[list[int]]:
     """Hypothesis token ids in input order; sentences are batched by length for speed."""
     model.eval()
+    sources = [s[: model.config.max_positions] for s in sources]  # longer inputs do not fit the model
     order = np.argsort([len(s) for s in sources], kind="stable")
     results: list[list[int]] = [[] for _ in sources]
     start = 0

@@ -69,6 +69,21 @@ def _storage_root(job: JobConfig) -> str:
     return str(storage.local_path(root)) if storage.is_local(root) else root
 
 
+def check_storage_reaches_every_node(job: JobConfig) -> None:
+    """On a cluster of several machines, node-local paths would split checkpoints and data."""
+    import ray
+
+    machines = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+    if len(machines) <= 1 or job.cluster.shared_storage:
+        return
+    for key, uri in (("cluster.storage_path", job.cluster.storage_path), ("data.output_dir", job.data.output_dir)):
+        if storage.is_local(uri):
+            raise InputError(
+                f"{key}={uri} is node-local but the cluster spans {len(machines)} machines; use an s3:// or gs:// "
+                "URI, or a path mounted on every node with cluster.shared_storage=true"
+            )
+
+
 def validate(job: JobConfig) -> None:
     """Every check that needs no cluster. Raises InputError / ConfigError with one line."""
     _storage_root(job)
@@ -124,6 +139,7 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
     if resume_from and not ckpt.is_complete(Path(resume_from)):
         raise InputError(f"--resume {resume_from}: not a complete checkpoint directory")
     connect(job.cluster.address)
+    check_storage_reaches_every_node(job)
     plan = plan_prepare(job.data)
     if not plan.up_to_date:
         log(f"preparing {job.data.dataset_uri} ...")

@@ -48,6 +48,7 @@ def lr_factor(job: JobConfig, step: int) -> float:
 
 
 def _forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = batch.to(engine.device)
     at = batch.tgt_out != PAD_ID
     inputs = (batch.tgt_in, at) if batch.src is None else (batch.src, batch.tgt_in, at)
     return label_smoothed_loss(engine(*inputs), batch.tgt_out[at], epsilon, PAD_ID)

@@ -27,8 +27,10 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _max_lengths(src: torch.Tensor, pad_id: int, max_len_a: float, max_len_b: int) -> torch.Tensor:
-    return ((src != pad_id).sum(1).float() * max_len_a + max_len_b).long().clamp(min=1)  # (B,)
+def _max_lengths(src: torch.Tensor, config, max_len_a: float, max_len_b: int) -> torch.Tensor:
+    """Per-sentence output limit (EOS included), never beyond the model's positions."""
+    lengths = (src != config.pad_id).sum(1).float() * max_len_a + max_len_b
+    return lengths.long().clamp(min=1, max=config.max_positions)  # (B,)
 
 
 class _Stepper:
@@ -71,7 +73,7 @@ def greedy_search(
     config = model.config
     memory, src_mask = model.encode(src)
     stepper = _Stepper(model, memory, src_mask, use_cache)
-    max_lengths = _max_lengths(src, config.pad_id, max_len_a, max_len_b)
+    max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
     batch = src.shape[0]
     prefix = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=src.device)
     log_prob = torch.zeros(batch, dtype=torch.float64, device=src.device)
@@ -111,7 +113,7 @@ def beam_search(
     memory, src_mask = model.encode(src)
     expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
     stepper = _Stepper(model, memory.index_select(0, expand), src_mask.index_select(0, expand), use_cache)
-    max_lengths = _max_lengths(src, config.pad_id, max_len_a, max_len_b)
+    max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
     beam_max_lengths = max_lengths.index_select(0, expand)
     prefix = torch.full((batch * k, 1), config.bos_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), float("-inf"), dtype=torch.float64, device=device)

@@ -16,6 +16,7 @@ def ray_cluster(tmp_path_factory):
     """Address of a 2-node Ray cluster; two CPUs per node."""
     logs = tmp_path_factory.mktemp("ray-logs")
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_AUTH_MODE"] = "token"  # the cluster below uses Ray's default token authentication
     head, address, _ = start_ray_head(logs, num_cpus=2)
     worker = None
     try:
@@ -26,6 +27,7 @@ def ray_cluster(tmp_path_factory):
         import ray
 
         ray.shutdown()
+        os.environ.pop("RAY_AUTH_MODE", None)
         if worker is not None:
             worker.stop()
         head.stop()

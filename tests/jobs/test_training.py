@@ -7,6 +7,7 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -54,16 +55,25 @@ def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(export_dir / "model.safetensors"))
 
 
+def _registered(run_dir: Path, name: str) -> bool:
+    """Ray Train has registered the checkpoint (its snapshot names it), so a restart will load it."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(entry.get("checkpoint_dir_name") == name for entry in snapshot.get("checkpoint_results", []))
+
+
 def _when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
-    """Run `action` as soon as the checkpoint of `step` is complete (polled every 50 ms)."""
+    """Run `action` as soon as the checkpoint of `step` is complete and registered (polled every 20 ms)."""
     def watch() -> None:
-        target = run_dir / ckpt.checkpoint_dir_name(step)
+        name = ckpt.checkpoint_dir_name(step)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if target.is_dir() and ckpt.is_complete(target):
+            if _registered(run_dir, name) and ckpt.is_complete(run_dir / name):
                 action()
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -1,0 +1,127 @@
+"""`aiayn cluster up|status|down`: a real multi-node Ray cluster and an MLflow server on this
+machine, on 127.0.0.1. The addresses and the process groups started are written to a state file
+(default ~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them;
+`down` stops exactly those process groups and the Ray processes of that cluster, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.local import Service, start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("AIAYN_HOME", Path.home() / ".aiayn"))
+
+
+def state_file() -> Path:
+    return state_dir() / "cluster.json"
+
+
+@dataclass
+class ClusterState:
+    ray_address: str  # GCS address, for `ray.init` / `--address`
+    dashboard_url: str  # Ray dashboard and Jobs API
+    mlflow_url: str
+    process_groups: list[int]
+    nodes: int
+    log_dir: str
+
+
+def read_state() -> ClusterState | None:
+    path = state_file()
+    if not path.is_file():
+        return None
+    return ClusterState(**json.loads(path.read_text()))
+
+
+def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True) -> ClusterState:
+    if nodes < 1:
+        raise ValueError("--nodes must be at least 1")
+    existing = read_state()
+    if existing is not None:
+        raise RuntimeError(f"a cluster is already up ({existing.dashboard_url}); run `aiayn cluster down` first")
+    logs = state_dir() / "logs"
+    started: list[Service] = []
+    try:
+        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node)
+        started.append(head)
+        for index in range(1, nodes):
+            started.append(start_ray_worker(logs, address, num_cpus=cpus_per_node, index=index))
+        wait_for_nodes(address, nodes)
+        mlflow_url = ""
+        if with_mlflow:
+            service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow")
+            started.append(service)
+    except BaseException:
+        for service in reversed(started):
+            service.stop()
+        raise
+    state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs))
+    state_dir().mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps(asdict(state), indent=2))
+    return state
+
+
+def _cluster_pids(ray_address: str) -> list[int]:
+    """Ray processes that belong to this cluster: their command line names its GCS address."""
+    port = ray_address.rsplit(":", 1)[1]
+    found = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found if int(pid) != os.getpid()]
+
+
+def down(timeout: float = 30.0) -> list[int]:
+    """Stop everything `up` started; returns the process groups stopped."""
+    state = read_state()
+    if state is None:
+        return []
+    for group in state.process_groups:
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive_group(g) for g in state.process_groups):
+        time.sleep(0.5)
+    for group in state.process_groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in _cluster_pids(state.ray_address):  # workers that left the process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state_file().unlink(missing_ok=True)
+    return state.process_groups
+
+
+def _alive_group(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def status() -> dict:
+    state = read_state()
+    if state is None:
+        return {"up": False}
+    from ray.job_submission import JobSubmissionClient
+
+    ray_status = subprocess.run([str(Path(os.sys.executable).with_name("ray")), "status", f"--address={state.ray_address}"],
+                                capture_output=True, text=True)
+    jobs = JobSubmissionClient(state.dashboard_url).list_jobs()
+    return {
+        "up": True, **asdict(state), "ray_status": ray_status.stdout.strip(),
+        "jobs": [{"id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint} for j in jobs],
+    }
