@@ -74,8 +74,10 @@ def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     handle = open(log, "ab")
+    # Jobs run `python -m jobs.cli ...`: this interpreter must be the `python` their shells find.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, "PATH": path, **(env or {})})
     handle.close()
     return Service(name, process, log)
 

@@ -132,6 +132,7 @@ def _cluster(args: argparse.Namespace) -> int:
         state = local_cluster.up(args.nodes, args.cpus_per_node, with_mlflow=not args.no_mlflow)
         print(json.dumps({"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
                           "mlflow": state.mlflow_url, "nodes": state.nodes, "logs": state.log_dir,
+                          "process_groups": state.process_groups,
                           "state_file": str(local_cluster.state_file())}, indent=2))
     elif args.action == "down":
         stopped = local_cluster.down()

@@ -112,7 +112,7 @@ class Trainer:
             tokenizer_sha256=self.manifest.tokenizer_sha256, config=config_to_dict(job),
         )
         position = StreamPosition()
-        torch.manual_seed(job.train.seed * 1000 + self.rank + 1)  # dropout stream of this rank
+        self._saved_rng: torch.Tensor | None = None
         restored = ray.train.get_checkpoint()
         resume_from = loop_config.get("resume_from") or ""
         if restored is not None:
@@ -124,6 +124,11 @@ class Trainer:
                                   position=position, max_length=self.model_config.max_positions)
         self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
         self.peak_flops, self.peak_source = device_peak_flops(self.device, job.train.precision)
+        # The dropout stream of this rank, set last so that nothing above can draw from it.
+        if self._saved_rng is not None:
+            torch.set_rng_state(self._saved_rng)
+        else:
+            torch.manual_seed(job.train.seed * 1000 + self.rank + 1)
 
     def _restore(self, directory: Path) -> StreamPosition:
         if not ckpt.is_complete(directory):
@@ -133,7 +138,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{directory} was trained with another tokenizer than the dataset's")
         ckpt.load_engine_state(self.engine, directory, saved, self.world)
         rank_state = ckpt.load_rank_state(directory, self.rank)
-        torch.set_rng_state(rank_state.rng_state)
+        self._saved_rng = rank_state.rng_state
         self.state = saved
         self.state.mlflow_run_id = self.run_id
         self.resumed_from_step = saved.step
@@ -210,18 +215,23 @@ class Trainer:
             return self.stream.epoch_batches()
         return iter(())  # this rank finished the epoch before the checkpoint; others had not
 
-    def run(self) -> None:
-        train, job = self.job.train, self.job
+    def _record_placement(self) -> None:
+        """Tags: which node each rank runs on, world size, ZeRO stage, and any resume."""
+        import ray
+
+        where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+        nodes: list = [None] * self.world
+        dist.all_gather_object(nodes, where)
         if self.logger is not None:
-            nodes: list = [None] * self.world
-            dist.all_gather_object(nodes, socket.gethostname())
-            self.logger.set_tags({"world_size": self.world, "zero_stage": train.zero_stage,
+            self.logger.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
                                   "peak_flops_source": self.peak_source,
                                   **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
             if self.resumed_from_step is not None:
                 self.logger.set_tags({"resumed_from_step": self.resumed_from_step})
-        else:
-            dist.all_gather_object([None] * self.world, socket.gethostname())
+
+    def run(self) -> None:
+        train = self.job.train
+        self._record_placement()
         started, elapsed_before = time.monotonic(), self.state.elapsed_seconds
         last_save = time.monotonic()
         batches, window, stop = self._batches(), _Window(), False
