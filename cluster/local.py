@@ -104,10 +104,13 @@ def start_ray_worker(log_dir: Path, address: str, *, num_cpus: int, index: int) 
     return _spawn(f"ray-worker-{index}", command, log_dir, RAY_TOKEN_AUTH)
 
 
-def wait_for_nodes(address: str, count: int, timeout: float = 90.0) -> None:
-    """Block until `count` nodes are alive (asked through `ray status`)."""
+def wait_for_nodes(address: str, count: int, timeout: float = 90.0, process: subprocess.Popen | None = None) -> None:
+    """Block until `count` nodes are alive (asked through `ray status`); RuntimeError if `process`
+    (the node being started) exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode} before its node joined")
         status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True,
                                 env={**os.environ, **RAY_TOKEN_AUTH})
         if status.returncode == 0 and status.stdout.count("node_") >= count:

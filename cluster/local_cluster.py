@@ -53,9 +53,8 @@ def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True) -> ClusterSt
     try:
         head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node)
         started.append(head)
-        for index in range(1, nodes):
-            started.append(start_ray_worker(logs, address, num_cpus=cpus_per_node, index=index))
-        wait_for_nodes(address, nodes)
+        for index in range(1, nodes):  # one at a time: simultaneous joins time out on small machines
+            started.append(_join(logs, address, cpus_per_node, index))
         mlflow_url = ""
         if with_mlflow:
             service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow")
@@ -68,6 +67,20 @@ def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True) -> ClusterSt
     state_dir().mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(asdict(state), indent=2))
     return state
+
+
+def _join(logs: Path, address: str, cpus: int, index: int, attempts: int = 3) -> Service:
+    """Start worker node `index` and wait until it is in the cluster; retry a start that died."""
+    for attempt in range(attempts):
+        service = start_ray_worker(logs, address, num_cpus=cpus, index=index)
+        try:
+            wait_for_nodes(address, index + 1, timeout=120, process=service.process)
+            return service
+        except RuntimeError:
+            service.stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _cluster_pids(ray_address: str) -> list[int]:
@@ -95,6 +108,9 @@ def down(timeout: float = 30.0) -> list[int]:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive_group(g) for g in state.process_groups):
+        time.sleep(0.2)  # SIGKILL is sent, not yet done
     for pid in _cluster_pids(state.ray_address):  # workers that left the process group
         try:
             os.kill(pid, signal.SIGKILL)
@@ -104,18 +120,31 @@ def down(timeout: float = 30.0) -> list[int]:
     return state.process_groups
 
 
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are still running (zombies, already dead and only
+    waiting for a parent to reap them, do not count)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 def _alive_group(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    return bool(live_processes_in_group(group))
 
 
 def status() -> dict:
     state = read_state()
     if state is None:
         return {"up": False}
+    from cluster.runtime import use_token_auth_if_available
+
+    use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     from ray.job_submission import JobSubmissionClient
 
     ray_status = subprocess.run([str(Path(os.sys.executable).with_name("ray")), "status", f"--address={state.ray_address}"],

@@ -7,18 +7,25 @@ import os
 from pathlib import Path
 
 
+def use_token_auth_if_available() -> None:
+    """Clusters started by Ray 2.60's `ray start` require the token (~/.ray/auth_token) from every
+    client: drivers, joining nodes and Jobs API clients. Send it whenever it is there."""
+    if "RAY_AUTH_MODE" not in os.environ and Path.home().joinpath(".ray", "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     """Start an embedded local Ray (no address and no RAY_ADDRESS) or join a running cluster.
 
     Inside a Ray job (submitted with the Jobs API) RAY_ADDRESS is set and the job's cluster is used.
     """
+    target = address or os.environ.get("RAY_ADDRESS", "")
+    if target:
+        use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     import ray
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS", "")
-    if target and "RAY_AUTH_MODE" not in os.environ and Path.home().joinpath(".ray", "auth_token").is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"  # clusters started by Ray 2.60's `ray start` expect the token
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if target:
         ray.init(address=target, **quiet)

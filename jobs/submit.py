@@ -50,15 +50,12 @@ def runtime_env(extra_env: dict[str, str] | None = None) -> dict:
 
 def submit(address: str, command: list[str], *, name: str = "", tracking_uri: str = "") -> str:
     """Submit `aiayn <command>`; returns the submission id."""
-    from ray.job_submission import JobSubmissionClient
-
     if command and command[0] == "aiayn":
         command = command[1:]
     if not command:
         raise InputError("nothing to submit: give an aiayn command after --, e.g. `aiayn submit -- train`")
     extra = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-    client = JobSubmissionClient(dashboard_address(address))
-    return client.submit_job(
+    return client(address).submit_job(
         entrypoint=f"python -m jobs.cli {shlex.join(command)}",
         runtime_env=runtime_env(extra), submission_id=name or None,
     )
@@ -69,6 +66,9 @@ def passed_through_names() -> list[str]:
 
 
 def client(address: str):
+    from cluster.runtime import use_token_auth_if_available
+
+    use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(dashboard_address(address))

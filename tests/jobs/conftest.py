@@ -21,7 +21,7 @@ def ray_cluster(tmp_path_factory):
     worker = None
     try:
         worker = start_ray_worker(logs, address, num_cpus=2, index=1)
-        wait_for_nodes(address, 2)
+        wait_for_nodes(address, 2, timeout=120, process=worker.process)
         yield address
     finally:
         import ray
