@@ -116,8 +116,21 @@ def down(timeout: float = 30.0) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    forget_current_cluster(state.ray_address)
     state_file().unlink(missing_ok=True)
     return state.process_groups
+
+
+def forget_current_cluster(ray_address: str) -> None:
+    """`ray start` records the cluster in /tmp/ray/ray_current_cluster, where a plain `ray.init()`
+    would try to join it; once the cluster is down that record only causes hangs."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    port = ray_address.rsplit(":", 1)[1]
+    try:
+        if record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+    except OSError:
+        pass
 
 
 def live_processes_in_group(group: int) -> list[int]:

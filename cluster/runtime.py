@@ -31,7 +31,9 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         ray.init(address=target, **quiet)
     else:
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+        # address="local" always starts a new instance; without it Ray joins whatever cluster
+        # /tmp/ray/ray_current_cluster names, even one that has been stopped.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def cluster_cpus() -> float:

@@ -1,6 +1,6 @@
-"""The `aiayn` command line. Parsing only: each subcommand lives in its own module, imported lazily
-so that `aiayn --help` and input errors answer quickly. Exit codes: 0 success, 2 usage, config
-or input error (one line on stderr), 1 run failure."""
+"""The `aiayn` command line: argument parsing and thin handlers. The work lives in the modules
+they import lazily, so that `aiayn --help` and input errors answer quickly. Exit codes: 0 success,
+2 usage, config or input error (one line on stderr), 1 run failure."""
 
 from __future__ import annotations
 
@@ -60,14 +60,12 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from jobs.train_driver import train
 
+    import dataclasses
+
     config = _load_config(args)
     if args.address:
-        import dataclasses
-
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
     if args.name:
-        import dataclasses
-
         config = dataclasses.replace(config, name=args.name)
     outcome = train(config, resume_from=args.resume or "")
     print(f"\nrun {outcome.run_name}: {outcome.steps} steps; model exported to {outcome.export_dir}")
@@ -109,15 +107,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    import sentencepiece as spm
+
     from jobs.evaluation import detokenize, translate_ids
     from jobs.export import load_export
 
-    import sentencepiece as spm
-    from pathlib import Path
-
     directory = _resolve_model(args.model)
     model, _, _ = load_export(directory)
-    processor = spm.SentencePieceProcessor(model_file=str(Path(directory) / "tokenizer.model"))
+    processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     lines = [line.rstrip("\n") for line in sys.stdin]
     sources = processor.encode([line.strip() for line in lines], add_eos=True)
     for text in detokenize(processor, translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import sacrebleu
 import sentencepiece as spm
@@ -53,6 +54,7 @@ def translate_ids(
 ) -> list[list[int]]:
     """Hypothesis token ids in input order; sentences are batched by length for speed."""
     model.eval()
+    device = next(model.parameters()).device
     sources = [s[: model.config.max_positions] for s in sources]  # longer inputs do not fit the model
     order = np.argsort([len(s) for s in sources], kind="stable")
     results: list[list[int]] = [[] for _ in sources]
@@ -67,6 +69,7 @@ def translate_ids(
         batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
         for i, row in enumerate(rows):
             batch[i, : len(row)] = torch.tensor(row)
+        batch = batch.to(device)
         if beam_size > 1:
             hyps = beam_search(model, batch, beam_size=beam_size, alpha=alpha)
         else:

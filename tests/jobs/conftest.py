@@ -8,6 +8,7 @@ import os
 import pytest
 
 from cluster.local import start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
+from cluster.local_cluster import forget_current_cluster
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
 
@@ -31,6 +32,7 @@ def ray_cluster(tmp_path_factory):
         if worker is not None:
             worker.stop()
         head.stop()
+        forget_current_cluster(address)
 
 
 @pytest.fixture(scope="session")
