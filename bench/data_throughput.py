@@ -6,7 +6,7 @@
    shuffled examples with the same mean number of rows.
 4. Peak memory (max RSS) of a streaming worker over the corpus and over the corpus x10.
 
-    python bench/data_pipeline.py --data data/multi30k-en-de      # after `aiayn prepare`
+    python bench/data_throughput.py --data data/multi30k-en-de      # after `aiayn prepare`
 """
 
 from __future__ import annotations
