@@ -3,11 +3,13 @@
 - bare: one process, one thread, the same model, batches (the same worker stream) and Adam;
 - stack-1: `aiayn train` with 1 worker x 1 thread (Ray Train + DeepSpeed ZeRO-2 + the stream);
 - stack-2: the same with 2 workers x 1 thread;
-- seconds from starting `aiayn train` to its first logged step (the MLflow timestamp of the
-  first log window, so step 10 with the default log interval).
-Throughput of the stack is the global target tokens/s it logs, after the first log window.
+- seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of the
+  metrics the worker logs after step 1).
+Throughput of the stack is the global target tokens/s it logs, median over its 10-step windows
+after step 10. The three are measured in interleaved rounds (bare, 1, 2, bare, 1, 2, ...) and the
+ratios are of per-configuration medians, so that a noisy minute does not decide a ratio alone.
 
-    python bench/training_stack.py --data-dir data --steps 60
+    python bench/training_stack.py --data-dir data --steps 70 --rounds 2
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ def stack_run(data_dir: str, workers: int, steps: int, max_tokens: int, scratch:
     run = client.search_runs([e.experiment_id for e in client.search_experiments()],
                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")[0]
     history = sorted(client.get_metric_history(run.info.run_id, "train/tokens_per_s"), key=lambda m: m.step)
-    first_step = min(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    first_step = min(history, key=lambda m: m.step)
     return {
-        "target_tokens_per_s": statistics.median(m.value for m in history[1:]),  # windows of 10 steps
-        "seconds_to_first_logged_step": round(first_step.timestamp / 1000 - started, 1),
+        "target_tokens_per_s": statistics.median(m.value for m in history if m.step > 10),
+        "seconds_to_first_step": round(first_step.timestamp / 1000 - started, 1),
     }
 
 
@@ -86,21 +88,29 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="where `aiayn prepare` put multi30k-en-de")
     parser.add_argument("--steps", type=int, default=70)
     parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of all three")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
-    with tempfile.TemporaryDirectory() as scratch:
-        one = stack_run(data_dir, 1, args.steps, args.max_tokens, Path(scratch))
-        two = stack_run(data_dir, 2, args.steps, args.max_tokens, Path(scratch))
-        bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens)
+    rounds: list[dict] = []
+    for index in range(args.rounds):
+        with tempfile.TemporaryDirectory() as scratch:
+            bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens)
+            one = stack_run(data_dir, 1, args.steps, args.max_tokens, Path(scratch))
+            two = stack_run(data_dir, 2, args.steps, args.max_tokens, Path(scratch))
+        rounds.append({"bare": round(bare), "stack_1": round(one["target_tokens_per_s"]),
+                       "stack_2": round(two["target_tokens_per_s"]),
+                       "first_step_s_1": one["seconds_to_first_step"], "first_step_s_2": two["seconds_to_first_step"]})
+        print(f"round {index + 1}: {rounds[-1]}", file=sys.stderr)
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     print(json.dumps({
-        "bare_loop_1_thread_tokens_per_s": round(bare),
-        "stack_1_worker_tokens_per_s": round(one["target_tokens_per_s"]),
-        "stack_2_workers_tokens_per_s": round(two["target_tokens_per_s"]),
-        "ratio_stack_1_worker_vs_bare": round(one["target_tokens_per_s"] / bare, 3),
-        "ratio_2_workers_vs_1_worker": round(two["target_tokens_per_s"] / one["target_tokens_per_s"], 3),
-        "seconds_to_first_logged_step_1_worker": one["seconds_to_first_logged_step"],
-        "seconds_to_first_logged_step_2_workers": two["seconds_to_first_logged_step"],
-        "steps": args.steps, "max_tokens": args.max_tokens,
+        "bare_loop_1_thread_tokens_per_s": median["bare"],
+        "stack_1_worker_tokens_per_s": median["stack_1"],
+        "stack_2_workers_tokens_per_s": median["stack_2"],
+        "ratio_stack_1_worker_vs_bare": round(median["stack_1"] / median["bare"], 3),
+        "ratio_2_workers_vs_1_worker": round(median["stack_2"] / median["stack_1"], 3),
+        "seconds_to_first_step_1_worker": median["first_step_s_1"],
+        "seconds_to_first_step_2_workers": median["first_step_s_2"],
+        "rounds": rounds, "steps": args.steps, "max_tokens": args.max_tokens,
     }, indent=2))
 
 

@@ -67,11 +67,17 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
 
 
 class MetricLogger:
-    """Logs to one run, never the same (key, step) twice, whatever restarts happened."""
+    """Logs to one run, never the same (key, step) twice, whatever restarts happened.
+
+    Writes are asynchronous (MLflow's own background queue) so a slow tracking server never
+    stalls a training step; `flush()` waits for them and is called before every checkpoint, so
+    everything up to a checkpoint's step is in the run before that checkpoint can be resumed.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self._last_step: dict[str, int] = {}
+        self._pending: list = []
 
     def _last(self, key: str) -> int:
         if key not in self._last_step:
@@ -83,9 +89,15 @@ class MetricLogger:
         now = int(time.time() * 1000)
         fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._last(k)]
         if fresh:
-            self.client.log_batch(self.run_id, metrics=fresh)
+            self._pending.append(self.client.log_batch(self.run_id, metrics=fresh, synchronous=False))
             for metric in fresh:
                 self._last_step[metric.key] = step
+
+    def flush(self) -> None:
+        """Block until every metric logged so far is stored; raises what a failed write raised."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, load_manifest
-from data_pipeline.prepare import plan_prepare, run_prepare
+from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten
 from jobs.tracking import find_or_create_run, git_commit, resolve_tracking_uri
@@ -84,14 +84,17 @@ def check_storage_reaches_every_node(job: JobConfig) -> None:
             )
 
 
-def validate(job: JobConfig) -> None:
-    """Every check that needs no cluster. Raises InputError / ConfigError with one line."""
+def validate(job: JobConfig) -> PreparePlan:
+    """Every check that needs no cluster. Raises InputError / ConfigError with one line.
+
+    Returns the data plan (one pass over the inputs' checksums) for the caller to act on."""
     _storage_root(job)
     plan = plan_prepare(job.data)
     if plan.up_to_date:
         _check_budget(job, load_manifest(job.data.dataset_uri))
     if job.train.precision != "fp32" and not job.cluster.use_gpu:
         raise InputError(f"train.precision={job.train.precision} needs GPUs (cluster.use_gpu=true); use fp32 on CPU")
+    return plan
 
 
 def _trainer(job: JobConfig, name: str, loop_config: dict):
@@ -133,19 +136,18 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
     from cluster.runtime import connect
 
     job = with_absolute_paths(job)
-    validate(job)
+    plan = validate(job)
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
     if resume_from and not ckpt.is_complete(Path(resume_from)):
         raise InputError(f"--resume {resume_from}: not a complete checkpoint directory")
     connect(job.cluster.address)
     check_storage_reaches_every_node(job)
-    plan = plan_prepare(job.data)
     if not plan.up_to_date:
         log(f"preparing {job.data.dataset_uri} ...")
         run_prepare(plan)
+        _check_budget(job, load_manifest(job.data.dataset_uri))  # validate() could not: no data yet
     manifest = load_manifest(job.data.dataset_uri)
-    _check_budget(job, manifest)
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),

@@ -60,12 +60,6 @@ def _all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _from_rank0(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.broadcast(tensor, src=0)
-    return tensor.tolist()
-
-
 @dataclass
 class _Window:
     """Sums since the last log line."""
@@ -242,9 +236,16 @@ class Trainer:
             micro = [next(batches, None) for _ in range(train.grad_accum)]
             window.data_wait += time.perf_counter() - fetch
             real = [b for b in micro if b is not None]
-            local = [sum(b.target_tokens for b in real), float(bool(real)),
-                     sum(batch_training_flops(self.model_config, b) for b in real)]
-            global_tokens, ranks_with_data, global_flops = _all_sum(local)
+            # One collective per step: the token/FLOP sums, and rank 0's clock decisions (the
+            # other ranks add zeros) so that every rank stops and saves at the same step.
+            elapsed = elapsed_before + time.monotonic() - started
+            clock = [float(bool(train.max_minutes) and elapsed >= train.max_minutes * 60),
+                     float(time.monotonic() - last_save >= train.checkpoint_every_minutes * 60)]
+            global_tokens, ranks_with_data, global_flops, time_up, save_due = _all_sum([
+                sum(b.target_tokens for b in real), float(bool(real)),
+                sum(batch_training_flops(self.model_config, b) for b in real),
+                *(clock if self.rank == 0 else [0.0, 0.0]),
+            ])
             if ranks_with_data == 0:  # every rank finished the epoch
                 self.state.epoch += 1
                 if train.max_epochs and self.state.epoch >= train.max_epochs:
@@ -259,16 +260,11 @@ class Trainer:
                 window.tokens += global_tokens
                 window.flops += global_flops
                 window.steps += 1
-            elapsed = elapsed_before + time.monotonic() - started
-            self.state.elapsed_seconds = elapsed
-            time_up, save_due = _from_rank0([
-                float(bool(train.max_minutes) and elapsed >= train.max_minutes * 60),
-                float(time.monotonic() - last_save >= train.checkpoint_every_minutes * 60),
-            ])
+            self.state.elapsed_seconds = elapsed_before + time.monotonic() - started
             step = self.state.step
             stop = stop or bool(time_up) or bool(train.max_steps and step >= train.max_steps)
             metrics: dict[str, float] = {}
-            if window.steps and (step % train.log_every == 0 or stop):
+            if window.steps and (step % train.log_every == 0 or step == 1 or stop):  # step 1: start-up time
                 metrics.update(self._window_metrics(window))
                 window = _Window()
             if train.validate_every and step % train.validate_every == 0 or stop:
@@ -279,6 +275,8 @@ class Trainer:
             if self.logger is not None and metrics:
                 self.logger.log(metrics, step)
             if stop or save_due or (train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0):
+                if self.logger is not None:
+                    self.logger.flush()
                 self.save(metrics)
                 last_save = time.monotonic()
 

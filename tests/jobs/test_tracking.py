@@ -18,10 +18,12 @@ def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> Non
     first = MetricLogger(uri, run_id)
     for step in range(1, 8):
         first.log({"train/loss": 10.0 - step}, step)
+    first.flush()
     # The process dies after step 7; the checkpoint was at step 5, so steps 6..10 run again.
     resumed = MetricLogger(uri, run_id)
     for step in range(6, 11):
         resumed.log({"train/loss": 100.0 + step, "valid/loss": 1.0}, step)
+    resumed.flush()
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
     values = {m.step: m.value for m in history}
