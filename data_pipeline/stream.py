@@ -1,15 +1,20 @@
 """What each training worker iterates: its deterministic part of the shards as token-budget batches,
-with a small position from which the exact same batches continue after a restart.
+with a small position from which the exact same batches continue after a restart, at the same
+or at another world size.
 
 Why not Ray Data's streaming_split: it hands blocks to whichever consumer asks first, so the
 order differs run to run and there is no position to resume from (ray-project/ray#48224).
 Here the split is a pure function of (seed, epoch, world size, rank):
 - each shard is cut into units of `unit_rows` rows; an epoch permutes all units with
-  rng(seed, epoch) and rank r takes units r, r + W, r + 2W, ... (every row exactly once);
-- a rank's units are grouped into windows (the bounded sort buffer); window w is shuffled,
-  length-bucketed and batched with rng(seed, epoch, rank, w);
-- the position is (epoch, window, batch): resume re-reads window `window` and skips `batch`
-  batches, which is exact because building a window depends on nothing else.
+  rng(seed, epoch) and groups them into windows (the bounded sort buffer) of at most
+  `window_rows` rows, and few enough rows that every rank gets a window;
+- window g is shuffled, length-bucketed and batched with rng(seed, epoch, window size, g), so its
+  batches do not depend on which rank reads it; rank r reads windows r, r + W, r + 2W, ...;
+- the position is (epoch, window, batch): resume re-reads the rank's window `window` and skips
+  to batch `batch`, which is exact because building a window depends on nothing else.
+- at another world size (`redistribute`), the windows and partly read windows that the old
+  ranks had left in the epoch are dealt to the new ranks, recorded in their positions as an
+  explicit plan: every example is still read exactly once in that epoch.
 Ranks may get different numbers of batches in an epoch; the training loop equalises them.
 """
 
@@ -31,16 +36,24 @@ from data_pipeline.manifest import Manifest
 
 @dataclass
 class StreamPosition:
+    """Where a rank is in its epoch. `plan` is set only for an epoch resumed at another world size:
+    that rank's (window, first batch) work items, in windows of `plan_window_units` units."""
+
     epoch: int = 0
-    window: int = 0  # windows of this rank finished in this epoch
-    batch: int = 0  # batches already consumed from the current window
+    window: int = 0  # work items of this rank finished in this epoch
+    batch: int = 0  # index, in the current window's batches, of the next batch
+    plan: tuple[tuple[int, int], ...] | None = None
+    plan_window_units: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "StreamPosition":
-        return cls(**{key: int(data[key]) for key in ("epoch", "window", "batch")})
+        plan = data.get("plan")
+        return cls(int(data["epoch"]), int(data["window"]), int(data["batch"]),
+                   None if plan is None else tuple((int(g), int(b)) for g, b in plan),
+                   int(data.get("plan_window_units", 0)))
 
 
 @dataclass
@@ -75,17 +88,25 @@ class ShardStream:
         self._cached: tuple[str, pa.Table] | None = None
 
     # -- which rows this rank reads ------------------------------------------------------------
-    def _rank_units(self, epoch: int) -> list[tuple[str, int, int]]:
+    def window_units(self) -> int:
+        """Units per window: the configured buffer, or fewer so that every rank gets a window."""
+        return max(1, min(self.config.window_rows // self.config.unit_rows, -(-len(self._units) // self.world_size)))
+
+    def _window(self, epoch: int, window_units: int, index: int) -> list[tuple[str, int, int]]:
         order = np.arange(len(self._units))
         if self.shuffle:
             order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self._units))
-        return [self._units[i] for i in order[self.rank :: self.world_size]]
+        return [self._units[i] for i in order[index * window_units : (index + 1) * window_units]]
 
-    def windows_in_epoch(self, epoch: int) -> list[list[tuple[str, int, int]]]:
-        units = self._rank_units(epoch)
-        per_window = max(1, self.config.window_rows // self.config.unit_rows)
-        return [units[i : i + per_window] for i in range(0, len(units), per_window)]
+    def work_items(self, position: StreamPosition) -> tuple[list[tuple[int, int]], int]:
+        """([(window, first batch), ...], units per window) of this rank in `position.epoch`."""
+        if position.plan is not None:
+            return list(position.plan), position.plan_window_units
+        units = self.window_units()
+        windows = -(-len(self._units) // units)
+        return [(g, 0) for g in range(self.rank, windows, self.world_size)], units
 
+    # -- building one window -------------------------------------------------------------------
     # -- building one window -------------------------------------------------------------------
     def _table(self, uri: str) -> pa.Table:
         if self._cached is None or self._cached[0] != uri:
@@ -102,9 +123,9 @@ class ShardStream:
         tgt_values, tgt_offsets = _list_values(pieces.column("tgt_ids"))
         return Window(src_values, src_offsets, tgt_values, tgt_offsets)
 
-    def _window_batches(self, epoch: int, index: int, units: list[tuple[str, int, int]]) -> list[Batch]:
-        window = self._read_window(units)
-        rng = np.random.default_rng([self.config.seed, epoch, self.rank, index, self.world_size])
+    def _window_batches(self, epoch: int, window_units: int, index: int) -> list[Batch]:
+        window = self._read_window(self._window(epoch, window_units, index))
+        rng = np.random.default_rng([self.config.seed, epoch, window_units, index])
         if self.monolingual:
             return packed_batches(window, rng, self.config.packed_length, self.config.max_tokens)
         src_len, tgt_len = np.diff(window.src_offsets), np.diff(window.tgt_offsets)
@@ -119,18 +140,49 @@ class ShardStream:
     def epoch_batches(self) -> Iterator[Batch]:
         """Batches of the current epoch from the current position; afterwards the position is at
         the start of the next epoch. The position always names the next batch to be produced."""
-        epoch = self.position.epoch
-        windows = self.windows_in_epoch(epoch)
+        start = self.position
+        epoch = start.epoch
+        items, units = self.work_items(start)
+
+        def at(index: int, batch: int) -> StreamPosition:
+            return StreamPosition(epoch, index, batch, start.plan, start.plan_window_units)
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetcher:
             upcoming = None
-            for index in range(self.position.window, len(windows)):
-                batches = upcoming.result() if upcoming is not None else self._window_batches(epoch, index, windows[index])
+            for index in range(start.window, len(items)):
+                window, first = items[index]
+                batches = upcoming.result() if upcoming is not None else self._window_batches(epoch, units, window)
                 upcoming = (
-                    prefetcher.submit(self._window_batches, epoch, index + 1, windows[index + 1])
-                    if self.config.prefetch_windows and index + 1 < len(windows) else None
+                    prefetcher.submit(self._window_batches, epoch, units, items[index + 1][0])
+                    if self.config.prefetch_windows and index + 1 < len(items) else None
                 )
-                for batch_index in range(self.position.batch, len(batches)):
-                    self.position = StreamPosition(epoch, index, batch_index + 1)
+                for batch_index in range(start.batch if index == start.window else first, len(batches)):
+                    self.position = at(index, batch_index + 1)
                     yield batches[batch_index]
-                self.position = StreamPosition(epoch, index + 1, 0)
+                self.position = at(index + 1, items[index + 1][1] if index + 1 < len(items) else 0)
         self.position = StreamPosition(epoch + 1, 0, 0)
+
+
+def redistribute(manifest: Manifest, split: str, config: StreamConfig, old_positions: list[StreamPosition],
+                 epoch: int, new_world_size: int) -> list[StreamPosition]:
+    """Positions for `new_world_size` ranks that continue `epoch` from where the old ranks (one
+    position each, in rank order) stopped: the rest of every old rank's work items, dealt
+    round-robin in window order. Every example of the epoch is still read exactly once."""
+    remaining: list[tuple[int, int]] = []
+    layouts = set()
+    for rank, position in enumerate(old_positions):
+        if position.epoch != epoch:
+            continue  # this old rank had finished the epoch
+        old = ShardStream(manifest, split, config, rank=rank, world_size=len(old_positions))
+        items, units = old.work_items(position)
+        layouts.add(units)
+        rest = items[position.window :]
+        if rest:
+            rest[0] = (rest[0][0], position.batch)
+        remaining += rest
+    if len(layouts) > 1:
+        raise ValueError(f"the old positions of epoch {epoch} disagree on the window size: {sorted(layouts)}")
+    units = layouts.pop() if layouts else 1
+    remaining.sort()
+    plans = [tuple(remaining[rank::new_world_size]) for rank in range(new_world_size)]
+    return [StreamPosition(epoch, 0, plan[0][1] if plan else 0, plan, units) for plan in plans]

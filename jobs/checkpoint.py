@@ -5,15 +5,21 @@ A checkpoint directory (Ray Train merges every rank's files into one):
     job_state.json               rank 0: step, epoch, tokens, elapsed time, MLflow run id, config...
     rank_00001.pt                each rank: its data position and RNG state
     rank_00001.complete          each rank, written last: the size of every file that rank wrote
+    deepspeed_universal/state/   added when the checkpoint is resumed at another world size:
+                                 DeepSpeed's universal format (ds_to_universal), written atomically
 A checkpoint is complete only if job_state.json exists and every rank's marker matches the files
 on disk; anything else (a write that was interrupted) is never loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +27,7 @@ import torch
 
 from data_pipeline.stream import StreamPosition
 
-DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+DEEPSPEED_DIR, DEEPSPEED_TAG, UNIVERSAL_DIR = "deepspeed", "state", "deepspeed_universal"
 JOB_STATE = "job_state.json"
 _STEP_NAME = re.compile(r"checkpoint_step(\d+)$")
 
@@ -107,14 +113,45 @@ def load_rank_state(directory: Path, rank: int) -> RankState:
     return RankState(StreamPosition.from_dict(data["position"]), data["rng_state"])
 
 
-def load_engine_state(engine, directory: Path, job_state: JobState, world_size: int) -> None:
-    if job_state.world_size != world_size:
+def load_rank_states(directory: Path, world_size: int) -> list[RankState]:
+    return [load_rank_state(directory, rank) for rank in range(world_size)]
+
+
+def ensure_universal(directory: Path) -> None:
+    """Convert the checkpoint's ZeRO shards to DeepSpeed's universal format (once; safe when several
+    nodes race: each converts into its own temp directory and only the first rename wins)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    target = directory / UNIVERSAL_DIR
+    if target.is_dir():
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL_DIR}-", dir=directory))
+    try:
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(directory / DEEPSPEED_DIR / DEEPSPEED_TAG), output_folder=str(scratch / DEEPSPEED_TAG),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True,  # our model has no tensor-parallel layout to describe
+        ))
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_engine_state(engine, directory: Path, job_state: JobState, world_size: int, zero_stage: int) -> None:
+    """Load DeepSpeed's state; at another world size from the universal format (ZeRO 1-3) or, for
+    stage 0, whose files hold the whole optimizer state, from the ordinary files."""
+    if job_state.zero_stage != zero_stage:
         raise CheckpointError(
-            f"{directory} was written by {job_state.world_size} workers; resuming with {world_size} is not "
-            f"supported yet: set cluster.num_workers={job_state.world_size}"
+            f"{directory} was written with ZeRO stage {job_state.zero_stage}; set train.zero_stage={job_state.zero_stage}"
         )
+    universal = job_state.world_size != world_size and zero_stage > 0
     load_path, _ = engine.load_checkpoint(
-        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(directory / (UNIVERSAL_DIR if universal else DEEPSPEED_DIR)), tag=DEEPSPEED_TAG,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load")

@@ -17,9 +17,10 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def deepspeed_config(job: JobConfig, world_size: int) -> dict:
+def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = False) -> dict:
     """Batches are token budgets, so DeepSpeed's sample-count batch size is nominal (1 per micro
-    batch); the loss is normalised by the global token count in the training loop instead."""
+    batch); the loss is normalised by the global token count in the training loop instead.
+    `load_universal`: the engine will load a universal checkpoint (resuming at another world size)."""
     train = job.train
     config: dict = {
         "train_micro_batch_size_per_gpu": 1,
@@ -37,7 +38,7 @@ def deepspeed_config(job: JobConfig, world_size: int) -> dict:
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we report metrics ourselves
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        "checkpoint": {"load_universal": load_universal},
     }
     if train.zero_stage == 3:
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)

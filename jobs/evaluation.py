@@ -32,7 +32,6 @@ def read_eval_split(manifest: Manifest, split: str, limit: int = 0) -> EvalSplit
     for uri, _ in manifest.shard_uris(split):
         fs, path = storage.filesystem(uri)
         tables.append(pq.read_table(path, filesystem=fs, columns=["index", "src_ids", "src_text", "tgt_text"]))
-    import pyarrow as pa
 
     table = pa.concat_tables(tables).sort_by("index")
     if limit:

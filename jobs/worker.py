@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from data_pipeline.batching import Batch
 from data_pipeline.manifest import load_manifest
-from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.stream import ShardStream, StreamPosition, redistribute
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, build_section, config_to_dict
@@ -75,68 +75,83 @@ class _Window:
 
 class Trainer:
     def __init__(self, loop_config: dict):
-        import deepspeed
         import ray.train
 
         self.job: JobConfig = build_section(JobConfig, loop_config["job"], "")
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.local_rank = context.get_local_rank()
         torch.set_num_threads(self.job.train.threads_per_worker)
         self.manifest = load_manifest(loop_config["dataset_uri"])
         self.model_config = self.job.model.replace(vocab_size=self.manifest.vocab_size)
         self.tracking_uri, self.run_id = loop_config["tracking_uri"], loop_config["run_id"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-        torch.manual_seed(self.job.train.seed)  # identical initial weights on every rank
-        model = build_model(self.model_config)
-        ds_config = deepspeed_config(self.job, self.world)
-        ds_config["optimizer"] = {"type": "Adam", "params": {
-            "lr": self.job.optim.lr if self.job.optim.schedule == "inverse_sqrt" else 1.0,
-            "betas": list(self.job.optim.betas), "eps": self.job.optim.eps,
-            "weight_decay": self.job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
-        }}
+        restored = ray.train.get_checkpoint()
+        resume_from = loop_config.get("resume_from") or ""
+        if restored is not None:
+            with restored.as_directory() as directory:
+                position = self._build(Path(directory))
+        else:
+            position = self._build(Path(resume_from) if resume_from else None)
+        self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
+                                  position=position, max_length=self.model_config.max_positions)
+        self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
+        # The dropout stream of this rank, set last so that nothing above can draw from it.
+        if self._saved_rng is not None:
+            torch.set_rng_state(self._saved_rng)
+        else:  # a fresh run, or a resume at another world size (no old rank's stream fits)
+            torch.manual_seed(self.job.train.seed * 1000 + self.rank + 1 + 7919 * self.state.step)
+
+    def _build(self, checkpoint: Path | None) -> StreamPosition:
+        """Build the engine, restoring `checkpoint` if given; returns this rank's data position."""
+        import deepspeed
+
         job = self.job
+        saved = self._check(checkpoint) if checkpoint is not None else None
+        resized = saved is not None and saved.world_size != self.world
+        if resized and job.train.zero_stage > 0 and self.local_rank == 0:
+            ckpt.ensure_universal(checkpoint)  # once per node: each may see its own copy
+        if resized:
+            dist.barrier()
+        torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+        model = build_model(self.model_config)
+        ds_config = deepspeed_config(job, self.world, load_universal=resized and job.train.zero_stage > 0)
+        ds_config["optimizer"] = {"type": "Adam", "params": {
+            "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
+            "betas": list(job.optim.betas), "eps": job.optim.eps,
+            "weight_decay": job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
+        }}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
         )
         self.resumed_from_step: int | None = None
-        self.state = ckpt.JobState(
-            mlflow_run_id=self.run_id, world_size=self.world, zero_stage=job.train.zero_stage,
-            tokenizer_sha256=self.manifest.tokenizer_sha256, config=config_to_dict(job),
-        )
-        position = StreamPosition()
         self._saved_rng: torch.Tensor | None = None
-        restored = ray.train.get_checkpoint()
-        resume_from = loop_config.get("resume_from") or ""
-        if restored is not None:
-            with restored.as_directory() as directory:
-                position = self._restore(Path(directory))
-        elif resume_from:
-            position = self._restore(Path(resume_from))
-        self.stream = ShardStream(self.manifest, "train", job.stream, rank=self.rank, world_size=self.world,
-                                  position=position, max_length=self.model_config.max_positions)
-        self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
-        self.peak_flops, self.peak_source = device_peak_flops(self.device, job.train.precision)
-        # The dropout stream of this rank, set last so that nothing above can draw from it.
-        if self._saved_rng is not None:
-            torch.set_rng_state(self._saved_rng)
-        else:
-            torch.manual_seed(job.train.seed * 1000 + self.rank + 1)
+        if saved is None:
+            self.state = ckpt.JobState(
+                mlflow_run_id=self.run_id, world_size=self.world, zero_stage=job.train.zero_stage,
+                tokenizer_sha256=self.manifest.tokenizer_sha256, config=config_to_dict(job),
+            )
+            return StreamPosition()
+        ckpt.load_engine_state(self.engine, checkpoint, saved, self.world, job.train.zero_stage)
+        self.state, self.resumed_from_step = saved, saved.step
+        self.state.mlflow_run_id, self.state.world_size = self.run_id, self.world
+        if not resized:
+            rank_state = ckpt.load_rank_state(checkpoint, self.rank)
+            self._saved_rng = rank_state.rng_state
+            return rank_state.position
+        old = [state.position for state in ckpt.load_rank_states(checkpoint, saved.world_size)]
+        return redistribute(self.manifest, "train", job.stream, old, saved.epoch, self.world)[self.rank]
 
-    def _restore(self, directory: Path) -> StreamPosition:
+    def _check(self, directory: Path) -> ckpt.JobState:
         if not ckpt.is_complete(directory):
             raise ckpt.CheckpointError(f"{directory} is incomplete (interrupted while being written); not loading it")
         saved = ckpt.read_job_state(directory)
         if saved.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ckpt.CheckpointError(f"{directory} was trained with another tokenizer than the dataset's")
-        ckpt.load_engine_state(self.engine, directory, saved, self.world)
-        rank_state = ckpt.load_rank_state(directory, self.rank)
-        self._saved_rng = rank_state.rng_state
-        self.state = saved
-        self.state.mlflow_run_id = self.run_id
-        self.resumed_from_step = saved.step
-        return rank_state.position
+        return saved
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, micro: list[Batch | None], global_tokens: float, window: _Window) -> None:

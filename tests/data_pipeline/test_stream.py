@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from data_pipeline.config import StreamConfig
 from data_pipeline.manifest import load_manifest
-from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.stream import ShardStream, StreamPosition, redistribute
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.data_pipeline.synthetic import example_id, write_token_dataset
 
@@ -103,7 +102,7 @@ def test_decoder_only_packing(tmp_path) -> None:
     batches = list(stream.epoch_batches())
     predicted = sum(int((b.tgt_out != PAD_ID).sum()) for b in batches)
     total = manifest.data["splits"]["train"]["src_tokens"]
-    windows = len(stream.windows_in_epoch(0))
+    windows = len(stream.work_items(StreamPosition())[0])
     assert predicted == total - windows  # each window's first token is the only one never predicted
     for batch in batches:
         assert batch.src is None and batch.tgt_in.shape[1] <= 64
@@ -114,7 +113,47 @@ def test_decoder_only_packing(tmp_path) -> None:
     assert eos_inside >= 300 - windows - len(batches)  # documents are joined by their EOS
 
 
-def test_position_round_trips() -> None:
-    position = StreamPosition(3, 4, 5)
+@pytest.mark.parametrize("position", [StreamPosition(3, 4, 5), StreamPosition(3, 1, 2, ((0, 7), (4, 0)), 2)])
+def test_position_round_trips(position: StreamPosition) -> None:
     assert StreamPosition.from_dict(json.loads(json.dumps(position.to_dict()))) == position
-    assert np.asarray(list(position.to_dict().values())).dtype.kind == "i"
+
+
+def _consume(stream: ShardStream, batches: int) -> list[int]:
+    """Ids of the first `batches` batches of the stream's epoch, leaving its position after them."""
+    return [i for batch in itertools.islice(stream.epoch_batches(), batches) for i in _ids(batch)]
+
+
+@pytest.mark.parametrize(("old_world", "new_world", "stops"),
+                         [(2, 3, (3, 9)), (2, 1, (0, 11)), (3, 2, (5, 0, 30)), (1, 2, (7,))])
+def test_resume_at_another_world_size_reads_every_example_once(manifest, old_world, new_world, stops) -> None:
+    """Stop each old rank after its own number of batches (a rank past its last batch has finished
+    the epoch), continue at another world size, then resize once more mid-epoch."""
+    epoch, seen, positions = 1, [], []
+    for rank, stop in enumerate(stops):
+        stream = ShardStream(manifest, "train", CONFIG, rank=rank, world_size=old_world, position=StreamPosition(epoch))
+        seen += _consume(stream, stop) if stop < 30 else [i for b in stream.epoch_batches() for i in _ids(b)]
+        positions.append(stream.position)
+    saved = [StreamPosition.from_dict(json.loads(json.dumps(p.to_dict()))) for p in positions]
+    middle = []
+    for rank, position in enumerate(redistribute(manifest, "train", CONFIG, saved, epoch, new_world)):
+        stream = ShardStream(manifest, "train", CONFIG, rank=rank, world_size=new_world, position=position)
+        seen += _consume(stream, 2)
+        middle.append(stream.position)
+    final = redistribute(manifest, "train", CONFIG, middle, epoch, old_world)
+    for rank, position in enumerate(final):
+        stream = ShardStream(manifest, "train", CONFIG, rank=rank, world_size=old_world, position=position)
+        seen += [i for batch in stream.epoch_batches() for i in _ids(batch)]
+        assert stream.position == StreamPosition(epoch + 1)  # the next epoch is an ordinary one
+    assert sorted(seen) == list(range(ROWS))
+
+
+def test_redistribute_continues_a_partly_read_window_with_the_same_batches(manifest) -> None:
+    whole = ShardStream(manifest, "train", CONFIG, rank=1, world_size=2)
+    reference = [_ids(b) for b in whole.epoch_batches()]
+    first = ShardStream(manifest, "train", CONFIG, rank=1, world_size=2)
+    _consume(first, 4)
+    other = ShardStream(manifest, "train", CONFIG, rank=0, world_size=2)
+    [position] = redistribute(manifest, "train", CONFIG, [other.position, first.position], 0, 1)
+    resumed = [_ids(b) for b in ShardStream(manifest, "train", CONFIG, position=position).epoch_batches()]
+    assert all(batch in resumed for batch in reference[4:])  # same batches, not re-formed ones
+    assert not any(batch in resumed for batch in reference[:4])

@@ -173,3 +173,31 @@ def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> N
     with pytest.raises(InputError, match="not a complete checkpoint"):
         train(tiny_job({"train": "", "valid": "", "test": "", "root": tmp_path}, tmp_path, "x",
                        extra=("data.source.format=multi30k",)), resume_from=str(broken))
+
+
+def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
+    """A 2-worker ZeRO-2 checkpoint continues on 1 worker: DeepSpeed's universal format for the
+    weights and optimizer, the data the two ranks had left dealt to the one."""
+    root, reference = reference_run
+    checkpoint = tmp_path / "from"
+    shutil.copytree(root / "runs" / "reference" / ckpt.checkpoint_dir_name(20), checkpoint)
+    job = tiny_job(tiny_corpus, tmp_path, "resized", address=ray_cluster,
+                   extra=("cluster.num_workers=1", "train.validate_every=0"))
+    outcome = train(job, resume_from=str(checkpoint), log=_quiet)
+    assert (checkpoint / ckpt.UNIVERSAL_DIR).is_dir()
+    [run] = _runs_named(outcome.tracking_uri, "resized")
+    assert int(run.data.tags["resumed_from_step"]) == 20 and run.data.tags["world_size"] == "1"
+    assert _steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))
+    assert ckpt.read_job_state(ckpt.latest_complete_checkpoint(tmp_path / "runs" / "resized")).world_size == 1
+    client = MlflowClient(outcome.tracking_uri)
+
+    def first(run_id: str, key: str, step: int) -> float:
+        return next(m.value for m in client.get_metric_history(run_id, key) if m.step == step)
+
+    ref_tracking = MlflowClient(reference.tracking_uri)
+    ref_loss = {m.step: m.value for m in ref_tracking.get_metric_history(reference.run_id, "train/loss")}
+    ref_lr = {m.step: m.value for m in ref_tracking.get_metric_history(reference.run_id, "train/lr")}
+    assert first(outcome.run_id, "train/lr", 21) == pytest.approx(ref_lr[21], rel=1e-9)  # the schedule continued
+    # The weights continued too: the loss is where the 2-worker run had it, far below a fresh model's.
+    resumed_loss = first(outcome.run_id, "train/loss", 21)
+    assert abs(resumed_loss - ref_loss[21]) < 0.25 * (ref_loss[1] - ref_loss[21])
