@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--step-tokens-per-s", type=float, default=0.0,
                         help="training consumption; 0 measures one step of the default model here")
     args = parser.parse_args()
-    dataset = Path(args.data)
+    dataset = Path(load_manifest(args.data).uri)  # the current version's directory
     consumption = args.step_tokens_per_s or _measure_training_rate(dataset, args.max_tokens)
     print(json.dumps({
         "encoding": bench_encoding(dataset, args.encode_repeat),

@@ -16,7 +16,9 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: Placement = "PACK"
     storage_path: str = "runs"  # local dir, NFS path, or s3:// / gs:// URI seen by every node
-    shared_storage: bool = False  # true: local paths (storage, data) are mounted on every node
+    # Node-local scratch where each worker writes its checkpoint part before Ray Train uploads it
+    # (room for one checkpoint shard with its optimizer state); empty: the system temp dir.
+    staging_dir: str = ""
     max_failures: int = 3  # worker-group restarts Ray Train attempts before giving up
 
     def __post_init__(self) -> None:

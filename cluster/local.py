@@ -1,6 +1,7 @@
-"""Real services on this machine, on 127.0.0.1: Ray nodes started with `ray start` and an MLflow
-tracking server. Each is started in the foreground (`ray start --block`) in its own process
-group, so stopping it stops exactly what was started here, and nothing else on the machine.
+"""Real services on this machine, on 127.0.0.1: Ray nodes started with `ray start`, an MLflow
+tracking server and an S3-compatible object store (moto's server mode). Each is started in the
+foreground (`ray start --block`) in its own process group, so stopping it stops exactly what was
+started here, and nothing else on the machine. A Ray node can be isolated: see cluster/isolation.py.
 """
 
 from __future__ import annotations
@@ -32,16 +33,28 @@ def _wait_until(check, timeout: float, what: str, process: subprocess.Popen, log
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}; see {log}")
+            raise ServiceError(f"{what} exited with {process.returncode}; see {log}")
         if check():
             return
         time.sleep(0.3)
-    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s; see {log}")
+    raise ServiceError(f"{what} did not come up within {timeout:.0f} s; see {log}")
 
 
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+class ServiceError(RuntimeError):
+    """A service failed to start; the message names its log."""
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Run a Ray node in its own mount namespace with these directories private (empty)."""
+
+    private: tuple[Path, ...]
+    token: Path | None
 
 
 @dataclass
@@ -70,7 +83,12 @@ class Service:
 RAY_TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
 
 
-def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None) -> Service:
+def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None,
+           isolation: Isolation | None = None) -> Service:
+    if isolation is not None:
+        from cluster.isolation import node_command
+
+        command = node_command(command, list(isolation.private), isolation.token)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     handle = open(log, "ab")
@@ -83,7 +101,8 @@ def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None
 
 
 def start_ray_head(log_dir: Path, *, num_cpus: int, port: int | None = None, dashboard_port: int | None = None,
-                   temp_dir: Path | None = None) -> tuple[Service, str, str]:
+                   temp_dir: Path | None = None, env: dict | None = None,
+                   isolation: Isolation | None = None) -> tuple[Service, str, str]:
     """A Ray head node; returns (service, GCS address, dashboard/job-server URL)."""
     port, dashboard_port = port or free_port(), dashboard_port or free_port()
     command = [
@@ -93,15 +112,16 @@ def start_ray_head(log_dir: Path, *, num_cpus: int, port: int | None = None, das
     ]
     if temp_dir is not None:
         command.append(f"--temp-dir={temp_dir}")
-    service = _spawn("ray-head", command, log_dir, RAY_TOKEN_AUTH)
+    service = _spawn("ray-head", command, log_dir, {**(env or {}), **RAY_TOKEN_AUTH}, isolation)
     _wait_until(lambda: _port_open(port) and _port_open(dashboard_port), 90, "ray head", service.process, service.log)
     return service, f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}"
 
 
-def start_ray_worker(log_dir: Path, address: str, *, num_cpus: int, index: int) -> Service:
+def start_ray_worker(log_dir: Path, address: str, *, num_cpus: int, index: int, env: dict | None = None,
+                     isolation: Isolation | None = None) -> Service:
     command = [_bin("ray"), "start", "--block", f"--address={address}", f"--node-ip-address={LOOPBACK}",
                f"--num-cpus={num_cpus}", "--disable-usage-stats"]
-    return _spawn(f"ray-worker-{index}", command, log_dir, RAY_TOKEN_AUTH)
+    return _spawn(f"ray-worker-{index}", command, log_dir, {**(env or {}), **RAY_TOKEN_AUTH}, isolation)
 
 
 def wait_for_nodes(address: str, count: int, timeout: float = 90.0, process: subprocess.Popen | None = None) -> None:
@@ -110,33 +130,60 @@ def wait_for_nodes(address: str, count: int, timeout: float = 90.0, process: sub
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {process.returncode} before its node joined")
+            raise ServiceError(f"ray start exited with {process.returncode} before its node joined")
         status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True,
                                 env={**os.environ, **RAY_TOKEN_AUTH})
         if status.returncode == 0 and status.stdout.count("node_") >= count:
             return
         time.sleep(1.0)
-    raise TimeoutError(f"fewer than {count} Ray nodes came up at {address} within {timeout:.0f} s")
+    raise ServiceError(f"fewer than {count} Ray nodes came up at {address} within {timeout:.0f} s")
 
 
-def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None) -> tuple[Service, str]:
-    """`mlflow server` with a SQLite backend and an artifact root, on 127.0.0.1; returns its URL."""
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, artifacts_destination: str = "",
+                        env: dict | None = None) -> tuple[Service, str]:
+    """`mlflow server` with a SQLite backend on 127.0.0.1; returns its URL. Artifacts go to
+    `artifacts_destination` (a local directory under `store` by default, or an s3:// URI) and
+    clients reach them through the server (proxied), so they need no storage credentials."""
     port = port or free_port()
     store.mkdir(parents=True, exist_ok=True)
     command = [
         _bin("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-        "--artifacts-destination", str(store / "artifacts"),
+        "--artifacts-destination", artifacts_destination or str(store / "artifacts"),
     ]
-    service = _spawn("mlflow", command, log_dir)
+    service = _spawn("mlflow", command, log_dir, env)
     url = f"http://{LOOPBACK}:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    _wait_until(healthy, 120, "mlflow server", service.process, service.log)
+    _wait_until(lambda: _healthy(f"{url}/health"), 120, "mlflow server", service.process, service.log)
     return service, url
+
+
+# The local object store checks no credentials; these only satisfy clients that insist on some.
+LOCAL_STORE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "aiayn-local", "AWS_SECRET_ACCESS_KEY": "aiayn-local",
+                           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def object_store_env(endpoint: str) -> dict[str, str]:
+    """The standard variables that point S3 clients (PyArrow, boto3, MLflow) at `endpoint`."""
+    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, **LOCAL_STORE_CREDENTIALS}
+
+
+def start_object_store(log_dir: Path, bucket: str, *, port: int | None = None) -> tuple[Service, str]:
+    """An S3-compatible server (moto) on 127.0.0.1 holding one empty bucket; returns its endpoint."""
+    import pyarrow.fs as pafs
+
+    port = port or free_port()
+    service = _spawn("object-store", [_bin("moto_server"), "-H", LOOPBACK, "-p", str(port)], log_dir)
+    endpoint = f"http://{LOOPBACK}:{port}"
+    _wait_until(lambda: _healthy(f"{endpoint}/moto-api/"), 60, "object store", service.process, service.log)
+    pafs.S3FileSystem(endpoint_override=endpoint, access_key=LOCAL_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                      secret_key=LOCAL_STORE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                      region=LOCAL_STORE_CREDENTIALS["AWS_DEFAULT_REGION"], allow_bucket_creation=True).create_dir(bucket)
+    return service, endpoint

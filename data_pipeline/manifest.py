@@ -1,7 +1,13 @@
 """manifest.json: what a prepared dataset holds and how it was made; its presence marks completion.
 
-Layout of a prepared dataset:
-    <dataset>/manifest.json  tokenizer.model  train/part-00000.parquet ...  valid/...  test/...
+Layout of a prepared dataset. Every prepare writes a new, immutable version and then swaps the
+small CURRENT pointer (one atomic write on every store, object stores included), so a reader
+never sees a mix of two prepares, and a training job pins the version it started with by using
+the version's own URI (`Manifest.uri`):
+    <dataset>/CURRENT                            {"version": "<version>"}
+    <dataset>/versions/<version>/manifest.json  tokenizer.model  train/part-00000.parquet ...  valid/ test/
+A version directory (or a dataset written before versions existed) holds manifest.json itself;
+`load_manifest` accepts either.
 Shard columns: src_ids (list<int32>, ends with EOS), src_len (int32), and for translation data
 tgt_ids / tgt_len; valid and test shards also keep `index` (input line order), src_text, tgt_text.
 """
@@ -9,6 +15,8 @@ tgt_ids / tgt_len; valid and test shards also keep `index` (input line order), s
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +28,8 @@ from data_pipeline.errors import InputError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+CURRENT = "CURRENT"
+VERSIONS = "versions"
 HISTOGRAM_EDGES = [0, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
@@ -86,9 +96,58 @@ class Manifest:
         return [(f"{self.uri}/{s['file']}", int(s["rows"])) for s in self.data["splits"][split]["shards"]]
 
 
+def current_version(dataset_uri: str) -> str | None:
+    """The URI of the version CURRENT names, or of `dataset_uri` itself if it holds a manifest."""
+    pointer = storage.read_json(storage.join(dataset_uri, CURRENT))
+    if pointer is not None:
+        return storage.join(dataset_uri, VERSIONS, pointer["version"])
+    return dataset_uri if storage.is_file(storage.join(dataset_uri, MANIFEST)) else None
+
+
+KEEP_VERSIONS = 2  # the current version and the one before, which a running job may still read
+ABANDONED_AFTER_SECONDS = 24 * 3600  # an unfinished version this old belongs to a prepare that died
+
+
+def new_version_uri(dataset_uri: str, fingerprint: str) -> str:
+    """A fresh version directory; names sort by creation time (UTC, to the second)."""
+    name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{fingerprint[:12]}-{uuid.uuid4().hex[:6]}"
+    return storage.join(dataset_uri, VERSIONS, name)
+
+
+def commit_version(dataset_uri: str, version_uri: str) -> None:
+    """Make a fully written version current (one atomic write), then remove versions that no
+    reader should need: complete ones older than the last KEEP_VERSIONS, and unfinished ones
+    abandoned for a day. Only directories of the version layout are ever removed."""
+    name = version_uri.rsplit("/", 1)[1]
+    storage.write_bytes_atomic(storage.join(dataset_uri, CURRENT), json.dumps({"version": name}).encode())
+    versions_uri = storage.join(dataset_uri, VERSIONS)
+    names = storage.list_dirs(versions_uri)
+    complete = [n for n in names if storage.is_file(storage.join(versions_uri, n, MANIFEST))]
+    keep = set(complete[-KEEP_VERSIONS:]) | {name}
+    cutoff = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - ABANDONED_AFTER_SECONDS))
+    for other in names:
+        if other in keep or (other not in complete and other > cutoff):
+            continue
+        storage.delete_dir(storage.join(versions_uri, other))
+
+
+def check_dataset_location(dataset_uri: str) -> None:
+    """Prepare writes only into a dataset directory of its own (or a new one): never over other files."""
+    if not storage.exists(dataset_uri) or current_version(dataset_uri) is not None:
+        return
+    if storage.file_sizes(dataset_uri):
+        raise InputError(
+            f"{dataset_uri} holds files but no prepared dataset ({CURRENT} or {MANIFEST}); aiayn will not write "
+            "there: choose another data.output_dir or data.name"
+        )
+
+
 def load_manifest(dataset_uri: str) -> Manifest:
-    """The manifest of a complete dataset; a clear error if there is none or it is too new."""
-    data = storage.read_json(f"{dataset_uri}/{MANIFEST}")
+    """The manifest of the dataset's current version (or of a version given directly); a clear
+    error if there is none or it is too new. `Manifest.uri` is the version: reading through it
+    keeps reading that version whatever later prepares do."""
+    version = current_version(dataset_uri)
+    data = None if version is None else storage.read_json(storage.join(version, MANIFEST))
     if data is None:
         raise InputError(f"{dataset_uri}: no {MANIFEST}, so no complete dataset is there; run `aiayn prepare` first")
     if data.get("schema_version") != SCHEMA_VERSION:
@@ -96,7 +155,7 @@ def load_manifest(dataset_uri: str) -> Manifest:
             f"{dataset_uri}/{MANIFEST}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}; "
             "prepare the data again with this version of aiayn"
         )
-    return Manifest(dataset_uri, data)
+    return Manifest(version, data)
 
 
 def write_manifest(dataset_uri: str, data: dict) -> None:

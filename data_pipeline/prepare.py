@@ -4,9 +4,11 @@ Two phases so that bad input fails before any cluster resource is taken:
 - `plan_prepare` (no Ray): validates every input completely, computes the fingerprint of inputs
   and settings, and finds out whether an identical dataset already exists;
 - `run_prepare` (a Ray Data job on whatever Ray the caller connected to): streams and cleans the
-  pairs into a local staging Parquet file per split while sampling sentences for SentencePiece,
-  trains the tokenizer, encodes with `map_batches` over an actor pool (each actor loads the
-  tokenizer once), writes shards of `shard_rows` rows, then the manifest, then commits atomically.
+  pairs into a raw Parquet file per split inside the new dataset version (storage that every
+  node reaches, since Ray Data's read tasks may run on any node) while sampling sentences for
+  SentencePiece, trains the tokenizer, encodes with `map_batches` over an actor pool (each actor
+  loads the tokenizer once), writes shards of `shard_rows` rows, removes the raw files, writes
+  the manifest and makes the version current (see data_pipeline/manifest.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from data_pipeline import storage
 from data_pipeline.cleaning import Cleaner
 from data_pipeline.config import PrepareConfig
 from data_pipeline.errors import InputError
-from data_pipeline.manifest import MANIFEST, SCHEMA_VERSION, TOKENIZER, describe_split, write_manifest
+from data_pipeline.manifest import (
+    MANIFEST, SCHEMA_VERSION, TOKENIZER, check_dataset_location, commit_version, current_version, describe_split,
+    new_version_uri, write_manifest,
+)
 from data_pipeline.sources import SPLITS, check_split, read_split, split_inputs
 from data_pipeline.tokenizer import ReservoirSample, load_tokenizer, tokenizer_sha256, train_tokenizer
 
@@ -67,20 +72,24 @@ def plan_prepare(config: PrepareConfig) -> PreparePlan:
             {**d, "files": [f["sha256"] for f in d["files"]]} for d in described
         ], "settings": settings}, sort_keys=True).encode()
     ).hexdigest()
-    existing = storage.read_json(f"{config.dataset_uri}/{MANIFEST}")
+    check_dataset_location(config.dataset_uri)
+    version = current_version(config.dataset_uri)
+    existing = None if version is None else storage.read_json(storage.join(version, MANIFEST))
     up_to_date = existing is not None and existing.get("fingerprint") == fingerprint
     return PreparePlan(config, inputs, described, fingerprint, up_to_date)
 
 
-def _stage_split(plan: PreparePlan, split: str, path: Path, sample: ReservoirSample | None) -> dict:
-    """Write one split's (cleaned, for train) text pairs to a local Parquet file; return counts."""
+def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirSample | None) -> dict:
+    """Write one split's (cleaned, for train) text pairs to a Parquet file; return counts."""
     config = plan.config
     monolingual = config.source.monolingual
     cleaner = Cleaner(config.cleaning, monolingual) if split == "train" else None
     skip_invalid = config.cleaning.invalid_utf8 == "skip"
     schema = pa.schema([("index", pa.int64()), ("src_text", pa.string()), ("tgt_text", pa.string())])
     invalid, rows = 0, {"index": [], "src_text": [], "tgt_text": []}
-    with pq.ParquetWriter(path, schema) as writer:
+    fs, path = storage.filesystem(raw_uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
         for index, pair in enumerate(read_split(config.source, plan.inputs[split], skip_invalid)):
             if cleaner is not None:
                 if not cleaner.keep(pair):
@@ -102,7 +111,8 @@ def _stage_split(plan: PreparePlan, split: str, path: Path, sample: ReservoirSam
         writer.write_table(pa.table(rows, schema=schema))
     if cleaner is not None:
         return cleaner.report()
-    return {"kept": pq.ParquetFile(path).metadata.num_rows, "dropped": {"invalid_utf8": invalid}}
+    with storage.open_random_access(raw_uri) as handle:
+        return {"kept": pq.ParquetFile(handle).metadata.num_rows, "dropped": {"invalid_utf8": invalid}}
 
 
 class _Encoder:
@@ -128,7 +138,7 @@ class _Encoder:
         return pa.table(columns)
 
 
-def _encode_split(plan: PreparePlan, split: str, raw: Path, model_proto: bytes, out_uri: str) -> None:
+def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: bytes, out_uri: str) -> None:
     import ray.data
 
     config = plan.config
@@ -140,7 +150,9 @@ def _encode_split(plan: PreparePlan, split: str, raw: Path, model_proto: bytes, 
     io_cpus = 0.1
     spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
     actor_cpus = max(0.05, min(1.0, spare / config.encode_actors))
-    dataset = ray.data.read_parquet(str(raw), override_num_blocks=max(1, config.encode_actors * 2), num_cpus=io_cpus)
+    raw_fs, raw_path = storage.filesystem(raw_uri)
+    dataset = ray.data.read_parquet(raw_path, filesystem=raw_fs, override_num_blocks=max(1, config.encode_actors * 2),
+                                    num_cpus=io_cpus)
     encoded = dataset.map_batches(
         _Encoder,
         fn_constructor_kwargs={
@@ -170,17 +182,19 @@ def _rename_shards(split_uri: str) -> None:
 
 
 def run_prepare(plan: PreparePlan) -> dict:
-    """Build the dataset (Ray must be reachable); returns its manifest."""
+    """Build a new version of the dataset (Ray must be reachable) and make it current; returns its
+    manifest. An interrupted prepare leaves the current version as it was."""
     config = plan.config
-    final_uri = config.dataset_uri
-    staging = storage.staging_uri(final_uri)
-    scratch = Path(tempfile.mkdtemp(prefix="aiayn-prepare-"))
+    version = new_version_uri(config.dataset_uri, plan.fingerprint)
+    raw = storage.join(version, "_raw")
+    scratch = Path(tempfile.mkdtemp(prefix="aiayn-prepare-"))  # the tokenizer's training sample
     started = time.time()
     try:
         sample = ReservoirSample(config.tokenizer.sample_sentences, config.seed)
         cleaning = {}
         for split in plan.inputs:
-            cleaning[split] = _stage_split(plan, split, scratch / f"{split}.parquet", sample if split == "train" else None)
+            cleaning[split] = _stage_split(plan, split, storage.join(raw, f"{split}.parquet"),
+                                           sample if split == "train" else None)
         if cleaning["train"]["kept"] == 0:
             raise InputError(f"{plan.inputs['train'].paths[0]}: every training pair was dropped by cleaning: {cleaning['train']['dropped']}")
         if config.tokenizer.path:
@@ -188,11 +202,14 @@ def run_prepare(plan: PreparePlan) -> dict:
         else:
             model_path = train_tokenizer(sample.items, config.tokenizer, scratch / "tokenizer")
         processor = load_tokenizer(str(model_path))
-        storage.write_bytes_atomic(f"{staging}/{TOKENIZER}", model_path.read_bytes())
+        storage.write_bytes_atomic(storage.join(version, TOKENIZER), model_path.read_bytes())
         splits = {}
         for split in plan.inputs:
-            _encode_split(plan, split, scratch / f"{split}.parquet", model_path.read_bytes(), f"{staging}/{split}")
-            splits[split] = describe_split(staging, split)
+            _encode_split(plan, split, storage.join(raw, f"{split}.parquet"), model_path.read_bytes(),
+                          storage.join(version, split))
+        storage.delete_dir(raw)
+        for split in plan.inputs:
+            splits[split] = describe_split(version, split)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": config.dataset_name,
@@ -213,11 +230,11 @@ def run_prepare(plan: PreparePlan) -> dict:
             "splits": splits,
         }
         manifest = json.loads(json.dumps(manifest))  # exactly what readers will load (tuples become lists)
-        write_manifest(staging, manifest)
-        storage.commit_directory(staging, final_uri)
+        write_manifest(version, manifest)
+        commit_version(config.dataset_uri, version)
         return manifest
     except BaseException:
-        storage.discard_staging(staging, final_uri)
+        storage.delete_dir(version)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -8,13 +8,14 @@ undecodable line is yielded as None so that the cleaner counts it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from data_pipeline import storage
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import InputError
 
@@ -26,7 +27,7 @@ _MULTI30K_PREFIX = {"train": "train", "valid": "val", "test": "test_2016_flickr"
 
 @dataclass(frozen=True)
 class SplitInputs:
-    """The files (or dataset name) a split is read from."""
+    """The files (or dataset name) a split is read from: local paths or object-store URIs."""
 
     split: str
     paths: tuple[str, ...]  # text: one file per language; others: one path or name
@@ -51,7 +52,7 @@ def split_inputs(source: SourceConfig, split: str) -> SplitInputs | None:
 
 def _text_file(prefix: str, lang: str, split: str) -> str:
     for candidate in (f"{prefix}.{lang}", f"{prefix}.{lang}.gz"):
-        if Path(candidate).is_file():
+        if storage.is_file(candidate):
             return candidate
     raise InputError(
         f"data.source.{split}: neither {prefix}.{lang} nor {prefix}.{lang}.gz exists; "
@@ -59,10 +60,16 @@ def _text_file(prefix: str, lang: str, split: str) -> str:
     )
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    if not Path(path).is_file():
+@contextlib.contextmanager
+def _open_binary(path: str) -> Iterator[IO[bytes]]:
+    if not storage.is_file(path):
         raise InputError(f"{path}: no such file; check the data.source paths")
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    with storage.open_input(path) as raw:
+        if not path.endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped
 
 
 def _decoded_lines(path: str, skip_invalid: bool) -> Iterator[str | None]:
@@ -79,14 +86,6 @@ def _decoded_lines(path: str, skip_invalid: bool) -> Iterator[str | None]:
                     f"{path}:{number}: invalid UTF-8 at byte {error.start}; fix the file or set "
                     "data.cleaning.invalid_utf8=skip to drop and count such lines"
                 ) from None
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _row_field(row: dict, name: str, where: str) -> str:
@@ -153,10 +152,11 @@ def _jsonl_rows(path: str, skip_invalid: bool) -> Iterator[dict | None]:
 def _parquet_rows(path: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    if not Path(path).is_file():
+    if not storage.is_file(path):
         raise InputError(f"{path}: no such file; check the data.source paths")
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-        yield from batch.to_pylist()
+    with storage.open_random_access(path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=8192):
+            yield from batch.to_pylist()
 
 
 def _hf_split(source: SourceConfig, split: str):
@@ -221,6 +221,6 @@ def check_split(source: SourceConfig, inputs: SplitInputs, skip_invalid: bool) -
         raise InputError(f"{', '.join(inputs.paths)}: the training corpus is empty")
     described = []
     for path in inputs.paths:
-        checksum = file_sha256(path) if Path(path).is_file() else f"name:{path}"
+        checksum = storage.sha256_of(path) if storage.is_file(path) else f"name:{path}"
         described.append({"path": path, "sha256": checksum})
     return {"split": inputs.split, "files": described, "rows": rows}

@@ -1,19 +1,21 @@
-"""Local paths and URIs through one PyArrow filesystem interface, and atomic dataset commits.
+"""Local paths and object-store URIs (s3://, gs://, ...) through one PyArrow filesystem interface.
 
-Local datasets are built in a hidden sibling directory and renamed into place, so an interrupted
-prepare never leaves something that looks complete. Object stores have no rename: there the
-shards are written first and manifest.json last, and a dataset counts as complete only when its
-manifest exists and names every shard with its checksum.
+Past the CLI every location is a URI string: a local path is a URI too. Object stores are
+configured the standard way (AWS_ENDPOINT_URL, AWS_* credentials, GOOGLE_APPLICATION_CREDENTIALS)
+and read on whichever node the code runs. Object stores have no rename, so what must appear
+atomically is published by writing its marker file last (see `publish_directory`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import IO
 
 import pyarrow.fs as pafs
 
@@ -35,11 +37,111 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def read_text(uri: str) -> str | None:
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _type(uri: str) -> pafs.FileType:
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    return fs.get_file_info(path).type
+
+
+def is_file(uri: str) -> bool:
+    return _type(uri) == pafs.FileType.File
+
+
+def is_dir(uri: str) -> bool:
+    return _type(uri) == pafs.FileType.Directory
+
+
+def exists(uri: str) -> bool:
+    return _type(uri) != pafs.FileType.NotFound
+
+
+def open_input(uri: str) -> IO[bytes]:
+    """A buffered binary reader of a local file or an object: its bytes as stored (no
+    decompression), iterable by line."""
+    fs, path = filesystem(uri)
+    return io.BufferedReader(fs.open_input_stream(path, compression=None))
+
+
+def open_random_access(uri: str):
+    """A seekable reader (Parquet needs one)."""
+    fs, path = filesystem(uri)
+    return fs.open_input_file(path)
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """Every file below a directory URI: its path relative to that directory -> its size."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    return {info.path[len(root):]: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the directories directly under a directory URI, sorted."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def copy_dir(source: str, destination: str) -> None:
+    """Copy a directory tree between any two locations (download, upload or both remote)."""
+    source_fs, source_path = filesystem(source)
+    destination_fs, destination_path = filesystem(destination)
+    if isinstance(destination_fs, pafs.LocalFileSystem):
+        Path(destination_path).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                    destination_filesystem=destination_fs, use_threads=True)
+
+
+def publish_directory(local: Path, destination: str, marker: str) -> None:
+    """Put a finished local directory at `destination`, replacing an older copy, so that a reader
+    never takes a half-written one for complete.
+
+    Local: a hidden sibling renamed into place. Object stores: the old marker is deleted first,
+    every other file uploaded, and the marker last; readers require the marker. `destination`
+    must be absent or hold `marker` (something aiayn wrote): anything else is refused."""
+    from data_pipeline.errors import InputError
+
+    if exists(destination) and not is_file(join(destination, marker)):
+        raise InputError(f"{destination} exists and is not aiayn's (no {marker}); remove it or choose another place")
+    if is_local(destination):
+        final = local_path(destination)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(local, staging)
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    delete_file(join(destination, marker))
+    for path in sorted(local.rglob("*")):
+        relative = path.relative_to(local).as_posix()
+        if path.is_file() and relative != marker:
+            write_bytes_atomic(join(destination, relative), path.read_bytes())
+    write_bytes_atomic(join(destination, marker), (local / marker).read_bytes())
+
+
+def read_text(uri: str) -> str | None:
+    if not exists(uri):
         return None
-    with fs.open_input_stream(path) as handle:
+    with open_input(uri) as handle:
         return handle.read().decode("utf-8")
 
 
@@ -63,9 +165,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 
 def sha256_of(uri: str) -> str:
-    fs, path = filesystem(uri)
     digest = hashlib.sha256()
-    with fs.open_input_stream(path) as handle:
+    with open_input(uri) as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -77,32 +178,6 @@ def list_files(uri: str, suffix: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File and info.base_name.endswith(suffix))
     return [f"{uri.rstrip('/')}/{name}" for name in names]
-
-
-def staging_uri(final_uri: str) -> str:
-    """Where a dataset is built: a hidden sibling for local paths, the final place for object stores."""
-    if not is_local(final_uri):
-        return final_uri
-    final = local_path(final_uri)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"))
-
-
-def commit_directory(staging: str, final_uri: str) -> None:
-    """Move a fully written local staging directory into place, replacing an older dataset."""
-    if not is_local(final_uri):
-        return
-    final = local_path(final_uri)
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(local_path(staging), final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def discard_staging(staging: str, final_uri: str) -> None:
-    if is_local(final_uri) and staging != final_uri:
-        shutil.rmtree(local_path(staging), ignore_errors=True)
 
 
 def check_writable(uri: str, key: str) -> None:

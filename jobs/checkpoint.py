@@ -9,6 +9,10 @@ A checkpoint directory (Ray Train merges every rank's files into one):
                                  DeepSpeed's universal format (ds_to_universal), written atomically
 A checkpoint is complete only if job_state.json exists and every rank's marker matches the files
 on disk; anything else (a write that was interrupted) is never loaded.
+
+Checkpoints live wherever `cluster.storage_path` points (a shared path or an object store): the
+functions that read them take URIs. Each rank writes its part into a node-local staging
+directory (`cluster.staging_dir`) from which Ray Train uploads it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline import storage
 from data_pipeline.stream import StreamPosition
 
 DEEPSPEED_DIR, DEEPSPEED_TAG, UNIVERSAL_DIR = "deepspeed", "state", "deepspeed_universal"
@@ -82,29 +87,28 @@ def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | No
     (directory / marker).write_text(json.dumps(sizes, indent=1))
 
 
-def read_job_state(directory: Path) -> JobState:
-    data = json.loads((directory / JOB_STATE).read_text())
+def read_job_state(directory: str) -> JobState:
+    data = storage.read_json(storage.join(str(directory), JOB_STATE))
+    if data is None:
+        raise CheckpointError(f"{directory}: no {JOB_STATE}")
     return JobState(**data)
 
 
-def is_complete(directory: Path) -> bool:
+def is_complete(directory: str) -> bool:
     """True if every rank finished writing its files (sizes match the markers)."""
+    directory = str(directory)
     try:
         job_state = read_job_state(directory)
-    except (OSError, ValueError, TypeError):
+    except (CheckpointError, OSError, ValueError, TypeError):
         return False
+    on_disk = storage.file_sizes(directory)
     for rank in range(job_state.world_size):
-        marker = directory / _rank_files(rank)[1]
-        if not marker.is_file():
-            return False
         try:
-            sizes = json.loads(marker.read_text())
+            sizes = storage.read_json(storage.join(directory, _rank_files(rank)[1]))
         except ValueError:
             return False
-        for name, size in sizes.items():
-            path = directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                return False
+        if sizes is None or any(on_disk.get(name) != size for name, size in sizes.items()):
+            return False
     return True
 
 
@@ -157,16 +161,26 @@ def load_engine_state(engine, directory: Path, job_state: JobState, world_size: 
         raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_NAME.search(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+def list_checkpoints(run_uri: str) -> list[str]:
+    """Checkpoint directories of a run, oldest first, as URIs."""
+    run_uri = str(run_uri)
+    found = [(int(m.group(1)), name) for name in storage.list_dirs(run_uri) if (m := _STEP_NAME.search(name))]
+    return [storage.join(run_uri, name) for _, name in sorted(found)]
 
 
-def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    for candidate in reversed(list_checkpoints(run_dir)):
+def latest_complete_checkpoint(run_uri: str) -> str | None:
+    for candidate in reversed(list_checkpoints(run_uri)):
         if is_complete(candidate):
             return candidate
     return None
+
+
+def local_copy(directory: str, scratch: Path) -> Path:
+    """A local directory with the checkpoint's job state and DeepSpeed files (what an export
+    reads): the checkpoint itself when it is local, else a download into `scratch`."""
+    if storage.is_local(directory):
+        return storage.local_path(directory)
+    target = scratch / directory.rstrip("/").rsplit("/", 1)[1]
+    storage.copy_dir(storage.join(directory, DEEPSPEED_DIR), str(target / DEEPSPEED_DIR))
+    (target / JOB_STATE).write_text(storage.read_text(storage.join(directory, JOB_STATE)))
+    return target

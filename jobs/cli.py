@@ -41,6 +41,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from cluster.reachability import check_reaches_every_node
     from cluster.runtime import connect
     from data_pipeline.prepare import plan_prepare, run_prepare
 
@@ -50,6 +51,7 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"{config.data.dataset_uri}: already prepared from the same inputs and settings; nothing to do")
         return 0
     connect(args.address or config.cluster.address)
+    check_reaches_every_node({"data.output_dir": config.data.output_dir})  # Ray Data tasks run on any node
     manifest = run_prepare(plan)
     summary = {split: {"rows": info["rows"], "shards": len(info["shards"])} for split, info in manifest["splits"].items()}
     print(json.dumps({"dataset": config.data.dataset_uri, "splits": summary, "cleaning": manifest["cleaning"]["train"],
@@ -68,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.name:
         config = dataclasses.replace(config, name=args.name)
     outcome = train(config, resume_from=args.resume or "")
-    print(f"\nrun {outcome.run_name}: {outcome.steps} steps; model exported to {outcome.export_dir}")
+    print(f"\nrun {outcome.run_name}: {outcome.steps} steps; model exported to {outcome.export_uri}")
     if outcome.test_bleu is not None:
         print(f"test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
         for source, reference, hypothesis in outcome.samples:
@@ -78,23 +80,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_model(reference: str):
-    """An export directory, or an MLflow URI (runs:/<id>/export, models:/...) downloaded first."""
-    from pathlib import Path
-
-    if ":/" in reference:
-        import mlflow
-
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=reference))
-    return Path(reference)
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
     from jobs.evaluation import bleu, bleu_signature, detokenize, load_processor, read_eval_split, translate_ids
-    from jobs.export import load_export
+    from jobs.export import load_export, local_export
 
-    model, _, info = load_export(_resolve_model(args.model))
+    with local_export(args.model) as directory:
+        model, _, info = load_export(directory)
     manifest = load_manifest(args.data)
     check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
     split = read_eval_split(manifest, args.split, args.limit)
@@ -107,14 +99,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    import sentencepiece as spm
+    from jobs.evaluation import detokenize, load_processor, translate_ids
+    from jobs.export import TOKENIZER, load_export, local_export
 
-    from jobs.evaluation import detokenize, translate_ids
-    from jobs.export import load_export
-
-    directory = _resolve_model(args.model)
-    model, _, _ = load_export(directory)
-    processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    with local_export(args.model) as directory:
+        model, _, _ = load_export(directory)
+        processor = load_processor(str(directory / TOKENIZER))
     lines = [line.rstrip("\n") for line in sys.stdin]
     sources = processor.encode([line.strip() for line in lines], add_eos=True)
     for text in detokenize(processor, translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha)):
@@ -221,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="sacreBLEU of an exported model on a prepared split")
-    evaluate.add_argument("--model", required=True, help="export directory or MLflow URI (runs:/<run id>/export)")
+    evaluate.add_argument("--model", required=True,
+                          help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
     evaluate.add_argument("--data", default="data/multi30k-en-de", help="prepared dataset directory or URI")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
     evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
@@ -230,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
-    translate.add_argument("--model", required=True, help="export directory or MLflow URI (runs:/<run id>/export)")
+    translate.add_argument("--model", required=True,
+                           help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
     translate.add_argument("--beam", type=int, default=4)
     translate.add_argument("--alpha", type=float, default=0.6)
     translate.set_defaults(handler=_translate)

@@ -2,17 +2,17 @@
 
 Weights come from DeepSpeed's own checkpoint files for every ZeRO stage (zero_to_fp32 rebuilds
 them from the optimizer partitions for stages 1-3), optionally averaged over the last N
-checkpoints as the paper does. The export is written to a temporary directory and renamed.
+checkpoints as the paper does. export.json is written last and marks a complete export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import uuid
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -26,7 +26,7 @@ WEIGHTS, CONFIG, TOKENIZER, INFO = "model.safetensors", "config.json", "tokenize
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from one (complete) checkpoint, whatever its ZeRO stage."""
-    job_state = ckpt.read_job_state(checkpoint_dir)
+    job_state = ckpt.read_job_state(str(checkpoint_dir))
     deepspeed_dir = checkpoint_dir / ckpt.DEEPSPEED_DIR
     if job_state.zero_stage == 0:
         states = torch.load(deepspeed_dir / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)
@@ -38,36 +38,50 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_model: bytes, info: dict,
                  destination: Path) -> Path:
-    """Average the checkpoints' weights and write the export atomically; returns `destination`."""
+    """Average the local checkpoints' weights into a new local directory `destination`; publishing
+    it where users find it (atomically) is `data_pipeline.storage.publish_directory`'s job."""
     model = build_model(model_config)
     averaged = average_state_dicts([consolidated_state_dict(c) for c in checkpoints])
     missing, unexpected = model.load_state_dict(averaged, strict=False)
     tied = {"output.proj.weight", "tgt_embed.tokens.weight"}
     if unexpected or set(missing) - tied:
         raise ckpt.CheckpointError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    save_model(model, str(staging / WEIGHTS))
-    (staging / CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
-    (staging / TOKENIZER).write_bytes(tokenizer_model)
-    (staging / INFO).write_text(json.dumps({**info, "averaged_checkpoints": [c.name for c in checkpoints]}, indent=2))
-    old = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
-    if destination.exists():
-        os.replace(destination, old)
-    os.replace(staging, destination)
-    shutil.rmtree(old, ignore_errors=True)
+    destination.mkdir(parents=True)
+    save_model(model, str(destination / WEIGHTS))
+    (destination / CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+    (destination / TOKENIZER).write_bytes(tokenizer_model)
+    (destination / INFO).write_text(json.dumps({**info, "averaged_checkpoints": [c.name for c in checkpoints]}, indent=2))
     return destination
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
     from jobs.config import build_section
 
-    if not (path / WEIGHTS).is_file():
+    if not (path / INFO).is_file() or not (path / WEIGHTS).is_file():
         from data_pipeline.errors import InputError
 
-        raise InputError(f"{path}: no {WEIGHTS}; give a directory written by `aiayn train` (its export/)")
+        raise InputError(f"{path}: not a complete export (no {INFO} or {WEIGHTS}); give the export/ of a run")
     config = build_section(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
     model = build_model(config)
     load_model(model, str(path / WEIGHTS))
     return model.eval(), config, json.loads((path / INFO).read_text())
+
+
+@contextlib.contextmanager
+def local_export(reference: str) -> Iterator[Path]:
+    """An export as a local directory for as long as it is needed: a local path as it is; an
+    MLflow URI (runs:/<id>/export, models:/...) or an object-store URI downloaded into a
+    temporary directory that is removed afterwards."""
+    from data_pipeline import storage
+
+    if storage.is_local(reference) and ":/" not in reference:
+        yield Path(reference)
+        return
+    with tempfile.TemporaryDirectory(prefix="aiayn-export-") as scratch:
+        if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+            import mlflow
+
+            yield Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+        else:
+            storage.copy_dir(reference, scratch)
+            yield Path(scratch)

@@ -19,14 +19,35 @@ RUN_NAME_TAG = "aiayn.run_name"
 
 
 def resolve_tracking_uri(configured: str) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns."""
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns.
+
+    Inside a job submitted through the Jobs API the working directory is Ray's temporary copy of
+    the project, so a default local store there would vanish with the job: refused."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        from data_pipeline.errors import InputError
+
+        raise InputError("tracking.uri is empty inside a Ray job, where ./mlruns is a temporary copy that is deleted; "
+                         "set tracking.uri or MLFLOW_TRACKING_URI to your MLflow server (aiayn submit sets it "
+                         "for clusters started with `aiayn cluster up`)")
     store = Path("mlruns").resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def local_store_dir(tracking_uri: str) -> str | None:
+    """The directory of a store that lives in files (SQLite, file:), which rank 0 opens on
+    whatever node it runs; None for a tracking server or a database server."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///"):]).parent)
+    if tracking_uri.startswith("file://"):
+        return tracking_uri[len("file://"):]
+    if "://" not in tracking_uri:
+        return tracking_uri
+    return None
 
 
 def _artifact_root(tracking_uri: str) -> str | None:

@@ -21,7 +21,7 @@ from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten
-from jobs.tracking import find_or_create_run, git_commit, resolve_tracking_uri
+from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TrainOutcome:
     run_name: str
     run_id: str
     tracking_uri: str
-    export_dir: Path
+    export_uri: str  # <storage>/<run name>/export: a local path or an object-store URI
     steps: int
     test_bleu: float | None = None
     bleu_signature: str = ""
@@ -69,19 +69,13 @@ def _storage_root(job: JobConfig) -> str:
     return str(storage.local_path(root)) if storage.is_local(root) else root
 
 
-def check_storage_reaches_every_node(job: JobConfig) -> None:
-    """On a cluster of several machines, node-local paths would split checkpoints and data."""
-    import ray
-
-    machines = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
-    if len(machines) <= 1 or job.cluster.shared_storage:
-        return
-    for key, uri in (("cluster.storage_path", job.cluster.storage_path), ("data.output_dir", job.data.output_dir)):
-        if storage.is_local(uri):
-            raise InputError(
-                f"{key}={uri} is node-local but the cluster spans {len(machines)} machines; use an s3:// or gs:// "
-                "URI, or a path mounted on every node with cluster.shared_storage=true"
-            )
+def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
+    """What every node must reach: checkpoints, data and (if it lives in files) the MLflow store."""
+    locations = {"cluster.storage_path": job.cluster.storage_path, "data.output_dir": job.data.output_dir}
+    store = local_store_dir(tracking_uri)
+    if store is not None:
+        locations["tracking.uri"] = store
+    return locations
 
 
 def validate(job: JobConfig) -> PreparePlan:
@@ -133,21 +127,22 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
 
 def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model."""
+    from cluster.reachability import check_reaches_every_node
     from cluster.runtime import connect
 
     job = with_absolute_paths(job)
     plan = validate(job)
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
-    if resume_from and not ckpt.is_complete(Path(resume_from)):
+    if resume_from and not ckpt.is_complete(resume_from):
         raise InputError(f"--resume {resume_from}: not a complete checkpoint directory")
     connect(job.cluster.address)
-    check_storage_reaches_every_node(job)
+    check_reaches_every_node(shared_locations(job, tracking_uri))
     if not plan.up_to_date:
         log(f"preparing {job.data.dataset_uri} ...")
         run_prepare(plan)
         _check_budget(job, load_manifest(job.data.dataset_uri))  # validate() could not: no data yet
-    manifest = load_manifest(job.data.dataset_uri)
+    manifest = load_manifest(job.data.dataset_uri)  # pinned: the workers read this version
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),
@@ -155,7 +150,7 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, name,
                                          flatten(config_to_dict(job)), tags)
     log(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {tracking_uri}")
-    loop_config = {"job": config_to_dict(job), "dataset_uri": job.data.dataset_uri,
+    loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri,
                    "tracking_uri": tracking_uri, "run_id": run_id, "resume_from": resume_from}
     started = time.time()
     _trainer(job, name, loop_config).fit()
@@ -164,38 +159,47 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
 
 
 def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest) -> TrainOutcome:
-    from jobs.export import export_model
+    """Export the average of the last checkpoints next to them, score it on test, log it all.
 
-    run_dir = Path(_storage_root(job)) / name
-    complete = [c for c in ckpt.list_checkpoints(run_dir) if ckpt.is_complete(c)]
+    The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
+    directory (under cluster.staging_dir if set) that is removed afterwards."""
+    import tempfile
+
+    from jobs.export import INFO, export_model
+
+    run_uri = storage.join(_storage_root(job), name)
+    complete = [c for c in ckpt.list_checkpoints(run_uri) if ckpt.is_complete(c)]
     if not complete:
-        raise ckpt.CheckpointError(f"{run_dir}: training produced no complete checkpoint")
+        raise ckpt.CheckpointError(f"{run_uri}: training produced no complete checkpoint")
     chosen = complete[-job.train.average_last:]
     final_state = ckpt.read_job_state(chosen[-1])
-    tokenizer = storage.filesystem(manifest.tokenizer_uri)
-    with tokenizer[0].open_input_stream(tokenizer[1]) as handle:
+    with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
-    export_dir = export_model(
-        chosen, job.model.replace(vocab_size=manifest.vocab_size), tokenizer_bytes,
-        {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
-         "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": manifest.uri},
-        run_dir / "export",
-    )
-    outcome = TrainOutcome(name, run_id, tracking_uri, export_dir, final_state.step)
-    if manifest.has_split("test") and not manifest.monolingual:
-        outcome = _score_test(job, outcome, manifest)
-    _log_artifacts(job, outcome, manifest)
+    export_uri = storage.join(run_uri, "export")
+    with tempfile.TemporaryDirectory(prefix="aiayn-finish-", dir=job.cluster.staging_dir or None) as scratch:
+        local_export = export_model(
+            [ckpt.local_copy(c, Path(scratch)) for c in chosen], job.model.replace(vocab_size=manifest.vocab_size),
+            tokenizer_bytes,
+            {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
+             "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": manifest.uri},
+            Path(scratch) / "export",
+        )
+        storage.publish_directory(local_export, export_uri, INFO)
+        outcome = TrainOutcome(name, run_id, tracking_uri, export_uri, final_state.step)
+        if manifest.has_split("test") and not manifest.monolingual:
+            outcome = _score_test(job, outcome, manifest, local_export)
+        _log_artifacts(job, outcome, manifest, local_export)
     return outcome
 
 
-def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest) -> TrainOutcome:
+def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
     """sacreBLEU of beam search on the test split, with the exported (averaged) model."""
     import dataclasses
 
     from jobs.evaluation import bleu, bleu_signature, detokenize, load_processor, read_eval_split, translate_ids
     from jobs.export import load_export
 
-    model, _, _ = load_export(outcome.export_dir)
+    model, _, _ = load_export(export_dir)
     split = read_eval_split(manifest, "test")
     hyps = detokenize(load_processor(manifest.tokenizer_uri), translate_ids(
         model, split.src_ids, beam_size=job.train.beam_size, alpha=job.train.length_penalty))
@@ -205,7 +209,7 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest) -> Tr
                                samples=samples)
 
 
-def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest) -> None:
+def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
     import tempfile
 
     from mlflow.tracking import MlflowClient
@@ -219,7 +223,7 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest) ->
             (folder / "sample_translations.txt").write_text("\n\n".join(
                 f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")
         client.log_artifacts(outcome.run_id, str(folder))
-    client.log_artifacts(outcome.run_id, str(outcome.export_dir), "export")
+    client.log_artifacts(outcome.run_id, str(export_dir), "export")
     if outcome.test_bleu is not None:
         client.log_metric(outcome.run_id, "test/bleu", outcome.test_bleu, step=outcome.steps)
         client.set_tag(outcome.run_id, "bleu_signature", outcome.bleu_signature)

@@ -87,13 +87,17 @@ class Trainer:
         self.tracking_uri, self.run_id = loop_config["tracking_uri"], loop_config["run_id"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
+        if self.job.cluster.staging_dir:  # this worker's scratch: checkpoint staging and downloads
+            Path(self.job.cluster.staging_dir).mkdir(parents=True, exist_ok=True)
+            tempfile.tempdir = self.job.cluster.staging_dir
         restored = ray.train.get_checkpoint()
-        resume_from = loop_config.get("resume_from") or ""
+        if restored is None and loop_config.get("resume_from"):
+            restored = ray.train.Checkpoint(loop_config["resume_from"])  # a local path or a URI
         if restored is not None:
-            with restored.as_directory() as directory:
+            with restored.as_directory() as directory:  # downloaded to local scratch if remote
                 position = self._build(Path(directory))
         else:
-            position = self._build(Path(resume_from) if resume_from else None)
+            position = self._build(None)
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=position, max_length=self.model_config.max_positions)
         self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
@@ -146,9 +150,9 @@ class Trainer:
         return redistribute(self.manifest, "train", job.stream, old, saved.epoch, self.world)[self.rank]
 
     def _check(self, directory: Path) -> ckpt.JobState:
-        if not ckpt.is_complete(directory):
+        if not ckpt.is_complete(str(directory)):
             raise ckpt.CheckpointError(f"{directory} is incomplete (interrupted while being written); not loading it")
-        saved = ckpt.read_job_state(directory)
+        saved = ckpt.read_job_state(str(directory))
         if saved.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ckpt.CheckpointError(f"{directory} was trained with another tokenizer than the dataset's")
         return saved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ from data_pipeline.config import PrepareConfig, SourceConfig, TokenizerConfig
 from data_pipeline.manifest import check_tokenizer_matches, load_manifest
 from data_pipeline.errors import InputError
 from data_pipeline.prepare import plan_prepare, run_prepare
-from data_pipeline.sources import file_sha256
+from data_pipeline.storage import sha256_of as file_sha256
 from data_pipeline.tokenizer import tokenizer_sha256
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
@@ -44,7 +45,8 @@ def _config(corpus, out, **changes) -> PrepareConfig:
 def test_prepare_writes_shards_manifest_and_tokenizer(local_ray, corpus, tmp_path) -> None:
     config = _config(corpus, tmp_path / "data")
     manifest = run_prepare(plan_prepare(config))
-    dataset = tmp_path / "data" / config.dataset_name
+    dataset = Path(load_manifest(str(tmp_path / "data" / config.dataset_name)).uri)  # the current version
+    assert dataset.parent.name == "versions" and not (dataset / "_raw").exists()
     on_disk = json.loads((dataset / "manifest.json").read_text())
     assert on_disk == manifest
     train = manifest["splits"]["train"]
@@ -77,17 +79,48 @@ def test_repeated_prepare_is_a_no_op_and_changes_are_noticed(local_ray, corpus, 
     assert not plan_prepare(_config(corpus, tmp_path / "data", shard_rows=400)).up_to_date
 
 
-def test_interrupted_prepare_leaves_no_dataset(local_ray, corpus, tmp_path, monkeypatch) -> None:
+def test_reprepare_swaps_versions_and_a_pinned_reader_keeps_its_own(local_ray, corpus, tmp_path) -> None:
+    out = tmp_path / "data"
+    first = _config(corpus, out)
+    run_prepare(plan_prepare(first))
+    pinned = load_manifest(str(out / first.dataset_name))
+    changed = _config(corpus, out, tokenizer=TokenizerConfig(vocab_size=70, sample_sentences=500))
+    run_prepare(plan_prepare(changed))
+    current = load_manifest(str(out / first.dataset_name))
+    assert current.uri != pinned.uri and current.vocab_size != pinned.vocab_size
+    # a job that started on the first version still reads it whole, tokenizer and shards alike
+    again = load_manifest(pinned.uri)
+    assert again.data == pinned.data and Path(again.tokenizer_uri).is_file()
+    assert all(Path(uri).is_file() for uri, _ in again.shard_uris("train"))
+
+
+def test_interrupted_prepare_keeps_the_current_version(local_ray, corpus, tmp_path, monkeypatch) -> None:
     import data_pipeline.prepare as prepare_module
+
+    out = tmp_path / "data"
+    config = _config(corpus, out)
+    run_prepare(plan_prepare(config))
+    before = load_manifest(str(out / config.dataset_name))
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt("simulated interruption while describing shards")
 
     monkeypatch.setattr(prepare_module, "describe_split", fail)
-    out = tmp_path / "data"
     with pytest.raises(KeyboardInterrupt):
-        run_prepare(plan_prepare(_config(corpus, out)))
-    assert list(out.iterdir()) == []  # neither the dataset nor its staging directory remains
+        run_prepare(plan_prepare(_config(corpus, out, shard_rows=400)))
+    assert load_manifest(str(out / config.dataset_name)) == before
+    versions = out / config.dataset_name / "versions"
+    assert [p.name for p in versions.iterdir()] == [Path(before.uri).name]  # the unfinished version is gone
+
+
+def test_prepare_never_writes_into_a_directory_that_is_not_a_dataset(corpus, tmp_path) -> None:
+    out = tmp_path / "data"
+    config = _config(corpus, out)
+    (out / config.dataset_name).mkdir(parents=True)
+    (out / config.dataset_name / "my-notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="no prepared dataset"):
+        plan_prepare(config)
+    assert (out / config.dataset_name / "my-notes.txt").read_text() == "keep me"
 
 
 def test_data_from_another_tokenizer_is_refused(local_ray, corpus, tmp_path) -> None:
@@ -101,11 +134,11 @@ def test_data_from_another_tokenizer_is_refused(local_ray, corpus, tmp_path) -> 
 def test_reusing_a_tokenizer_and_monolingual_data(local_ray, corpus, tmp_path) -> None:
     first = _config(corpus, tmp_path / "data")
     run_prepare(plan_prepare(first))
-    model = str(tmp_path / "data" / first.dataset_name / "tokenizer.model")
+    model = load_manifest(str(tmp_path / "data" / first.dataset_name)).tokenizer_uri
     mono = _config(corpus, tmp_path / "data", name="mono",
                    source=SourceConfig(format="text", train=corpus[0], src_lang="en", tgt_lang=""),
                    tokenizer=TokenizerConfig(path=model))
     manifest = run_prepare(plan_prepare(mono))
     assert manifest["monolingual"] and manifest["tokenizer"]["sha256"] == tokenizer_sha256(model)
-    table = pq.read_table(tmp_path / "data" / "mono" / "train" / "part-00000.parquet")
+    table = pq.read_table(load_manifest(str(tmp_path / "data" / "mono")).shard_uris("train")[0][0])
     assert "tgt_ids" not in table.column_names
