@@ -1,20 +1,32 @@
-"""`aiayn cluster up|status|down`: a real multi-node Ray cluster and an MLflow server on this
-machine, on 127.0.0.1. The addresses and the process groups started are written to a state file
-(default ~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them;
-`down` stops exactly those process groups and the Ray processes of that cluster, nothing else.
+"""`aiayn cluster up|status|down`: a real multi-node Ray cluster, an MLflow server and an
+S3-compatible object store on this machine, on 127.0.0.1. With `isolated`, every Ray node runs in
+its own mount namespace (cluster/isolation.py) so that nodes share only the network, the object
+store and the Python environment, as on a cluster of separate machines.
+
+The addresses and the process groups started are written to a state file (default
+~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them; `down` stops
+exactly those process groups and the Ray processes of that cluster, nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.local import Service, start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
+from cluster.local import (
+    Isolation, Service, ServiceError, object_store_env, start_mlflow_server, start_object_store, start_ray_head, start_ray_worker,
+    wait_for_nodes,
+)
+from data_pipeline.errors import InputError
+
+BUCKET = "aiayn"
 
 
 def state_dir() -> Path:
@@ -33,50 +45,100 @@ class ClusterState:
     process_groups: list[int]
     nodes: int
     log_dir: str
+    object_store: dict = field(default_factory=dict)  # endpoint_url, bucket_uri, env
+    isolated: bool = False
 
 
 def read_state() -> ClusterState | None:
     path = state_file()
     if not path.is_file():
         return None
-    return ClusterState(**json.loads(path.read_text()))
+    try:
+        return ClusterState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{path}: not a cluster state file aiayn can read ({error}); move it away if no cluster "
+                         "of yours is running") from None
 
 
-def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True) -> ClusterState:
+def ray_token() -> Path:
+    """Ray's token file (~/.ray/auth_token), created if this account has none, readable by its
+    owner only. Ray's own generator makes it; its output (the token) is discarded, never shown."""
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.is_file():
+        made = subprocess.run([str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"],
+                              capture_output=True, text=True, preexec_fn=lambda: os.umask(0o077))
+        if made.returncode != 0 or not path.is_file():
+            raise ServiceError(f"could not create Ray's token {path}: `ray get-auth-token --generate` exited "
+                               f"{made.returncode}")
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
+
+
+def _check_can_isolate() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
+        raise InputError("--isolated needs root and the unshare and mount commands (util-linux): "
+                         "each node gets its own mount namespace")
+
+
+def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True, with_object_store: bool = True,
+       isolated: bool = False) -> ClusterState:
+    """Start the cluster; on any failure stop what was started and raise (nothing is left running)."""
     if nodes < 1:
-        raise ValueError("--nodes must be at least 1")
+        raise InputError("--nodes must be at least 1")
+    if isolated:
+        _check_can_isolate()
     existing = read_state()
     if existing is not None:
-        raise RuntimeError(f"a cluster is already up ({existing.dashboard_url}); run `aiayn cluster down` first")
+        raise InputError(f"a cluster is already up ({existing.dashboard_url}); run `aiayn cluster down` first")
     logs = state_dir() / "logs"
     started: list[Service] = []
     try:
-        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node)
+        token = ray_token()
+        store_env, object_store = {}, {}
+        if with_object_store:
+            service, endpoint = start_object_store(logs, BUCKET)
+            started.append(service)
+            store_env = object_store_env(endpoint)
+            object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
+        isolation = Isolation((Path("/tmp"), Path.home(), Path.cwd()), token) if isolated else None
+        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, env=store_env, isolation=isolation)
         started.append(head)
         for index in range(1, nodes):  # one at a time: simultaneous joins time out on small machines
-            started.append(_join(logs, address, cpus_per_node, index))
+            started.append(_join(logs, address, cpus_per_node, index, store_env, isolation))
         mlflow_url = ""
         if with_mlflow:
-            service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow")
+            artifacts = f"s3://{BUCKET}/mlflow" if with_object_store else ""
+            service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow", artifacts_destination=artifacts,
+                                                      env=store_env)
             started.append(service)
     except BaseException:
         for service in reversed(started):
             service.stop()
         raise
-    state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs))
+    state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
+                         object_store, isolated)
     state_dir().mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps(asdict(state), indent=2))
+    write_state(state)
     return state
 
 
-def _join(logs: Path, address: str, cpus: int, index: int, attempts: int = 3) -> Service:
+def write_state(state: ClusterState) -> None:
+    """Temp file + rename: a reader never sees half a state file."""
+    temp = state_file().with_name(f".{state_file().name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(asdict(state), indent=2))
+    os.replace(temp, state_file())
+
+
+def _join(logs: Path, address: str, cpus: int, index: int, env: dict, isolation: Isolation | None,
+          attempts: int = 3) -> Service:
     """Start worker node `index` and wait until it is in the cluster; retry a start that died."""
     for attempt in range(attempts):
-        service = start_ray_worker(logs, address, num_cpus=cpus, index=index)
+        service = start_ray_worker(logs, address, num_cpus=cpus, index=index, env=env, isolation=isolation)
         try:
             wait_for_nodes(address, index + 1, timeout=120, process=service.process)
             return service
-        except RuntimeError:
+        except ServiceError:
             service.stop()
             if attempt == attempts - 1:
                 raise
@@ -90,8 +152,10 @@ def _cluster_pids(ray_address: str) -> list[int]:
     return [int(pid) for pid in found if int(pid) != os.getpid()]
 
 
-def down(timeout: float = 30.0) -> list[int]:
-    """Stop everything `up` started; returns the process groups stopped."""
+def down(timeout: float = 5.0) -> list[int]:
+    """Stop everything `up` started; returns the process groups stopped. A Ray node takes about
+    30 s to leave after SIGTERM and keeps nothing worth waiting for, so what is still running
+    after `timeout` seconds is SIGKILLed."""
     state = read_state()
     if state is None:
         return []
@@ -160,9 +224,13 @@ def status() -> dict:
     use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     from ray.job_submission import JobSubmissionClient
 
-    ray_status = subprocess.run([str(Path(os.sys.executable).with_name("ray")), "status", f"--address={state.ray_address}"],
+    ray_status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", f"--address={state.ray_address}"],
                                 capture_output=True, text=True)
-    jobs = JobSubmissionClient(state.dashboard_url).list_jobs()
+    try:
+        jobs = JobSubmissionClient(state.dashboard_url).list_jobs()
+    except Exception as error:  # noqa: BLE001 - any failure to reach the Jobs API is one line to the user
+        raise ServiceError(f"the Jobs API at {state.dashboard_url} does not answer ({str(error).splitlines()[0]}); "
+                           f"see the logs in {state.log_dir}") from None
     return {
         "up": True, **asdict(state), "ray_status": ray_status.stdout.strip(),
         "jobs": [{"id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint} for j in jobs],

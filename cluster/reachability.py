@@ -37,7 +37,9 @@ def check_reaches_every_node(locations: dict[str, str], timeout_s: float = 120.0
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if [node["NodeID"] for node in nodes] == [ray.get_runtime_context().get_node_id()]:
         return
-    probes = {key: storage.join(uri, f".aiayn-reach-{uuid.uuid4().hex[:12]}") for key, uri in locations.items()}
+    name = f".aiayn-reach-{uuid.uuid4().hex[:12]}"
+    probes = {key: storage.join(str(storage.nearest_existing(uri)) if storage.is_local(uri) else uri, name)
+              for key, uri in locations.items()}  # local: creates no directory
     try:
         for probe in probes.values():
             storage.write_bytes_atomic(probe, b"probe")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,6 +86,15 @@ class TokenizerConfig:
             raise ValueError("data.tokenizer.sample_sentences must be positive")
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_name(value: str, key: str) -> None:
+    """Names become directory names under a storage root: no path separators, no `..`, no hidden files."""
+    if value and not _SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{key}={value!r}: use letters, digits, '.', '_' and '-' only, not starting with '.'")
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -100,6 +111,7 @@ class PrepareConfig:
         for key in ("shard_rows", "encode_actors", "encode_batch_rows"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_name(self.name, "data.name")
 
     @property
     def dataset_name(self) -> str:

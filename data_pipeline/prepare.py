@@ -197,8 +197,10 @@ def run_prepare(plan: PreparePlan) -> dict:
                                            sample if split == "train" else None)
         if cleaning["train"]["kept"] == 0:
             raise InputError(f"{plan.inputs['train'].paths[0]}: every training pair was dropped by cleaning: {cleaning['train']['dropped']}")
-        if config.tokenizer.path:
-            model_path = Path(config.tokenizer.path)
+        if config.tokenizer.path:  # a path or a URI: a local copy to read below
+            model_path = scratch / TOKENIZER
+            with storage.open_input(config.tokenizer.path) as handle:
+                model_path.write_bytes(handle.read())
         else:
             model_path = train_tokenizer(sample.items, config.tokenizer, scratch / "tokenizer")
         processor = load_tokenizer(str(model_path))

@@ -180,6 +180,15 @@ def list_files(uri: str, suffix: str) -> list[str]:
     return [f"{uri.rstrip('/')}/{name}" for name in names]
 
 
+def nearest_existing(uri: str) -> Path:
+    """The local path itself, or its closest ancestor that exists (where a probe can go without
+    creating directories)."""
+    existing = local_path(uri)
+    while not existing.exists():
+        existing = existing.parent
+    return existing
+
+
 def check_writable(uri: str, key: str) -> None:
     """Fail early, naming the config key, when a local output location cannot be written.
     Writes and removes a probe file in the nearest existing directory (permission bits say
@@ -188,9 +197,7 @@ def check_writable(uri: str, key: str) -> None:
 
     if not is_local(uri):
         return
-    existing = local_path(uri)
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(uri)
     try:
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 
+from data_pipeline import storage
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.errors import InputError
 
@@ -48,15 +48,17 @@ def train_tokenizer(sentences: Iterable[str], config: TokenizerConfig, output: P
     return output.with_suffix(".model")
 
 
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    if not Path(path).is_file():
-        raise InputError(f"{path}: tokenizer model not found; run `aiayn prepare` or fix data.tokenizer.path")
-    processor = spm.SentencePieceProcessor(model_file=path)
+def load_tokenizer(uri: str) -> spm.SentencePieceProcessor:
+    """A SentencePiece model from a path or URI, checked for aiayn's fixed special ids."""
+    if not storage.is_file(uri):
+        raise InputError(f"{uri}: tokenizer model not found; run `aiayn prepare` or fix data.tokenizer.path")
+    with storage.open_input(uri) as handle:
+        processor = spm.SentencePieceProcessor(model_proto=handle.read())
     ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
     if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise InputError(f"{path}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
+        raise InputError(f"{uri}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
     return processor
 
 
-def tokenizer_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def tokenizer_sha256(uri: str) -> str:
+    return storage.sha256_of(uri)

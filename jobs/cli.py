@@ -75,8 +75,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
         for source, reference, hypothesis in outcome.samples:
             print(f"  SRC {source}\n  REF {reference}\n  HYP {hypothesis}\n")
-    print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}\n"
-          f"  browse it: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
+    if outcome.tracking_uri.startswith(("http://", "https://")):
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
+        print(f"MLflow run: {outcome.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{outcome.run_id}")
+    else:
+        print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}\n"
+              f"  browse it: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
     return 0
 
 
@@ -116,11 +122,11 @@ def _cluster(args: argparse.Namespace) -> int:
     from cluster import local_cluster
 
     if args.action == "up":
-        state = local_cluster.up(args.nodes, args.cpus_per_node, with_mlflow=not args.no_mlflow)
-        print(json.dumps({"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
-                          "mlflow": state.mlflow_url, "nodes": state.nodes, "logs": state.log_dir,
-                          "process_groups": state.process_groups,
-                          "state_file": str(local_cluster.state_file())}, indent=2))
+        state = local_cluster.up(args.nodes, args.cpus_per_node, with_mlflow=not args.no_mlflow,
+                                 with_object_store=not args.no_object_store, isolated=args.isolated)
+        print(json.dumps(_cluster_summary(state), indent=2))
+        print("plain Ray clients (ray status, ray job ...) on this machine need: export RAY_AUTH_MODE=token",
+              file=sys.stderr)
     elif args.action == "down":
         stopped = local_cluster.down()
         print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
@@ -128,9 +134,18 @@ def _cluster(args: argparse.Namespace) -> int:
         info = local_cluster.status()
         ray_status = info.pop("ray_status", "")
         print(json.dumps(info, indent=2))
-        if ray_status:
+        if ray_status and not args.json:
             print(ray_status)
     return 0
+
+
+def _cluster_summary(state) -> dict:
+    from cluster import local_cluster
+
+    return {"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
+            "mlflow": state.mlflow_url, "object_store": state.object_store, "nodes": state.nodes,
+            "isolated": state.isolated, "logs": state.log_dir, "process_groups": state.process_groups,
+            "state_file": str(local_cluster.state_file())}
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -227,11 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--alpha", type=float, default=0.6)
     translate.set_defaults(handler=_translate)
 
-    cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster with an MLflow server")
+    cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster with MLflow and an object store")
     cluster.add_argument("action", choices=["up", "status", "down"])
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--cpus-per-node", type=int, default=2)
     cluster.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
+    cluster.add_argument("--no-object-store", action="store_true", help="do not start the S3-compatible object store")
+    cluster.add_argument("--isolated", action="store_true",
+                         help="each node in its own mount namespace: private /tmp, home and working directory (root)")
+    cluster.add_argument("--json", action="store_true", help="status: JSON only (addresses, object store, jobs)")
     cluster.set_defaults(handler=_cluster)
 
     submit = commands.add_parser("submit", help="run any aiayn command as a Ray job (Jobs API)")
@@ -258,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from cluster.local import ServiceError
     from data_pipeline.errors import InputError
     from jobs.config import ConfigError
 
@@ -266,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, InputError, ConfigError) as error:
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ServiceError as error:
+        print(f"aiayn {args.command}: failed: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

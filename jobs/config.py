@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from cluster.config import ClusterConfig
-from data_pipeline.config import PrepareConfig, StreamConfig
+from data_pipeline.config import PrepareConfig, StreamConfig, check_name
 from transformer.config import PRESETS, ModelConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -95,6 +95,9 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated JSON
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "name")
 
 
 def _allowed(tp: Any) -> str:

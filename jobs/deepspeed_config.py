@@ -39,6 +39,13 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
         "steps_per_print": 10**9,  # we report metrics ourselves
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
+        # The paper's Adam (§5.3). With the noam schedule the LambdaLR factor is the whole learning
+        # rate, so the base lr is 1.
+        "optimizer": {"type": "Adam", "params": {
+            "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
+            "betas": list(job.optim.betas), "eps": job.optim.eps,
+            "weight_decay": job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
+        }},
     }
     if train.zero_stage == 3:
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)

@@ -115,18 +115,18 @@ class Trainer:
         job = self.job
         saved = self._check(checkpoint) if checkpoint is not None else None
         resized = saved is not None and saved.world_size != self.world
-        if resized and job.train.zero_stage > 0 and self.local_rank == 0:
-            ckpt.ensure_universal(checkpoint)  # once per node: each may see its own copy
-        if resized:
+        if resized and job.train.zero_stage > 0:
+            if self.local_rank == 0:
+                ckpt.ensure_universal(checkpoint)  # once per node: each may see its own copy
+            dist.barrier()
+            # Ray groups local ranks by node IP, which need not mean one disk: a rank that does not
+            # see its local rank 0's conversion converts its own copy (a no-op when it sees it).
+            ckpt.ensure_universal(checkpoint)
+        elif resized:
             dist.barrier()
         torch.manual_seed(job.train.seed)  # identical initial weights on every rank
         model = build_model(self.model_config)
         ds_config = deepspeed_config(job, self.world, load_universal=resized and job.train.zero_stage > 0)
-        ds_config["optimizer"] = {"type": "Adam", "params": {
-            "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
-            "betas": list(job.optim.betas), "eps": job.optim.eps,
-            "weight_decay": job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
-        }}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),

@@ -21,3 +21,23 @@ def local_ray():
     connect(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; the standard
+    AWS_* variables point this process's clients at it while the session runs."""
+    from cluster.local import object_store_env, start_object_store
+
+    service, endpoint = start_object_store(tmp_path_factory.mktemp("object-store"), "bucket")
+    saved = {name: os.environ.get(name) for name in object_store_env(endpoint)}
+    os.environ.update(object_store_env(endpoint))
+    try:
+        yield "s3://bucket"
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        service.stop()

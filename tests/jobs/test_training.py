@@ -134,7 +134,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     assert len(runs) == 1
     assert int(runs[0].data.tags["resumed_from_step"]) >= 5  # a restart really happened
     assert _steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
-    ours, theirs = _weights(outcome.export_dir), _weights(reference.export_dir)
+    ours, theirs = _weights(Path(outcome.export_uri)), _weights(Path(reference.export_uri))
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
@@ -161,7 +161,7 @@ def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> N
     run_dir = tmp_path / "run"
     shutil.copytree(root / "runs" / "reference", run_dir)
     last = ckpt.latest_complete_checkpoint(run_dir)
-    assert last is not None and last.name == ckpt.checkpoint_dir_name(MAX_STEPS)
+    assert last is not None and Path(last).name == ckpt.checkpoint_dir_name(MAX_STEPS)
     broken = run_dir / ckpt.checkpoint_dir_name(MAX_STEPS + 5)
     shutil.copytree(last, broken)
     optimizer_shard = next(broken.rglob("zero_pp_rank_1_*optim_states.pt"))

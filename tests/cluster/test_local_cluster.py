@@ -1,0 +1,61 @@
+"""`aiayn cluster` as a new user meets it: a fresh account with no Ray token, bad use, a broken
+state file. Failures are one line with exit 2 (bad use) or 1 (a service), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _aiayn(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "cluster", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _env(tmp_path: Path) -> dict:
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "AIAYN_HOME": str(tmp_path / "aiayn")}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    (tmp_path / "home").mkdir()
+    return env
+
+
+def _one_line_error(result: subprocess.CompletedProcess, code: int) -> None:
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_up_on_a_fresh_account_creates_a_private_token_and_never_prints_it(tmp_path) -> None:
+    env = _env(tmp_path)
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", "--no-mlflow", "--no-object-store", env=env)
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
+        secret = token.read_text().strip()
+        assert len(secret) >= 16 and secret not in up.stdout + up.stderr
+        status = _aiayn("status", "--json", env=env)
+        assert status.returncode == 0 and '"up": true' in status.stdout and secret not in status.stdout
+    finally:
+        down = _aiayn("down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+
+
+def test_bad_use_and_a_broken_state_file_are_one_line(tmp_path) -> None:
+    env = _env(tmp_path)
+    _one_line_error(_aiayn("up", "--nodes", "0", env=env), 2)
+    state = Path(env["AIAYN_HOME"]) / "cluster.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{not json")
+    _one_line_error(_aiayn("status", env=env), 2)
+    _one_line_error(_aiayn("up", env=env), 2)
+    assert state.read_text() == "{not json"  # nothing of the user's is replaced
