@@ -29,6 +29,10 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+class ServiceError(RuntimeError):
+    """A service failed to start; the message names its log."""
+
+
 def _wait_until(check, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -45,10 +49,6 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
-class ServiceError(RuntimeError):
-    """A service failed to start; the message names its log."""
-
-
 @dataclass(frozen=True)
 class Isolation:
     """Run a Ray node in its own mount namespace with these directories private (empty)."""
@@ -63,8 +63,9 @@ class Service:
     process: subprocess.Popen
     log: Path
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the service's process group, then SIGKILL whatever is left."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the service's process group, then SIGKILL whatever is left after `timeout`
+        seconds (a Ray node takes about 30 s to leave on SIGTERM and keeps nothing worth it)."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)

@@ -62,3 +62,29 @@ def test_dockerfile_installs_the_project_on_a_cuda_base() -> None:
     assert "pip install -e ." in dockerfile
     for package in ("transformer", "data_pipeline", "jobs", "cluster"):
         assert f"COPY {package} {package}" in dockerfile
+
+
+def _ray_start_commands(config: dict) -> list[str]:
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    return [command for command in commands if "ray start" in command]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_no_launcher_config_starts_ray_without_authentication(name: str) -> None:
+    config = yaml.safe_load((CLUSTER / "launcher" / name).read_text())
+    starts = _ray_start_commands(config)
+    assert starts and all(command.startswith("RAY_AUTH_MODE=token ray start") for command in starts)
+    head = [command for command in starts if "--head" in command]
+    assert head and all("--dashboard-host=127.0.0.1" in command for command in head)
+    assert "~/.ray/auth_token" in config["file_mounts"]  # every node gets the token
+
+
+@pytest.mark.parametrize("name, spec", [("raycluster.yaml", ("spec",)), ("rayjob.yaml", ("spec", "rayClusterSpec"))])
+def test_no_kuberay_manifest_starts_ray_without_authentication(name: str, spec: tuple[str, ...]) -> None:
+    manifest = yaml.safe_load((CLUSTER / "k8s" / name).read_text())
+    for key in spec:
+        manifest = manifest[key]
+    assert manifest["authOptions"]["mode"] == "token"
+    services = [manifest["headGroupSpec"]] + manifest["workerGroupSpecs"]
+    for group in services:  # no Service of type LoadBalancer / NodePort is declared for the head
+        assert "serviceType" not in group or group["serviceType"] == "ClusterIP"
