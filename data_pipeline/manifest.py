@@ -158,6 +158,21 @@ def load_manifest(dataset_uri: str) -> Manifest:
     return Manifest(version, data)
 
 
+def verify_dataset(manifest: Manifest) -> None:
+    """Every shard and the tokenizer are byte for byte what prepare recorded (sha256), so a
+    corrupted or changed file is named before training reads it."""
+    files = [(manifest.tokenizer_uri, manifest.tokenizer_sha256)] + [
+        (f"{manifest.uri}/{shard['file']}", shard["sha256"])
+        for split in manifest.data["splits"].values() for shard in split["shards"]
+    ]
+    for uri, expected in files:
+        if not storage.is_file(uri):
+            raise InputError(f"{uri}: missing from the prepared dataset; prepare it again")
+        if storage.sha256_of(uri) != expected:
+            raise InputError(f"{uri}: its sha256 differs from the one in {MANIFEST} (corrupted or changed since "
+                             "prepare); prepare the dataset again")
+
+
 def write_manifest(dataset_uri: str, data: dict) -> None:
     storage.write_bytes_atomic(f"{dataset_uri}/{MANIFEST}", json.dumps(data, indent=2, sort_keys=True).encode())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -72,20 +73,40 @@ def _open_binary(path: str) -> Iterator[IO[bytes]]:
             yield unzipped
 
 
+MAX_LINE_BYTES = 1 << 20  # a longer "line" is not a sentence: the file is not line-oriented text
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """Raw lines, each read with a byte bound; a truncated or broken gzip file is one clear error."""
+    with _open_binary(path) as handle:
+        number = 0
+        while True:
+            try:
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+            except (EOFError, OSError, zlib.error) as error:
+                raise InputError(f"{path}: cannot be read to its end ({error}); is it a complete file?") from None
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InputError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES} bytes; give text with one "
+                                 "sentence per line")
+            yield raw
+
+
 def _decoded_lines(path: str, skip_invalid: bool) -> Iterator[str | None]:
     """Lines without their newline; None for an undecodable line when skipping."""
-    with _open_binary(path) as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                if skip_invalid:
-                    yield None
-                    continue
-                raise InputError(
-                    f"{path}:{number}: invalid UTF-8 at byte {error.start}; fix the file or set "
-                    "data.cleaning.invalid_utf8=skip to drop and count such lines"
-                ) from None
+    for number, raw in enumerate(_lines(path), start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            if skip_invalid:
+                yield None
+                continue
+            raise InputError(
+                f"{path}:{number}: invalid UTF-8 at byte {error.start}; fix the file or set "
+                "data.cleaning.invalid_utf8=skip to drop and count such lines"
+            ) from None
 
 
 def _row_field(row: dict, name: str, where: str) -> str:
@@ -144,9 +165,13 @@ def _jsonl_rows(path: str, skip_invalid: bool) -> Iterator[dict | None]:
             yield {}
             continue
         try:
-            yield json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{number}: a JSON line must be an object ({{\"en\": ..., \"de\": ...}}), "
+                             f"not {type(row).__name__}")
+        yield row
 
 
 def _parquet_rows(path: str) -> Iterator[dict]:
@@ -154,9 +179,15 @@ def _parquet_rows(path: str) -> Iterator[dict]:
 
     if not storage.is_file(path):
         raise InputError(f"{path}: no such file; check the data.source paths")
+    import pyarrow as pa
+
     with storage.open_random_access(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=8192):
-            yield from batch.to_pylist()
+        try:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(batch_size=8192):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise InputError(f"{path}: not a readable Parquet file ({str(error).splitlines()[0]})") from None
 
 
 def _hf_split(source: SourceConfig, split: str):

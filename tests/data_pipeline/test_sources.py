@@ -127,3 +127,35 @@ def test_builtin_multi30k_is_shipped_with_its_readme() -> None:
     from data_pipeline.sources import BUILTIN_MULTI30K
 
     assert "Elliott" in (BUILTIN_MULTI30K / "README.md").read_text()
+
+
+def _checked(source: SourceConfig) -> dict:
+    return check_split(source, split_inputs(source, "train"), skip_invalid=False)
+
+
+def test_a_truncated_gzip_file_is_one_line(tmp_path) -> None:
+    prefix = _write_text(tmp_path, [p[0] for p in PAIRS] * 50, [p[1] for p in PAIRS] * 50, gz=True)
+    whole = (tmp_path / "c.de.gz").read_bytes()
+    (tmp_path / "c.de.gz").write_bytes(whole[: len(whole) // 2])  # the copy was cut short
+    with pytest.raises(InputError, match=r"c\.de\.gz: cannot be read to its end"):
+        _checked(SourceConfig(format="text", train=prefix))
+
+
+def test_a_file_that_is_not_parquet_is_one_line(tmp_path) -> None:
+    (tmp_path / "c.parquet").write_text("en,de\na,b\n")
+    with pytest.raises(InputError, match=r"c\.parquet: not a readable Parquet file"):
+        _checked(SourceConfig(format="parquet", train=str(tmp_path / "c.parquet")))
+
+
+def test_a_json_line_that_is_not_an_object_names_its_line(tmp_path) -> None:
+    (tmp_path / "c.jsonl").write_text('{"en": "a", "de": "b"}\n["a", "b"]\n')
+    with pytest.raises(InputError, match=r"c\.jsonl:2: a JSON line must be an object"):
+        _checked(SourceConfig(format="jsonl", train=str(tmp_path / "c.jsonl")))
+
+
+def test_a_huge_line_is_refused_without_reading_it_whole(tmp_path) -> None:
+    from data_pipeline.sources import MAX_LINE_BYTES
+
+    prefix = _write_text(tmp_path, ["short", "x" * (MAX_LINE_BYTES + 10)], ["kurz", "y"])
+    with pytest.raises(InputError, match=r"c\.en:2: a line longer than"):
+        _checked(SourceConfig(format="text", train=prefix))
