@@ -176,12 +176,13 @@ def object_store_env(endpoint: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, **LOCAL_STORE_CREDENTIALS}
 
 
-def start_object_store(log_dir: Path, bucket: str, *, port: int | None = None) -> tuple[Service, str]:
+def start_object_store(log_dir: Path, bucket: str, *, port: int | None = None,
+                       env: dict | None = None) -> tuple[Service, str]:
     """An S3-compatible server (moto) on 127.0.0.1 holding one empty bucket; returns its endpoint."""
     import pyarrow.fs as pafs
 
     port = port or free_port()
-    service = _spawn("object-store", [_bin("moto_server"), "-H", LOOPBACK, "-p", str(port)], log_dir)
+    service = _spawn("object-store", [_bin("moto_server"), "-H", LOOPBACK, "-p", str(port)], log_dir, env)
     endpoint = f"http://{LOOPBACK}:{port}"
     _wait_until(lambda: _healthy(f"{endpoint}/moto-api/"), 60, "object store", service.process, service.log)
     pafs.S3FileSystem(endpoint_override=endpoint, access_key=LOCAL_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],

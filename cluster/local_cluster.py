@@ -4,12 +4,17 @@ its own mount namespace (cluster/isolation.py) so that nodes share only the netw
 store and the Python environment, as on a cluster of separate machines.
 
 The addresses and the process groups started are written to a state file (default
-~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them; `down` stops
-exactly those process groups and the Ray processes of that cluster, nothing else.
+~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them. Every process
+`up` starts carries a random cluster id in its environment (AIAYN_CLUSTER_ID), which every process
+Ray starts inherits: `down` signals only processes that carry it, so a stale state file whose
+process ids were reused after a crash or reboot never makes it kill anything else. `up` and
+`down` hold a lock on the state directory; the state file is written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +53,7 @@ class ClusterState:
     log_dir: str
     object_store: dict = field(default_factory=dict)  # endpoint_url, bucket_uri, env
     isolated: bool = False
+    cluster_id: str = ""  # in the environment of every process of this cluster
 
 
 def read_state() -> ClusterState | None:
@@ -81,6 +88,24 @@ def _check_can_isolate() -> None:
                          "each node gets its own mount namespace")
 
 
+CLUSTER_ID = "AIAYN_CLUSTER_ID"
+
+
+@contextlib.contextmanager
+def _exclusive():
+    """One `up` or `down` at a time per state directory."""
+    state_dir().mkdir(parents=True, exist_ok=True)
+    with open(state_dir() / "cluster.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another `aiayn cluster up` or `down` is running for {state_dir()}; wait for it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True, with_object_store: bool = True,
        isolated: bool = False) -> ClusterState:
     """Start the cluster; on any failure stop what was started and raise (nothing is left running)."""
@@ -88,36 +113,43 @@ def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True, with_object_
         raise InputError("--nodes must be at least 1")
     if isolated:
         _check_can_isolate()
+    with _exclusive():
+        return _up(nodes, cpus_per_node, with_mlflow, with_object_store, isolated)
+
+
+def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bool, isolated: bool) -> ClusterState:
     existing = read_state()
     if existing is not None:
         raise InputError(f"a cluster is already up ({existing.dashboard_url}); run `aiayn cluster down` first")
     logs = state_dir() / "logs"
     started: list[Service] = []
+    marker = {CLUSTER_ID: uuid.uuid4().hex}
     try:
         token = ray_token()
         store_env, object_store = {}, {}
         if with_object_store:
-            service, endpoint = start_object_store(logs, BUCKET)
+            service, endpoint = start_object_store(logs, BUCKET, env=marker)
             started.append(service)
             store_env = object_store_env(endpoint)
             object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
         isolation = Isolation((Path("/tmp"), Path.home(), Path.cwd()), token) if isolated else None
-        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, env=store_env, isolation=isolation)
+        node_env = {**store_env, **marker}
+        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, env=node_env, isolation=isolation)
         started.append(head)
         for index in range(1, nodes):  # one at a time: simultaneous joins time out on small machines
-            started.append(_join(logs, address, cpus_per_node, index, store_env, isolation))
+            started.append(_join(logs, address, cpus_per_node, index, node_env, isolation))
         mlflow_url = ""
         if with_mlflow:
             artifacts = f"s3://{BUCKET}/mlflow" if with_object_store else ""
             service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow", artifacts_destination=artifacts,
-                                                      env=store_env)
+                                                      env={**store_env, **marker})
             started.append(service)
     except BaseException:
         for service in reversed(started):
             service.stop()
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
-                         object_store, isolated)
+                         object_store, isolated, marker[CLUSTER_ID])
     state_dir().mkdir(parents=True, exist_ok=True)
     write_state(state)
     return state
@@ -145,44 +177,56 @@ def _join(logs: Path, address: str, cpus: int, index: int, env: dict, isolation:
     raise AssertionError("unreachable")
 
 
-def _cluster_pids(ray_address: str) -> list[int]:
-    """Ray processes that belong to this cluster: their command line names its GCS address."""
-    port = ray_address.rsplit(":", 1)[1]
-    found = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found if int(pid) != os.getpid()]
+def processes_of_cluster(cluster_id: str) -> list[int]:
+    """Live processes whose environment carries this cluster's id: those `up` started and their
+    descendants, and nothing else (a reused process id does not carry a random id)."""
+    if not cluster_id:
+        return []
+    needle = f"{CLUSTER_ID}={cluster_id}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0") and int(environ.parent.name) != os.getpid():
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue  # gone, or another user's
+    return found
+
+
+def _signal_groups(groups: list[int], signum: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signum)
+        except ProcessLookupError:
+            pass
 
 
 def down(timeout: float = 5.0) -> list[int]:
     """Stop everything `up` started; returns the process groups stopped. A Ray node takes about
     30 s to leave after SIGTERM and keeps nothing worth waiting for, so what is still running
-    after `timeout` seconds is SIGKILLed."""
-    state = read_state()
-    if state is None:
-        return []
-    for group in state.process_groups:
-        try:
-            os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive_group(g) for g in state.process_groups):
-        time.sleep(0.5)
-    for group in state.process_groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive_group(g) for g in state.process_groups):
-        time.sleep(0.2)  # SIGKILL is sent, not yet done
-    for pid in _cluster_pids(state.ray_address):  # workers that left the process group
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    forget_current_cluster(state.ray_address)
-    state_file().unlink(missing_ok=True)
-    return state.process_groups
+    after `timeout` seconds is SIGKILLed. Only processes that carry the cluster's id are signalled."""
+    with _exclusive():
+        state = read_state()
+        if state is None:
+            return []
+        ours = set(processes_of_cluster(state.cluster_id))
+        groups = [group for group in state.process_groups if group in ours]
+        _signal_groups(groups, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive_group(g) for g in groups):
+            time.sleep(0.5)
+        _signal_groups(groups, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive_group(g) for g in groups):
+            time.sleep(0.2)  # SIGKILL is sent, not yet done
+        for pid in processes_of_cluster(state.cluster_id):  # Ray workers that left the process groups
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        forget_current_cluster(state.ray_address)
+        state_file().unlink(missing_ok=True)
+        return groups
 
 
 def forget_current_cluster(ray_address: str) -> None:

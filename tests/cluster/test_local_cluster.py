@@ -3,10 +3,12 @@ state file. Failures are one line with exit 2 (bad use) or 1 (a service), never 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,46 @@ def test_bad_use_and_a_broken_state_file_are_one_line(tmp_path) -> None:
     _one_line_error(_aiayn("status", env=env), 2)
     _one_line_error(_aiayn("up", env=env), 2)
     assert state.read_text() == "{not json"  # nothing of the user's is replaced
+
+
+def test_down_with_a_stale_state_file_never_signals_an_unrelated_process(tmp_path) -> None:
+    """After a crash or reboot the recorded process ids may belong to someone else now."""
+    env = _env(tmp_path)
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a live process group leader
+    try:
+        state = Path(env["AIAYN_HOME"]) / "cluster.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({
+            "ray_address": "127.0.0.1:1", "dashboard_url": "http://127.0.0.1:2", "mlflow_url": "",
+            "process_groups": [bystander.pid], "nodes": 1, "log_dir": str(tmp_path), "cluster_id": "0" * 32,
+        }))
+        down = _aiayn("down", env=env)
+        assert down.returncode == 0, down.stderr
+        time.sleep(0.5)
+        assert bystander.poll() is None  # still running: it never carried the cluster's id
+        assert not state.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.slow
+def test_two_concurrent_ups_leave_one_cluster_and_down_leaves_nothing(tmp_path) -> None:
+    from cluster.local_cluster import processes_of_cluster
+
+    env = _env(tmp_path)
+    command = [sys.executable, "-m", "jobs.cli", "cluster", "up", "--nodes", "1", "--cpus-per-node", "1",
+               "--no-mlflow", "--no-object-store"]
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            for _ in range(2)]
+    results = [(p.wait(timeout=180), *p.communicate()) for p in both]
+    try:
+        assert sorted(code for code, _, _ in results) == [0, 2], results
+        loser = next(err for code, _, err in results if code == 2)
+        assert len(loser.strip().splitlines()) == 1 and "Traceback" not in loser
+        state = json.loads(next(out for code, out, _ in results if code == 0))
+    finally:
+        down = _aiayn("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not (Path(env["AIAYN_HOME"]) / "cluster.json").exists()  # the state is gone with the cluster
+    assert processes_of_cluster(state["cluster_id"]) == []
