@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -35,6 +36,17 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_local(uri):
         return pafs.LocalFileSystem(), str(local_path(uri))
     return pafs.FileSystem.from_uri(uri)
+
+
+_SECRET_QUERY = re.compile(r"([?&](?:[^=&]*(?:token|secret|password|passwd|key|signature|credential)[^=&]*)=)[^&]*",
+                           re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """A URI (or any string) safe to print or log: credentials in its user-info part
+    (scheme://user:password@host) and secret-looking query parameters are replaced by ***."""
+    text = re.sub(r"(\w[\w+.-]*://)[^/@\s]+@", r"\1***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
 
 
 def join(uri: str, *parts: str) -> str:

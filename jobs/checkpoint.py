@@ -4,11 +4,12 @@ A checkpoint directory (Ray Train merges every rank's files into one):
     deepspeed/state/...          DeepSpeed's own files (model, ZeRO optimizer partitions, scheduler)
     job_state.json               rank 0: step, epoch, tokens, elapsed time, MLflow run id, config...
     rank_00001.pt                each rank: its data position and RNG state
-    rank_00001.complete          each rank, written last: the size of every file that rank wrote
-    deepspeed_universal/state/   added when the checkpoint is resumed at another world size:
-                                 DeepSpeed's universal format (ds_to_universal), written atomically
-A checkpoint is complete only if job_state.json exists and every rank's marker matches the files
-on disk; anything else (a write that was interrupted) is never loaded.
+    rank_00001.complete          each rank, written last: size and sha256 of every file it wrote
+A checkpoint is complete only if job_state.json exists and every rank's marker matches the sizes
+on disk; anything else (a write that was interrupted) is never loaded. Before anything in it is
+deserialized (DeepSpeed's loaders unpickle), `verify` checks every file against the sha256 in the
+markers and refuses a changed file or one that no rank wrote. Resuming at another world size
+converts the ZeRO shards to DeepSpeed's universal format in node-local scratch, never beside them.
 
 Checkpoints live wherever `cluster.storage_path` points (a shared path or an object store): the
 functions that read them take URIs. Each rank writes its part into a node-local staging
@@ -32,7 +33,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.stream import StreamPosition
 
-DEEPSPEED_DIR, DEEPSPEED_TAG, UNIVERSAL_DIR = "deepspeed", "state", "deepspeed_universal"
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 JOB_STATE = "job_state.json"
 _STEP_NAME = re.compile(r"checkpoint_step(\d+)$")
 
@@ -56,6 +57,8 @@ class JobState:
     best_valid_loss: float = math.inf
     validations_without_improvement: int = 0
     config: dict = field(default_factory=dict)
+    pending_metrics: list = field(default_factory=list)  # not yet in MLflow when saved (an outage)
+    skipped_steps: int = 0  # updates skipped for non-finite gradients
 
 
 @dataclass
@@ -80,11 +83,11 @@ def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | No
     torch.save({"position": rank_state.position.to_dict(), "rng_state": rank_state.rng_state}, directory / state_file)
     if job_state is not None:
         (directory / JOB_STATE).write_text(json.dumps(asdict(job_state), indent=2))
-    sizes = {
-        str(path.relative_to(directory)): path.stat().st_size
+    files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": storage.sha256_of(str(path))}
         for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".complete")
     }
-    (directory / marker).write_text(json.dumps(sizes, indent=1))
+    (directory / marker).write_text(json.dumps(files, indent=1))
 
 
 def read_job_state(directory: str) -> JobState:
@@ -94,6 +97,20 @@ def read_job_state(directory: str) -> JobState:
     return JobState(**data)
 
 
+def _markers(directory: str, world_size: int) -> list[dict] | None:
+    """Each rank's marker ({file: {size, sha256}}), or None if one is missing or unreadable."""
+    markers = []
+    for rank in range(world_size):
+        try:
+            marker = storage.read_json(storage.join(directory, _rank_files(rank)[1]))
+        except ValueError:
+            return None
+        if not isinstance(marker, dict) or not all(isinstance(entry, dict) for entry in marker.values()):
+            return None
+        markers.append(marker)
+    return markers
+
+
 def is_complete(directory: str) -> bool:
     """True if every rank finished writing its files (sizes match the markers)."""
     directory = str(directory)
@@ -101,19 +118,34 @@ def is_complete(directory: str) -> bool:
         job_state = read_job_state(directory)
     except (CheckpointError, OSError, ValueError, TypeError):
         return False
+    markers = _markers(directory, job_state.world_size)
+    if markers is None:
+        return False
     on_disk = storage.file_sizes(directory)
-    for rank in range(job_state.world_size):
-        try:
-            sizes = storage.read_json(storage.join(directory, _rank_files(rank)[1]))
-        except ValueError:
-            return False
-        if sizes is None or any(on_disk.get(name) != size for name, size in sizes.items()):
-            return False
-    return True
+    return all(on_disk.get(name) == entry.get("size") for marker in markers for name, entry in marker.items())
+
+
+def verify(directory: str) -> None:
+    """Refuse (CheckpointError) a checkpoint any of whose files differs from what its ranks
+    recorded, or that holds a file no rank wrote: its files are unpickled when loaded."""
+    directory = str(directory)
+    if not is_complete(directory):
+        raise CheckpointError(f"{directory} is incomplete (interrupted while being written, or not aiayn's); "
+                              "not loading it")
+    recorded: dict[str, str] = {}
+    for marker in _markers(directory, read_job_state(directory).world_size) or []:
+        recorded.update({name: entry["sha256"] for name, entry in marker.items()})
+    for name in storage.file_sizes(directory):
+        if name.endswith(".complete"):
+            continue
+        if name not in recorded:
+            raise CheckpointError(f"{directory}/{name} was not written by aiayn with this checkpoint; not loading it")
+        if storage.sha256_of(storage.join(directory, name)) != recorded[name]:
+            raise CheckpointError(f"{directory}/{name} has changed since it was written (sha256 differs); not loading it")
 
 
 def load_rank_state(directory: Path, rank: int) -> RankState:
-    data = torch.load(directory / _rank_files(rank)[0], weights_only=False)
+    data = torch.load(directory / _rank_files(rank)[0], weights_only=True)  # tensors and plain data only
     return RankState(StreamPosition.from_dict(data["position"]), data["rng_state"])
 
 
@@ -121,15 +153,16 @@ def load_rank_states(directory: Path, world_size: int) -> list[RankState]:
     return [load_rank_state(directory, rank) for rank in range(world_size)]
 
 
-def ensure_universal(directory: Path) -> None:
-    """Convert the checkpoint's ZeRO shards to DeepSpeed's universal format (once; safe when several
-    nodes race: each converts into its own temp directory and only the first rename wins)."""
+def universal_copy(directory: Path, target: Path) -> bool:
+    """Convert the (verified) checkpoint's ZeRO shards into DeepSpeed's universal format at
+    `target` (node-local scratch), unless it is there already; returns True if this call wrote it.
+    Safe when several ranks race: each converts into its own temp directory, the first rename wins."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    target = directory / UNIVERSAL_DIR
     if target.is_dir():
-        return
-    scratch = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL_DIR}-", dir=directory))
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         ds_to_universal(argparse.Namespace(
             input_folder=str(directory / DEEPSPEED_DIR / DEEPSPEED_TAG), output_folder=str(scratch / DEEPSPEED_TAG),
@@ -141,20 +174,22 @@ def ensure_universal(directory: Path) -> None:
         except OSError:
             if not target.is_dir():
                 raise
+            return False
+        return True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_engine_state(engine, directory: Path, job_state: JobState, world_size: int, zero_stage: int) -> None:
-    """Load DeepSpeed's state; at another world size from the universal format (ZeRO 1-3) or, for
-    stage 0, whose files hold the whole optimizer state, from the ordinary files."""
+def load_engine_state(engine, directory: Path, job_state: JobState, zero_stage: int, universal: Path | None) -> None:
+    """Load DeepSpeed's state: from `universal` (a universal-format copy, for another world size
+    under ZeRO 1-3) or from the checkpoint's own files (same world size, or stage 0, whose files
+    hold the whole optimizer state)."""
     if job_state.zero_stage != zero_stage:
         raise CheckpointError(
             f"{directory} was written with ZeRO stage {job_state.zero_stage}; set train.zero_stage={job_state.zero_stage}"
         )
-    universal = job_state.world_size != world_size and zero_stage > 0
     load_path, _ = engine.load_checkpoint(
-        str(directory / (UNIVERSAL_DIR if universal else DEEPSPEED_DIR)), tag=DEEPSPEED_TAG,
+        str(universal if universal is not None else directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
         load_optimizer_states=True, load_lr_scheduler_states=True,
     )
     if load_path is None:
@@ -176,11 +211,9 @@ def latest_complete_checkpoint(run_uri: str) -> str | None:
 
 
 def local_copy(directory: str, scratch: Path) -> Path:
-    """A local directory with the checkpoint's job state and DeepSpeed files (what an export
-    reads): the checkpoint itself when it is local, else a download into `scratch`."""
+    """The checkpoint as a local directory: itself when it is local, else a download into `scratch`."""
     if storage.is_local(directory):
         return storage.local_path(directory)
     target = scratch / directory.rstrip("/").rsplit("/", 1)[1]
-    storage.copy_dir(storage.join(directory, DEEPSPEED_DIR), str(target / DEEPSPEED_DIR))
-    (target / JOB_STATE).write_text(storage.read_text(storage.join(directory, JOB_STATE)))
+    storage.copy_dir(directory, str(target))
     return target

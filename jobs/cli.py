@@ -75,14 +75,18 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
         for source, reference, hypothesis in outcome.samples:
             print(f"  SRC {source}\n  REF {reference}\n  HYP {hypothesis}\n")
+    from data_pipeline.storage import redact
+
     if outcome.tracking_uri.startswith(("http://", "https://")):
         from mlflow.tracking import MlflowClient
 
         experiment = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
-        print(f"MLflow run: {outcome.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{outcome.run_id}")
+        page = f"{outcome.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{outcome.run_id}"
+        print(f"MLflow run: {redact(page)}")
     else:
-        print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}\n"
-              f"  browse it: mlflow ui --backend-store-uri {outcome.tracking_uri}   (then open http://127.0.0.1:5000)")
+        store = redact(outcome.tracking_uri)
+        print(f"MLflow run {outcome.run_id} in {store}\n"
+              f"  browse it: mlflow ui --backend-store-uri {store}   (then open http://127.0.0.1:5000)")
     return 0
 
 
@@ -145,10 +149,13 @@ def _cluster_summary(state) -> dict:
     return {"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
             "mlflow": state.mlflow_url, "object_store": state.object_store, "nodes": state.nodes,
             "isolated": state.isolated, "logs": state.log_dir, "process_groups": state.process_groups,
+            "cluster_id": state.cluster_id,
             "state_file": str(local_cluster.state_file())}
 
 
 def _submit(args: argparse.Namespace) -> int:
+    import os
+
     from jobs import submit
 
     command = [c for c in args.command if c != "--"]
@@ -157,12 +164,12 @@ def _submit(args: argparse.Namespace) -> int:
         from cluster.local_cluster import read_state
 
         state = read_state()
-        tracking = state.mlflow_url if state is not None and not args.address else ""
-    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking)
-    passed = submit.passed_through_names()
+        local = state.mlflow_url if state is not None and not args.address else ""
+        tracking = local or os.environ.get("MLFLOW_TRACKING_URI", "")
+    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking, named_env=args.env)
     print(job_id)
-    if passed:
-        print(f"passed through (values not shown): {', '.join(passed)}", file=sys.stderr)
+    if args.env:
+        print(f"passed to the job (values not shown; kept in Ray's job record): {', '.join(args.env)}", file=sys.stderr)
     return 0
 
 
@@ -257,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", default="", help="Jobs API URL, e.g. http://127.0.0.1:8265 (default: local cluster)")
     submit.add_argument("--name", default="", help="submission id")
     submit.add_argument("--tracking-uri", default="", help="MLFLOW_TRACKING_URI for the job")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this variable of your shell to the job (repeatable); nothing secret is passed "
+                             "otherwise, since Ray keeps job variables in its record and logs")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="-- <aiayn command>")
     submit.set_defaults(handler=_submit)
 

@@ -63,13 +63,15 @@ class TrainConfig:
     average_last: int = 4  # average the weights of the last N checkpoints for the export (§6.1)
     beam_size: int = 4
     length_penalty: float = 0.6
+    max_consecutive_skips: int = 10  # stop after this many updates in a row skipped for non-finite gradients
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for key in ("grad_accum", "threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size"):
+        for key in ("grad_accum", "threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size",
+                    "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
         if self.average_last > self.keep_checkpoints:
@@ -82,6 +84,20 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local store ./mlruns
     experiment: str = "aiayn"
+    # The MLflow client's budget per request during training (None: MLflow's defaults, about 4
+    # minutes of retries). Metrics that cannot be sent are kept and resent, so a short budget only
+    # makes an outage cheaper for the training loop.
+    http_retries: int | None = None
+    http_timeout_s: float | None = None
+
+    def environment(self) -> dict[str, str]:
+        """MLflow's own variables for this budget."""
+        env = {}
+        if self.http_retries is not None:
+            env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_retries)
+        if self.http_timeout_s is not None:
+            env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(self.http_timeout_s))
+        return env
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,23 @@ def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
 
 def config_to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def public_config(config: Any) -> dict:
+    """The config as it may be printed, logged to MLflow and stored in checkpoints: every string
+    redacted of credentials (a tracking URI with a password, a signed URL)."""
+    from data_pipeline.storage import redact
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        return value
+
+    return clean(config_to_dict(config))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -42,6 +42,10 @@ def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_m
     it where users find it (atomically) is `data_pipeline.storage.publish_directory`'s job."""
     model = build_model(model_config)
     averaged = average_state_dicts([consolidated_state_dict(c) for c in checkpoints])
+    broken = [name for name, tensor in averaged.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ckpt.CheckpointError(f"{', '.join(c.name for c in checkpoints)}: weights {broken[:3]} are not finite; "
+                                   "not exporting them")
     missing, unexpected = model.load_state_dict(averaged, strict=False)
     tied = {"output.proj.weight", "tgt_embed.tokens.weight"}
     if unexpected or set(missing) - tied:

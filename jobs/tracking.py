@@ -88,37 +88,86 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
 
 
 class MetricLogger:
-    """Logs to one run, never the same (key, step) twice, whatever restarts happened.
+    """Logs to one run, never the same (key, step) twice, whatever restarts or outages happened.
 
-    Writes are asynchronous (MLflow's own background queue) so a slow tracking server never
-    stalls a training step; `flush()` waits for them and is called before every checkpoint, so
-    everything up to a checkpoint's step is in the run before that checkpoint can be resumed.
+    Tracking is a side channel: nothing here ever fails a training step or a checkpoint. Writes
+    are asynchronous (MLflow's own background queue). `flush()`, called before every checkpoint,
+    waits for them; what could not be sent stays pending, is resent at every later flush, and is
+    saved with the checkpoint (`spool()`), so a restart sends it (`restore_spool`). Before pending
+    metrics are sent, the run's history is asked again and steps it already holds are skipped
+    (a write that timed out may still have landed).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+    def __init__(self, tracking_uri: str, run_id: str, warn=print):
+        self.client, self.run_id, self.warn = MlflowClient(tracking_uri), run_id, warn
         self._last_step: dict[str, int] = {}
-        self._pending: list = []
+        self._in_flight: list[tuple[object, list[Metric]]] = []
+        self._unsent: list[Metric] = []
+        self._unsent_tags: dict[str, str] = {}
 
-    def _last(self, key: str) -> int:
-        if key not in self._last_step:
-            history = self.client.get_metric_history(self.run_id, key)
-            self._last_step[key] = max((m.step for m in history), default=-1)
-        return self._last_step[key]
+    def _history_last(self, key: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._last(k)]
-        if fresh:
-            self._pending.append(self.client.log_batch(self.run_id, metrics=fresh, synchronous=False))
-            for metric in fresh:
-                self._last_step[metric.key] = step
-
-    def flush(self) -> None:
-        """Block until every metric logged so far is stored; raises what a failed write raised."""
-        pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._last_step.get(k, -1)]
+        if not batch:
+            return
+        try:
+            for metric in batch:  # once per key: what an earlier attempt of this run already logged
+                if metric.key not in self._last_step:
+                    self._last_step[metric.key] = self._history_last(metric.key)
+            batch = [m for m in batch if m.step > self._last_step[m.key]]
+            if batch:
+                self._in_flight.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+        except Exception:  # noqa: BLE001 - the server is unreachable: keep the metrics
+            self._unsent.extend(batch)
+        for metric in batch:
+            self._last_step[metric.key] = max(self._last_step.get(metric.key, -1), step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._unsent_tags.update({key: str(value) for key, value in tags.items()})
+        self._send_tags()
+
+    def _send_tags(self) -> None:
+        if not self._unsent_tags:
+            return
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._unsent_tags.items()])
+            self._unsent_tags = {}
+        except Exception:  # noqa: BLE001 - sent at a later flush
+            pass
+
+    def flush(self) -> int:
+        """Wait for the writes in flight, then try to send what is pending. Never raises; returns
+        the number of metric values still pending (and warns about them)."""
+        in_flight, self._in_flight = self._in_flight, []
+        for operation, batch in in_flight:
+            try:
+                operation.wait()
+            except Exception:  # noqa: BLE001 - kept, and resent below or later
+                self._unsent.extend(batch)
+        self._send_tags()
+        if self._unsent:
+            self._resend()
+        if self._unsent:
+            self.warn(f"[aiayn] MLflow is unreachable: {len(self._unsent)} metric values pending; they are kept with "
+                      "the checkpoints and sent once it is back")
+        return len(self._unsent)
+
+    def _resend(self) -> None:
+        try:
+            known = {key: self._history_last(key) for key in {m.key for m in self._unsent}}
+            fresh = [m for m in self._unsent if m.step > known[m.key]]
+            for start in range(0, len(fresh), 1000):  # MLflow's limit per batch
+                self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
+            self._unsent = []
+        except Exception:  # noqa: BLE001 - still unreachable
+            pass
+
+    def spool(self) -> list[dict]:
+        """What is pending, for the checkpoint: plain data."""
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._unsent]
+
+    def restore_spool(self, spooled: list[dict]) -> None:
+        self._unsent.extend(Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"])) for d in spooled)

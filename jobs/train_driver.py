@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 
 from data_pipeline import storage
 from data_pipeline.errors import InputError
-from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
-from jobs.config import JobConfig, config_to_dict, flatten
+from jobs.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
 
 
@@ -134,8 +134,11 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
     plan = validate(job)
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
-    if resume_from and not ckpt.is_complete(resume_from):
-        raise InputError(f"--resume {resume_from}: not a complete checkpoint directory")
+    if resume_from:
+        try:
+            ckpt.verify(resume_from)
+        except ckpt.CheckpointError as error:
+            raise InputError(f"--resume {resume_from}: not a complete, unchanged aiayn checkpoint ({error})") from None
     connect(job.cluster.address)
     check_reaches_every_node(shared_locations(job, tracking_uri))
     if not plan.up_to_date:
@@ -143,13 +146,14 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
         run_prepare(plan)
         _check_budget(job, load_manifest(job.data.dataset_uri))  # validate() could not: no data yet
     manifest = load_manifest(job.data.dataset_uri)  # pinned: the workers read this version
+    verify_dataset(manifest)
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),
             "world_size": str(job.cluster.num_workers), "zero_stage": str(job.train.zero_stage)}
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, name,
-                                         flatten(config_to_dict(job)), tags)
-    log(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {tracking_uri}")
+                                         flatten(public_config(job)), tags)
+    log(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
     loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri,
                    "tracking_uri": tracking_uri, "run_id": run_id, "resume_from": resume_from}
     started = time.time()
@@ -177,8 +181,11 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         tokenizer_bytes = handle.read()
     export_uri = storage.join(run_uri, "export")
     with tempfile.TemporaryDirectory(prefix="aiayn-finish-", dir=job.cluster.staging_dir or None) as scratch:
+        local = [ckpt.local_copy(c, Path(scratch)) for c in chosen]
+        for directory in local:
+            ckpt.verify(str(directory))  # the export unpickles DeepSpeed's files
         local_export = export_model(
-            [ckpt.local_copy(c, Path(scratch)) for c in chosen], job.model.replace(vocab_size=manifest.vocab_size),
+            local, job.model.replace(vocab_size=manifest.vocab_size),
             tokenizer_bytes,
             {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": manifest.uri},
@@ -188,8 +195,25 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         outcome = TrainOutcome(name, run_id, tracking_uri, export_uri, final_state.step)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        _log_artifacts(job, outcome, manifest, local_export)
+        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, chosen[-1])
     return outcome
+
+
+def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
+                   pending_metrics: list, checkpoint_uri: str) -> None:
+    """Send what the workers could not (an outage at the end) and the artifacts. MLflow being down
+    now costs the artifacts of this run, not the run: the export is in storage already."""
+    from jobs.tracking import MetricLogger
+
+    logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
+    logger.restore_spool(pending_metrics)
+    if logger.flush():
+        print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
+    try:
+        _log_artifacts(job, outcome, manifest, export_dir)
+    except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
+        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
+              f"{outcome.export_uri}, not logged as an artifact")
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
@@ -217,7 +241,7 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     client = MlflowClient(outcome.tracking_uri)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        (folder / "resolved_config.json").write_text(json.dumps(config_to_dict(job), indent=2))
+        (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
         (folder / "data_manifest.json").write_text(json.dumps(manifest.data, indent=2))
         if outcome.samples:
             (folder / "sample_translations.txt").write_text("\n\n".join(

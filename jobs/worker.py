@@ -12,7 +12,10 @@ zero-weight dummy batch until every rank has, then all start the next epoch toge
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import shutil
 import socket
 import tempfile
 import time
@@ -28,7 +31,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream, StreamPosition, redistribute
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from jobs import checkpoint as ckpt
-from jobs.config import JobConfig, build_section, config_to_dict
+from jobs.config import JobConfig, build_section, public_config
 from jobs.deepspeed_config import deepspeed_config
 from jobs.evaluation import bleu, detokenize, load_processor, read_eval_split, translate_ids
 from jobs.throughput import batch_training_flops, device_peak_flops
@@ -36,6 +39,10 @@ from jobs.tracking import MetricLogger
 from transformer import build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import inverse_sqrt_lr, noam_lr
+
+class NonFiniteTraining(RuntimeError):
+    """The loss or the weights stopped being finite."""
+
 
 _DUMMY = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
 
@@ -100,7 +107,11 @@ class Trainer:
             position = self._build(None)
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=position, max_length=self.model_config.max_positions)
-        self.logger = MetricLogger(self.tracking_uri, self.run_id) if self.rank == 0 else None
+        self.logger = None
+        if self.rank == 0:
+            os.environ.update(self.job.tracking.environment())
+            self.logger = MetricLogger(self.tracking_uri, self.run_id)
+            self.logger.restore_spool(self.state.pending_metrics)
         self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
         # The dropout stream of this rank, set last so that nothing above can draw from it.
         if self._saved_rng is not None:
@@ -115,14 +126,8 @@ class Trainer:
         job = self.job
         saved = self._check(checkpoint) if checkpoint is not None else None
         resized = saved is not None and saved.world_size != self.world
-        if resized and job.train.zero_stage > 0:
-            if self.local_rank == 0:
-                ckpt.ensure_universal(checkpoint)  # once per node: each may see its own copy
-            dist.barrier()
-            # Ray groups local ranks by node IP, which need not mean one disk: a rank that does not
-            # see its local rank 0's conversion converts its own copy (a no-op when it sees it).
-            ckpt.ensure_universal(checkpoint)
-        elif resized:
+        universal = self._universal_copy(checkpoint) if resized and job.train.zero_stage > 0 else None
+        if resized:
             dist.barrier()
         torch.manual_seed(job.train.seed)  # identical initial weights on every rank
         model = build_model(self.model_config)
@@ -133,13 +138,17 @@ class Trainer:
         )
         self.resumed_from_step: int | None = None
         self._saved_rng: torch.Tensor | None = None
+        self.consecutive_skips = 0
         if saved is None:
             self.state = ckpt.JobState(
                 mlflow_run_id=self.run_id, world_size=self.world, zero_stage=job.train.zero_stage,
-                tokenizer_sha256=self.manifest.tokenizer_sha256, config=config_to_dict(job),
+                tokenizer_sha256=self.manifest.tokenizer_sha256, config=public_config(job),
             )
             return StreamPosition()
-        ckpt.load_engine_state(self.engine, checkpoint, saved, self.world, job.train.zero_stage)
+        ckpt.load_engine_state(self.engine, checkpoint, saved, job.train.zero_stage, universal)
+        if universal is not None:
+            dist.barrier()  # every rank of the node has loaded it
+            shutil.rmtree(universal, ignore_errors=True)
         self.state, self.resumed_from_step = saved, saved.step
         self.state.mlflow_run_id, self.state.world_size = self.run_id, self.world
         if not resized:
@@ -149,9 +158,19 @@ class Trainer:
         old = [state.position for state in ckpt.load_rank_states(checkpoint, saved.world_size)]
         return redistribute(self.manifest, "train", job.stream, old, saved.epoch, self.world)[self.rank]
 
+    def _universal_copy(self, checkpoint: Path) -> Path:
+        """The checkpoint in DeepSpeed's universal format, in node-local scratch: converted once per
+        node by local rank 0. Ray groups local ranks by node IP, which need not mean one disk, so a
+        rank that does not see its local rank 0's copy after the barrier converts its own."""
+        target = Path(tempfile.gettempdir()) / f"aiayn-universal-{hashlib.sha256(str(checkpoint).encode()).hexdigest()[:16]}"
+        if self.local_rank == 0:
+            ckpt.universal_copy(checkpoint, target)
+        dist.barrier()
+        ckpt.universal_copy(checkpoint, target)
+        return target
+
     def _check(self, directory: Path) -> ckpt.JobState:
-        if not ckpt.is_complete(str(directory)):
-            raise ckpt.CheckpointError(f"{directory} is incomplete (interrupted while being written); not loading it")
+        ckpt.verify(str(directory))  # before DeepSpeed unpickles anything in it
         saved = ckpt.read_job_state(str(directory))
         if saved.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ckpt.CheckpointError(f"{directory} was trained with another tokenizer than the dataset's")
@@ -168,6 +187,28 @@ class Trainer:
             self.engine.step()
             window.loss += float(loss.detach()) * weight
             window.nll += float(nll) * weight
+        self._count_skipped()
+
+    def _count_skipped(self) -> None:
+        """ZeRO 1-3 skip, on every rank alike, an update whose global gradient norm is not finite
+        (NaN or inf loss). A few are survivable; many in a row mean the run has diverged."""
+        if self.engine.was_step_applied():
+            self.consecutive_skips = 0
+            return
+        self.state.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.job.train.max_consecutive_skips:
+            raise NonFiniteTraining(
+                f"step {self.state.step + 1}: the last {self.consecutive_skips} updates had non-finite gradients and "
+                f"were skipped; the run has diverged: lower optim.lr, raise optim.warmup_steps or check the data"
+            )
+
+    def _check_finite_weights(self) -> None:
+        """Never write a checkpoint with non-finite weights (it would rotate the good ones out)."""
+        if self.job.train.zero_stage == 3:
+            return  # parameters are partitioned; their updates were already guarded by the skip above
+        if not all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters()):
+            raise NonFiniteTraining(f"step {self.state.step}: the weights are not finite; not saving this checkpoint")
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,7 +224,9 @@ class Trainer:
             sums = [sums[0] + float(loss), sums[1] + float(nll), sums[2] + batch.target_tokens]
         self.engine.train()
         loss, nll, tokens = _all_sum(sums)
-        return {"valid/loss": loss / tokens, "valid/nll": nll / tokens, "valid/ppl": math.exp(nll / tokens)}
+        if tokens == 0:
+            return {}  # nothing in valid fits the budget
+        return {"valid/loss": loss / tokens, "valid/nll": nll / tokens, "valid/ppl": math.exp(min(nll / tokens, 50))}
 
     @torch.no_grad()
     def validation_bleu(self) -> dict[str, float]:
@@ -210,6 +253,7 @@ class Trainer:
     def save(self, metrics: dict[str, float]) -> None:
         import ray.train
 
+        self._check_finite_weights()
         with tempfile.TemporaryDirectory(prefix=f"aiayn-ckpt-r{self.rank}-") as local:
             directory = Path(local)
             ckpt.save_checkpoint(
@@ -296,6 +340,7 @@ class Trainer:
             if stop or save_due or (train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0):
                 if self.logger is not None:
                     self.logger.flush()
+                    self.state.pending_metrics = self.logger.spool()  # kept with the checkpoint
                 self.save(metrics)
                 last_save = time.monotonic()
 
@@ -319,6 +364,7 @@ class Trainer:
             "train/tokens_per_s": window.tokens / seconds, "train/step_time_s": seconds / window.steps,
             "train/data_wait_s": window.data_wait / window.steps, "train/epoch": float(self.state.epoch),
             "train/tokens_seen": float(self.state.tokens_seen),
+            "train/skipped_steps": float(self.state.skipped_steps),
         }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:

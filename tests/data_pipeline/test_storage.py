@@ -56,11 +56,16 @@ def test_publish_replaces_only_what_aiayn_wrote(root, tmp_path) -> None:
 
 
 def _fake_checkpoint(directory: str, world_size: int) -> None:
+    """The layout save_checkpoint writes: files, then each rank's marker with their size and sha256."""
+    def entry(name: str) -> dict:
+        uri = storage.join(directory, name)
+        return {"size": storage.file_sizes(directory)[name], "sha256": storage.sha256_of(uri)}
+
     storage.write_bytes_atomic(storage.join(directory, ckpt.JOB_STATE), json.dumps({"step": 5, "world_size": world_size}).encode())
     for rank in range(world_size):
-        shard = storage.join(directory, f"deepspeed/state/shard_{rank}.pt")
-        storage.write_bytes_atomic(shard, bytes(100 + rank))
-        marker = {f"deepspeed/state/shard_{rank}.pt": 100 + rank, ckpt.JOB_STATE: storage.file_sizes(directory)[ckpt.JOB_STATE]}
+        shard = f"deepspeed/state/shard_{rank}.pt"
+        storage.write_bytes_atomic(storage.join(directory, shard), bytes(100 + rank))
+        marker = {shard: entry(shard), ckpt.JOB_STATE: entry(ckpt.JOB_STATE)}
         storage.write_bytes_atomic(storage.join(directory, f"rank_{rank:05d}.complete"), json.dumps(marker).encode())
 
 
@@ -75,6 +80,10 @@ def test_checkpoint_completeness_and_listing_through_uris(root, tmp_path) -> Non
     assert ckpt.latest_complete_checkpoint(run) == storage.join(run, ckpt.checkpoint_dir_name(10))
     local = ckpt.local_copy(ckpt.latest_complete_checkpoint(run), tmp_path / "scratch")
     assert ckpt.read_job_state(str(local)).step == 5 and (local / "deepspeed" / "state" / "shard_1.pt").stat().st_size == 101
+    ckpt.verify(str(local))  # the download is byte for byte what the ranks recorded
+    storage.write_bytes_atomic(storage.join(run, ckpt.checkpoint_dir_name(10), "deepspeed/state/shard_0.pt"), bytes([1]) * 100)
+    with pytest.raises(ckpt.CheckpointError, match="has changed"):  # same size, other bytes: checked remotely too
+        ckpt.verify(storage.join(run, ckpt.checkpoint_dir_name(10)))
 
 
 def _write_version(dataset: str, fingerprint: str, complete: bool = True) -> str:

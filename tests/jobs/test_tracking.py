@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster.local import free_port, start_mlflow_server
 from jobs.tracking import MetricLogger, find_or_create_run
 
 
@@ -30,3 +32,37 @@ def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> Non
     assert values[7] == 3.0 and values[8] == 108.0  # the first value of each step is kept
     assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "valid/loss")] == [6, 7, 8, 9, 10]
     assert MlflowClient(uri).get_run(run_id).data.params["train.max_steps"] == "10"
+
+
+@pytest.mark.slow
+def test_an_outage_loses_no_metric_and_logs_none_twice(tmp_path, monkeypatch) -> None:
+    """The server goes down, the trainer dies during the outage and restarts from its checkpoint
+    (whose spool holds what was not sent), the server comes back: every step exactly once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a short client budget: tracking.http_retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port, store = free_port(), tmp_path / "store"
+    server, url = start_mlflow_server(tmp_path / "logs", store, port=port)
+    try:
+        run_id, _ = find_or_create_run(url, "exp", "outage", {}, {})
+        warnings: list[str] = []
+        first = MetricLogger(url, run_id, warn=warnings.append)
+        for step in range(1, 6):
+            first.log({"train/loss": float(step)}, step)
+        assert first.flush() == 0
+        server.stop()  # the outage begins
+        for step in range(6, 11):
+            first.log({"train/loss": float(step)}, step)
+        assert first.flush() == 5 and "5 metric values pending" in warnings[-1]
+        spooled = first.spool()  # saved with the checkpoint of step 10; then the trainer dies
+        restarted = MetricLogger(url, run_id, warn=warnings.append)
+        restarted.restore_spool(spooled)
+        for step in range(11, 13):
+            restarted.log({"train/loss": float(step)}, step)
+        assert restarted.flush() == 7
+        server, _ = start_mlflow_server(tmp_path / "logs", store, port=port)  # the server is back
+        assert restarted.flush() == 0
+        history = MlflowClient(url).get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 13))
+        assert all(m.value == float(m.step) for m in history)
+    finally:
+        server.stop()

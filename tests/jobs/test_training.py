@@ -30,6 +30,7 @@ from tests.jobs.helpers import tiny_job, tiny_overrides
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 30
+SECRET = "s3cret-in-the-uri"
 
 
 def _quiet(*_args) -> None:
@@ -90,7 +91,8 @@ def _kill_one_train_worker() -> None:
 def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
     """An uninterrupted ZeRO-2 run, tracked on the real MLflow server."""
     root = tmp_path_factory.mktemp("reference")
-    outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=mlflow_server), log=_quiet)
+    with_credentials = mlflow_server.replace("http://", f"http://aiayn:{SECRET}@")  # the server ignores them
+    outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials), log=_quiet)
     return root, outcome
 
 
@@ -107,6 +109,11 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature"} <= set(run.data.tags)
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
     assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
+    # the tracking URI's credentials are nowhere: params, the config artifact, checkpoints
+    assert not [v for v in run.data.params.values() if SECRET in v] and "***@" in run.data.params["tracking.uri"]
+    config = MlflowClient(mlflow_server).download_artifacts(outcome.run_id, "resolved_config.json", str(root))
+    assert SECRET not in Path(config).read_text()
+    assert not [p for p in (root / "runs").rglob("*.json") if SECRET in p.read_text()]
     assert outcome.test_bleu is not None and "nrefs:1" in outcome.bleu_signature
 
 
@@ -170,9 +177,33 @@ def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> N
     assert ckpt.latest_complete_checkpoint(run_dir) == last
     (broken / "rank_00001.complete").unlink()  # or the rank never finished at all
     assert not ckpt.is_complete(broken)
-    with pytest.raises(InputError, match="not a complete checkpoint"):
+    with pytest.raises(InputError, match="not a complete, unchanged aiayn checkpoint"):
         train(tiny_job({"train": "", "valid": "", "test": "", "root": tmp_path}, tmp_path, "x",
                        extra=("data.source.format=multi30k",)), resume_from=str(broken))
+
+
+def test_a_changed_or_foreign_checkpoint_file_is_refused_before_loading(reference_run, tmp_path) -> None:
+    root, _ = reference_run
+    source = ckpt.latest_complete_checkpoint(root / "runs" / "reference")
+    changed = tmp_path / "changed"
+    shutil.copytree(source, changed)
+    shard = next(changed.rglob("zero_pp_rank_1_*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.is_complete(changed)  # sizes alone cannot tell
+    with pytest.raises(ckpt.CheckpointError, match="has changed"):
+        ckpt.verify(str(changed))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(source, foreign)
+    (foreign / "deepspeed" / "state" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"not ours")
+    with pytest.raises(ckpt.CheckpointError, match="not written by aiayn"):
+        ckpt.verify(str(foreign))
+    started = time.monotonic()
+    with pytest.raises(InputError, match="has changed"):
+        train(tiny_job({"train": "", "valid": "", "test": "", "root": tmp_path}, tmp_path, "x",
+                       extra=("data.source.format=multi30k",)), resume_from=str(changed))
+    assert time.monotonic() - started < 60  # refused before any cluster resource is taken
 
 
 def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
@@ -184,7 +215,7 @@ def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus,
     job = tiny_job(tiny_corpus, tmp_path, "resized", address=ray_cluster,
                    extra=("cluster.num_workers=1", "train.validate_every=0"))
     outcome = train(job, resume_from=str(checkpoint), log=_quiet)
-    assert (checkpoint / ckpt.UNIVERSAL_DIR).is_dir()
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == [ckpt.DEEPSPEED_DIR]  # converted elsewhere
     [run] = _runs_named(outcome.tracking_uri, "resized")
     assert int(run.data.tags["resumed_from_step"]) == 20 and run.data.tags["world_size"] == "1"
     assert _steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))

@@ -1,0 +1,26 @@
+"""What aiayn itself unpickles from a checkpoint: only tensors and plain data."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from data_pipeline.stream import StreamPosition
+from jobs import checkpoint as ckpt
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_rank_state_round_trips_and_refuses_arbitrary_objects(tmp_path) -> None:
+    position = StreamPosition(epoch=1, window=2, batch=3, plan=((4, 5),), plan_window_units=6)
+    torch.save({"position": position.to_dict(), "rng_state": torch.get_rng_state()}, tmp_path / "rank_00000.pt")
+    loaded = ckpt.load_rank_state(tmp_path, 0)
+    assert loaded.position == position and torch.equal(loaded.rng_state, torch.get_rng_state())
+    torch.save({"position": position.to_dict(), "rng_state": _RunsCodeWhenUnpickled()}, tmp_path / "rank_00001.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_rank_state(tmp_path, 1)

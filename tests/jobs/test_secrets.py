@@ -1,0 +1,42 @@
+"""Secrets travel only when named, and never appear where aiayn prints, logs or stores config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.errors import InputError
+from data_pipeline.storage import redact
+from jobs.config import flatten, load_job_config, public_config
+from jobs.submit import runtime_env
+
+
+def test_a_job_gets_no_secret_unless_it_is_named(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdef")
+    monkeypatch.setenv("AIAYN_TORCH_SPEC", "torch==2.6.0")
+    plain = runtime_env([], "http://127.0.0.1:5000")["env_vars"]
+    assert plain == {"AIAYN_TORCH_SPEC": "torch==2.6.0", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+    named = runtime_env(["HF_TOKEN"])["env_vars"]
+    assert named["HF_TOKEN"] == "hf_abcdef" and "AWS_SECRET_ACCESS_KEY" not in named
+    with pytest.raises(InputError, match="--env NOT_SET_ANYWHERE"):
+        runtime_env(["NOT_SET_ANYWHERE"])
+    with pytest.raises(InputError, match="holds credentials"):
+        runtime_env([], "https://alice:hunter2@mlflow.example.com")
+
+
+def test_credentials_in_uris_are_redacted() -> None:
+    assert redact("https://alice:hunter2@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
+    assert redact("postgresql://u:p@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    signed = redact("https://bucket.s3.amazonaws.com/k?X-Amz-Signature=abc123&X-Amz-Credential=AKIA&part=2")
+    assert "abc123" not in signed and "AKIA" not in signed and "part=2" in signed
+    assert redact("s3://bucket/runs") == "s3://bucket/runs" and redact("data/corpus") == "data/corpus"
+
+
+def test_the_public_config_holds_no_credential() -> None:
+    job = load_job_config(None, ["tracking.uri=https://alice:hunter2@mlflow.example.com",
+                                 "cluster.storage_path=s3://bucket/runs"])
+    public = public_config(job)
+    assert "hunter2" not in json.dumps(public) and "hunter2" not in json.dumps(flatten(public))
+    assert public["cluster"]["storage_path"] == "s3://bucket/runs"
