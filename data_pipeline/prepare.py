@@ -58,6 +58,10 @@ def plan_prepare(config: PrepareConfig) -> PreparePlan:
     inputs, described = {}, []
     for split in SPLITS:
         found = split_inputs(config.source, split)
+        inside = [path for path in (found.paths if found else ()) if storage.is_within(path, config.dataset_uri)]
+        if inside:
+            raise InputError(f"data.source.{split}={inside[0]} lies inside the output {config.dataset_uri}, which "
+                             "prepare manages; keep the corpus elsewhere")
         if found is not None:
             inputs[split] = found
             described.append(check_split(config.source, found, skip_invalid))

@@ -49,6 +49,16 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", text)
 
 
+def is_within(uri: str, directory: str) -> bool:
+    """Whether `uri` is `directory` or lies below it (local paths compared resolved)."""
+    if is_local(uri) != is_local(directory):
+        return False
+    if is_local(uri):
+        path, root = local_path(uri), local_path(directory)
+        return path == root or root in path.parents
+    return (uri.rstrip("/") + "/").startswith(directory.rstrip("/") + "/")
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
@@ -117,7 +127,8 @@ def copy_dir(source: str, destination: str) -> None:
     if isinstance(destination_fs, pafs.LocalFileSystem):
         Path(destination_path).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
-                    destination_filesystem=destination_fs, use_threads=True)
+                    destination_filesystem=destination_fs, chunk_size=64 << 20,  # few requests per shard
+                    use_threads=True)
 
 
 def publish_directory(local: Path, destination: str, marker: str) -> None:

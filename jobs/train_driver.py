@@ -85,7 +85,9 @@ def validate(job: JobConfig) -> PreparePlan:
     _storage_root(job)
     plan = plan_prepare(job.data)
     if plan.up_to_date:
-        _check_budget(job, load_manifest(job.data.dataset_uri))
+        manifest = load_manifest(job.data.dataset_uri)
+        verify_dataset(manifest)  # a changed or corrupted shard: refused before any resource is taken
+        _check_budget(job, manifest)
     if job.train.precision != "fp32" and not job.cluster.use_gpu:
         raise InputError(f"train.precision={job.train.precision} needs GPUs (cluster.use_gpu=true); use fp32 on CPU")
     return plan
@@ -146,7 +148,6 @@ def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
         run_prepare(plan)
         _check_budget(job, load_manifest(job.data.dataset_uri))  # validate() could not: no data yet
     manifest = load_manifest(job.data.dataset_uri)  # pinned: the workers read this version
-    verify_dataset(manifest)
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),

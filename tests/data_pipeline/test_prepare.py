@@ -142,3 +142,12 @@ def test_reusing_a_tokenizer_and_monolingual_data(local_ray, corpus, tmp_path) -
     assert manifest["monolingual"] and manifest["tokenizer"]["sha256"] == tokenizer_sha256(model)
     table = pq.read_table(load_manifest(str(tmp_path / "data" / "mono")).shard_uris("train")[0][0])
     assert "tgt_ids" not in table.column_names
+
+
+def test_a_corpus_inside_the_output_is_refused(corpus, tmp_path) -> None:
+    out = tmp_path / "data"
+    inside = out / "text-en-de" / "raw"
+    prefix = write_parallel_corpus(inside, 20, prefix="train")
+    with pytest.raises(InputError, match="lies inside the output"):
+        plan_prepare(_config((prefix, corpus[1]), out))
+    assert sorted(p.name for p in inside.iterdir()) == ["train.de", "train.en"]  # untouched

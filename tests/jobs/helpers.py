@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
+from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, load_job_config
+from jobs.tracking import RUN_NAME_TAG
 
 
 def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tracking: str = "") -> list[str]:
@@ -31,3 +38,38 @@ def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tr
 def tiny_job(corpus: dict, root: Path, name: str, *, address: str = "", tracking: str = "",
              extra: tuple[str, ...] = ()) -> JobConfig:
     return load_job_config(None, tiny_overrides(corpus, root, name, address=address, tracking=tracking) + list(extra))
+
+
+def runs_named(tracking_uri: str, name: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def steps(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[int]:
+    return [m.step for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def registered(run_dir: Path, name: str) -> bool:
+    """Ray Train has registered the checkpoint (its snapshot names it), so a restart will load it."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(entry.get("checkpoint_dir_name") == name for entry in snapshot.get("checkpoint_results", []))
+
+
+def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
+    """Run `action` as soon as the checkpoint of `step` is complete and registered (polled every 20 ms)."""
+    def watch() -> None:
+        name = ckpt.checkpoint_dir_name(step)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if registered(run_dir, name) and ckpt.is_complete(run_dir / name):
+                action()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

@@ -7,13 +7,11 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,8 +23,7 @@ from safetensors.torch import load_file
 from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
-from jobs.tracking import RUN_NAME_TAG
-from tests.jobs.helpers import tiny_job, tiny_overrides
+from tests.jobs.helpers import runs_named, steps, tiny_job, tiny_overrides, when_checkpoint_exists
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 30
@@ -37,16 +34,6 @@ def _quiet(*_args) -> None:
     return None
 
 
-def _runs_named(tracking_uri: str, name: str) -> list:
-    client = MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
-
-
-def _steps(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[int]:
-    return [m.step for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
 def _losses(tracking_uri: str, run_id: str) -> list[float]:
     history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
     return [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -54,31 +41,6 @@ def _losses(tracking_uri: str, run_id: str) -> list[float]:
 
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(export_dir / "model.safetensors"))
-
-
-def _registered(run_dir: Path, name: str) -> bool:
-    """Ray Train has registered the checkpoint (its snapshot names it), so a restart will load it."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(entry.get("checkpoint_dir_name") == name for entry in snapshot.get("checkpoint_results", []))
-
-
-def _when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
-    """Run `action` as soon as the checkpoint of `step` is complete and registered (polled every 20 ms)."""
-    def watch() -> None:
-        name = ckpt.checkpoint_dir_name(step)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if _registered(run_dir, name) and ckpt.is_complete(run_dir / name):
-                action()
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
 
 
 def _kill_one_train_worker() -> None:
@@ -98,9 +60,9 @@ def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
 
 def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) -> None:
     root, outcome = reference_run
-    runs = _runs_named(mlflow_server, "reference")
+    runs = runs_named(mlflow_server, "reference")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert _steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))
+    assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))
     run = runs[0]
     for key in ("train/nll", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
                 "train/step_time_s", "train/data_wait_s", "valid/loss", "valid/ppl", "test/bleu"):
@@ -134,13 +96,13 @@ def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny
 def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
     _, reference = reference_run
     job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server)
-    killer = _when_checkpoint_exists(tmp_path / "runs" / "killed", 5, _kill_one_train_worker)
+    killer = when_checkpoint_exists(tmp_path / "runs" / "killed", 5, _kill_one_train_worker)
     outcome = train(job, log=_quiet)
     killer.join(timeout=5)
-    runs = _runs_named(mlflow_server, "killed")
+    runs = runs_named(mlflow_server, "killed")
     assert len(runs) == 1
     assert int(runs[0].data.tags["resumed_from_step"]) >= 5  # a restart really happened
-    assert _steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
+    assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
     ours, theirs = _weights(Path(outcome.export_uri)), _weights(Path(reference.export_uri))
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -150,7 +112,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
 def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp_path) -> None:
     command = [sys.executable, "-m", "jobs.cli", "train", *tiny_overrides(tiny_corpus, tmp_path, "restarted", address=ray_cluster)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    watcher = _when_checkpoint_exists(tmp_path / "runs" / "restarted", 10, lambda: os.killpg(first.pid, signal.SIGKILL))
+    watcher = when_checkpoint_exists(tmp_path / "runs" / "restarted", 10, lambda: os.killpg(first.pid, signal.SIGKILL))
     first.wait(timeout=600)
     watcher.join(timeout=5)
     assert first.returncode == -signal.SIGKILL
@@ -158,9 +120,9 @@ def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs = _runs_named(tracking, "restarted")
+    runs = runs_named(tracking, "restarted")
     assert len(runs) == 1 and int(runs[0].data.tags["resumed_from_step"]) >= 10
-    assert _steps(tracking, runs[0].info.run_id) == list(range(1, MAX_STEPS + 1))
+    assert steps(tracking, runs[0].info.run_id) == list(range(1, MAX_STEPS + 1))
 
 
 def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> None:
@@ -216,9 +178,9 @@ def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus,
                    extra=("cluster.num_workers=1", "train.validate_every=0"))
     outcome = train(job, resume_from=str(checkpoint), log=_quiet)
     assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == [ckpt.DEEPSPEED_DIR]  # converted elsewhere
-    [run] = _runs_named(outcome.tracking_uri, "resized")
+    [run] = runs_named(outcome.tracking_uri, "resized")
     assert int(run.data.tags["resumed_from_step"]) == 20 and run.data.tags["world_size"] == "1"
-    assert _steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))
+    assert steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))
     assert ckpt.read_job_state(ckpt.latest_complete_checkpoint(tmp_path / "runs" / "resized")).world_size == 1
     client = MlflowClient(outcome.tracking_uri)
 
