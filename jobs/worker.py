@@ -256,10 +256,18 @@ class Trainer:
         self._check_finite_weights()
         with tempfile.TemporaryDirectory(prefix=f"aiayn-ckpt-r{self.rank}-") as local:
             directory = Path(local)
-            ckpt.save_checkpoint(
-                self.engine, directory, self.rank, self.state if self.rank == 0 else None,
-                ckpt.RankState(self.stream.position, torch.get_rng_state()),
-            )
+            try:
+                ckpt.save_checkpoint(
+                    self.engine, directory, self.rank, self.state if self.rank == 0 else None,
+                    ckpt.RankState(self.stream.position, torch.get_rng_state()),
+                )
+            except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
+                free = shutil.disk_usage(local).free
+                raise ckpt.CheckpointError(
+                    f"step {self.state.step}: writing this rank's checkpoint part to {local} failed with "
+                    f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
+                    "set cluster.staging_dir to a local disk with room for one checkpoint shard"
+                ) from error
             ray.train.report(
                 {**metrics, "step": self.state.step},
                 checkpoint=ray.train.Checkpoint.from_directory(local),
