@@ -80,9 +80,9 @@ def test_a_flipped_byte_in_a_shard(ray_cluster, tiny_corpus, tmp_path, fault_row
 
 
 def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
-    """The workers' staging disk (a 16 MiB tmpfs) fills up after the checkpoint of step 5: the
-    save of step 10 fails on every attempt, the run fails with the reason, the checkpoint of step
-    5 stays intact, and a rerun once there is room continues from it."""
+    """The workers' staging disk (a 16 MiB tmpfs) fills up once the checkpoint of step 5 is
+    registered: the next save fails on every attempt, the run fails with the reason, the last
+    checkpoint saved before stays intact, and a rerun once there is room continues from it."""
     staging = tmp_path / "staging"
     staging.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "aiayn-test-full", str(staging)], check=True)
@@ -90,6 +90,8 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         job = tiny_job(tiny_corpus, tmp_path, "full", address=ray_cluster,
                        extra=(f"cluster.staging_dir={staging}", "cluster.max_failures=1"))
         filler = staging / "filler"
+        run_dir = tmp_path / "runs" / "full"
+        at_fill: list = []
 
         def fill() -> None:
             with open(filler, "wb") as handle:
@@ -99,21 +101,26 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
                         handle.flush()
                 except OSError:
                     pass
+            at_fill.append(ckpt.latest_complete_checkpoint(run_dir))
 
         watcher = when_checkpoint_exists(tmp_path / "runs" / "full", 5, fill)
         with pytest.raises(Exception, match=r"checkpoint part to .* failed with 0 MiB free on that disk"):
             train(job, log=_quiet)
         watcher.join(timeout=30)
-        last = ckpt.latest_complete_checkpoint(tmp_path / "runs" / "full")
-        assert Path(last).name == ckpt.checkpoint_dir_name(5)
-        ckpt.verify(last)  # intact
+        last = ckpt.latest_complete_checkpoint(run_dir)
+        assert last == at_fill[0]  # nothing was saved once the disk was full...
+        ckpt.verify(last)  # ...and what was saved before is intact
         filler.unlink()
         outcome = train(job, log=_quiet)  # room again: the same command continues
         assert outcome.steps == STEPS
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        [run] = runs_named(tracking, "full")
+        assert int(run.data.tags["resumed_from_step"]) == ckpt.read_job_state(last).step
         assert steps(tracking, outcome.run_id) == list(range(1, STEPS + 1))
     finally:
         subprocess.run(["umount", "-l", str(staging)], check=False)
+    resumed = ckpt.read_job_state(last).step
     fault_row(fault="checkpoint staging disk full during a save", injected="16 MiB tmpfs filled",
-              at_step="save of step 10", outcome="run failed after 1 retry naming the full staging disk; rerun resumed from step 5",
+              at_step=f"the save after step {resumed}",
+              outcome=f"run failed after 1 retry naming the full staging disk; rerun resumed from step {resumed}",
               steps_lost="5 (one interval)", data_lost="none")
