@@ -110,16 +110,16 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         last = ckpt.latest_complete_checkpoint(run_dir)
         assert last == at_fill[0]  # nothing was saved once the disk was full...
         ckpt.verify(last)  # ...and what was saved before is intact
+        resumed = ckpt.read_job_state(last).step
         filler.unlink()
         outcome = train(job, log=_quiet)  # room again: the same command continues
         assert outcome.steps == STEPS
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         [run] = runs_named(tracking, "full")
-        assert int(run.data.tags["resumed_from_step"]) == ckpt.read_job_state(last).step
+        assert int(run.data.tags["resumed_from_step"]) == resumed
         assert steps(tracking, outcome.run_id) == list(range(1, STEPS + 1))
     finally:
         subprocess.run(["umount", "-l", str(staging)], check=False)
-    resumed = ckpt.read_job_state(last).step
     fault_row(fault="checkpoint staging disk full during a save", injected="16 MiB tmpfs filled",
               at_step=f"the save after step {resumed}",
               outcome=f"run failed after 1 retry naming the full staging disk; rerun resumed from step {resumed}",
