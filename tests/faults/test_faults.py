@@ -64,7 +64,8 @@ def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_ro
 
 
 def test_a_flipped_byte_in_a_shard(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
-    job = tiny_job(tiny_corpus, tmp_path, "flipped", address=ray_cluster, extra=("train.max_steps=5",))
+    job = tiny_job(tiny_corpus, tmp_path, "flipped", address=ray_cluster,  # its own copy of the data, to break
+                   extra=("train.max_steps=5", f"data.output_dir={tmp_path / 'prepared'}"))
     train(job, log=_quiet)  # prepares the dataset (and trains a little)
     shard = Path(load_manifest(job.data.dataset_uri).shard_uris("train")[0][0])
     data = bytearray(shard.read_bytes())
