@@ -40,6 +40,7 @@ from transformer import build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import inverse_sqrt_lr, noam_lr
 
+
 class NonFiniteTraining(RuntimeError):
     """The loss or the weights stopped being finite."""
 
@@ -126,12 +127,12 @@ class Trainer:
         job = self.job
         saved = self._check(checkpoint) if checkpoint is not None else None
         resized = saved is not None and saved.world_size != self.world
+        # At another world size ZeRO 1-3 load DeepSpeed's universal format; stage 0's files hold
+        # the whole optimizer state and load as they are.
         universal = self._universal_copy(checkpoint) if resized and job.train.zero_stage > 0 else None
-        if resized:
-            dist.barrier()
         torch.manual_seed(job.train.seed)  # identical initial weights on every rank
         model = build_model(self.model_config)
-        ds_config = deepspeed_config(job, self.world, load_universal=resized and job.train.zero_stage > 0)
+        ds_config = deepspeed_config(job, self.world, load_universal=universal is not None)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),

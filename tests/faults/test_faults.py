@@ -125,3 +125,20 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
               at_step=f"the save after step {resumed}",
               outcome=f"run failed after 1 retry naming the full staging disk; rerun resumed from step {resumed}",
               steps_lost="5 (one interval)", data_lost="none")
+
+
+def test_a_run_that_diverges_to_nan(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
+    """optim.lr=1e30: the first update makes the weights ~1e29, so from step 2 on the activations
+    overflow and the loss and gradients are NaN. ZeRO-2 skips those updates on every rank; after
+    train.max_consecutive_skips the run stops with the reason, and nothing is saved or exported."""
+    job = tiny_job(tiny_corpus, tmp_path, "diverged", address=ray_cluster,
+                   extra=("optim.lr=1e30", "train.max_consecutive_skips=3", "cluster.max_failures=0",
+                          "train.checkpoint_every_steps=1000"))
+    with pytest.raises(Exception, match=r"the last 3 updates had non-finite gradients and were skipped; the run "
+                                        r"has diverged"):
+        train(job, log=_quiet)
+    assert ckpt.latest_complete_checkpoint(tmp_path / "runs" / "diverged") is None
+    assert not (tmp_path / "runs" / "diverged" / "export").exists()
+    fault_row(fault="the loss becomes NaN (optim.lr=1e30)", injected="divergence after step 1", at_step="2",
+              outcome="3 updates skipped on every rank, then the run stopped naming the divergence; nothing saved",
+              steps_lost="all (nothing worth keeping)", data_lost="none")
