@@ -63,3 +63,11 @@ def test_deepspeed_json_is_generated_and_overridable() -> None:
     raw = load_job_config(None, ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
     assert deepspeed_config(raw, 1)["zero_optimization"]["reduce_bucket_size"] == 1000
     assert deepspeed_config(raw, 1)["zero_optimization"]["stage"] == 2
+
+
+def test_numbers_in_exponent_notation_are_numbers() -> None:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; users write learning rates that way."""
+    job = load_job_config(None, ["optim.lr=1e-4", "train.max_minutes=2.5e1"])
+    assert job.optim.lr == 1e-4 and job.train.max_minutes == 25.0
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_job_config(None, ["optim.lr=fast"])
