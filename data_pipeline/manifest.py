@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
@@ -158,19 +160,38 @@ def load_manifest(dataset_uri: str) -> Manifest:
     return Manifest(version, data)
 
 
+def check_token_ids(uri: str, table: pa.Table, vocab_size: int) -> None:
+    """Token ids outside the vocabulary would index past the embedding (a device-side assert on
+    GPU, with no hint of where it came from): name the shard instead."""
+    for column in ("src_ids", "tgt_ids"):
+        if column not in table.column_names:
+            continue
+        bounds = pc.min_max(pc.list_flatten(table.column(column)))
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low is not None and (low < 0 or high >= vocab_size):
+            raise InputError(f"{uri}: {column} holds ids in [{low}, {high}] but the vocabulary has {vocab_size}; "
+                             "the shard does not belong to this dataset: prepare it again")
+
+
 def verify_dataset(manifest: Manifest) -> None:
-    """Every shard and the tokenizer are byte for byte what prepare recorded (sha256), so a
-    corrupted or changed file is named before training reads it."""
+    """Every shard and the tokenizer are byte for byte what prepare recorded (sha256) and every
+    token id fits the vocabulary, so a corrupted, changed or foreign file is named before training
+    takes any resource (a worker could only fail, and be retried, on it)."""
     files = [(manifest.tokenizer_uri, manifest.tokenizer_sha256)] + [
         (f"{manifest.uri}/{shard['file']}", shard["sha256"])
         for split in manifest.data["splits"].values() for shard in split["shards"]
     ]
-    for uri, expected in files:
+    for index, (uri, expected) in enumerate(files):
         if not storage.is_file(uri):
             raise InputError(f"{uri}: missing from the prepared dataset; prepare it again")
         if storage.sha256_of(uri) != expected:
             raise InputError(f"{uri}: its sha256 differs from the one in {MANIFEST} (corrupted or changed since "
                              "prepare); prepare the dataset again")
+        if index:  # a shard
+            with storage.open_random_access(uri) as handle:
+                shard = pq.ParquetFile(handle)
+                columns = [c for c in ("src_ids", "tgt_ids") if c in shard.schema_arrow.names]
+                check_token_ids(uri, shard.read(columns=columns), manifest.vocab_size)
 
 
 def write_manifest(dataset_uri: str, data: dict) -> None:

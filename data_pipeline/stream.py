@@ -26,14 +26,12 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
 from data_pipeline.batching import Batch, Window, collate, packed_batches, plan_token_batches
 from data_pipeline.config import StreamConfig
-from data_pipeline.errors import InputError
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import Manifest, check_token_ids
 
 
 @dataclass
@@ -115,20 +113,9 @@ class ShardStream:
             fs, path = storage.filesystem(uri)
             columns = ["src_ids", "src_len"] + ([] if self.monolingual else ["tgt_ids", "tgt_len"])
             table = pq.read_table(path, filesystem=fs, columns=columns)
-            self._check_ids(uri, table)
+            check_token_ids(uri, table, self.manifest.vocab_size)  # the driver checked; a node may read other bytes
             self._cached = (uri, table)
         return self._cached[1]
-
-    def _check_ids(self, uri: str, table: pa.Table) -> None:
-        """Token ids outside the vocabulary would index past the embedding (a device-side assert on
-        GPU, with no hint of where it came from): name the shard instead."""
-        vocab = self.manifest.vocab_size
-        for column in ("src_ids",) + (() if self.monolingual else ("tgt_ids",)):
-            bounds = pc.min_max(pc.list_flatten(table.column(column)))
-            low, high = bounds["min"].as_py(), bounds["max"].as_py()
-            if low is not None and (low < 0 or high >= vocab):
-                raise InputError(f"{uri}: {column} holds ids in [{low}, {high}] but the vocabulary has {vocab}; "
-                                 "the shard does not belong to this dataset: prepare it again")
 
     def _read_window(self, units: list[tuple[str, int, int]]) -> Window:
         pieces = pa.concat_tables([self._table(uri).slice(start, stop - start) for uri, start, stop in units])

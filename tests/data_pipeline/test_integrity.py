@@ -38,6 +38,8 @@ def test_ids_outside_the_vocabulary_are_named_with_their_shard(dataset) -> None:
     manifest = json.loads((dataset / "manifest.json").read_text())
     manifest["tokenizer"]["vocab_size"] = 500  # the shards hold ids up to 999
     (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"part-00000.parquet: src_ids holds ids in \[\d+, \d+\] but the vocabulary has 500"):
+        verify_dataset(load_manifest(str(dataset)))  # on the driver, before any worker
     stream = ShardStream(load_manifest(str(dataset)), "train", StreamConfig(max_tokens=400, unit_rows=50, window_rows=100))
     with pytest.raises(InputError, match=r"part-0000\d.parquet: src_ids holds ids in \[\d+, \d+\] but the vocabulary has 500"):
         next(stream.epoch_batches())
