@@ -8,6 +8,7 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -95,13 +96,16 @@ def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny
 
 def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
     _, reference = reference_run
+    seed = int(os.environ.get("AIAYN_FAULT_SEED", random.randrange(10**6)))
+    after = random.Random(seed).choice([5, 10, 15])  # a checkpoint with steps left to run after it
+    print(f"SIGKILL of a worker once checkpoint {after} is registered (AIAYN_FAULT_SEED={seed} repeats it)")
     job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server)
-    killer = when_checkpoint_exists(tmp_path / "runs" / "killed", 5, _kill_one_train_worker)
+    killer = when_checkpoint_exists(tmp_path / "runs" / "killed", after, _kill_one_train_worker)
     outcome = train(job, log=_quiet)
     killer.join(timeout=5)
     runs = runs_named(mlflow_server, "killed")
     assert len(runs) == 1
-    assert int(runs[0].data.tags["resumed_from_step"]) >= 5  # a restart really happened
+    assert int(runs[0].data.tags["resumed_from_step"]) >= after  # a restart really happened
     assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
     ours, theirs = _weights(Path(outcome.export_uri)), _weights(Path(reference.export_uri))
     assert ours.keys() == theirs.keys()
