@@ -5,6 +5,3 @@ the file, line or key and says what to do. The CLI prints it and exits with stat
 class InputError(ValueError):
     pass
 
-
-class RunError(RuntimeError):
-    """A run that ended for a reason no retry can fix (it diverged): one line, exit status 1."""

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from cluster.local import ServiceError
-    from data_pipeline.errors import InputError, RunError
+    from data_pipeline.errors import InputError
     from jobs.config import ConfigError
 
     try:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, InputError, ConfigError) as error:
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (ServiceError, RunError) as error:
+    except ServiceError as error:
         print(f"aiayn {args.command}: failed: {error}", file=sys.stderr)
         return 1
 

@@ -383,20 +383,6 @@ class Trainer:
         return metrics
 
 
-FATAL = "aiayn/fatal"  # a reported metric: the run ended for a reason that a retry would repeat
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point given to TorchTrainer."""
-    import ray.train
-
-    trainer = Trainer(loop_config)
-    try:
-        trainer.run()
-    except NonFiniteTraining as error:
-        # Every rank sees the same skipped updates (the gradient norm is all-reduced) and gets here
-        # at the same step. Ray Train would retry an exception max_failures times from the last
-        # checkpoint, deterministically diverging again; ending and reporting why lets the driver
-        # fail once.
-        ray.train.report({FATAL: str(error), "step": trainer.state.step})
-
+    Trainer(loop_config).run()
