@@ -26,7 +26,7 @@ import torch
 def _single_process_distributed() -> None:
     import deepspeed
 
-    from cluster.local import free_port
+    from cluster.services import free_port
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="gloo")
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=37000)
     args = parser.parse_args()
 
-    from cluster.local import object_store_env, start_object_store
+    from cluster.services import object_store_env, start_object_store
     from data_pipeline import storage
     from transformer import build_model, count_parameters
     from transformer.config import PRESETS

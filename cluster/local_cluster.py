@@ -26,7 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.local import (
+from cluster.services import (
     Isolation, Service, ServiceError, object_store_env, start_mlflow_server, start_object_store, start_ray_head, start_ray_worker,
     wait_for_nodes,
 )
@@ -263,7 +263,7 @@ def status() -> dict:
     state = read_state()
     if state is None:
         return {"up": False}
-    from cluster.runtime import use_token_auth_if_available
+    from cluster.ray_connection import use_token_auth_if_available
 
     use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     from ray.job_submission import JobSubmissionClient

@@ -81,6 +81,11 @@ class Manifest:
         return self.data["tokenizer"]["sha256"]
 
     @property
+    def fingerprint(self) -> str:
+        """Of the inputs and prepare settings: equal fingerprints, equal shards."""
+        return str(self.data.get("fingerprint", ""))
+
+    @property
     def vocab_size(self) -> int:
         return int(self.data["tokenizer"]["vocab_size"])
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ from data_pipeline.manifest import (
     new_version_uri, write_manifest,
 )
 from data_pipeline.sources import SPLITS, check_split, read_split, split_inputs
-from data_pipeline.tokenizer import ReservoirSample, load_tokenizer, tokenizer_sha256, train_tokenizer
+from data_pipeline.tokenizer import (
+    ReservoirSample, load_tokenizer, tokenizer_from_bytes, train_tokenizer,
+)
 
 _RAW_BATCH = 8192
 
@@ -69,7 +73,7 @@ def plan_prepare(config: PrepareConfig) -> PreparePlan:
     for machine_only in ("output_dir", "name", "encode_actors", "encode_batch_rows"):
         settings.pop(machine_only)
     settings["tokenizer"]["path"] = (
-        tokenizer_sha256(config.tokenizer.path) if config.tokenizer.path else ""
+        storage.sha256_of(config.tokenizer.path) if config.tokenizer.path else ""
     )
     fingerprint = hashlib.sha256(
         json.dumps({"schema": SCHEMA_VERSION, "inputs": [
@@ -123,9 +127,7 @@ class _Encoder:
     """Ray Data actor: loads the SentencePiece model once, encodes batches of text pairs."""
 
     def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool):
-        import sentencepiece as spm
-
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.processor = tokenizer_from_bytes(model_proto)
         self.monolingual, self.keep_text = monolingual, keep_text
 
     def _encode(self, texts: list[str]) -> tuple[pa.Array, pa.Array]:
@@ -148,7 +150,10 @@ def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: byte
     config = plan.config
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same inputs, same shards
-    context.enable_progress_bars = False
+    # Ray Data's own progress bars for a person at a terminal; its execution-plan lines stay in
+    # Ray's logs (ray-data.log in the session directory).
+    context.enable_progress_bars = sys.stderr.isatty()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing, read and write
     # tasks need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
     io_cpus = 0.1
@@ -228,7 +233,7 @@ def run_prepare(plan: PreparePlan) -> dict:
             "inputs": plan.described_inputs,
             "cleaning": cleaning,
             "tokenizer": {
-                "file": TOKENIZER, "sha256": tokenizer_sha256(str(model_path)),
+                "file": TOKENIZER, "sha256": storage.sha256_of(str(model_path)),
                 "vocab_size": processor.vocab_size(), "model_type": config.tokenizer.model_type,
                 "pad_id": processor.pad_id(), "unk_id": processor.unk_id(),
                 "bos_id": processor.bos_id(), "eos_id": processor.eos_id(),

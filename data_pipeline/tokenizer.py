@@ -53,12 +53,13 @@ def load_tokenizer(uri: str) -> spm.SentencePieceProcessor:
     if not storage.is_file(uri):
         raise InputError(f"{uri}: tokenizer model not found; run `aiayn prepare` or fix data.tokenizer.path")
     with storage.open_input(uri) as handle:
-        processor = spm.SentencePieceProcessor(model_proto=handle.read())
+        return tokenizer_from_bytes(handle.read(), uri)
+
+
+def tokenizer_from_bytes(model_proto: bytes, where: str = "tokenizer") -> spm.SentencePieceProcessor:
+    """The one way aiayn loads SentencePiece (also in Ray Data's encoding actors, which get bytes)."""
+    processor = spm.SentencePieceProcessor(model_proto=model_proto)
     ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
     if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise InputError(f"{uri}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
+        raise InputError(f"{where}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
     return processor
-
-
-def tokenizer_sha256(uri: str) -> str:
-    return storage.sha256_of(uri)

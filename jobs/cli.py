@@ -9,9 +9,7 @@ import json
 import sys
 from typing import Callable
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -21,7 +19,7 @@ def _model_info(args: argparse.Namespace) -> int:
     try:
         config = preset(args.preset, vocab_size=args.vocab_size)
     except ValueError as error:
-        raise UserError(str(error)) from error
+        raise InputError(str(error)) from error
     model = build_model(config)
     info = {
         "preset": args.preset,
@@ -42,7 +40,7 @@ def _load_config(args: argparse.Namespace):
 
 def _prepare(args: argparse.Namespace) -> int:
     from cluster.reachability import check_reaches_every_node
-    from cluster.runtime import connect
+    from cluster.ray_connection import connect
     from data_pipeline.prepare import plan_prepare, run_prepare
 
     config = _load_config(args)
@@ -60,9 +58,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jobs.train_driver import train
-
     import dataclasses
+
+    from jobs.train_driver import train
 
     config = _load_config(args)
     if args.address:
@@ -70,55 +68,81 @@ def _train(args: argparse.Namespace) -> int:
     if args.name:
         config = dataclasses.replace(config, name=args.name)
     outcome = train(config, resume_from=args.resume or "")
-    print(f"\nrun {outcome.run_name}: {outcome.steps} steps; model exported to {outcome.export_uri}")
-    if outcome.test_bleu is not None:
-        print(f"test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
-        for source, reference, hypothesis in outcome.samples:
-            print(f"  SRC {source}\n  REF {reference}\n  HYP {hypothesis}\n")
+    print(_summary(outcome))
+    return 0
+
+
+def _summary(outcome) -> str:
+    """The end of a run in a few lines, with the right way to open it in MLflow."""
     from data_pipeline.storage import redact
 
+    lines = [f"\nrun {outcome.run_name}: {outcome.steps} steps, {outcome.tokens:,} target tokens, "
+             f"{outcome.train_seconds / 60:.1f} min of training"]
+    if outcome.best_valid_loss is not None:
+        lines.append(f"  best valid loss {outcome.best_valid_loss:.3f}")
+    if outcome.test_bleu is not None:
+        lines.append(f"  test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
+    lines.append(f"  export: {outcome.export_uri}")
+    if outcome.log_path:
+        lines.append(f"  log: {outcome.log_path}")
     if outcome.tracking_uri.startswith(("http://", "https://")):
         from mlflow.tracking import MlflowClient
 
         experiment = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
         page = f"{outcome.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{outcome.run_id}"
-        print(f"MLflow run: {redact(page)}")
+        lines.append(f"  MLflow run: {redact(page)}")
     else:
         store = redact(outcome.tracking_uri)
-        print(f"MLflow run {outcome.run_id} in {store}\n"
-              f"  browse it: mlflow ui --backend-store-uri {store}   (then open http://127.0.0.1:5000)")
-    return 0
+        lines.append(f"  MLflow run: {outcome.run_id} in {store}\n"
+                     f"  open it: mlflow ui --backend-store-uri {store}  (then http://127.0.0.1:5000)")
+    for source, reference, hypothesis in outcome.samples[:3]:
+        lines.append(f"\n  SRC {source}\n  REF {reference}\n  HYP {hypothesis}")
+    return "\n".join(lines)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
-    from jobs.evaluation import bleu, bleu_signature, detokenize, load_processor, read_eval_split, translate_ids
+    from jobs.evaluation import score_split
     from jobs.export import load_export, local_export
 
     with local_export(args.model) as directory:
         model, _, info = load_export(directory)
     manifest = load_manifest(args.data)
     check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
-    split = read_eval_split(manifest, args.split, args.limit)
-    hyps = detokenize(load_processor(manifest.tokenizer_uri),
-                      translate_ids(model, split.src_ids, beam_size=args.beam, alpha=args.alpha))
-    score = bleu(hyps, split.references)
-    print(json.dumps({"split": args.split, "sentences": len(hyps), "bleu": round(score.score, 2),
-                      "signature": bleu_signature(hyps, split.references)}, indent=2))
+    score = score_split(model, manifest, args.split, beam_size=args.beam, alpha=args.alpha, limit=args.limit,
+                        progress=sys.stderr.isatty())
+    print(json.dumps({"split": args.split, "sentences": score.sentences, "bleu": round(score.bleu, 2),
+                      "signature": score.signature}, indent=2))
     return 0
 
 
 def _translate(args: argparse.Namespace) -> int:
-    from jobs.evaluation import detokenize, load_processor, translate_ids
+    from data_pipeline.tokenizer import load_tokenizer
+    from jobs.evaluation import translate_ids
     from jobs.export import TOKENIZER, load_export, local_export
 
     with local_export(args.model) as directory:
         model, _, _ = load_export(directory)
-        processor = load_processor(str(directory / TOKENIZER))
+        tokenizer = load_tokenizer(str(directory / TOKENIZER))
     lines = [line.rstrip("\n") for line in sys.stdin]
-    sources = processor.encode([line.strip() for line in lines], add_eos=True)
-    for text in detokenize(processor, translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha)):
+    sources = tokenizer.encode([line.strip() for line in lines], add_eos=True)
+    hypotheses = translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha, progress=sys.stderr.isatty())
+    for text in tokenizer.decode(hypotheses):
         print(text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    benches = Path(__file__).resolve().parents[1] / "bench"
+    available = sorted(path.stem for path in benches.glob("*.py") if not path.stem.startswith("_"))
+    if args.name not in available:
+        raise InputError(f"bench {args.name}: no such benchmark; available: {', '.join(available)}")
+    sys.argv = [str(benches / f"{args.name}.py"), *args.bench_args]
+    sys.path.insert(0, str(benches.parent))
+    runpy.run_path(str(benches / f"{args.name}.py"), run_name="__main__")
     return 0
 
 
@@ -182,7 +206,7 @@ def _jobs(args: argparse.Namespace) -> int:
             print(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")
         return 0
     if not args.job_id:
-        raise UserError(f"jobs {args.action} needs a job id")
+        raise InputError(f"jobs {args.action} needs a job id")
     if args.action == "status":
         print(client.get_job_status(args.job_id).value)
     elif args.action == "stop":
@@ -205,7 +229,7 @@ def _bundle(args: argparse.Namespace) -> int:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a YAML recipe, e.g. configs/multi30k_small.yaml")
+    parser.add_argument("--config", help="a YAML recipe (default: configs/multi30k_small.yaml, the main job)")
     parser.add_argument("--address", default="", help="Ray cluster address (default: embedded local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
@@ -277,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
     jobs.set_defaults(handler=_jobs)
 
+    bench = commands.add_parser("bench", help="run a benchmark under bench/ by name (its options follow)")
+    bench.add_argument("name", help="e.g. model_throughput, data_throughput, object_store")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    bench.set_defaults(handler=_bench)
+
     bundle = commands.add_parser("bundle", help="a wheelhouse of the project and its dependencies, for offline nodes")
     bundle.add_argument("--output", default="wheelhouse")
     bundle.add_argument("--no-deps", action="store_true", help="the project's own wheel only")
@@ -287,13 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    from cluster.local import ServiceError
-    from data_pipeline.errors import InputError
-    from jobs.config import ConfigError
+    from cluster.services import ServiceError
 
     try:
         return handler(args)
-    except (UserError, InputError, ConfigError) as error:
+    except InputError as error:
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
     except ServiceError as error:

@@ -1,5 +1,11 @@
 """The job config: one typed section per concern, loaded from a YAML recipe plus `key.sub=value`
-overrides. Unknown keys and bad values fail with the full dotted key and what is allowed."""
+overrides. Unknown keys and bad values fail with the full dotted key and what is allowed.
+
+The main job's settings live in one place, the recipe configs/multi30k_small.yaml, which
+`aiayn train` and `aiayn prepare` read when no --config is given; the dataclass defaults below
+are what a recipe leaves unset. The vocabulary size and the special token ids are the dataset's
+(its tokenizer), never the config's.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,21 @@ import yaml
 
 from cluster.config import ClusterConfig
 from data_pipeline.config import PrepareConfig, StreamConfig, check_name
+from data_pipeline.errors import InputError
 from transformer.config import PRESETS, ModelConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["inverse_sqrt", "noam"]
 
 
-class ConfigError(ValueError):
-    """A config problem, reported as one line naming the key."""
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "multi30k_small.yaml"
+# model keys that come from the dataset's tokenizer; setting them could only break training
+FROM_DATASET = {"vocab_size": "data.tokenizer.vocab_size", "pad_id": "the tokenizer", "bos_id": "the tokenizer",
+                "eos_id": "the tokenizer"}
+
+
+class ConfigError(InputError):
+    """A config problem, reported as one line naming the key (exit 2, like every user mistake)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,13 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+
+    def with_dataset(self, manifest) -> "JobConfig":
+        """The model section completed from the dataset: its vocabulary size and special ids."""
+        from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+        model = self.model.replace(vocab_size=manifest.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        return dataclasses.replace(self, model=model)
 
 
 def _allowed(tp: Any) -> str:
@@ -219,28 +239,39 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(into: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """A new dict: `base` with `update` merged in, section by section."""
+    merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
         else:
-            into[key] = value
-    return into
+            merged[key] = value
+    return merged
+
+
+def _read_recipe(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, data:, train: ...)")
+    return tree
 
 
 def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
-    tree: dict = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else path
-            raise ConfigError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
-    _merge(tree, parse_overrides(overrides))
+    """The recipe at `path` (default: the main job's recipe) with the overrides applied."""
+    tree = deep_merge(_read_recipe(path or str(DEFAULT_RECIPE)), parse_overrides(overrides))
+    model = tree.get("model")
+    for key in (model if isinstance(model, dict) else {}):
+        if key in FROM_DATASET:
+            raise ConfigError(f"model.{key}: comes from the dataset ({FROM_DATASET[key]}); remove it from the config")
     return build_section(JobConfig, tree, "")
 
 

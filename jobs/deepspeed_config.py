@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-
-from jobs.config import JobConfig
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+from jobs.config import JobConfig, deep_merge
 
 
 def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = False) -> dict:
@@ -49,4 +37,4 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
     }
     if train.zero_stage == 3:
         config["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
-    return _merge(config, job.deepspeed)
+    return deep_merge(config, job.deepspeed)

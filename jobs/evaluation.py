@@ -1,5 +1,6 @@
 """Translation and sacreBLEU scoring, shared by in-training validation, the final test score,
-`aiayn evaluate` and `aiayn translate`."""
+`aiayn evaluate` and `aiayn translate`. The test score of `aiayn train` and `aiayn evaluate` are
+the same function, `score_split`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sacrebleu
-import sentencepiece as spm
 import torch
 
 from data_pipeline import storage
 from data_pipeline.manifest import Manifest
-from data_pipeline.tokenizer import PAD_ID
+from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from transformer.decoding import beam_search, greedy_search
 from transformer.model import EncoderDecoderTransformer
 
@@ -40,23 +40,21 @@ def read_eval_split(manifest: Manifest, split: str, limit: int = 0) -> EvalSplit
                      table.column("tgt_text").to_pylist())
 
 
-def load_processor(uri: str) -> spm.SentencePieceProcessor:
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_stream(path) as handle:
-        return spm.SentencePieceProcessor(model_proto=handle.read())
-
-
 @torch.no_grad()
 def translate_ids(
     model: EncoderDecoderTransformer, sources: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-    max_tokens: int = 4096,
+    max_tokens: int = 4096, progress: bool = False,
 ) -> list[list[int]]:
-    """Hypothesis token ids in input order; sentences are batched by length for speed."""
+    """Hypothesis token ids in input order; sentences are batched by length for speed.
+    `progress`: a progress bar on stderr (for a person at a terminal)."""
+    from tqdm import tqdm
+
     model.eval()
     device = next(model.parameters()).device
     sources = [s[: model.config.max_positions] for s in sources]  # longer inputs do not fit the model
     order = np.argsort([len(s) for s in sources], kind="stable")
     results: list[list[int]] = [[] for _ in sources]
+    bar = tqdm(total=len(sources), unit="sent", desc="translating", disable=not progress, leave=False)
     start = 0
     while start < len(order):
         longest, end = 0, start
@@ -75,12 +73,10 @@ def translate_ids(
             hyps = greedy_search(model, batch)
         for index, hyp in zip(order[start:end], hyps):
             results[index] = hyp.tokens
+        bar.update(end - start)
         start = end
+    bar.close()
     return results
-
-
-def detokenize(processor: spm.SentencePieceProcessor, hypotheses: list[list[int]]) -> list[str]:
-    return [processor.decode(ids) for ids in hypotheses]
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> sacrebleu.metrics.BLEUScore:
@@ -88,7 +84,21 @@ def bleu(hypotheses: list[str], references: list[str]) -> sacrebleu.metrics.BLEU
     return sacrebleu.corpus_bleu(hypotheses, [references])
 
 
-def bleu_signature(hypotheses: list[str], references: list[str]) -> str:
+@dataclass(frozen=True)
+class SplitScore:
+    bleu: float
+    signature: str  # sacreBLEU's, so that the figure can be compared and reproduced
+    sentences: int
+    samples: tuple[tuple[str, str, str], ...]  # (source, reference, hypothesis) of the first sentences
+
+
+def score_split(model: EncoderDecoderTransformer, manifest: Manifest, split: str, *, beam_size: int, alpha: float,
+                limit: int = 0, progress: bool = False) -> SplitScore:
+    """Beam search over a prepared split and its sacreBLEU against the raw references."""
+    data = read_eval_split(manifest, split, limit)
+    tokenizer = load_tokenizer(manifest.tokenizer_uri)
+    hyps = tokenizer.decode(translate_ids(model, data.src_ids, beam_size=beam_size, alpha=alpha, progress=progress))
     metric = sacrebleu.metrics.BLEU()
-    metric.corpus_score(hypotheses, [references])
-    return str(metric.get_signature())
+    score = metric.corpus_score(hyps, [data.references])
+    return SplitScore(score.score, str(metric.get_signature()), len(hyps),
+                      tuple(zip(data.src_text[:5], data.references[:5], hyps[:5])))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors.torch import load_model, save_model
+from tqdm import tqdm
 
 from jobs import checkpoint as ckpt
 from transformer import ModelConfig, build_model
@@ -33,7 +36,8 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=ckpt.DEEPSPEED_TAG)
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every shard it reads
+        return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=ckpt.DEEPSPEED_TAG)
 
 
 def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_model: bytes, info: dict,
@@ -41,7 +45,8 @@ def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_m
     """Average the local checkpoints' weights into a new local directory `destination`; publishing
     it where users find it (atomically) is `data_pipeline.storage.publish_directory`'s job."""
     model = build_model(model_config)
-    averaged = average_state_dicts([consolidated_state_dict(c) for c in checkpoints])
+    bar = tqdm(checkpoints, desc="exporting", unit="checkpoint", disable=not sys.stderr.isatty(), leave=False)
+    averaged = average_state_dicts([consolidated_state_dict(c) for c in bar])
     broken = [name for name, tensor in averaged.items() if not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ckpt.CheckpointError(f"{', '.join(c.name for c in checkpoints)}: weights {broken[:3]} are not finite; "

@@ -19,21 +19,25 @@ RUN_NAME_TAG = "aiayn.run_name"
 
 
 def resolve_tracking_uri(configured: str) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns.
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns. A
+    plain directory means a SQLite store in it (MLflow 3 no longer develops its file store).
 
     Inside a job submitted through the Jobs API the working directory is Ray's temporary copy of
     the project, so a default local store there would vanish with the job: refused."""
+    configured = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
     if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return configured if ":" in configured else _sqlite_store(configured)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         from data_pipeline.errors import InputError
 
         raise InputError("tracking.uri is empty inside a Ray job, where ./mlruns is a temporary copy that is deleted; "
                          "set tracking.uri or MLFLOW_TRACKING_URI to your MLflow server (aiayn submit sets it "
                          "for clusters started with `aiayn cluster up`)")
-    store = Path("mlruns").resolve()
+    return _sqlite_store("mlruns")
+
+
+def _sqlite_store(directory: str) -> str:
+    store = Path(directory).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 

@@ -6,14 +6,19 @@ seconds with one line and before any worker starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
 
 from data_pipeline import storage
 from data_pipeline.errors import InputError
@@ -21,6 +26,7 @@ from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten, public_config
+from jobs.progress import Console, relay_to
 from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
 
 
@@ -31,6 +37,10 @@ class TrainOutcome:
     tracking_uri: str
     export_uri: str  # <storage>/<run name>/export: a local path or an object-store URI
     steps: int
+    tokens: int = 0  # target tokens trained on, over every restart
+    train_seconds: float = 0.0  # training time, over every restart
+    best_valid_loss: float | None = None
+    log_path: str = ""  # the console's copy: aiayn's lines of this run
     test_bleu: float | None = None
     bleu_signature: str = ""
     samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
@@ -117,8 +127,6 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:
     """Workers run in other directories: local paths must not be relative to the driver's."""
-    import dataclasses
-
     def absolute(uri: str) -> str:
         return str(storage.local_path(uri)) if storage.is_local(uri) else uri
 
@@ -127,40 +135,63 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, data=data, cluster=cluster)
 
 
-def train(job: JobConfig, *, resume_from: str = "", log=print) -> TrainOutcome:
-    """Run (or continue) the training job to completion and export the model."""
+def run_log_path(job: JobConfig, name: str) -> Path:
+    """Where the console's lines of a run are kept: in the run's directory when that is local,
+    else in this machine's temp directory (object stores take no appends)."""
+    root = job.cluster.storage_path
+    if storage.is_local(root):
+        return storage.local_path(root) / name / "aiayn.log"
+    return Path(tempfile.gettempdir()) / "aiayn-logs" / f"{name}.log"
+
+
+def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
+    """Run (or continue) the training job to completion and export the model. `log` receives
+    aiayn's console lines (default: stdout and the run's log file)."""
     from cluster.reachability import check_reaches_every_node
-    from cluster.runtime import connect
+    from cluster.ray_connection import connect
 
     job = with_absolute_paths(job)
-    plan = validate(job)
+    data_plan = validate(job)
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
-    if resume_from:
-        try:
-            ckpt.verify(resume_from)
-        except ckpt.CheckpointError as error:
-            raise InputError(f"--resume {resume_from}: not a complete, unchanged aiayn checkpoint ({error})") from None
+    run_uri = storage.join(_storage_root(job), name)
+    console = Console(run_log_path(job, name)) if log is None else log
+    source = ckpt.resume_source(run_uri, resume_from)
+    manifest = load_manifest(job.data.dataset_uri) if data_plan.up_to_date else None
+    resume = _plan_resume(job, source, manifest) if manifest is not None else None
     connect(job.cluster.address)
     check_reaches_every_node(shared_locations(job, tracking_uri))
-    if not plan.up_to_date:
-        log(f"preparing {job.data.dataset_uri} ...")
-        run_prepare(plan)
-        _check_budget(job, load_manifest(job.data.dataset_uri))  # validate() could not: no data yet
-    manifest = load_manifest(job.data.dataset_uri)  # pinned: the workers read this version
+    if manifest is None:
+        console(f"preparing {job.data.dataset_uri} ...")
+        run_prepare(data_plan)
+        manifest = load_manifest(job.data.dataset_uri)
+        _check_budget(job, manifest)  # validate() could not: no data yet
+        resume = _plan_resume(job, source, manifest)
+    job = job.with_dataset(manifest)  # the model's vocabulary and special ids are the dataset's
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),
             "world_size": str(job.cluster.num_workers), "zero_stage": str(job.train.zero_stage)}
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, name,
                                          flatten(public_config(job)), tags)
-    log(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
-    loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri,
-                   "tracking_uri": tracking_uri, "run_id": run_id, "resume_from": resume_from}
+    console("resolved config:\n" + yaml.safe_dump(public_config(job), sort_keys=False).rstrip())
+    console(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
+    console(f"{resume.describe()}; data {manifest.uri}")
+    if isinstance(console, Console):
+        console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
     started = time.time()
-    _trainer(job, name, loop_config).fit()
-    log(f"training finished in {time.time() - started:.0f} s")
-    return _finish(job, name, run_id, tracking_uri, manifest)
+    with relay_to(console) as relay:
+        loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
+                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay}
+        _trainer(job, name, loop_config).fit()
+    console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
+    outcome = _finish(job, name, run_id, tracking_uri, manifest)
+    return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
+
+
+def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt.ResumePlan:
+    return ckpt.plan_resume(source, public_config(job.with_dataset(manifest)), manifest,
+                            job.cluster.num_workers, job.train.zero_stage)
 
 
 def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest) -> TrainOutcome:
@@ -168,15 +199,10 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
-    import tempfile
-
     from jobs.export import INFO, export_model
 
     run_uri = storage.join(_storage_root(job), name)
-    complete = [c for c in ckpt.list_checkpoints(run_uri) if ckpt.is_complete(c)]
-    if not complete:
-        raise ckpt.CheckpointError(f"{run_uri}: training produced no complete checkpoint")
-    chosen = complete[-job.train.average_last:]
+    chosen = ckpt.to_average(run_uri, job.train.average_last)
     final_state = ckpt.read_job_state(chosen[-1])
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
@@ -186,14 +212,15 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         for directory in local:
             ckpt.verify(str(directory))  # the export unpickles DeepSpeed's files
         local_export = export_model(
-            local, job.model.replace(vocab_size=manifest.vocab_size),
-            tokenizer_bytes,
+            local, job.model, tokenizer_bytes,
             {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": manifest.uri},
             Path(scratch) / "export",
         )
         storage.publish_directory(local_export, export_uri, INFO)
-        outcome = TrainOutcome(name, run_id, tracking_uri, export_uri, final_state.step)
+        best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None
+        outcome = TrainOutcome(name, run_id, tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
+                               final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
         _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, chosen[-1])
@@ -218,25 +245,17 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
-    """sacreBLEU of beam search on the test split, with the exported (averaged) model."""
-    import dataclasses
-
-    from jobs.evaluation import bleu, bleu_signature, detokenize, load_processor, read_eval_split, translate_ids
+    """sacreBLEU of beam search on the test split with the exported (averaged) model: the same
+    function as `aiayn evaluate`, so the two figures agree."""
+    from jobs.evaluation import score_split
     from jobs.export import load_export
 
     model, _, _ = load_export(export_dir)
-    split = read_eval_split(manifest, "test")
-    hyps = detokenize(load_processor(manifest.tokenizer_uri), translate_ids(
-        model, split.src_ids, beam_size=job.train.beam_size, alpha=job.train.length_penalty))
-    score = bleu(hyps, split.references)
-    samples = tuple(zip(split.src_text[:5], split.references[:5], hyps[:5]))
-    return dataclasses.replace(outcome, test_bleu=score.score, bleu_signature=bleu_signature(hyps, split.references),
-                               samples=samples)
+    score = score_split(model, manifest, "test", beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+    return dataclasses.replace(outcome, test_bleu=score.bleu, bleu_signature=score.signature, samples=score.samples)
 
 
 def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
-    import tempfile
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(outcome.tracking_uri)

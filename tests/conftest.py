@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.local import start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
+from cluster.services import start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
 from cluster.local_cluster import forget_current_cluster
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
@@ -19,7 +19,7 @@ def local_ray():
     """An embedded single-node Ray for tests of Ray Data jobs; shut down after the module."""
     import ray
 
-    from cluster.runtime import connect
+    from cluster.ray_connection import connect
 
     os.environ.pop("RAY_ADDRESS", None)
     connect(num_cpus=2)
@@ -31,7 +31,7 @@ def local_ray():
 def object_store(tmp_path_factory):
     """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; the standard
     AWS_* variables point this process's clients at it while the session runs."""
-    from cluster.local import object_store_env, start_object_store
+    from cluster.services import object_store_env, start_object_store
 
     service, endpoint = start_object_store(tmp_path_factory.mktemp("object-store"), "bucket")
     saved = {name: os.environ.get(name) for name in object_store_env(endpoint)}

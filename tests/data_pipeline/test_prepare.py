@@ -14,7 +14,7 @@ from data_pipeline.manifest import check_tokenizer_matches, load_manifest
 from data_pipeline.errors import InputError
 from data_pipeline.prepare import plan_prepare, run_prepare
 from data_pipeline.storage import sha256_of as file_sha256
-from data_pipeline.tokenizer import tokenizer_sha256
+from data_pipeline.storage import sha256_of
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_prepare_writes_shards_manifest_and_tokenizer(local_ray, corpus, tmp_pat
     assert all(row[-1] == 3 for row in table.column("src_ids").to_pylist())
     processor = spm.SentencePieceProcessor(model_file=str(dataset / "tokenizer.model"))
     assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (0, 1, 2, 3)
-    assert manifest["tokenizer"]["sha256"] == tokenizer_sha256(str(dataset / "tokenizer.model"))
+    assert manifest["tokenizer"]["sha256"] == sha256_of(str(dataset / "tokenizer.model"))
     # valid keeps the input order and the raw text for BLEU references
     valid = pq.read_table(dataset / "valid" / "part-00000.parquet")
     assert valid.column("index").to_pylist() == list(range(50))
@@ -139,7 +139,7 @@ def test_reusing_a_tokenizer_and_monolingual_data(local_ray, corpus, tmp_path) -
                    source=SourceConfig(format="text", train=corpus[0], src_lang="en", tgt_lang=""),
                    tokenizer=TokenizerConfig(path=model))
     manifest = run_prepare(plan_prepare(mono))
-    assert manifest["monolingual"] and manifest["tokenizer"]["sha256"] == tokenizer_sha256(model)
+    assert manifest["monolingual"] and manifest["tokenizer"]["sha256"] == sha256_of(model)
     table = pq.read_table(load_manifest(str(tmp_path / "data" / "mono")).shard_uris("train")[0][0])
     assert "tgt_ids" not in table.column_names
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port, start_mlflow_server
+from cluster.services import free_port, start_mlflow_server
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt

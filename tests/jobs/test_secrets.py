@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.errors import InputError
 from data_pipeline.storage import redact
 from jobs.config import flatten, load_job_config, public_config
-from jobs.submit import runtime_env
+from cluster.job_environment import runtime_env
 
 
 def test_a_job_gets_no_secret_unless_it_is_named(monkeypatch) -> None:

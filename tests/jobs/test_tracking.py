@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.local import free_port, start_mlflow_server
+from cluster.services import free_port, start_mlflow_server
 from jobs.tracking import MetricLogger, find_or_create_run
 
 

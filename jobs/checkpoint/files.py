@@ -1,4 +1,4 @@
-"""Training checkpoints: each rank's DeepSpeed shard plus the state that makes a resume exact.
+"""The checkpoint format: each rank's DeepSpeed shard plus the state that makes a resume exact.
 
 A checkpoint directory (Ray Train merges every rank's files into one):
     deepspeed/state/...          DeepSpeed's own files (model, ZeRO optimizer partitions, scheduler)
@@ -59,6 +59,7 @@ class JobState:
     config: dict = field(default_factory=dict)
     pending_metrics: list = field(default_factory=list)  # not yet in MLflow when saved (an outage)
     skipped_steps: int = 0  # updates skipped for non-finite gradients
+    dataset_fingerprint: str = ""  # the prepared data the positions index into (manifest fingerprint)
 
 
 @dataclass
@@ -149,10 +150,6 @@ def load_rank_state(directory: Path, rank: int) -> RankState:
     return RankState(StreamPosition.from_dict(data["position"]), data["rng_state"])
 
 
-def load_rank_states(directory: Path, world_size: int) -> list[RankState]:
-    return [load_rank_state(directory, rank) for rank in range(world_size)]
-
-
 def universal_copy(directory: Path, target: Path) -> bool:
     """Convert the (verified) checkpoint's ZeRO shards into DeepSpeed's universal format at
     `target` (node-local scratch), unless it is there already; returns True if this call wrote it.
@@ -180,14 +177,9 @@ def universal_copy(directory: Path, target: Path) -> bool:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_engine_state(engine, directory: Path, job_state: JobState, zero_stage: int, universal: Path | None) -> None:
+def load_engine_state(engine, directory: Path, universal: Path | None) -> None:
     """Load DeepSpeed's state: from `universal` (a universal-format copy, for another world size
-    under ZeRO 1-3) or from the checkpoint's own files (same world size, or stage 0, whose files
-    hold the whole optimizer state)."""
-    if job_state.zero_stage != zero_stage:
-        raise CheckpointError(
-            f"{directory} was written with ZeRO stage {job_state.zero_stage}; set train.zero_stage={job_state.zero_stage}"
-        )
+    under ZeRO 1-3) or from the checkpoint's own files."""
     load_path, _ = engine.load_checkpoint(
         str(universal if universal is not None else directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
         load_optimizer_states=True, load_lr_scheduler_states=True,

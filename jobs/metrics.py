@@ -1,9 +1,13 @@
-"""Tokens/s and MFU, computed in one place. FLOPs come from transformer.flops (see its docstring
-for what is counted); the peak is the device's dense peak for the precision in use."""
+"""Training metrics, computed in one place: the log window's loss, perplexity, tokens/s, data wait
+and MFU. FLOPs come from transformer.flops (see its docstring for what is counted); the peak is the
+device's dense peak for the precision in use."""
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,3 +53,41 @@ def batch_training_flops(config: ModelConfig, batch: Batch) -> float:
         return float(decoder_only_training_flops(config, tgt_len).sum())
     src_len = (batch.src != PAD_ID).sum(1).numpy().astype(np.float64)
     return float(encoder_decoder_training_flops(config, src_len, tgt_len).sum())
+
+
+@dataclass
+class MetricsWindow:
+    """Sums since the last log line; `summary` turns them into the logged metrics. Loss and NLL
+    are this rank's sums, so `summary` adds them over ranks with `all_sum`; tokens and FLOPs are
+    global already (they come from the step's collective)."""
+
+    loss: float = 0.0
+    nll: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    steps: int = 0
+    data_wait: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add_step(self, loss: float, nll: float, global_tokens: float, global_flops: float, data_wait: float) -> None:
+        self.loss += loss
+        self.nll += nll
+        self.tokens += global_tokens
+        self.flops += global_flops
+        self.data_wait += data_wait
+        self.steps += 1
+
+    def summary(self, all_sum: Callable[[list[float]], list[float]], peak_flops_per_rank: float,
+                world_size: int) -> dict[str, float]:
+        """Collective: every rank calls it at the same step."""
+        loss, nll = all_sum([self.loss, self.nll])
+        seconds = time.perf_counter() - self.started
+        tokens, steps = max(self.tokens, 1.0), max(self.steps, 1)
+        metrics = {
+            "train/loss": loss / tokens, "train/nll": nll / tokens, "train/ppl": math.exp(min(nll / tokens, 50)),
+            "train/tokens_per_s": self.tokens / seconds, "train/step_time_s": seconds / steps,
+            "train/data_wait_s": self.data_wait / steps,
+        }
+        if peak_flops_per_rank:
+            metrics["train/mfu"] = self.flops / seconds / (peak_flops_per_rank * world_size)
+        return metrics

@@ -1,0 +1,101 @@
+"""The model inside a DeepSpeed engine, and one exact optimizer step on it.
+
+Exactness: the loss is normalised by the *global* target-token count of the whole accumulated
+batch (all ranks, all micro-batches), so the update does not depend on how batches fall on ranks.
+A rank without data steps a zero-weight dummy batch so that every rank joins every collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data_pipeline.batching import Batch
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jobs.config import JobConfig
+from jobs.deepspeed_config import deepspeed_config
+from transformer import ModelConfig, build_model
+from transformer.loss import label_smoothed_loss
+from transformer.schedule import inverse_sqrt_lr, noam_lr
+
+_DUMMY = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
+
+
+class NonFiniteTraining(RuntimeError):
+    """The loss or the weights stopped being finite."""
+
+
+def lr_factor(job: JobConfig, step: int) -> float:
+    """Multiplier of the optimizer's base lr at optimizer step `step` (1-based)."""
+    if job.optim.schedule == "noam":
+        return noam_lr(step, job.model.d_model, job.optim.warmup_steps, scale=job.optim.lr)
+    return inverse_sqrt_lr(step, 1.0, job.optim.warmup_steps)
+
+
+def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, load_universal: bool):
+    """(engine, lr scheduler) with identical initial weights on every rank."""
+    import deepspeed
+
+    torch.manual_seed(job.train.seed)
+    model = build_model(model_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(),
+        config=deepspeed_config(job, world_size, load_universal=load_universal),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
+    )
+    return engine, scheduler
+
+
+def forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed loss, NLL), summed over the batch's target tokens."""
+    batch = batch.to(engine.device)
+    at = batch.tgt_out != PAD_ID
+    inputs = (batch.tgt_in, at) if batch.src is None else (batch.src, batch.tgt_in, at)
+    return label_smoothed_loss(engine(*inputs), batch.tgt_out[at], epsilon, PAD_ID)
+
+
+def train_step(engine, micro: list[Batch | None], global_tokens: float, world_size: int,
+               epsilon: float) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches (None: no data left); returns this rank's
+    (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale."""
+    scale = world_size * len(micro) / max(global_tokens, 1.0)
+    loss_sum = nll_sum = 0.0
+    for batch in micro:
+        weight = 0.0 if batch is None else 1.0
+        loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
+        engine.backward(loss * (scale * weight))
+        engine.step()
+        loss_sum += float(loss.detach()) * weight
+        nll_sum += float(nll) * weight
+    return loss_sum, nll_sum
+
+
+@dataclass
+class DivergenceGuard:
+    """ZeRO 1-3 skip, on every rank alike, an update whose global gradient norm is not finite. A
+    few are survivable; `limit` in a row mean the run has diverged."""
+
+    limit: int
+    in_a_row: int = 0
+
+    def after_step(self, engine, step: int) -> bool:
+        """True if the step's update was skipped; raises once `limit` were skipped in a row."""
+        if engine.was_step_applied():
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTraining(
+                f"step {step}: the last {self.in_a_row} updates had non-finite gradients and were skipped; "
+                "the run has diverged: lower optim.lr, raise optim.warmup_steps or check the data"
+            )
+        return True
+
+
+def check_finite_weights(engine, zero_stage: int, step: int) -> None:
+    """Never write a checkpoint with non-finite weights (it would rotate the good ones out)."""
+    if zero_stage == 3:
+        return  # parameters are partitioned; their updates were already guarded by DivergenceGuard
+    if not all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()):
+        raise NonFiniteTraining(f"step {step}: the weights are not finite; not saving this checkpoint")

@@ -1,0 +1,117 @@
+"""What a person sees while training: one aiayn line per log window, validation and checkpoint.
+
+Rank 0 formats the lines and hands them to a small relay actor; the driver drains the relay and
+prints them to the console and to the run's log file. Ray's own output (worker banners, report
+dumps, DeepSpeed's messages) stays in Ray's logs: the driver connects with log_to_driver off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, TextIO
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def window_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: float | None) -> str:
+    """`step 120/450  loss 4.213  ppl 67.6  lr 1.80e-03  3,512 tok/s  MFU 3.1%  data 2 ms  ETA 9m12s`"""
+    parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}",
+             f"loss {metrics['train/loss']:.3f}", f"ppl {metrics['train/ppl']:.1f}", f"lr {metrics['train/lr']:.2e}",
+             f"{metrics['train/tokens_per_s']:,.0f} tok/s"]
+    if "train/mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['train/mfu']:.1f}%")
+    parts.append(f"data {1000 * metrics['train/data_wait_s']:.0f} ms")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return "  ".join(parts)
+
+
+def validation_line(step: int, metrics: dict[str, float]) -> str | None:
+    parts = []
+    if "valid/loss" in metrics:
+        parts += [f"valid loss {metrics['valid/loss']:.3f}", f"ppl {metrics['valid/ppl']:.1f}"]
+    if "valid/bleu" in metrics:
+        parts.append(f"BLEU {metrics['valid/bleu']:.2f}")
+    return f"step {step}  " + "  ".join(parts) if parts else None
+
+
+class RankZeroReporter:
+    """Rank 0's side: sends lines to the driver's relay (or prints them when there is none)."""
+
+    def __init__(self, relay) -> None:
+        self.relay = relay
+
+    def line(self, text: str) -> None:
+        if self.relay is None:
+            print(text, flush=True)
+        else:
+            self.relay.put.remote(text)
+
+
+class Console:
+    """The driver's side: every line to the console and to the run's log file."""
+
+    def __init__(self, log_path: Path | None = None, stream: TextIO = sys.stdout) -> None:
+        self.stream, self.log_path, self._log = stream, log_path, None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = log_path.open("a", encoding="utf-8")
+
+    def __call__(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+        if self._log is not None:
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}\n")
+            self._log.flush()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+@contextlib.contextmanager
+def relay_to(console: Console, poll_s: float = 1.0) -> Iterator[object]:
+    """A relay actor whose lines `console` prints while the block runs; yields its handle."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Relay:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def put(self, line: str) -> None:
+            self.lines.append(line)
+
+        def drain(self) -> list[str]:
+            lines, self.lines = self.lines, []
+            return lines
+
+    relay = Relay.remote()
+    done = threading.Event()
+
+    def follow() -> None:
+        while True:
+            stopping = done.wait(poll_s)
+            try:
+                for line in ray.get(relay.drain.remote(), timeout=30):
+                    console(line)
+            except Exception:  # noqa: BLE001 - the console never fails a run
+                pass
+            if stopping:
+                return
+
+    thread = threading.Thread(target=follow, name="aiayn-progress", daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        done.set()
+        thread.join(timeout=35)
+        ray.kill(relay)

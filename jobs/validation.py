@@ -1,0 +1,52 @@
+"""In-training validation: loss and perplexity on valid, and beam-search BLEU on its first
+sentences. Collective: every rank scores its share and the results are combined."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from data_pipeline.manifest import Manifest
+from data_pipeline.stream import ShardStream
+from jobs.collectives import all_gather, all_sum
+from jobs.config import JobConfig
+from jobs.engine import forward_loss
+from jobs.evaluation import bleu, read_eval_split, translate_ids
+from data_pipeline.tokenizer import load_tokenizer
+
+
+@torch.no_grad()
+def valid_loss(engine, job: JobConfig, manifest: Manifest, rank: int, world_size: int) -> dict[str, float]:
+    if not manifest.has_split("valid"):
+        return {}
+    engine.eval()
+    stream = ShardStream(manifest, "valid", job.stream, rank=rank, world_size=world_size, shuffle=False,
+                         max_length=job.model.max_positions)
+    sums = [0.0, 0.0, 0.0]
+    for batch in stream.epoch_batches():
+        loss, nll = forward_loss(engine, batch, job.model.label_smoothing)
+        sums = [sums[0] + float(loss), sums[1] + float(nll), sums[2] + batch.target_tokens]
+    engine.train()
+    loss, nll, tokens = all_sum(sums)
+    if tokens == 0:
+        return {}  # nothing in valid fits the budget
+    return {"valid/loss": loss / tokens, "valid/nll": nll / tokens, "valid/ppl": math.exp(min(nll / tokens, 50))}
+
+
+@torch.no_grad()
+def valid_bleu(engine, job: JobConfig, manifest: Manifest, rank: int, world_size: int) -> dict[str, float]:
+    """Beam-search BLEU on the first `train.bleu_valid_sentences` of valid, each rank a slice."""
+    if manifest.monolingual or not manifest.has_split("valid"):
+        return {}
+    import deepspeed
+
+    split = read_eval_split(manifest, "valid", job.train.bleu_valid_sentences)
+    mine = list(range(rank, len(split.src_ids), world_size))
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=job.train.zero_stage == 3):
+        hyps = translate_ids(engine.module, [split.src_ids[i] for i in mine],
+                             beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+    engine.train()
+    ordered = sorted(pair for part in all_gather(list(zip(mine, hyps))) for pair in part)
+    tokenizer = load_tokenizer(manifest.tokenizer_uri)
+    return {"valid/bleu": bleu([tokenizer.decode(h) for _, h in ordered], split.references).score}
