@@ -77,15 +77,21 @@ def needs_universal(zero_stage: int) -> bool:
     return zero_stage > 0
 
 
+_UNSET = "<unset>"
+
+
 def _changed(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
-    """Dotted keys present in both configs whose values differ."""
+    """Dotted keys whose values differ (a key only one side has counts as changed)."""
     changes: dict[str, tuple] = {}
-    for key in saved.keys() & new.keys():
+    for key in sorted(saved.keys() | new.keys()):
         name = f"{prefix}.{key}" if prefix else key
-        if isinstance(saved[key], dict) and isinstance(new[key], dict):
-            changes.update(_changed(saved[key], new[key], name))
-        elif saved[key] != new[key]:
-            changes[name] = (saved[key], new[key])
+        old_value, new_value = saved.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            changes.update(_changed(old_value, new_value, name))
+        elif isinstance(new_value, dict) and old_value == _UNSET:
+            changes.update(_changed({}, new_value, name))
+        elif old_value != new_value:
+            changes[name] = (old_value, new_value)
     return changes
 
 

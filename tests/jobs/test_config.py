@@ -12,8 +12,27 @@ from jobs.deepspeed_config import deepspeed_config
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_main_recipe_file_is_the_default_config() -> None:
-    assert load_job_config(str(ROOT / "configs" / "multi30k_small.yaml"), []) == JobConfig()
+def test_without_a_config_the_main_recipe_is_read(tmp_path, monkeypatch) -> None:
+    recipe = tmp_path / "main.yaml"
+    recipe.write_text("train:\n  max_steps: 1234\nstream:\n  max_tokens: 777\n")
+    monkeypatch.setattr("jobs.config.DEFAULT_RECIPE", recipe)
+    job = load_job_config(None, ["train.log_every=3"])
+    assert (job.train.max_steps, job.stream.max_tokens, job.train.log_every) == (1234, 777, 3)
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "pad_id", "bos_id", "eos_id"])
+def test_model_keys_that_belong_to_the_dataset_are_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"model.{key}: comes from the dataset"):
+        load_job_config(None, [f"model.{key}=5"])
+
+
+def test_the_dataset_completes_the_model_section() -> None:
+    class Dataset:  # what with_dataset reads of a Manifest
+        vocab_size = 8000
+
+    job = load_job_config(None, []).with_dataset(Dataset())
+    assert (job.model.vocab_size, job.model.pad_id, job.model.bos_id, job.model.eos_id) == (8000, 0, 2, 3)
+    assert flatten(config_to_dict(job))["model.vocab_size"] == 8000  # what MLflow's params show
 
 
 def test_overrides_reach_nested_sections_with_types() -> None:

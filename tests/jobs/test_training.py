@@ -198,3 +198,23 @@ def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus,
     # The weights continued too: the loss is where the 2-worker run had it, far below a fresh model's.
     resumed_loss = first(outcome.run_id, "train/loss", 21)
     assert abs(resumed_loss - ref_loss[21]) < 0.25 * (ref_loss[1] - ref_loss[21])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stream.max_tokens=280", "stream.max_tokens"),
+    ("train.zero_stage=3", "train.zero_stage"),
+    ("model.d_ff=96", "model.d_ff"),
+])
+def test_an_incompatible_resume_is_refused_in_seconds(reference_run, ray_cluster, tiny_corpus, tmp_path,
+                                                      override: str, key: str) -> None:
+    """The driver compares the checkpoint's config with the new one before any worker starts."""
+    root, _ = reference_run
+    shutil.copytree(root / "runs" / "reference", tmp_path / "runs" / "reference")
+    command = [sys.executable, "-m", "jobs.cli", "train",
+               *tiny_overrides(tiny_corpus, tmp_path, "reference", address=ray_cluster), override]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"aiayn train: error: {key}:"), done.stderr
+    assert time.monotonic() - started < 15

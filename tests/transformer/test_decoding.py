@@ -3,7 +3,7 @@
 import torch
 
 from transformer import build_model, preset
-from transformer.decoding import beam_search, greedy_search, length_penalty
+from transformer.decoding import beam_search, greedy_search
 
 VOCAB = 40
 
@@ -70,8 +70,30 @@ def test_batched_search_equals_one_sentence_at_a_time() -> None:
         assert len({len(h.tokens) for h in batched}) > 1  # some stopped early, some did not
 
 
-def test_beam_prefers_length_normalised_score() -> None:
-    model, src = _setup(4)
-    for hyp in beam_search(model, src, beam_size=3, alpha=0.6, max_len_b=8):
-        expected = hyp.log_prob / length_penalty(len(hyp.tokens) + 1, 0.6)
-        assert abs(hyp.score - expected) < 1e-9
+class _ScriptedStepper:
+    """A decoder whose next-token distribution is written out by hand (vocab: pad unk bos eos a):
+    after BOS, EOS 0.5 and `a` 0.5; after `a`, EOS 0.95; later, EOS 0.95 again."""
+
+    def __init__(self, *_args) -> None:
+        pass
+
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+        probs = torch.full((prefix.shape[0], 5), 1e-9)
+        probs[:, 3], probs[:, 4] = (0.5, 0.5) if prefix.shape[1] == 1 else (0.95, 0.05)
+        return probs.log()
+
+    def reorder(self, _index: torch.Tensor) -> None:
+        pass
+
+
+def test_length_normalisation_changes_the_winner(monkeypatch) -> None:
+    """Raw log-probability prefers the empty translation (ln 0.5 = -0.693 against
+    ln 0.5 + ln 0.95 = -0.744); GNMT's length penalty with alpha 0.6 divides the longer one by
+    ((5 + 2) / 6) ** 0.6 = 1.097, giving -0.678, so it wins."""
+    monkeypatch.setattr("transformer.decoding._Stepper", _ScriptedStepper)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=5)).eval()
+    src = torch.tensor([[4, 4, 3]])
+    [raw] = beam_search(model, src, beam_size=2, alpha=0.0)
+    [normalised] = beam_search(model, src, beam_size=2, alpha=0.6)
+    assert raw.tokens == [] and normalised.tokens == [4]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from transformer import build_model, count_parameters, preset
+from transformer.attention import MultiHeadAttention
 from transformer.config import TABLE3_PARAMETERS_M, ModelConfig
+from transformer.layers import FeedForward
 
 VOCAB = 50
 
@@ -86,6 +88,69 @@ def test_parameter_counts_match_table3(row: str) -> None:
 def test_learned_positions_and_unequal_head_sizes_build_and_run() -> None:
     model = _model(positional="learned", d_k=8, d_v=24)
     assert model(_tokens(2, 5, 12), _tokens(2, 4, 13)).shape == (2, 4, VOCAB)
+
+
+def test_attention_with_d_k_unequal_d_v_matches_a_reference_computation() -> None:
+    """softmax(Q K^T / sqrt(d_k)) V per head, concatenated, times W^O (§3.2), written out here."""
+    torch.manual_seed(3)
+    heads, d_model, d_k, d_v = 3, 12, 5, 7
+    attention = MultiHeadAttention(d_model, heads, d_k, d_v).eval()
+    query, memory = torch.randn(2, 4, d_model), torch.randn(2, 6, d_model)
+    key_mask = torch.ones(2, 6, dtype=torch.bool)
+    key_mask[1, 4:] = False
+    w, b = attention.in_proj.weight, attention.in_proj.bias
+    q = (query @ w[: heads * d_k].T + b[: heads * d_k]).view(2, 4, heads, d_k)
+    k = (memory @ w[heads * d_k: 2 * heads * d_k].T + b[heads * d_k: 2 * heads * d_k]).view(2, 6, heads, d_k)
+    v = (memory @ w[2 * heads * d_k:].T + b[2 * heads * d_k:]).view(2, 6, heads, d_v)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / d_k ** 0.5
+    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    heads_out = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(2, 4, heads * d_v)
+    expected = attention.out_proj(heads_out)
+    with torch.no_grad():
+        assert torch.allclose(attention(query, memory, key_mask=key_mask), expected, atol=1e-5)
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model() -> None:
+    """§3.4: the embedding weights are multiplied by sqrt(d_model) before the positions are added."""
+    model = _model()
+    ids = _tokens(1, 3, 5)
+    with torch.no_grad():
+        embedded = model.src_embed(ids)
+        positions = model.src_embed.positions(3)
+        rows = model.src_embed.tokens.weight[ids[0]]
+    assert torch.allclose(embedded[0] - positions, rows * model.config.d_model ** 0.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_dropout_is_applied_where_the_paper_puts_it(monkeypatch, norm: str) -> None:
+    """§5.4: dropout on every sub-layer's output before the residual addition, and on the sums of
+    embeddings and positions; active in training, off in evaluation."""
+    model = _model(norm=norm, dropout=0.25)
+    calls: list[tuple[torch.Tensor, float, bool]] = []
+    real_dropout = torch.nn.functional.dropout
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        calls.append((x, p, training))
+        return real_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    sublayer_outputs: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, (MultiHeadAttention, FeedForward)):
+            module.register_forward_hook(lambda _m, _i, out: sublayer_outputs.append(out))
+    src, tgt = _tokens(2, 5, 1), _tokens(2, 4, 2)
+    model.train()
+    model(src, tgt)
+    n_enc, n_dec = len(model.encoder.layers), len(model.decoder.layers)
+    assert len(calls) == 2 + 2 * n_enc + 3 * n_dec  # two embeddings, two sub-layers per encoder layer, three per decoder layer
+    assert all(p == 0.25 and training for _, p, training in calls)
+    dropped = [x for x, _, _ in calls]
+    assert all(any(out is x for x in dropped) for out in sublayer_outputs)  # each sub-layer output itself
+    assert any(torch.equal(x, model.src_embed.tokens(src) + model.src_embed.positions(5)) for x in dropped)
+    calls.clear()
+    model.eval()
+    first, second = model(src, tgt), model(src, tgt)
+    assert all(not training for _, _, training in calls) and torch.equal(first, second)
 
 
 def test_bad_config_names_the_key() -> None:

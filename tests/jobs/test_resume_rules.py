@@ -1,0 +1,46 @@
+"""The rules of resuming that need no checkpoint on disk: which config changes a resume accepts."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.errors import InputError
+from jobs.checkpoint import ResumePlan, check_compatible
+from jobs.config import load_job_config, public_config
+
+
+def _config(*overrides: str) -> dict:
+    return public_config(load_job_config(None, list(overrides)))
+
+
+@pytest.mark.parametrize("override", [
+    "train.max_steps=900", "train.log_every=7", "train.checkpoint_every_steps=20", "cluster.num_workers=5",
+    "tracking.experiment=other", "model.dropout=0.3", "stream.prefetch_windows=3", "train.grad_accum=2",
+])
+def test_settings_that_may_change_on_resume(override: str) -> None:
+    check_compatible(_config(), _config(override), "ckpt")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.d_model=128", "model.d_model"), ("model.n_layers=4", "model.n_layers"),
+    ("stream.seed=9", "stream.seed"), ("stream.max_tokens=4096", "stream.max_tokens"),
+    ("stream.window_rows=2048", "stream.window_rows"), ("optim.lr=0.01", "optim.lr"),
+    ("train.zero_stage=3", "train.zero_stage"), ("deepspeed={zero_optimization: {reduce_bucket_size: 10}}",
+                                                 "deepspeed.zero_optimization"),
+])
+def test_settings_fixed_on_resume_are_refused_with_the_key(override: str, key: str) -> None:
+    with pytest.raises(InputError) as error:
+        check_compatible(_config(), _config(override), "ckpt")
+    message = str(error.value)
+    assert message.startswith(key) and "\n" not in message and "--name" in message
+
+
+def test_plan_says_what_a_resize_implies() -> None:
+    fresh = ResumePlan(world_size=2, zero_stage=2)
+    assert not fresh.resized and "fresh" in fresh.describe()
+    same = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 2, 2, 2)
+    assert not same.resized and not same.universal
+    grow = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 1, 3, 2)
+    assert grow.resized and grow.universal and "1 -> 3 workers" in grow.describe()
+    stage0 = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 1, 3, 0)
+    assert stage0.resized and not stage0.universal  # stage 0's files hold the optimizer whole
