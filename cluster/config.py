@@ -11,7 +11,12 @@ Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str = ""  # empty: start an embedded local Ray; "auto" or ray://host:port: connect
-    num_workers: int = 2
+    num_workers: int = 2  # the most workers; with min_workers below it, the run is elastic
+    # Elastic training: the run starts with as many workers as the cluster can place between
+    # min_workers and num_workers, continues on fewer after a node loss, and grows back when
+    # capacity returns. 0: equal to num_workers (a fixed-size worker group).
+    min_workers: int = 0
+    resize_check_s: float = 60.0  # how often an elastic run looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     placement_strategy: Placement = "PACK"
@@ -24,6 +29,11 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"cluster.num_workers must be at least 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"cluster.min_workers must be between 0 and cluster.num_workers ({self.num_workers}), "
+                             f"got {self.min_workers}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"cluster.resize_check_s must be positive, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cluster.cpus_per_worker must be positive, got {self.cpus_per_worker}")
         allowed = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -31,3 +41,7 @@ class ClusterConfig:
             raise ValueError(f"cluster.placement_strategy must be one of {', '.join(allowed)}, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             raise ValueError(f"cluster.max_failures must be >= 0 (-1 is not supported), got {self.max_failures}")
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers

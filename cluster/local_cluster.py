@@ -54,6 +54,9 @@ class ClusterState:
     object_store: dict = field(default_factory=dict)  # endpoint_url, bucket_uri, env
     isolated: bool = False
     cluster_id: str = ""  # in the environment of every process of this cluster
+    cpus_per_node: int = 2
+    worker_nodes: dict = field(default_factory=dict)  # "ray-worker-<i>" -> its process group
+    private_dirs: list = field(default_factory=list)  # isolated nodes: the directories each has empty
 
 
 def read_state() -> ClusterState | None:
@@ -132,12 +135,16 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             started.append(service)
             store_env = object_store_env(endpoint)
             object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
-        isolation = Isolation((Path("/tmp"), Path.home(), Path.cwd()), token) if isolated else None
+        private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
+        isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
         node_env = {**store_env, **marker}
         head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, env=node_env, isolation=isolation)
         started.append(head)
+        workers = {}
         for index in range(1, nodes):  # one at a time: simultaneous joins time out on small machines
-            started.append(_join(logs, address, cpus_per_node, index, node_env, isolation))
+            service = _join(logs, address, cpus_per_node, index, node_env, isolation, expected_nodes=index + 1)
+            started.append(service)
+            workers[service.name] = service.process.pid
         mlflow_url = ""
         if with_mlflow:
             artifacts = f"s3://{BUCKET}/mlflow" if with_object_store else ""
@@ -149,7 +156,7 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             service.stop()
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
-                         object_store, isolated, marker[CLUSTER_ID])
+                         object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private)
     state_dir().mkdir(parents=True, exist_ok=True)
     write_state(state)
     return state
@@ -163,18 +170,86 @@ def write_state(state: ClusterState) -> None:
 
 
 def _join(logs: Path, address: str, cpus: int, index: int, env: dict, isolation: Isolation | None,
-          attempts: int = 3) -> Service:
-    """Start worker node `index` and wait until it is in the cluster; retry a start that died."""
+          expected_nodes: int, attempts: int = 3) -> Service:
+    """Start worker node `index` and wait until the cluster has `expected_nodes`; retry a start
+    that died."""
     for attempt in range(attempts):
         service = start_ray_worker(logs, address, num_cpus=cpus, index=index, env=env, isolation=isolation)
         try:
-            wait_for_nodes(address, index + 1, timeout=120, process=service.process)
+            wait_for_nodes(address, expected_nodes, timeout=120, process=service.process)
             return service
         except ServiceError:
             service.stop()
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def add_node() -> str:
+    """Start one more worker node like the others (isolated if they are); returns its name."""
+    with _exclusive():
+        state = _require_state()
+        index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
+        isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
+        env = {**state.object_store.get("env", {}), CLUSTER_ID: state.cluster_id}
+        service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
+                        expected_nodes=1 + len(state.worker_nodes) + 1)
+        state.worker_nodes[service.name] = service.process.pid
+        state.process_groups.append(service.process.pid)
+        state.nodes += 1
+        write_state(state)
+        return service.name
+
+
+def remove_node(name: str, grace_s: float = 30.0) -> str:
+    """Take worker node `name` away as a cloud would reclaim it: Ray is told the node is being
+    preempted (`ray drain-node`, with a deadline of `grace_s`), so that running training
+    checkpoints at once; after the deadline the node's processes are stopped. Returns its Ray id."""
+    with _exclusive():
+        state = _require_state()
+        if name not in state.worker_nodes:
+            raise InputError(f"remove-node {name}: no such worker node; the cluster has "
+                             f"{', '.join(sorted(state.worker_nodes)) or 'none'} (the head cannot be removed)")
+        group = state.worker_nodes[name]
+        node_id = _ray_node_id(group)
+        drained = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={state.ray_address}",
+             f"--node-id={node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message=aiayn cluster remove-node", f"--deadline-remaining-seconds={int(grace_s)}"],
+            capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        if drained.returncode != 0:
+            raise ServiceError(f"ray drain-node refused {name} ({node_id[:12]}): {drained.stderr.strip()[-300:]}")
+        time.sleep(grace_s)
+        _signal_groups([group], signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive_group(group):
+            time.sleep(0.5)
+        _signal_groups([group], signal.SIGKILL)
+        del state.worker_nodes[name]
+        state.process_groups.remove(group)
+        state.nodes -= 1
+        write_state(state)
+        return node_id
+
+
+def _require_state() -> ClusterState:
+    state = read_state()
+    if state is None:
+        raise InputError("no cluster is up; start one with `aiayn cluster up`")
+    return state
+
+
+def _ray_node_id(group: int) -> str:
+    """The Ray node id of the node started as process group `group` (its raylet's --node_id)."""
+    for pid in live_processes_in_group(group):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.startswith(b"--node_id="):
+                return arg.split(b"=", 1)[1].decode()
+    raise ServiceError(f"no raylet found in process group {group}; is the node still running?")
 
 
 def processes_of_cluster(cluster_id: str) -> list[int]:

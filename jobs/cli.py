@@ -155,6 +155,12 @@ def _cluster(args: argparse.Namespace) -> int:
         print(json.dumps(_cluster_summary(state), indent=2))
         print("plain Ray clients (ray status, ray job ...) on this machine need: export RAY_AUTH_MODE=token",
               file=sys.stderr)
+    elif args.action == "add-node":
+        print(local_cluster.add_node())
+    elif args.action == "remove-node":
+        if not args.node:
+            raise InputError("remove-node needs a node name (ray-worker-<i>; see `aiayn cluster status --json`)")
+        print(local_cluster.remove_node(args.node, grace_s=args.grace))
     elif args.action == "down":
         stopped = local_cluster.down()
         print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
@@ -173,6 +179,7 @@ def _cluster_summary(state) -> dict:
     return {"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
             "mlflow": state.mlflow_url, "object_store": state.object_store, "nodes": state.nodes,
             "isolated": state.isolated, "logs": state.log_dir, "process_groups": state.process_groups,
+            "worker_nodes": sorted(state.worker_nodes),
             "cluster_id": state.cluster_id,
             "state_file": str(local_cluster.state_file())}
 
@@ -274,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     translate.set_defaults(handler=_translate)
 
     cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster with MLflow and an object store")
-    cluster.add_argument("action", choices=["up", "status", "down"])
+    cluster.add_argument("action", choices=["up", "status", "add-node", "remove-node", "down"])
+    cluster.add_argument("node", nargs="?", default="", help="remove-node: the worker node (ray-worker-<i>)")
+    cluster.add_argument("--grace", type=float, default=30.0,
+                         help="remove-node: seconds between the preemption notice and stopping the node")
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--cpus-per-node", type=int, default=2)
     cluster.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")

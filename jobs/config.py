@@ -60,7 +60,10 @@ class TrainConfig:
     max_steps: int = 0  # 0: no step limit
     max_epochs: int = 0  # 0: no epoch limit
     max_minutes: float = 14.0  # wall-clock training budget; 0: none
-    grad_accum: int = 1
+    # Padded tokens per optimizer step over all workers; gradient accumulation is this divided by
+    # (workers x stream.max_tokens), rounded, so the step stays the same size when the number of
+    # workers changes. 0: cluster.num_workers x stream.max_tokens at the run's first start.
+    tokens_per_step: int = 0
     zero_stage: int = 2
     precision: Precision = "fp32"
     threads_per_worker: int = 1  # torch intra-op threads in each worker
@@ -83,7 +86,9 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for key in ("grad_accum", "threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size",
+        if self.tokens_per_step < 0:
+            raise ValueError(f"train.tokens_per_step must be 0 (derived) or positive, got {self.tokens_per_step}")
+        for key in ("threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size",
                     "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")

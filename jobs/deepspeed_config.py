@@ -1,8 +1,28 @@
-"""The DeepSpeed JSON, generated from the typed job config (never kept by hand beside it)."""
+"""The DeepSpeed JSON, generated from the typed job config (never kept by hand beside it), and
+the batch arithmetic it rests on: how many micro-batches make one optimizer step at a world size."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from jobs.config import JobConfig, deep_merge
+
+
+def with_step_budget(job: JobConfig, saved_config: dict | None = None) -> JobConfig:
+    """`train.tokens_per_step` made explicit: the given value, else the one a resumed run was
+    started with (so a resize keeps the step size), else num_workers x stream.max_tokens."""
+    if job.train.tokens_per_step:
+        return job
+    saved = (saved_config or {}).get("train", {}).get("tokens_per_step", 0)
+    budget = saved or job.cluster.num_workers * job.stream.max_tokens
+    return dataclasses.replace(job, train=dataclasses.replace(job.train, tokens_per_step=budget))
+
+
+def accumulation_steps(job: JobConfig, world_size: int) -> int:
+    """Micro-batches per worker per optimizer step, so that world_size x this x stream.max_tokens
+    is as close as it gets to train.tokens_per_step (at least one)."""
+    budget = job.train.tokens_per_step or job.cluster.num_workers * job.stream.max_tokens
+    return max(1, round(budget / (world_size * job.stream.max_tokens)))
 
 
 def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = False) -> dict:
@@ -10,10 +30,11 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
     batch); the loss is normalised by the global token count in the training loop instead.
     `load_universal`: the engine will load a universal checkpoint (resuming at another world size)."""
     train = job.train
+    accumulation = accumulation_steps(job, world_size)
     config: dict = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.grad_accum * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": accumulation * world_size,
         "gradient_clipping": job.optim.clip_norm,
         "zero_optimization": {
             "stage": train.zero_stage,

@@ -26,6 +26,7 @@ from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten, public_config
+from jobs.deepspeed_config import with_step_budget
 from jobs.progress import Console, relay_to
 from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
 
@@ -109,10 +110,11 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
 
     from jobs.worker import train_loop_per_worker
 
+    cluster = job.cluster
     scaling = ScalingConfig(
-        num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
-        resources_per_worker={"CPU": job.cluster.cpus_per_worker},
-        placement_strategy=job.cluster.placement_strategy,
+        num_workers=(cluster.min_workers, cluster.num_workers) if cluster.elastic else cluster.num_workers,
+        elastic_resize_monitor_interval_s=cluster.resize_check_s, use_gpu=cluster.use_gpu,
+        resources_per_worker={"CPU": cluster.cpus_per_worker}, placement_strategy=cluster.placement_strategy,
     )
     run = RunConfig(
         name=name, storage_path=_storage_root(job),
@@ -168,6 +170,8 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
         _check_budget(job, manifest)  # validate() could not: no data yet
         resume = _plan_resume(job, source, manifest)
     job = job.with_dataset(manifest)  # the model's vocabulary and special ids are the dataset's
+    saved_config = ckpt.read_job_state(resume.checkpoint).config if resume.checkpoint else None
+    job = with_step_budget(job, saved_config)  # a resized run keeps the step size it started with
     import ray
 
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),

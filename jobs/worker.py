@@ -31,6 +31,7 @@ from jobs import progress
 from jobs.cadence import Cadence
 from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig, build_section, public_config
+from jobs.deepspeed_config import accumulation_steps
 from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, train_step
 from jobs.metrics import MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.tracking import MetricLogger
@@ -49,7 +50,9 @@ class Trainer:
         self.manifest = load_manifest(loop_config["dataset_uri"])
         self.model_config = self.job.model  # completed from the dataset by the driver
         self.cadence = Cadence(self.job.train)
+        self.accumulation = accumulation_steps(self.job, self.world)
         self.guard = DivergenceGuard(self.job.train.max_consecutive_skips)
+        self.preemption_seen = False
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         if self.job.cluster.staging_dir:  # this worker's scratch: checkpoint staging and downloads
             Path(self.job.cluster.staging_dir).mkdir(parents=True, exist_ok=True)
@@ -58,6 +61,7 @@ class Trainer:
         # A restart inside this run gets Ray Train's latest checkpoint; the first attempt follows
         # the driver's resume plan (which names the same checkpoint when the run continues).
         restored = ray.train.get_checkpoint()
+        self.restarted_in_run = restored is not None  # a failure or an elastic resize inside this run
         plan = ckpt.ResumePlan(**loop_config["resume_plan"])
         if restored is None and plan.checkpoint:
             restored = ray.train.Checkpoint(plan.checkpoint)
@@ -91,6 +95,7 @@ class Trainer:
             config=public_config(self.job),
         )
         self.resumed_from_step: int | None = None
+        self.resized_from: int | None = None
         return StreamPosition(), None
 
     def _restore(self, directory: Path) -> tuple[StreamPosition, torch.Tensor | None]:
@@ -105,6 +110,7 @@ class Trainer:
             shutil.rmtree(universal, ignore_errors=True)
         position, rng = ckpt.rank_start(directory, saved, self.rank, self.world, self.manifest, self.job.stream)
         self.state, self.resumed_from_step = saved, saved.step
+        self.resized_from = saved.world_size if saved.world_size != self.world else None
         self.state.world_size, self.state.config = self.world, public_config(self.job)
         self.state.dataset_fingerprint = self.manifest.fingerprint
         return position, rng
@@ -154,7 +160,8 @@ class Trainer:
         return iter(())  # this rank finished the epoch before the checkpoint; others had not
 
     def _announce(self) -> None:
-        """Tags (node of each rank, world size, ZeRO stage, any resume) and the first console line."""
+        """Tags (node of each rank, world size, ZeRO stage, any resume or resize) and the first
+        console line."""
         import ray
 
         where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
@@ -166,24 +173,37 @@ class Trainer:
                               **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
         if self.resumed_from_step is not None:
             self.logger.set_tags({"resumed_from_step": self.resumed_from_step})
+        if self.resized_from is not None:
+            event = f"{self.resized_from} -> {self.world} workers ({self._resize_cause()})"
+            self.logger.set_tags({f"resize.step{self.state.step:08d}": event})
+            self.reporter.line(f"step {self.state.step}  resized: {event}")
         start = f"from step {self.resumed_from_step}" if self.resumed_from_step is not None else "from scratch"
+        node_count = len(set(nodes))
         self.reporter.line(f"training {start} on {self.world} workers (ZeRO-{self.job.train.zero_stage}, "
-                           f"{len(set(nodes))} nodes, peak {self.peak_flops / 1e12:.2f} TFLOP/s per worker: "
-                           f"{self.peak_source})")
+                           f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
+                           f"{'es' if self.accumulation > 1 else ''} per step, peak {self.peak_flops / 1e12:.2f} "
+                           f"TFLOP/s per worker: {self.peak_source})")
+
+    def _resize_cause(self) -> str:
+        if not self.restarted_in_run:
+            return "resumed with another cluster.num_workers"
+        return "capacity lost: a node left or failed" if self.world < self.resized_from else "capacity returned"
 
     def run(self) -> None:
-        train, cadence = self.job.train, self.cadence
+        cadence = self.cadence
         self._announce()
         started, elapsed_before, last_save = time.monotonic(), self.state.elapsed_seconds, time.monotonic()
         batches, window, stop = self._batches(), MetricsWindow(), cadence.out_of_steps(self.state.step)
+        preemption_pending = False
         while not stop:
             fetch = time.perf_counter()
-            micro = [next(batches, None) for _ in range(train.grad_accum)]
+            micro = [next(batches, None) for _ in range(self.accumulation)]
             data_wait = time.perf_counter() - fetch
             real = [b for b in micro if b is not None]
             # One collective per step: the token/FLOP sums, and rank 0's clock decisions (the
             # other ranks add zeros) so that every rank stops and saves at the same step.
             clock = cadence.clock(elapsed_before + time.monotonic() - started, time.monotonic() - last_save)
+            preemption_pending = self._preemption_notice() or preemption_pending
             global_tokens, ranks_with_data, global_flops, time_up, save_due = all_sum([
                 sum(b.target_tokens for b in real), float(bool(real)),
                 sum(batch_training_flops(self.model_config, b) for b in real),
@@ -216,13 +236,29 @@ class Trainer:
                 metrics.update(valid_bleu(self.engine, self.job, self.manifest, self.rank, self.world))
             if metrics:
                 self._publish(step, metrics)
-            if cadence.save(step, stop, bool(save_due)):
+            if cadence.save(step, stop, bool(save_due) or preemption_pending):
                 self.save(metrics)
-                last_save = time.monotonic()
+                last_save, preemption_pending = time.monotonic(), False
+
+    def _preemption_notice(self) -> bool:
+        """True once per notice that a node of this run will be preempted (Ray Train agrees on it
+        across ranks): the loop then checkpoints at once, so at most the steps since the notice
+        are lost."""
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.preemption_seen:
+            return False
+        self.preemption_seen = True
+        if self.reporter is not None:
+            self.reporter.line(f"step {self.state.step}  preemption notice for ranks {info.preempted_ranks}: "
+                               "checkpointing now")
+        return True
 
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         metrics = window.summary(all_sum, self.peak_flops, self.world)
         metrics.update({"train/lr": float(self.scheduler.get_last_lr()[0]), "train/epoch": float(self.state.epoch),
+                        "train/world_size": float(self.world),
                         "train/tokens_seen": float(self.state.tokens_seen),
                         "train/skipped_steps": float(self.state.skipped_steps)})
         grad_norm = self.engine.get_global_grad_norm()

@@ -21,7 +21,12 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from data_pipeline.stream import StreamPosition, redistribute
 from jobs.checkpoint.files import (
-    CheckpointError, JobState, latest_complete_checkpoint, load_rank_state, read_job_state, verify,
+    CheckpointError,
+    JobState,
+    latest_complete_checkpoint,
+    load_rank_state,
+    read_job_state,
+    verify,
 )
 
 # dotted key (or section) -> why it cannot change between a checkpoint and the run resuming it

@@ -15,7 +15,7 @@ def _config(*overrides: str) -> dict:
 
 @pytest.mark.parametrize("override", [
     "train.max_steps=900", "train.log_every=7", "train.checkpoint_every_steps=20", "cluster.num_workers=5",
-    "tracking.experiment=other", "model.dropout=0.3", "stream.prefetch_windows=3", "train.grad_accum=2",
+    "tracking.experiment=other", "model.dropout=0.3", "stream.prefetch_windows=3", "train.tokens_per_step=8192",
 ])
 def test_settings_that_may_change_on_resume(override: str) -> None:
     check_compatible(_config(), _config(override), "ckpt")

@@ -1,0 +1,123 @@
+"""Elastic training on a real 3-node cluster: a node is lost, one is added, two are taken away.
+
+The run (min 1, max 3 workers) must continue on the workers that remain after a raylet is
+SIGKILLed, grow back to 3 when `aiayn cluster add-node` brings capacity, checkpoint on each
+preemption notice of `aiayn cluster remove-node` and shrink to 1, and still train on exactly
+EPOCHS x the tokens of one epoch (every example of every epoch once), with one MLflow run that
+holds every step once and the world size over steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.manifest import load_manifest
+from jobs import checkpoint as ckpt
+from tests.jobs.helpers import runs_named, steps, tiny_overrides
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 12
+
+
+def _cluster(*args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "cluster", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _latest_world_size(run_dir: Path) -> tuple[int, int]:
+    """(world size, step) of the run's latest complete checkpoint; (0, 0) before there is one."""
+    latest = ckpt.latest_complete_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if latest is None:
+        return 0, 0
+    state = ckpt.read_job_state(latest)
+    return state.world_size, state.step
+
+
+def _wait_for_world_size(run_dir: Path, size: int, driver: subprocess.Popen, after_step: int = 0,
+                         timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        world, step = _latest_world_size(run_dir)
+        if world == size and step > after_step:
+            return step
+        assert driver.poll() is None, f"the run ended before it trained on {size} workers"
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint on {size} workers within {timeout:.0f} s (latest: {_latest_world_size(run_dir)})")
+
+
+def _raylet_group_hosting_a_train_worker() -> tuple[int, int]:
+    """(raylet pid, its process group) of a non-head node that runs a Ray Train worker."""
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    for pid in workers:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[1])
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "raylet" in command and "--head" not in command:
+            return parent, os.getpgid(parent)
+    raise AssertionError("no Ray Train worker runs on a non-head node")
+
+
+def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_path) -> None:
+    env = {**os.environ, "AIAYN_HOME": str(tmp_path / "aiayn")}
+    env.pop("RAY_ADDRESS", None)
+    state = json.loads(_cluster("up", "--nodes", "3", "--cpus-per-node", "1", "--no-mlflow", "--no-object-store",
+                                env=env).stdout)
+    try:
+        overrides = tiny_overrides(tiny_corpus, tmp_path, "elastic", address=state["ray_address"]) + [
+            "cluster.min_workers=1", "cluster.num_workers=3", "cluster.resize_check_s=3", "cluster.max_failures=6",
+            "train.max_steps=0", f"train.max_epochs={EPOCHS}", "train.checkpoint_every_steps=3",
+            "train.validate_every=0", "train.keep_checkpoints=4",
+        ]
+        run_dir = tmp_path / "runs" / "elastic"
+        console = tmp_path / "console.txt"
+        with console.open("w") as sink:
+            driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *overrides], stdout=sink,
+                                      stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            step = _wait_for_world_size(run_dir, 3, driver)
+            raylet, group = _raylet_group_hosting_a_train_worker()
+            lost_at = time.monotonic()
+            os.kill(raylet, signal.SIGKILL)  # a node is lost
+            step = _wait_for_world_size(run_dir, 2, driver, step)
+            recovery_s = time.monotonic() - lost_at
+            added = _cluster("add-node", env=env).stdout.strip()  # capacity returns
+            step = _wait_for_world_size(run_dir, 3, driver, step)
+            nodes = json.loads(_cluster("status", "--json", env=env).stdout)
+            alive = [name for name, pgid in nodes["worker_nodes"].items() if pgid != group]
+            assert added in alive and len(alive) == 2
+            for name, size in zip(alive, (2, 1)):  # taken away gracefully: a preemption notice first
+                _cluster("remove-node", name, "--grace", "8", env=env)
+                step = _wait_for_world_size(run_dir, size, driver, step)
+            assert driver.wait(timeout=600) == 0, console.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        print(f"a lost node: {recovery_s:.0f} s to the next checkpoint on 2 workers")
+        text = console.read_text()
+        assert text.count("preemption notice") >= 2, text[-3000:]
+        manifest = load_manifest(str(tiny_corpus["root"] / "prepared" / "text-en-de"))
+        epoch_tokens = manifest.data["splits"]["train"]["tgt_tokens"]
+        final = ckpt.read_job_state(ckpt.latest_complete_checkpoint(str(run_dir)))
+        assert final.epoch == EPOCHS and final.tokens_seen == EPOCHS * epoch_tokens  # every example once an epoch
+        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        [run] = runs_named(tracking, "elastic")
+        assert steps(tracking, run.info.run_id) == list(range(1, final.step + 1))
+        history = MlflowClient(tracking).get_metric_history(run.info.run_id, "train/world_size")
+        sizes = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
+        assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [3, 2, 3, 2, 1]
+        causes = [v for k, v in run.data.tags.items() if k.startswith("resize.")]
+        assert any("capacity lost" in c for c in causes) and any("capacity returned" in c for c in causes)
+    finally:
+        subprocess.run([sys.executable, "-m", "jobs.cli", "cluster", "down"], capture_output=True, env=env, cwd=ROOT,
+                       timeout=120)
