@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.services import (
-    Isolation, Service, ServiceError, object_store_env, start_mlflow_server, start_object_store, start_ray_head, start_ray_worker,
-    wait_for_nodes,
+    Isolation, Service, ServiceError, alive_nodes, object_store_env, start_mlflow_server, start_object_store,
+    start_ray_head, start_ray_worker, wait_for_nodes,
 )
 from data_pipeline.errors import InputError
 
@@ -193,7 +193,7 @@ def add_node() -> str:
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
         env = {**state.object_store.get("env", {}), CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
-                        expected_nodes=1 + len(state.worker_nodes) + 1)
+                        expected_nodes=alive_nodes(state.ray_address) + 1)
         state.worker_nodes[service.name] = service.process.pid
         state.process_groups.append(service.process.pid)
         state.nodes += 1

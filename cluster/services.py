@@ -125,16 +125,24 @@ def start_ray_worker(log_dir: Path, address: str, *, num_cpus: int, index: int, 
     return _spawn(f"ray-worker-{index}", command, log_dir, {**(env or {}), **RAY_TOKEN_AUTH}, isolation)
 
 
+def alive_nodes(address: str) -> int:
+    """How many nodes `ray status` lists as alive (0 if it does not answer)."""
+    status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True,
+                            env={**os.environ, **RAY_TOKEN_AUTH})
+    if status.returncode != 0:
+        return 0
+    healthy = status.stdout.split("Pending:")[0]  # lost nodes are listed after it, under "Recent failures"
+    return healthy.count("node_")
+
+
 def wait_for_nodes(address: str, count: int, timeout: float = 90.0, process: subprocess.Popen | None = None) -> None:
-    """Block until `count` nodes are alive (asked through `ray status`); RuntimeError if `process`
-    (the node being started) exits first."""
+    """Block until `count` nodes are alive; ServiceError if `process` (the node being started)
+    exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise ServiceError(f"ray start exited with {process.returncode} before its node joined")
-        status = subprocess.run([_bin("ray"), "status", f"--address={address}"], capture_output=True, text=True,
-                                env={**os.environ, **RAY_TOKEN_AUTH})
-        if status.returncode == 0 and status.stdout.count("node_") >= count:
+        if alive_nodes(address) >= count:
             return
         time.sleep(1.0)
     raise ServiceError(f"fewer than {count} Ray nodes came up at {address} within {timeout:.0f} s")

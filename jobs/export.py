@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +35,12 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     if job_state.zero_stage == 0:
         states = torch.load(deepspeed_dir / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would guess, without its warning
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every shard it reads
+    narration = io.StringIO()  # zero_to_fp32 narrates every shard it reads; its errors are raised
+    with contextlib.redirect_stdout(narration), contextlib.redirect_stderr(narration):
         return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=ckpt.DEEPSPEED_TAG)
 
 

@@ -93,7 +93,11 @@ def relay_to(console: Console, poll_s: float = 1.0) -> Iterator[object]:
             lines, self.lines = self.lines, []
             return lines
 
-    relay = Relay.remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's own node: the relay must outlive any other node leaving the cluster.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    relay = Relay.options(scheduling_strategy=here).remote()
     done = threading.Event()
 
     def follow() -> None:

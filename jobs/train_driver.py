@@ -12,6 +12,7 @@ import json
 import math
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -186,7 +187,7 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     started = time.time()
     with relay_to(console) as relay:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
-                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay}
+                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "launch_id": uuid.uuid4().hex}
         _trainer(job, name, loop_config).fit()
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     outcome = _finish(job, name, run_id, tracking_uri, manifest)

@@ -60,8 +60,8 @@ class Trainer:
 
         # A restart inside this run gets Ray Train's latest checkpoint; the first attempt follows
         # the driver's resume plan (which names the same checkpoint when the run continues).
+        self.launch_id = loop_config["launch_id"]
         restored = ray.train.get_checkpoint()
-        self.restarted_in_run = restored is not None  # a failure or an elastic resize inside this run
         plan = ckpt.ResumePlan(**loop_config["resume_plan"])
         if restored is None and plan.checkpoint:
             restored = ray.train.Checkpoint(plan.checkpoint)
@@ -90,12 +90,14 @@ class Trainer:
     def _start_fresh(self, run_id: str) -> tuple[StreamPosition, None]:
         self.engine, self.scheduler = build_engine(self.job, self.model_config, self.world, load_universal=False)
         self.state = ckpt.JobState(
-            mlflow_run_id=run_id, world_size=self.world, zero_stage=self.job.train.zero_stage,
+            mlflow_run_id=run_id, launch_id=self.launch_id, world_size=self.world,
+            zero_stage=self.job.train.zero_stage,
             tokenizer_sha256=self.manifest.tokenizer_sha256, dataset_fingerprint=self.manifest.fingerprint,
             config=public_config(self.job),
         )
         self.resumed_from_step: int | None = None
         self.resized_from: int | None = None
+        self.restarted_in_run = False
         return StreamPosition(), None
 
     def _restore(self, directory: Path) -> tuple[StreamPosition, torch.Tensor | None]:
@@ -111,6 +113,8 @@ class Trainer:
         position, rng = ckpt.rank_start(directory, saved, self.rank, self.world, self.manifest, self.job.stream)
         self.state, self.resumed_from_step = saved, saved.step
         self.resized_from = saved.world_size if saved.world_size != self.world else None
+        self.restarted_in_run = saved.launch_id == self.launch_id  # a failure or an elastic resize in this run
+        self.state.launch_id = self.launch_id
         self.state.world_size, self.state.config = self.world, public_config(self.job)
         self.state.dataset_fingerprint = self.manifest.fingerprint
         return position, rng
@@ -179,7 +183,7 @@ class Trainer:
             self.reporter.line(f"step {self.state.step}  resized: {event}")
         start = f"from step {self.resumed_from_step}" if self.resumed_from_step is not None else "from scratch"
         node_count = len(set(nodes))
-        self.reporter.line(f"training {start} on {self.world} workers (ZeRO-{self.job.train.zero_stage}, "
+        self.reporter.line(f"training {start} on {self.world} worker{'s' if self.world > 1 else ''} (ZeRO-{self.job.train.zero_stage}, "
                            f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
                            f"{'es' if self.accumulation > 1 else ''} per step, peak {self.peak_flops / 1e12:.2f} "
                            f"TFLOP/s per worker: {self.peak_source})")

@@ -60,6 +60,7 @@ class JobState:
     pending_metrics: list = field(default_factory=list)  # not yet in MLflow when saved (an outage)
     skipped_steps: int = 0  # updates skipped for non-finite gradients
     dataset_fingerprint: str = ""  # the prepared data the positions index into (manifest fingerprint)
+    launch_id: str = ""  # the `aiayn train` invocation that wrote it: tells a restart inside a run from a resume
 
 
 @dataclass
