@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def label_smoothed_loss(
@@ -16,11 +15,13 @@ def label_smoothed_loss(
 
     The smoothing mass epsilon is spread uniformly over the whole vocabulary (the paper's and
     torch's convention): loss = (1 - eps) * nll + eps * mean_v(-log p_v). Sums, not means, so that
-    callers normalise by the token count of the whole (possibly accumulated) batch.
+    callers normalise by the token count of the whole (possibly accumulated) batch. One fp32
+    log_softmax serves both: at a large vocabulary that pass costs as much as the rest of a step.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    log_probs = logits.reshape(-1, logits.shape[-1]).float().log_softmax(dim=-1)
     targets = targets.reshape(-1)
-    loss = F.cross_entropy(logits, targets, ignore_index=pad_id, label_smoothing=epsilon, reduction="sum")
-    with torch.no_grad():
-        nll = F.cross_entropy(logits, targets, ignore_index=pad_id, reduction="sum")
-    return loss, nll
+    real = targets != pad_id
+    nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    uniform = -log_probs.mean(dim=-1)
+    loss = ((1.0 - epsilon) * nll + epsilon * uniform).masked_fill(~real, 0.0).sum()
+    return loss, nll.detach().masked_fill(~real, 0.0).sum()

@@ -148,7 +148,9 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
         assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [3, 2, 3, 2, 1]
         causes = [v for k, v in run.data.tags.items() if k.startswith("resize.")]
         assert any("capacity lost" in c for c in causes) and any("capacity returned" in c for c in causes)
-        print("\n" + _figures(run_dir / "aiayn.log", lost_at, tracking, run.info.run_id))
+        figures = _figures(run_dir / "aiayn.log", lost_at, tracking, run.info.run_id)
+        (tmp_path / "figures.md").write_text(figures + "\n")  # bench/results/elastic_*.md records them
+        print("\n" + figures)
     finally:
         subprocess.run([sys.executable, "-m", "jobs.cli", "cluster", "down"], capture_output=True, env=env, cwd=ROOT,
                        timeout=120)
