@@ -42,6 +42,9 @@ def test_chained_resizes_keep_every_example_once(unresized, ray_cluster, tiny_co
     assert [o.steps for o in outcomes[:-1]] == [last for _, last in CHAIN[:-1]]
     final = outcomes[-1]
     assert final.tokens == unresized.tokens  # the epoch's examples, each exactly once, across 3 resizes
+    # The same data, other groupings and (on 3 workers) larger steps: the end of the epoch is where
+    # the unresized run got to, within the noise of a 47-step run.
+    assert final.best_valid_loss == pytest.approx(unresized.best_valid_loss, rel=0.15)
     [run] = runs_named(final.tracking_uri, name)
     assert steps(final.tracking_uri, run.info.run_id) == list(range(1, final.steps + 1))
     history = MlflowClient(final.tracking_uri).get_metric_history(run.info.run_id, "train/world_size")
