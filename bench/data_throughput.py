@@ -167,10 +167,11 @@ def _measure_training_rate(dataset: Path, max_tokens: int) -> float:
     for index, batch in zip(range(8), batches):
         if index == 2:
             start, tokens = time.perf_counter(), 0
-        at = batch.tgt_out != PAD_ID
-        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at), batch.tgt_out[at], 0.1, PAD_ID)
+        at = batch.target_positions()
+        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at, src_padded=batch.src_padded),
+                                      batch.tgt_out.flatten()[at], 0.1, PAD_ID)
         optimizer.zero_grad()
-        (loss / at.sum()).backward()
+        (loss / len(at)).backward()
         optimizer.step()
         tokens += batch.target_tokens
     return tokens / (time.perf_counter() - start)

@@ -69,7 +69,7 @@ def _marian(config: ModelConfig) -> nn.Module | None:
 
         def forward(self, src, tgt_in, logits_at=None):
             logits = self.inner(input_ids=src, attention_mask=src != config.pad_id, decoder_input_ids=tgt_in).logits
-            return logits if logits_at is None else logits[logits_at]
+            return logits if logits_at is None else logits.flatten(0, 1).index_select(0, logits_at)
 
     return Wrapped()
 
@@ -77,15 +77,16 @@ def _marian(config: ModelConfig) -> nn.Module | None:
 def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -> Callable[[], None]:
     optimizer = paper_adam(model.parameters(), lr=1e-4)
     src, tgt_in, tgt_out = batch
-    at = tgt_out != config.pad_id
+    at = (tgt_out != config.pad_id).flatten().nonzero().squeeze(1)
+    targets = tgt_out.flatten()[at]
     autocast = torch.autocast(src.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
         with autocast:
             logits = model(src, tgt_in, at)
-        loss, _ = label_smoothed_loss(logits, tgt_out[at], config.label_smoothing, config.pad_id)
+        loss, _ = label_smoothed_loss(logits, targets, config.label_smoothing, config.pad_id)
         optimizer.zero_grad(set_to_none=True)
-        (loss / at.sum()).backward()
+        (loss / len(at)).backward()
         optimizer.step()
 
     return step

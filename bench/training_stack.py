@@ -49,10 +49,11 @@ def bare_loop(dataset: str, steps: int, max_tokens: int) -> float:
     for step, batch in zip(range(steps), batches):
         if step == 5:
             tokens, start = 0, time.perf_counter()
-        at = batch.tgt_out != PAD_ID
-        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at), batch.tgt_out[at], 0.1, PAD_ID)
+        at = batch.target_positions()
+        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at, src_padded=batch.src_padded),
+                                      batch.tgt_out.flatten()[at], 0.1, PAD_ID)
         optimizer.zero_grad(set_to_none=True)
-        (loss / at.sum()).backward()
+        (loss / len(at)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         tokens += batch.target_tokens

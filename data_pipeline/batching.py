@@ -53,6 +53,16 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out))
 
+    def target_positions(self) -> torch.Tensor:
+        """Flat indices of the real target tokens in (B, T), computed where the batch was built (the
+        host), so that selecting them on a GPU needs no device-to-host synchronisation."""
+        return (self.tgt_out != PAD_ID).flatten().nonzero().squeeze(1)
+
+    @property
+    def src_padded(self) -> bool:
+        """Whether any source row is padded; without padding attention needs no mask."""
+        return self.src is not None and bool((self.src == PAD_ID).any())
+
     @property
     def target_tokens(self) -> int:
         return int((self.tgt_out != PAD_ID).sum())

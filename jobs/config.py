@@ -65,7 +65,8 @@ class TrainConfig:
     # workers changes. 0: cluster.num_workers x stream.max_tokens at the run's first start.
     tokens_per_step: int = 0
     zero_stage: int = 2
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # bf16 runs on CPU too (DeepSpeed's CPU accelerator); fp16 needs GPUs
+    compile: bool | None = None  # torch.compile the model; None: where the workers have GPUs
     threads_per_worker: int = 1  # torch intra-op threads in each worker
     seed: int = 1
     log_every: int = 10

@@ -25,10 +25,12 @@ def accumulation_steps(job: JobConfig, world_size: int) -> int:
     return max(1, round(budget / (world_size * job.stream.max_tokens)))
 
 
-def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = False) -> dict:
+def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = False,
+                     on_gpu: bool = False) -> dict:
     """Batches are token budgets, so DeepSpeed's sample-count batch size is nominal (1 per micro
     batch); the loss is normalised by the global token count in the training loop instead.
-    `load_universal`: the engine will load a universal checkpoint (resuming at another world size)."""
+    `load_universal`: the engine will load a universal checkpoint (resuming at another world size).
+    `on_gpu`: torch's fused (single-kernel) Adam; on CPU the default multi-tensor one."""
     train = job.train
     accumulation = accumulation_steps(job, world_size)
     config: dict = {
@@ -54,6 +56,7 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
             "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
             "betas": list(job.optim.betas), "eps": job.optim.eps,
             "weight_decay": job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False,
+            **({"fused": True} if on_gpu else {}),
         }},
     }
     if train.zero_stage == 3:

@@ -37,37 +37,50 @@ def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, 
     """(engine, lr scheduler) with identical initial weights on every rank."""
     import deepspeed
 
+    on_gpu = torch.cuda.is_available()
     torch.manual_seed(job.train.seed)
     model = build_model(model_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
-        config=deepspeed_config(job, world_size, load_universal=load_universal),
+        config=deepspeed_config(job, world_size, load_universal=load_universal, on_gpu=on_gpu),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
     )
+    if on_gpu if job.train.compile is None else job.train.compile:
+        # In place (the module's state_dict keys stay those of the checkpoints). Token-budget batches
+        # change shape every step: after the first recompile, dynamo marks those sizes dynamic.
+        engine.compile()
     return engine, scheduler
 
 
 def forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label-smoothed loss, NLL), summed over the batch's target tokens."""
-    batch = batch.to(engine.device)
-    at = batch.tgt_out != PAD_ID
-    inputs = (batch.tgt_in, at) if batch.src is None else (batch.src, batch.tgt_in, at)
-    return label_smoothed_loss(engine(*inputs), batch.tgt_out[at], epsilon, PAD_ID)
+    """(label-smoothed loss, NLL), summed over the batch's target tokens.
+
+    Everything that depends on where the padding is (target positions, whether the source needs
+    a mask) is decided on the host before the batch moves, so the device never waits on the host."""
+    positions = batch.target_positions()
+    targets = batch.tgt_out.flatten().index_select(0, positions)
+    kwargs = {} if batch.src is None else {"src_padded": batch.src_padded}
+    device = engine.device
+    positions, targets = positions.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    batch = batch.to(device)
+    inputs = (batch.tgt_in, positions) if batch.src is None else (batch.src, batch.tgt_in, positions)
+    return label_smoothed_loss(engine(*inputs, **kwargs), targets, epsilon, PAD_ID)
 
 
 def train_step(engine, micro: list[Batch | None], global_tokens: float, world_size: int,
                epsilon: float) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches (None: no data left); returns this rank's
-    (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale."""
+    (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale.
+    The sums stay on the device until the step's end: one host synchronisation per step."""
     scale = world_size * len(micro) / max(global_tokens, 1.0)
-    loss_sum = nll_sum = 0.0
+    sums = []
     for batch in micro:
         weight = 0.0 if batch is None else 1.0
         loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
         engine.backward(loss * (scale * weight))
         engine.step()
-        loss_sum += float(loss.detach()) * weight
-        nll_sum += float(nll) * weight
+        sums.append(torch.stack([loss.detach().float(), nll.float()]) * weight)
+    loss_sum, nll_sum = torch.stack(sums).sum(0).tolist()
     return loss_sum, nll_sum
 
 

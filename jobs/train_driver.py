@@ -100,8 +100,8 @@ def validate(job: JobConfig) -> PreparePlan:
         manifest = load_manifest(job.data.dataset_uri)
         verify_dataset(manifest)  # a changed or corrupted shard: refused before any resource is taken
         _check_budget(job, manifest)
-    if job.train.precision != "fp32" and not job.cluster.use_gpu:
-        raise InputError(f"train.precision={job.train.precision} needs GPUs (cluster.use_gpu=true); use fp32 on CPU")
+    if job.train.precision == "fp16" and not job.cluster.use_gpu:
+        raise InputError("train.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
     return plan
 
 
@@ -252,11 +252,10 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
     """sacreBLEU of beam search on the test split with the exported (averaged) model: the same
     function as `aiayn evaluate`, so the two figures agree."""
-    from jobs.evaluation import score_split
-    from jobs.export import load_export
+    from jobs.evaluation import open_translator, score_split
 
-    model, _, _ = load_export(export_dir)
-    score = score_split(model, manifest, "test", beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+    translate, _ = open_translator(export_dir, "torch", beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+    score = score_split(translate, manifest, "test")
     return dataclasses.replace(outcome, test_bleu=score.bleu, bleu_signature=score.signature, samples=score.samples)
 
 

@@ -33,7 +33,8 @@ class _Embedder(nn.Module):
         self.positions = PositionalEncoding(config.positional, config.max_positions, config.d_model)
 
     def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        x = self.tokens(ids) + self.positions(ids.shape[1], offset)  # (B, T, d_model)
+        x = self.tokens(ids)  # (B, T, d_model)
+        x = x + self.positions(ids.shape[1], offset).to(x.dtype)  # the fp32 table joins a bf16 model's dtype
         return F.dropout(x, self.dropout, self.training)
 
 
@@ -47,9 +48,12 @@ class _OutputHead(nn.Module):
             self.proj.weight = tied.weight
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (..., V); with `positions` (a bool mask over hidden's leading dims) only there."""
+        """Logits (..., V); with `positions` (flat indices into hidden's leading dims) only there.
+
+        Indices rather than a boolean mask: the caller computes them on the host from lengths it
+        knows, and index_select needs no device-to-host synchronisation (boolean indexing does)."""
         if positions is not None:
-            hidden = hidden[positions]  # (N, d_model): skip the vocabulary matmul on padding
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # skip padding
         return self.proj(hidden)
 
 
@@ -73,16 +77,19 @@ class EncoderDecoderTransformer(nn.Module):
         if not config.share_embeddings:
             nn.init.normal_(self.output.proj.weight, std=config.d_model**-0.5)
 
-    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder output (B, S, d_model) and the source mask (B, S)."""
-        src_mask = src != self.config.pad_id
+    def encode(self, src: torch.Tensor, *, padded: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder output (B, S, d_model) and the source mask (B, S).
+
+        `padded=False` (the caller knows, from the host, that no row has padding) drops the mask,
+        so that attention runs without one and the fastest SDPA kernel is eligible."""
+        src_mask = src != self.config.pad_id if padded else None
         return self.encoder(self.src_embed(src), self_mask=src_mask), src_mask
 
     def decode(
         self,
         tgt_in: torch.Tensor,  # (B, T) target shifted right, starting with BOS
         memory: torch.Tensor,
-        src_mask: torch.Tensor,
+        src_mask: torch.Tensor | None,
         *,
         caches: list[LayerCache] | None = None,
         offset: int = 0,
@@ -94,17 +101,18 @@ class EncoderDecoderTransformer(nn.Module):
         )
 
     def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, logits_at: torch.Tensor | None = None
+        self, src: torch.Tensor, tgt_in: torch.Tensor, logits_at: torch.Tensor | None = None,
+        *, src_padded: bool = True,
     ) -> torch.Tensor:
-        """Logits (B, T, V), or (N, V) at the N positions where `logits_at` (B, T) is True."""
-        memory, src_mask = self.encode(src)
+        """Logits (B, T, V), or (N, V) at the N flat positions `logits_at` of (B, T)."""
+        memory, src_mask = self.encode(src, padded=src_padded)
         return self.output(self.decode(tgt_in, memory, src_mask), logits_at)
 
     def new_caches(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.decoder.layers]
 
     def decode_step(
-        self, last_tokens: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
+        self, last_tokens: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None,
         caches: list[LayerCache], offset: int,
     ) -> torch.Tensor:
         """Log-probabilities (B, V) of the next token given the newest one (B, 1) and the caches."""
@@ -132,7 +140,7 @@ class DecoderOnlyTransformer(nn.Module):
         self, tokens: torch.Tensor, logits_at: torch.Tensor | None = None,
         *, caches: list[LayerCache] | None = None, offset: int = 0,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, V), or (N, V) where `logits_at` is True."""
+        """Next-token logits (B, T, V), or (N, V) at the N flat positions `logits_at` of (B, T)."""
         hidden = self.decoder(self.embed(tokens, offset), caches, causal=True)
         return self.output(hidden, logits_at)
 

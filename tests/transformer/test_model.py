@@ -63,7 +63,16 @@ def test_logits_at_selects_only_requested_positions() -> None:
     model = _model()
     src, tgt = _tokens(2, 6, 10), _tokens(2, 5, 11)
     where = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
-    torch.testing.assert_close(model(src, tgt, where), model(src, tgt)[where])
+    positions = where.flatten().nonzero().squeeze(1)
+    torch.testing.assert_close(model(src, tgt, positions), model(src, tgt)[where])
+
+
+def test_an_unpadded_source_needs_no_mask() -> None:
+    """Dropping the mask (the host knows there is no padding) changes nothing but the kernel."""
+    model = _model()
+    src, tgt = _tokens(3, 6, 14), _tokens(3, 5, 15)
+    assert bool((src != model.config.pad_id).all()) and model.encode(src, padded=False)[1] is None
+    torch.testing.assert_close(model(src, tgt, src_padded=False), model(src, tgt), rtol=0, atol=1e-6)
 
 
 def test_shared_embeddings_are_one_matrix_and_unshared_are_three() -> None:
