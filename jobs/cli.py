@@ -11,6 +11,9 @@ from typing import Callable
 
 from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
 
+ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.evaluation.open_translator takes
+ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
+
 
 def _model_info(args: argparse.Namespace) -> int:
     from transformer import build_model, count_parameters, preset
@@ -102,15 +105,15 @@ def _summary(outcome) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
-    from jobs.evaluation import score_split
-    from jobs.export import load_export, local_export
+    from jobs.evaluation import open_translator, score_split
+    from jobs.export import local_export
 
-    with local_export(args.model) as directory:
-        model, _, info = load_export(directory)
     manifest = load_manifest(args.data)
-    check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
-    score = score_split(model, manifest, args.split, beam_size=args.beam, alpha=args.alpha, limit=args.limit,
-                        progress=sys.stderr.isatty())
+    with local_export(args.model) as directory:
+        translate, info = open_translator(directory, args.engine, beam_size=args.beam, alpha=args.alpha,
+                                          progress=sys.stderr.isatty())
+        check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
+        score = score_split(translate, manifest, args.split, limit=args.limit)
     print(json.dumps({"split": args.split, "sentences": score.sentences, "bleu": round(score.bleu, 2),
                       "signature": score.signature}, indent=2))
     return 0
@@ -118,17 +121,28 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
-    from jobs.evaluation import translate_ids
-    from jobs.export import TOKENIZER, load_export, local_export
+    from jobs.evaluation import open_translator
+    from jobs.export import TOKENIZER, local_export
 
     with local_export(args.model) as directory:
-        model, _, _ = load_export(directory)
+        translate, _ = open_translator(directory, args.engine, beam_size=args.beam, alpha=args.alpha,
+                                       progress=sys.stderr.isatty())
         tokenizer = load_tokenizer(str(directory / TOKENIZER))
-    lines = [line.rstrip("\n") for line in sys.stdin]
-    sources = tokenizer.encode([line.strip() for line in lines], add_eos=True)
-    hypotheses = translate_ids(model, sources, beam_size=args.beam, alpha=args.alpha, progress=sys.stderr.isatty())
+        lines = [line.rstrip("\n") for line in sys.stdin]
+        hypotheses = translate(tokenizer.encode([line.strip() for line in lines], add_eos=True))
     for text in tokenizer.decode(hypotheses):
         print(text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jobs.ctranslate2_engine import convert_export
+    from jobs.export import local_export
+
+    with local_export(args.model) as directory:
+        convert_export(directory, args.output, quantization=args.quantization)
+    print(f"{args.output}: CTranslate2 model ({args.quantization or 'float32'} weights); use it with "
+          f"aiayn translate --engine ctranslate2 --model {args.output}")
     return 0
 
 
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
     evaluate.add_argument("--beam", type=int, default=4)
     evaluate.add_argument("--alpha", type=float, default=0.6)
+    evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
@@ -278,7 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
     translate.add_argument("--beam", type=int, default=4)
     translate.add_argument("--alpha", type=float, default=0.6)
+    translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     translate.set_defaults(handler=_translate)
+
+    export = commands.add_parser("export", help="convert an export for a fast inference engine (CTranslate2)")
+    export.add_argument("--format", required=True, choices=["ctranslate2"])
+    export.add_argument("--model", required=True, help="export: a directory, an s3:// or gs:// URI, or an MLflow URI")
+    export.add_argument("--output", required=True, help="directory (or object-store URI) for the converted model")
+    export.add_argument("--quantization", default=None, choices=["int8", "int8_float16", "int8_bfloat16", "float16",
+                                                                   "bfloat16"], help="weight type (default: float32)")
+    export.set_defaults(handler=_export)
 
     cluster = commands.add_parser("cluster", help="a local multi-node Ray cluster with MLflow and an object store")
     cluster.add_argument("action", choices=["up", "status", "add-node", "remove-node", "down"])

@@ -4,7 +4,10 @@ the same function, `score_split`."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +20,25 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from transformer.decoding import beam_search, greedy_search
 from transformer.model import EncoderDecoderTransformer
+
+
+Translate = Callable[[list[list[int]]], list[list[int]]]  # source ids (ending with EOS) -> hypothesis ids
+
+
+def open_translator(directory: Path, engine: str, *, beam_size: int, alpha: float,
+                    progress: bool = False) -> tuple[Translate, dict]:
+    """(translate, the export's info) for a local export: ours (PyTorch beam search) or one made by
+    `aiayn export --format ctranslate2`; "auto" goes by what the directory holds."""
+    from jobs.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
+    from jobs.export import load_export
+
+    if engine == "auto":
+        engine = "ctranslate2" if (directory / CT2_WEIGHTS).is_file() else "torch"
+    if engine == "ctranslate2":
+        translator = CTranslate2Translator(directory)
+        return functools.partial(translator.translate_ids, beam_size=beam_size, alpha=alpha), translator.info
+    model, _, info = load_export(directory)
+    return functools.partial(translate_ids, model, beam_size=beam_size, alpha=alpha, progress=progress), info
 
 
 @dataclass(frozen=True)
@@ -92,12 +114,11 @@ class SplitScore:
     samples: tuple[tuple[str, str, str], ...]  # (source, reference, hypothesis) of the first sentences
 
 
-def score_split(model: EncoderDecoderTransformer, manifest: Manifest, split: str, *, beam_size: int, alpha: float,
-                limit: int = 0, progress: bool = False) -> SplitScore:
-    """Beam search over a prepared split and its sacreBLEU against the raw references."""
+def score_split(translate: Translate, manifest: Manifest, split: str, *, limit: int = 0) -> SplitScore:
+    """Translations of a prepared split and their sacreBLEU against the raw references."""
     data = read_eval_split(manifest, split, limit)
     tokenizer = load_tokenizer(manifest.tokenizer_uri)
-    hyps = tokenizer.decode(translate_ids(model, data.src_ids, beam_size=beam_size, alpha=alpha, progress=progress))
+    hyps = tokenizer.decode(translate(data.src_ids))
     metric = sacrebleu.metrics.BLEU()
     score = metric.corpus_score(hyps, [data.references])
     return SplitScore(score.score, str(metric.get_signature()), len(hyps),

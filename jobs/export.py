@@ -59,11 +59,17 @@ def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_m
     tied = {"output.proj.weight", "tgt_embed.tokens.weight"}
     if unexpected or set(missing) - tied:
         raise ckpt.CheckpointError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return write_export(model, tokenizer_model, {**info, "averaged_checkpoints": [c.name for c in checkpoints]},
+                        destination)
+
+
+def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, destination: Path) -> Path:
+    """The export's files in a new local directory, INFO last (it marks the export complete)."""
     destination.mkdir(parents=True)
     save_model(model, str(destination / WEIGHTS))
-    (destination / CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+    (destination / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
     (destination / TOKENIZER).write_bytes(tokenizer_model)
-    (destination / INFO).write_text(json.dumps({**info, "averaged_checkpoints": [c.name for c in checkpoints]}, indent=2))
+    (destination / INFO).write_text(json.dumps(info, indent=2))
     return destination
 
 
