@@ -16,24 +16,48 @@ from torch import nn
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention layer, (B, h, S, d_k) and (B, h, S, d_v)."""
+    """Keys and values of one attention layer, (B, h, S, d_k) and (B, h, S, d_v).
 
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    Self-attention keys/values of incremental decoding are written into a preallocated buffer
+    (doubled when full) instead of concatenated every step; `keys`/`values` are views of its
+    filled part. Cross-attention keys/values are stored once, one row per sentence."""
+
+    _keys: torch.Tensor | None = None
+    _values: torch.Tensor | None = None
+    length: int = 0
+    capacity: int = 64  # positions allocated at the first append
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[:, :, : self.length]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None or self.values is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
+        new = keys.shape[2]
+        if self._keys is None or self._values is None:
+            self._keys = keys.new_empty(keys.shape[:2] + (max(self.capacity, new), keys.shape[3]))
+            self._values = values.new_empty(values.shape[:2] + (max(self.capacity, new), values.shape[3]))
+        elif self.length + new > self._keys.shape[2]:
+            self._keys = torch.cat([self._keys, torch.empty_like(self._keys)], dim=2)
+            self._values = torch.cat([self._values, torch.empty_like(self._values)], dim=2)
+        self._keys[:, :, self.length : self.length + new] = keys
+        self._values[:, :, self.length : self.length + new] = values
+        self.length += new
         return self.keys, self.values
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search keeps the surviving hypotheses)."""
-        if self.keys is not None and self.values is not None:
-            self.keys = self.keys.index_select(0, index)
-            self.values = self.values.index_select(0, index)
+        """Select batch rows: beam search keeps the surviving hypotheses (same row count, written
+        back into the buffer) or drops finished sentences (fewer rows, a smaller buffer)."""
+        if self._keys is None or self._values is None:
+            return
+        if index.shape[0] == self._keys.shape[0]:
+            self._keys[:, :, : self.length] = self.keys.index_select(0, index)
+            self._values[:, :, : self.length] = self.values.index_select(0, index)
+        else:
+            self._keys, self._values = self._keys.index_select(0, index), self._values.index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):
@@ -84,6 +108,11 @@ class MultiHeadAttention(nn.Module):
                 k, v = self.project_kv(key_value)
                 if cache is not None:
                     k, v = cache.append(k, v)
+        # Beam search: the K beams of a sentence share its encoder keys (B rows against B*K queries),
+        # so the beams' queries are attended as K*T queries of one row; nothing is copied per beam.
+        beams = q.shape[0] // k.shape[0]
+        if beams > 1:
+            q = q.unflatten(0, (k.shape[0], beams)).transpose(1, 2).flatten(2, 3)  # (B, h, K*T, d_k)
         attn_mask = None
         if key_mask is not None:
             attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, S) broadcast over heads and queries
@@ -99,5 +128,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )  # (B, h, T, d_v)
+        if beams > 1:
+            out = out.unflatten(2, (beams, -1)).transpose(1, 2).flatten(0, 1)  # (B*K, h, T, d_v)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.d_v))

@@ -1,8 +1,13 @@
 """Batched greedy and beam search for the encoder-decoder (§6.1).
 
 The paper: beam size 4, length penalty alpha = 0.6, maximum output length = input length + 50,
-terminating early when possible. Each sentence stops at its own EOS (or its own maximum
-length); the encoder keys/values are computed once and the decoder self-attention is cached.
+terminating early when possible. Each sentence stops at its own EOS (or its own maximum length).
+
+Made for accelerators: the search state (scores, finished hypotheses and their tokens) lives on
+the device, so a step never waits for the host; the host looks only every few steps
+(`_check_every`) whether sentences are done, and then drops them from the batch. The encoder's
+keys/values are computed once per sentence and shared by its beams (never copied or reordered);
+the decoder's self-attention cache is preallocated.
 """
 
 from __future__ import annotations
@@ -33,36 +38,44 @@ def _max_lengths(src: torch.Tensor, config, max_len_a: float, max_len_b: int) ->
     return lengths.long().clamp(min=1, max=config.max_positions)  # (B,)
 
 
+def _check_every(device: torch.device) -> int:
+    """Steps between the host's looks at which sentences are done: every step on a CPU, where a
+    look costs nothing; every 8 on an accelerator, where each look drains its queue of kernels."""
+    return 1 if device.type == "cpu" else 8
+
+
 class _Stepper:
-    """Next-token log-probabilities, either from the caches or by recomputing the whole prefix."""
+    """Next-token log-probabilities of the live hypotheses (rows), from the caches or by
+    recomputing each whole prefix; the encoder side has one row per sentence."""
 
-    def __init__(self, model: EncoderDecoderTransformer, memory: torch.Tensor, src_mask: torch.Tensor,
-                 use_cache: bool):
+    def __init__(self, model: EncoderDecoderTransformer, memory: torch.Tensor, src_mask: torch.Tensor | None,
+                 use_cache: bool, capacity: int):
         self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.caches: list[LayerCache] | None = model.new_caches() if use_cache else None
+        self.caches: list[LayerCache] | None = model.new_caches(capacity) if use_cache else None
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (B', t) -> (B', V)
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (rows, t) -> (rows, V)
         step = prefix.shape[1] - 1
         if self.caches is not None:
             return self.model.decode_step(prefix[:, -1:], self.memory, self.src_mask, self.caches, step)
         hidden = self.model.decode(prefix, self.memory, self.src_mask)
         return torch.log_softmax(self.model.output(hidden[:, -1]).float(), dim=-1)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.memory = self.memory.index_select(0, index)
-        self.src_mask = self.src_mask.index_select(0, index)
+    def reorder(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """Keep hypothesis `rows`; `sentences`: the sentences still searched, when some are done."""
+        if sentences is not None:
+            self.memory = self.memory.index_select(0, sentences)
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask.index_select(0, sentences)
         for cache in self.caches or []:
-            cache.reorder(index)
+            cache.reorder(rows, sentences)
 
 
-def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, pad_id: int, eos_id: int) -> None:
-    """Never emit padding; force EOS where a sentence reaches its maximum length. In place."""
+def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, pad_id: int, eos_id: int) -> torch.Tensor:
+    """Never emit padding; only EOS where a sentence reaches its maximum length (no host sync)."""
     log_probs[:, pad_id] = float("-inf")
-    at_limit = max_lengths <= step + 1
-    if at_limit.any():
-        eos_column = log_probs[at_limit, eos_id].clone()
-        log_probs[at_limit] = float("-inf")
-        log_probs[at_limit, eos_id] = eos_column
+    at_limit = (max_lengths <= step + 1)[:, None]
+    not_eos = torch.arange(log_probs.shape[1], device=log_probs.device) != eos_id
+    return log_probs.masked_fill(at_limit & not_eos, float("-inf"))
 
 
 @torch.no_grad()
@@ -72,28 +85,76 @@ def greedy_search(
 ) -> list[Hypothesis]:
     config = model.config
     memory, src_mask = model.encode(src)
-    stepper = _Stepper(model, memory, src_mask, use_cache)
     max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
-    batch = src.shape[0]
-    prefix = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=src.device)
-    log_prob = torch.zeros(batch, dtype=torch.float64, device=src.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    for step in range(int(max_lengths.max())):
-        log_probs = stepper(prefix)
-        _restrict(log_probs, step, max_lengths, config.pad_id, config.eos_id)
+    limit = int(max_lengths.max())
+    stepper = _Stepper(model, memory, src_mask, use_cache, limit)
+    batch, device, every = src.shape[0], src.device, _check_every(src.device)
+    tokens = torch.full((batch, limit + 1), config.pad_id, dtype=torch.long, device=device)
+    tokens[:, 0] = config.bos_id
+    log_prob = torch.zeros(batch, dtype=torch.float64, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(limit):
+        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, config.pad_id, config.eos_id)
         best = log_probs.argmax(-1)
-        gained = log_probs.gather(1, best[:, None]).squeeze(1).double()
-        log_prob += torch.where(finished, torch.zeros_like(gained), gained)
-        best = torch.where(finished, torch.full_like(best, config.pad_id), best)
-        prefix = torch.cat([prefix, best[:, None]], dim=1)
+        log_prob += log_probs.gather(1, best[:, None]).squeeze(1).double().masked_fill(finished, 0.0)
+        best = best.masked_fill(finished, config.pad_id)
+        tokens[:, step + 1] = best
         finished |= best == config.eos_id
-        if finished.all():
+        if (step + 1) % every == 0 and bool(finished.all()):
             break
     hypotheses = []
-    for row, total in zip(prefix[:, 1:].tolist(), log_prob.tolist()):
-        tokens = row[: row.index(config.eos_id)] if config.eos_id in row else row
-        hypotheses.append(Hypothesis(tokens, total, total))
+    for row, total in zip(tokens[:, 1:].tolist(), log_prob.tolist()):
+        row = row[: row.index(config.eos_id)] if config.eos_id in row else [t for t in row if t != config.pad_id]
+        hypotheses.append(Hypothesis(row, total, total))
     return hypotheses
+
+
+@dataclass
+class _Finished:
+    """Up to K finished hypotheses per sentence, on the device; slot K is where extensions that
+    are not taken are written (and ignored), so that taking them needs no host decision."""
+
+    score: torch.Tensor  # (n, K+1) length-penalised
+    log_prob: torch.Tensor  # (n, K+1)
+    length: torch.Tensor  # (n, K+1) tokens before EOS
+    tokens: torch.Tensor  # (n, K+1, limit)
+    count: torch.Tensor  # (n,)
+
+    @classmethod
+    def empty(cls, sentences: int, k: int, limit: int, pad_id: int, device: torch.device) -> "_Finished":
+        return cls(torch.full((sentences, k + 1), float("-inf"), dtype=torch.float64, device=device),
+                   torch.zeros(sentences, k + 1, dtype=torch.float64, device=device),
+                   torch.zeros(sentences, k + 1, dtype=torch.long, device=device),
+                   torch.full((sentences, k + 1, limit), pad_id, dtype=torch.long, device=device),
+                   torch.zeros(sentences, dtype=torch.long, device=device))
+
+    def add(self, take: torch.Tensor, scores: torch.Tensor, penalty: float, prefixes: torch.Tensor) -> None:
+        """Finalise the candidates `take` (n, K), in rank order, into the free slots.
+        `scores` (n, K) their log-probabilities; `prefixes` (n, K, step) their tokens."""
+        k = take.shape[1]
+        rank = take.long().cumsum(1) - 1
+        take = take & (rank < (k - self.count)[:, None])
+        slot = torch.where(take, self.count[:, None] + rank, k)
+        self.score.scatter_(1, slot, scores / penalty)
+        self.log_prob.scatter_(1, slot, scores)
+        self.length.scatter_(1, slot, torch.full_like(slot, prefixes.shape[2]))
+        if prefixes.shape[2]:
+            self.tokens[:, :, : prefixes.shape[2]].scatter_(1, slot[:, :, None].expand_as(prefixes), prefixes)
+        self.count += take.sum(1)
+        self.score[:, k] = float("-inf")
+
+    def select(self, sentences: torch.Tensor) -> None:
+        for name in ("score", "log_prob", "length", "tokens", "count"):
+            setattr(self, name, getattr(self, name).index_select(0, sentences))
+
+    def best(self, rows: torch.Tensor) -> list[Hypothesis]:
+        """The best finished hypothesis of each sentence in `rows`: one transfer to the host."""
+        k = self.score.shape[1] - 1
+        pick = self.score[rows, :k].argmax(1)
+        score, log_prob, length = (t[rows, :k].gather(1, pick[:, None]).squeeze(1).tolist()
+                                   for t in (self.score, self.log_prob, self.length))
+        tokens = self.tokens[rows, pick].tolist()
+        return [Hypothesis(row[:n], lp, s) for row, n, lp, s in zip(tokens, length, log_prob, score)]
 
 
 @torch.no_grad()
@@ -105,46 +166,58 @@ def beam_search(
 
     Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
-    done when it has K finalised hypotheses; its live beams are then ignored.
+    done when it has K finalised hypotheses, and is dropped from the batch at the next look.
     """
     config = model.config
-    batch, k = src.shape[0], beam_size
-    device = src.device
+    batch, k, device = src.shape[0], beam_size, src.device
     memory, src_mask = model.encode(src)
-    expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*K,)
-    stepper = _Stepper(model, memory.index_select(0, expand), src_mask.index_select(0, expand), use_cache)
     max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
-    beam_max_lengths = max_lengths.index_select(0, expand)
-    prefix = torch.full((batch * k, 1), config.bos_id, dtype=torch.long, device=device)
+    limit = int(max_lengths.max())
+    stepper = _Stepper(model, memory, src_mask, use_cache, limit)
+    beam_max_lengths = max_lengths.repeat_interleave(k)  # (n*K,)
+    prefix = torch.full((batch * k, limit + 1), config.pad_id, dtype=torch.long, device=device)
+    prefix[:, 0] = config.bos_id
     scores = torch.full((batch, k), float("-inf"), dtype=torch.float64, device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep only the first alive
-    finalized: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    for step in range(int(max_lengths.max())):
-        log_probs = stepper(prefix)  # (B*K, V)
-        _restrict(log_probs, step, beam_max_lengths, config.pad_id, config.eos_id)
+    finished = _Finished.empty(batch, k, limit, config.pad_id, device)
+    sentence = torch.arange(batch, device=device)  # original index of each live sentence
+    results: list[Hypothesis | None] = [None] * batch
+    every = _check_every(device)
+    for step in range(limit):
+        n = scores.shape[0]
+        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, config.pad_id, config.eos_id)
         vocab = log_probs.shape[1]
-        candidates = scores[:, :, None] + log_probs.double().view(batch, k, vocab)  # (B, K, V)
-        top_scores, top_index = candidates.view(batch, -1).topk(min(2 * k, k * vocab), dim=1)  # (B, 2K)
+        candidates = scores[:, :, None] + log_probs.double().view(n, k, vocab)  # (n, K, V)
+        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
         top_beam, top_token = top_index // vocab, top_index % vocab
-        is_eos = top_token == config.eos_id
-        for b, j in (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist():
-            if done[b] or len(finalized[b]) >= k:
-                continue
-            source_row = b * k + int(top_beam[b, j])
-            tokens = prefix[source_row, 1:].tolist()
-            total = float(top_scores[b, j])
-            finalized[b].append(Hypothesis(tokens, total, total / length_penalty(len(tokens) + 1, alpha)))
-        for b in range(batch):
-            done[b] = done[b] or len(finalized[b]) >= k
-        if all(done):
-            break
+        is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)
+        source_rows = (torch.arange(n, device=device)[:, None] * k + top_beam[:, :k]).view(-1)
+        finished.add(is_eos[:, :k], top_scores[:, :k], length_penalty(step + 1, alpha),
+                     prefix[:, 1 : step + 1].index_select(0, source_rows).view(n, k, step))
         # The K best non-EOS extensions continue: rank EOS candidates after every other one.
         position = torch.arange(top_token.shape[1], device=device).expand_as(top_token)
-        rank = torch.where(is_eos, position + top_token.shape[1], position)
-        keep = rank.topk(k, dim=1, largest=False).indices  # (B, K)
+        keep = torch.where(is_eos, position + top_token.shape[1], position).topk(k, dim=1, largest=False).indices
         scores = top_scores.gather(1, keep)
-        rows = (torch.arange(batch, device=device)[:, None] * k + top_beam.gather(1, keep)).view(-1)
+        rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, keep)).view(-1)
         stepper.reorder(rows)
-        prefix = torch.cat([prefix.index_select(0, rows), top_token.gather(1, keep).view(-1, 1)], dim=1)
-    return [max(hyps, key=lambda h: h.score) for hyps in finalized]
+        prefix[:, : step + 1] = prefix[:, : step + 1].index_select(0, rows)
+        prefix[:, step + 1] = top_token.gather(1, keep).view(-1)
+        if step + 1 < limit and (step + 1) % every:
+            continue
+        done = finished.count >= k
+        if step + 1 == limit:
+            done = torch.ones_like(done)
+        if not bool(done.any()):
+            continue
+        gone = done.nonzero().squeeze(1)
+        for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):
+            results[index] = hypothesis
+        if bool(done.all()):
+            break
+        live = (~done).nonzero().squeeze(1)
+        live_rows = (live[:, None] * k + torch.arange(k, device=device)).view(-1)
+        stepper.reorder(live_rows, sentences=live)
+        finished.select(live)
+        scores, sentence = scores.index_select(0, live), sentence.index_select(0, live)
+        prefix, beam_max_lengths = prefix.index_select(0, live_rows), beam_max_lengths.index_select(0, live_rows)
+    return results  # type: ignore[return-value]  # every sentence was collected by the last step

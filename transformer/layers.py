@@ -36,14 +36,17 @@ class FeedForward(nn.Module):
 
 @dataclass
 class LayerCache:
-    """Incremental-decoding state of one decoder layer."""
+    """Incremental-decoding state of one decoder layer: self-attention keys/values per hypothesis
+    (B*K rows), cross-attention ones per sentence (B rows, shared by its beams)."""
 
     self_attn: KVCache = field(default_factory=KVCache)
     cross_attn: KVCache = field(default_factory=KVCache)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.self_attn.reorder(index)
-        self.cross_attn.reorder(index)
+    def reorder(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """Keep hypothesis `rows`; `sentences`, when some finished, the sentences still searched."""
+        self.self_attn.reorder(rows)
+        if sentences is not None:
+            self.cross_attn.reorder(sentences)
 
 
 class TransformerBlock(nn.Module):

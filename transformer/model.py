@@ -12,6 +12,7 @@ from torch import nn
 
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding, ScaledEmbedding
+from transformer.attention import KVCache
 from transformer.layers import LayerCache, Stack
 
 
@@ -108,8 +109,9 @@ class EncoderDecoderTransformer(nn.Module):
         memory, src_mask = self.encode(src, padded=src_padded)
         return self.output(self.decode(tgt_in, memory, src_mask), logits_at)
 
-    def new_caches(self) -> list[LayerCache]:
-        return [LayerCache() for _ in self.decoder.layers]
+    def new_caches(self, capacity: int = 64) -> list[LayerCache]:
+        """Empty decoding caches; `capacity`: target positions preallocated (grown if exceeded)."""
+        return [LayerCache(self_attn=KVCache(capacity=capacity)) for _ in self.decoder.layers]
 
     def decode_step(
         self, last_tokens: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None,
@@ -144,8 +146,8 @@ class DecoderOnlyTransformer(nn.Module):
         hidden = self.decoder(self.embed(tokens, offset), caches, causal=True)
         return self.output(hidden, logits_at)
 
-    def new_caches(self) -> list[LayerCache]:
-        return [LayerCache() for _ in self.decoder.layers]
+    def new_caches(self, capacity: int = 64) -> list[LayerCache]:
+        return [LayerCache(self_attn=KVCache(capacity=capacity)) for _ in self.decoder.layers]
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -45,7 +45,7 @@ def test_beam_of_one_equals_greedy() -> None:
         beam = beam_search(model, src, beam_size=1, max_len_b=10)
         assert [h.tokens for h in greedy] == [h.tokens for h in beam]
         for g, b in zip(greedy, beam):
-            assert abs(g.log_prob - b.log_prob) < 1e-9
+            assert abs(g.log_prob - b.log_prob) < 1e-5  # finished sentences leave the batch: other kernel blocking
 
 
 def test_each_sentence_respects_its_own_maximum_length() -> None:
