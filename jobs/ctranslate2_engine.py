@@ -145,14 +145,17 @@ class CTranslate2Translator:
         self.ids = {piece: index for index, piece in enumerate(self.pieces)}
 
     def translate_ids(self, sources: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-                      max_len_b: int = 50, max_tokens: int = 4096) -> list[list[int]]:
-        """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2."""
+                      max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0,
+                      max_tokens: int = 4096) -> list[list[int]]:
+        """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
+        Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b."""
         if not sources:
             return []
         results = self.translator.translate_batch(
             [[self.pieces[i] for i in source] for source in sources],
             beam_size=beam_size, length_penalty=alpha if beam_size > 1 else 0.0,
-            max_decoding_length=max(len(s) for s in sources) + max_len_b,
+            max_decoding_length=int(max_len_a * max(len(s) for s in sources)) + max_len_b,
+            min_decoding_length=min_len,
             max_batch_size=max_tokens, batch_type="tokens",
         )
         return [[self.ids[piece] for piece in result.hypotheses[0]] for result in results]

@@ -63,9 +63,24 @@ def read_eval_split(manifest: Manifest, split: str, limit: int = 0) -> EvalSplit
 
 
 @torch.no_grad()
+def length_sorted_batches(lengths: list[int], max_tokens: int, beam_size: int) -> list[np.ndarray]:
+    """Sentence indices in batches of similar length, rows x longest x beam within `max_tokens`."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest, end = 0, start
+        while end < len(order) and (end - start + 1) * max(longest, lengths[order[end]]) * beam_size <= max_tokens:
+            longest = max(longest, lengths[order[end]])
+            end += 1
+        end = max(end, start + 1)
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def translate_ids(
     model: EncoderDecoderTransformer, sources: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-    max_tokens: int = 4096, progress: bool = False,
+    max_tokens: int = 4096, max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0, progress: bool = False,
 ) -> list[list[int]]:
     """Hypothesis token ids in input order; sentences are batched by length for speed.
     `progress`: a progress bar on stderr (for a person at a terminal)."""
@@ -74,30 +89,22 @@ def translate_ids(
     model.eval()
     device = next(model.parameters()).device
     sources = [s[: model.config.max_positions] for s in sources]  # longer inputs do not fit the model
-    order = np.argsort([len(s) for s in sources], kind="stable")
     results: list[list[int]] = [[] for _ in sources]
-    bar = tqdm(total=len(sources), unit="sent", desc="translating", disable=not progress, leave=False)
-    start = 0
-    while start < len(order):
-        longest, end = 0, start
-        while end < len(order) and (end - start + 1) * max(longest, len(sources[order[end]])) * beam_size <= max_tokens:
-            longest = max(longest, len(sources[order[end]]))
-            end += 1
-        end = max(end, start + 1)
-        rows = [sources[i] for i in order[start:end]]
-        batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
-        for i, row in enumerate(rows):
-            batch[i, : len(row)] = torch.tensor(row)
-        batch = batch.to(device)
-        if beam_size > 1:
-            hyps = beam_search(model, batch, beam_size=beam_size, alpha=alpha)
-        else:
-            hyps = greedy_search(model, batch)
-        for index, hyp in zip(order[start:end], hyps):
-            results[index] = hyp.tokens
-        bar.update(end - start)
-        start = end
-    bar.close()
+    limits = {"max_len_a": max_len_a, "max_len_b": max_len_b, "min_len": min_len}
+    with tqdm(total=len(sources), unit="sent", desc="translating", disable=not progress, leave=False) as bar:
+        for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam_size):
+            rows = [sources[i] for i in indices]
+            batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+            for i, row in enumerate(rows):
+                batch[i, : len(row)] = torch.tensor(row)
+            batch = batch.to(device)
+            if beam_size > 1:
+                hyps = beam_search(model, batch, beam_size=beam_size, alpha=alpha, **limits)
+            else:
+                hyps = greedy_search(model, batch, **limits)
+            for index, hyp in zip(indices, hyps):
+                results[index] = hyp.tokens
+            bar.update(len(indices))
     return results
 
 

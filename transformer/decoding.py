@@ -1,7 +1,8 @@
 """Batched greedy and beam search for the encoder-decoder (§6.1).
 
 The paper: beam size 4, length penalty alpha = 0.6, maximum output length = input length + 50,
-terminating early when possible. Each sentence stops at its own EOS (or its own maximum length).
+terminating early when possible. Each sentence stops at its own EOS (or its own maximum length);
+`min_len` (fairseq's --min-len) forbids EOS before it, e.g. for fixed-length speed comparisons.
 
 Made for accelerators: the search state (scores, finished hypotheses and their tokens) lives on
 the device, so a step never waits for the host; the host looks only every few steps
@@ -70,18 +71,24 @@ class _Stepper:
             cache.reorder(rows, sentences)
 
 
-def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, pad_id: int, eos_id: int) -> torch.Tensor:
-    """Never emit padding; only EOS where a sentence reaches its maximum length (no host sync)."""
+def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, min_len: int, pad_id: int,
+              eos_id: int) -> torch.Tensor:
+    """Never emit padding, nor EOS before `min_len` tokens (EOS included); only EOS where a
+    sentence reaches its maximum length. In place, without a host sync."""
     log_probs[:, pad_id] = float("-inf")
-    at_limit = (max_lengths <= step + 1)[:, None]
-    not_eos = torch.arange(log_probs.shape[1], device=log_probs.device) != eos_id
-    return log_probs.masked_fill(at_limit & not_eos, float("-inf"))
+    if step + 1 < min_len:
+        log_probs[:, eos_id] = float("-inf")
+    at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1): broadcast, no (rows, V) mask
+    eos = log_probs[:, eos_id : eos_id + 1].clone()
+    log_probs.masked_fill_(at_limit, float("-inf"))
+    log_probs[:, eos_id : eos_id + 1] = torch.where(at_limit, eos, log_probs[:, eos_id : eos_id + 1])
+    return log_probs
 
 
 @torch.no_grad()
 def greedy_search(
     model: EncoderDecoderTransformer, src: torch.Tensor, *, max_len_a: float = 1.0, max_len_b: int = 50,
-    use_cache: bool = True,
+    min_len: int = 0, use_cache: bool = True,
 ) -> list[Hypothesis]:
     config = model.config
     memory, src_mask = model.encode(src)
@@ -94,7 +101,7 @@ def greedy_search(
     log_prob = torch.zeros(batch, dtype=torch.float64, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(limit):
-        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, config.pad_id, config.eos_id)
+        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, min_len, config.pad_id, config.eos_id)
         best = log_probs.argmax(-1)
         log_prob += log_probs.gather(1, best[:, None]).squeeze(1).double().masked_fill(finished, 0.0)
         best = best.masked_fill(finished, config.pad_id)
@@ -122,8 +129,8 @@ class _Finished:
 
     @classmethod
     def empty(cls, sentences: int, k: int, limit: int, pad_id: int, device: torch.device) -> "_Finished":
-        return cls(torch.full((sentences, k + 1), float("-inf"), dtype=torch.float64, device=device),
-                   torch.zeros(sentences, k + 1, dtype=torch.float64, device=device),
+        return cls(torch.full((sentences, k + 1), float("-inf"), device=device),
+                   torch.zeros(sentences, k + 1, device=device),
                    torch.zeros(sentences, k + 1, dtype=torch.long, device=device),
                    torch.full((sentences, k + 1, limit), pad_id, dtype=torch.long, device=device),
                    torch.zeros(sentences, dtype=torch.long, device=device))
@@ -160,7 +167,7 @@ class _Finished:
 @torch.no_grad()
 def beam_search(
     model: EncoderDecoderTransformer, src: torch.Tensor, *, beam_size: int = 4, alpha: float = 0.6,
-    max_len_a: float = 1.0, max_len_b: int = 50, use_cache: bool = True,
+    max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0, use_cache: bool = True,
 ) -> list[Hypothesis]:
     """Best hypothesis per sentence by length-penalised score.
 
@@ -177,7 +184,7 @@ def beam_search(
     beam_max_lengths = max_lengths.repeat_interleave(k)  # (n*K,)
     prefix = torch.full((batch * k, limit + 1), config.pad_id, dtype=torch.long, device=device)
     prefix[:, 0] = config.bos_id
-    scores = torch.full((batch, k), float("-inf"), dtype=torch.float64, device=device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep only the first alive
     finished = _Finished.empty(batch, k, limit, config.pad_id, device)
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
@@ -185,9 +192,10 @@ def beam_search(
     every = _check_every(device)
     for step in range(limit):
         n = scores.shape[0]
-        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, config.pad_id, config.eos_id)
+        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, min_len, config.pad_id,
+                              config.eos_id)
         vocab = log_probs.shape[1]
-        candidates = scores[:, :, None] + log_probs.double().view(n, k, vocab)  # (n, K, V)
+        candidates = scores[:, :, None] + log_probs.view(n, k, vocab)  # (n, K, V), fp32 as fairseq
         top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
         top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)

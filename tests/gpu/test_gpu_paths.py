@@ -1,5 +1,5 @@
-"""What only a GPU can run: bf16 and fp16 training steps, fused attention kernels, NCCL. Skipped,
-and listed as skipped, on machines without CUDA."""
+"""What only a GPU can run: bf16 autocast and fp16 training steps (with fused Adam and the compiled
+model), the flash attention kernel, NCCL. Skipped, and listed as skipped, on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _loss(model, src, tgt_in, tgt_out) -> torch.Tensor:
-    at = torch.ones_like(tgt_out, dtype=torch.bool)
-    loss, _ = label_smoothed_loss(model(src, tgt_in, at), tgt_out[at], 0.1, 0)
-    return loss / at.sum()
+    at = torch.arange(tgt_out.numel(), device=tgt_out.device)
+    loss, _ = label_smoothed_loss(model(src, tgt_in, at), tgt_out.flatten(), 0.1, 0)
+    return loss / at.numel()
 
 
 def test_bf16_autocast_step_matches_fp32() -> None:
@@ -53,6 +53,20 @@ def test_flash_attention_kernel_runs_the_unmasked_causal_self_attention() -> Non
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_flash_attention_kernel_runs_a_whole_unpadded_batch() -> None:
+    """A batch whose sources have no padding (the host knows it: src_padded=False) runs every
+    attention of the model (encoder, causal decoder, cross) on the flash kernel, backward too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = build_model(preset("small", vocab_size=VOCAB)).to("cuda", torch.bfloat16)
+    src, tgt_in, _ = _batch(torch.device("cuda"))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        logits = model(src, tgt_in, src_padded=False)
+        logits.float().sum().backward()
+    assert torch.isfinite(logits).all()
+
+
 def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
     """A one-rank NCCL process group, DeepSpeed fp16 with dynamic loss scaling, through the same
     engine builder and DeepSpeed config the workers use."""
@@ -73,6 +87,8 @@ def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
                                      "cluster.use_gpu=true"])
         model_config = job.model.replace(vocab_size=VOCAB)
         engine, _ = build_engine(job, model_config, 1, load_universal=False)
+        assert engine.is_compiled  # train.compile defaults to on where there are GPUs
+        assert engine.optimizer.optimizer.defaults["fused"]  # torch's fused Adam inside ZeRO
         src, tgt_in, tgt_out = _batch(engine.device)
         batch = Batch(src=src.cpu(), tgt_in=tgt_in.cpu(), tgt_out=tgt_out.cpu())
         losses = [train_step(engine, [batch], float(batch.target_tokens), 1, 0.1)[0] for _ in range(10)]
