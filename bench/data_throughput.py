@@ -1,10 +1,10 @@
 """Data pipeline benchmarks, each printed as a ratio against a peer measured in the same run.
 
-1. Encoding: the Ray Data actor-pool encoder against a plain single-process SentencePiece loop.
-2. Stream: tokens/s the worker stream delivers against tokens/s one training step consumes.
-3. Padding efficiency (real / padded tokens): token-budget batches against fixed-size batches of
+1. Stream: tokens/s the worker stream delivers against tokens/s one training step consumes.
+2. Padding efficiency (real / padded tokens): token-budget batches against fixed-size batches of
    shuffled examples with the same mean number of rows.
-4. Peak memory (max RSS) of a streaming worker over the corpus and over the corpus x10.
+3. Peak memory (max RSS) of a streaming worker over the corpus and over the corpus x10.
+(Encoding in `aiayn prepare` has its own benchmark: bench/prepare_encoding.py.)
 
     python bench/data_throughput.py --data data/multi30k-en-de      # after `aiayn prepare`
 """
@@ -22,54 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.config import StreamConfig
 from data_pipeline.manifest import describe_split, load_manifest
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import PAD_ID
-
-
-def _texts(dataset: Path, repeat: int) -> list[str]:
-    """Raw sentences (both sides of valid+test, repeated) for the encoding comparison."""
-    texts: list[str] = []
-    for split in ("valid", "test"):
-        for shard in sorted((dataset / split).glob("*.parquet")):
-            table = pq.read_table(shard, columns=["src_text", "tgt_text"])
-            texts += table.column("src_text").to_pylist() + table.column("tgt_text").to_pylist()
-    return texts * repeat
-
-
-def bench_encoding(dataset: Path, repeat: int) -> dict:
-    import ray
-    import ray.data
-    import sentencepiece as spm
-
-    from data_pipeline.prepare import _Encoder
-
-    texts = _texts(dataset, repeat)
-    model = (dataset / "tokenizer.model").read_bytes()
-    processor = spm.SentencePieceProcessor(model_proto=model)
-    start = time.perf_counter()
-    for i in range(0, len(texts), 4096):
-        processor.encode(texts[i : i + 4096], add_eos=True)
-    plain = len(texts) / (time.perf_counter() - start)
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = pa.table({"index": np.arange(len(texts)), "src_text": texts, "tgt_text": texts})
-    dataset_in = ray.data.from_arrow(rows).repartition(8).materialize()
-    start = time.perf_counter()
-    dataset_in.map_batches(
-        _Encoder, fn_constructor_kwargs={"model_proto": model, "monolingual": True, "keep_text": False},
-        batch_format="pyarrow", batch_size=4096, num_cpus=0.5,
-        compute=ray.data.ActorPoolStrategy(min_size=2, max_size=2),
-    ).materialize()
-    ray_rate = len(texts) / (time.perf_counter() - start)
-    ray.shutdown()
-    return {"sentences": len(texts), "plain_sentences_per_s": round(plain), "ray_data_sentences_per_s": round(ray_rate),
-            "ratio_ray_data_vs_plain": round(ray_rate / plain, 3)}
 
 
 def bench_stream(dataset: Path, step_tokens_per_s: float, max_tokens: int) -> dict:
@@ -135,7 +93,6 @@ def bench_memory(dataset: Path, factor: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/multi30k-en-de")
-    parser.add_argument("--encode-repeat", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--step-tokens-per-s", type=float, default=0.0,
                         help="training consumption; 0 measures one step of the default model here")
@@ -143,7 +100,6 @@ def main() -> None:
     dataset = Path(load_manifest(args.data).uri)  # the current version's directory
     consumption = args.step_tokens_per_s or _measure_training_rate(dataset, args.max_tokens)
     print(json.dumps({
-        "encoding": bench_encoding(dataset, args.encode_repeat),
         "stream": bench_stream(dataset, consumption, args.max_tokens),
         "memory": bench_memory(dataset, 10),
         "max_rss_self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -5,6 +5,7 @@ one run: the models take turns, and each figure is the median over rounds so tha
 hits all of them alike. Printed as ratios to torch.nn.Transformer.
 
     python bench/model_throughput.py --preset small            # CPU, the ANCHORS.md size
+    python bench/model_throughput.py --preset small --compile  # every model torch.compile'd
     python bench/model_throughput.py --preset base --device cuda --dtype bfloat16
 """
 
@@ -38,10 +39,11 @@ class TorchTransformerSeq2Seq(nn.Module):
         )
         self.pad_id = config.pad_id
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, logits_at: torch.Tensor | None = None):
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, logits_at: torch.Tensor | None = None,
+                src_padded: bool = True):
         length = tgt_in.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=src.device)
-        src_pad = src == self.pad_id
+        src_pad = (src == self.pad_id) if src_padded else None  # no mask without padding, as ours
         hidden = self.core(
             self.src_embed(src), self.tgt_embed(tgt_in), tgt_mask=mask, tgt_is_causal=True,
             src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad,
@@ -67,8 +69,9 @@ def _marian(config: ModelConfig) -> nn.Module | None:
             super().__init__()
             self.inner = marian
 
-        def forward(self, src, tgt_in, logits_at=None):
-            logits = self.inner(input_ids=src, attention_mask=src != config.pad_id, decoder_input_ids=tgt_in).logits
+        def forward(self, src, tgt_in, logits_at=None, src_padded=True):
+            mask = (src != config.pad_id) if src_padded else None
+            logits = self.inner(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in).logits
             return logits if logits_at is None else logits.flatten(0, 1).index_select(0, logits_at)
 
     return Wrapped()
@@ -79,11 +82,12 @@ def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -
     src, tgt_in, tgt_out = batch
     at = (tgt_out != config.pad_id).flatten().nonzero().squeeze(1)
     targets = tgt_out.flatten()[at]
+    padded = bool((src == config.pad_id).any())  # known on the host, as the stream knows it
     autocast = torch.autocast(src.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
         with autocast:
-            logits = model(src, tgt_in, at)
+            logits = model(src, tgt_in, at, src_padded=padded)
         loss, _ = label_smoothed_loss(logits, targets, config.label_smoothing, config.pad_id)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(at)).backward()
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: not printed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     args = parser.parse_args()
 
     config = preset(args.preset, vocab_size=args.vocab_size)
@@ -122,6 +127,9 @@ def main() -> None:
     marian = _marian(config)
     if marian is not None:
         candidates["MarianMTModel"] = marian
+    if args.compile:
+        for model in candidates.values():
+            model.compile()  # in place, as `train.compile` does
     steps = {name: _step_fn(model.to(device).train(), config, batch, dtype) for name, model in candidates.items()}
 
     def sync() -> None:

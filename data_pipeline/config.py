@@ -103,8 +103,8 @@ class PrepareConfig:
     output_dir: str = "data"  # local directory or a URI PyArrow can write (s3://, gs://, ...)
     name: str = ""  # dataset directory name; defaults to <format>-<src>-<tgt>
     shard_rows: int = 100_000
-    encode_actors: int = 2
-    encode_batch_rows: int = 4096
+    encode_actors: int = 1  # encoding actors; one per node is best (each uses every core of its node)
+    encode_batch_rows: int = 32768  # rows per encoded batch: bounds an actor's memory
     seed: int = 1
 
     def __post_init__(self) -> None:

@@ -1,0 +1,124 @@
+"""Translation speed: our beam search against Hugging Face's MarianMTModel.generate, and
+CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. One run, ratios.
+
+1. Fixed length (EOS suppressed in every engine, so each generates the same number of tokens):
+   ours vs MarianMTModel with the same dimensions (random weights: speed only) and vs CTranslate2.
+2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours and of CTranslate2.
+
+    python bench/translation_speed.py --model runs/<run>/export --data data/multi30k-en-de
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_pipeline.manifest import load_manifest
+from data_pipeline.tokenizer import PAD_ID, load_tokenizer
+from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
+from jobs.evaluation import bleu, length_sorted_batches, read_eval_split, translate_ids
+from jobs.export import TOKENIZER, load_export
+
+
+def _timed(run) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    out = run()
+    return time.perf_counter() - start, out
+
+
+def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int) -> float:
+    """Seconds for MarianMTModel.generate to produce `length` tokens per sentence, in the same
+    length-sorted token-budget batches as ours."""
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    marian = MarianMTModel(MarianConfig(
+        vocab_size=config.vocab_size, d_model=config.d_model, encoder_layers=config.n_layers,
+        decoder_layers=config.decoder_layers, encoder_attention_heads=config.n_heads,
+        decoder_attention_heads=config.n_heads, encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.d_ff,
+        activation_function="relu", pad_token_id=PAD_ID, eos_token_id=config.eos_id,
+        decoder_start_token_id=config.bos_id, max_position_embeddings=config.max_positions, scale_embedding=True,
+    )).eval()
+    start, produced = time.perf_counter(), 0
+    with torch.no_grad():
+        for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam):
+            rows = [sources[i] for i in indices]
+            batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+            for i, row in enumerate(rows):
+                batch[i, : len(row)] = torch.tensor(row)
+            out = marian.generate(input_ids=batch, attention_mask=batch != PAD_ID, num_beams=beam,
+                                  min_new_tokens=length, max_new_tokens=length, length_penalty=0.6,
+                                  early_stopping=True, do_sample=False)
+            produced += (out.shape[1] - 1) * len(rows)  # without the decoder start token
+    seconds = time.perf_counter() - start
+    assert produced == length * len(sources), (produced, length * len(sources))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="an export directory (runs/<run>/export)")
+    parser.add_argument("--data", required=True, help="the prepared dataset it was trained on")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--length", type=int, default=24, help="tokens per sentence in the fixed-length part")
+    parser.add_argument("--limit", type=int, default=0, help="first N test sentences (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    export = Path(args.model)
+    model, config, _ = load_export(export)
+    split = read_eval_split(load_manifest(args.data), "test", args.limit)
+    sources, beam, length = split.src_ids, args.beam, args.length
+    tokenizer = load_tokenizer(str(export / TOKENIZER))
+    result: dict = {"config": vars(args), "sentences": len(sources), "torch_threads": torch.get_num_threads()}
+
+    with tempfile.TemporaryDirectory(prefix="aiayn-bench-ct2-") as scratch:
+        engines = {}
+        for quantization in ("float32", "int8"):
+            convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
+            engines[quantization] = CTranslate2Translator(Path(f"{scratch}/{quantization}"), threads=args.threads)
+
+        # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
+        fixed = {"min_len": length, "max_len_a": 0.0, "max_len_b": length}
+        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, beam_size=beam, **fixed))
+        assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
+        marian_s = marian_fixed_length(config, sources, beam, length, 4096)
+        ct2_fixed = {}
+        for name, engine in engines.items():
+            seconds, out = _timed(lambda: engine.translate_ids(sources, beam_size=beam, **fixed))
+            ct2_fixed[name] = seconds
+            result[f"ctranslate2_{name}_fixed_tokens_per_sentence"] = sorted({len(h) for h in out})
+        ours_again_s, _ = _timed(lambda: translate_ids(model, sources, beam_size=beam, **fixed))
+        tokens = length * len(sources)
+        result["fixed_length"] = {
+            "tokens_per_sentence": length,
+            "ours_tokens_per_s": round(tokens / ours_s), "ours_again_tokens_per_s": round(tokens / ours_again_s),
+            "marian_generate_tokens_per_s": round(tokens / marian_s),
+            "ratio_ours_vs_marian": round(marian_s / ((ours_s + ours_again_s) / 2), 3),  # ours: mean of both
+            **{f"ctranslate2_{n}_tokens_per_s": round(tokens / s) for n, s in ct2_fixed.items()},
+            **{f"ratio_ctranslate2_{n}_vs_ours": round(ours_s / s, 3) for n, s in ct2_fixed.items()},
+        }
+
+        # 2. Normal decoding with BLEU.
+        normal = {}
+        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, beam_size=beam, alpha=0.6))
+        normal["ours"] = (ours_s, ours_out)
+        for name, engine in engines.items():
+            normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, beam_size=beam, alpha=0.6))
+        result["normal"] = {
+            name: {"sentences_per_s": round(len(sources) / seconds, 1),
+                   "bleu": round(bleu(tokenizer.decode(out), split.references).score, 2),
+                   "ratio_vs_ours": round(ours_s / seconds, 3)}
+            for name, (seconds, out) in normal.items()
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
