@@ -7,7 +7,8 @@ self-attention projection, the K/V rows its fused cross-attention one; the sinus
 explicitly (ours interleaves sin and cos, CTranslate2's built-in one concatenates them).
 
 CTranslate2 normalises beam scores by length**alpha where our beam search uses GNMT's
-((5 + length) / 6)**alpha, so beam outputs can differ on close calls; greedy outputs agree.
+((5 + length) / 6)**alpha, so beam outputs can differ where two hypotheses are close; greedy
+outputs differ only at near-ties, where the engines' rounding decides.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def convert_export(export_dir: Path, output: str, quantization: str | None = Non
         with torch.no_grad():
             _converter(model, pieces).convert(str(staged), quantization=quantization)
         shutil.copyfile(export_dir / TOKENIZER, staged / TOKENIZER)
-        (staged / INFO).write_text(json.dumps({**info, "format": FORMAT, "quantization": quantization or "none"},
-                                              indent=2))
+        (staged / INFO).write_text(json.dumps({**info, "format": FORMAT, "quantization": quantization or "none",
+                                               "max_positions": config.max_positions}, indent=2))
         storage.publish_directory(staged, output, INFO)
 
 
@@ -148,13 +149,18 @@ class CTranslate2Translator:
                       max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0,
                       max_tokens: int = 4096) -> list[list[int]]:
         """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
-        Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b."""
+        Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b.
+        As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
+        would otherwise fail the whole call on one long line."""
         if not sources:
             return []
+        positions = self.info.get("max_positions")  # absent in models converted before it was recorded
+        sources = [s[:positions] for s in sources]
+        longest = int(max_len_a * max(len(s) for s in sources)) + max_len_b
         results = self.translator.translate_batch(
             [[self.pieces[i] for i in source] for source in sources],
             beam_size=beam_size, length_penalty=alpha if beam_size > 1 else 0.0,
-            max_decoding_length=int(max_len_a * max(len(s) for s in sources)) + max_len_b,
+            max_decoding_length=min(longest, positions - 1 if positions else longest),  # BOS takes a position
             min_decoding_length=min_len,
             max_batch_size=max_tokens, batch_type="tokens",
         )

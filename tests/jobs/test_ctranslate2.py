@@ -1,4 +1,8 @@
-"""A trained tiny model converted to CTranslate2 translates as our own search does."""
+"""A trained tiny model converted to CTranslate2 scores and translates as our own does.
+
+The two engines multiply in different kernels, so outputs are compared where the decision was
+clear (tests/agreement.py), and the converted weights are checked token by token, which involves
+no decision; a conversion broken on purpose fails both."""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import torch
 from data_pipeline.batching import Window, collate
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.errors import InputError
-from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import translate_ids
 from jobs.export import INFO, write_export
+from tests.agreement import beam_disagreements, gnmt, greedy_disagreements, power, teacher_forced
 from tests.data_pipeline.synthetic import WORDS
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
@@ -66,17 +71,58 @@ def trained_export(tmp_path_factory) -> Path:
     return write_export(model.eval(), model_path.read_bytes(), {"tokenizer_sha256": "test"}, root / "export")
 
 
-def _sources(export: Path) -> list[list[int]]:
+def _sources(export: Path, count: int = 150) -> list[list[int]]:
     tokenizer = load_tokenizer(str(export / "tokenizer.model"))
-    return tokenizer.encode([s for s, _ in _pairs(150, seed=999)], add_eos=True)
+    return tokenizer.encode([s for s, _ in _pairs(count, seed=999)], add_eos=True)
 
 
-@pytest.mark.parametrize("beam", [1, 4])
-def test_ctranslate2_translates_as_our_search_does(trained_export: Path, tmp_path: Path, beam: int) -> None:
+def _ct2_token_log_probs(directory: Path, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+    """CTranslate2's log-probability of each target token (EOS included), teacher-forced: a check of
+    the converted weights that involves no search decision."""
+    translator = CTranslate2Translator(directory)
+    results = translator.translator.score_batch([[translator.pieces[i] for i in s] for s in sources],
+                                                [[translator.pieces[i] for i in t] for t in targets])
+    return [result.log_probs for result in results]
+
+
+def _score_gap(model, directory: Path, sources: list[list[int]], targets: list[list[int]]) -> float:
+    """The largest difference between the two engines' log-probabilities of one target token."""
+    ours = teacher_forced(model)
+    gap = 0.0
+    for source, target, theirs in zip(sources, targets, _ct2_token_log_probs(directory, sources, targets)):
+        mine = ours(source, target).gather(1, torch.tensor([*target, EOS_ID])[:, None]).squeeze(1)
+        gap = max(gap, float((mine - torch.tensor(theirs)).abs().max()))
+    return gap
+
+
+def _search_problems(model, ours: list[list[int]], theirs: list[list[int]], sources: list[list[int]],
+                     beam: int) -> list[str]:
+    if beam == 1:
+        return greedy_disagreements(teacher_forced(model), sources, ours, theirs, CLOSE)
+    return beam_disagreements(teacher_forced(model), sources, ours, theirs, CLOSE,
+                              our_criterion=gnmt(0.6), their_criterion=power(0.6))
+
+
+CLOSE = 1e-3  # nats: far above float32 rounding in either engine, far below what a conversion bug costs
+
+
+def test_ctranslate2_scores_every_token_as_our_model_does(trained_export: Path, tmp_path: Path) -> None:
     from jobs.export import load_export
 
     convert_export(trained_export, str(tmp_path / "ct2"))
     assert json.loads((tmp_path / "ct2" / INFO).read_text())["format"] == "ctranslate2"
+    model, _, _ = load_export(trained_export)
+    sources = _sources(trained_export)
+    references = load_tokenizer(str(trained_export / "tokenizer.model")).encode([t for _, t in _pairs(150, seed=999)])
+    assert _score_gap(model, tmp_path / "ct2", sources, references) < CLOSE
+    assert _score_gap(model, tmp_path / "ct2", sources, translate_ids(model, sources, beam_size=4)) < CLOSE
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_ctranslate2_searches_as_ours_does(trained_export: Path, tmp_path: Path, beam: int) -> None:
+    from jobs.export import load_export
+
+    convert_export(trained_export, str(tmp_path / "ct2"))
     model, _, _ = load_export(trained_export)
     sources = _sources(trained_export)
     ours = translate_ids(model, sources, beam_size=beam, alpha=0.6)
@@ -84,7 +130,57 @@ def test_ctranslate2_translates_as_our_search_does(trained_export: Path, tmp_pat
     tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
     expected = [t for _, t in _pairs(150, seed=999)]
     assert sum(h == e for h, e in zip(tokenizer.decode(ours), expected)) >= 120  # the model learned the task
-    assert theirs == ours
+    assert sum(a == b for a, b in zip(ours, theirs)) >= 0.9 * len(sources)
+    assert _search_problems(model, ours, theirs, sources, beam) == []
+
+
+def _positions_as_ctranslate2_builds_them(original):
+    """Our interleaved sin/cos table given in CTranslate2's own layout (sines, then cosines)."""
+    def set_stack(spec, stack, embedder, *, decoder):
+        original(spec, stack, embedder, decoder=decoder)
+        table = spec.position_encodings.encodings
+        spec.position_encodings.encodings = np.concatenate([table[:, 0::2], table[:, 1::2]], axis=1)
+    return set_stack
+
+
+def _cross_attention_keys_and_values_swapped(original):
+    def set_stack(spec, stack, embedder, *, decoder):
+        original(spec, stack, embedder, decoder=decoder)
+        for layer in spec.layer if decoder else []:
+            fused = layer.attention.linear[1]
+            half = fused.weight.shape[0] // 2
+            fused.weight = np.concatenate([fused.weight[half:], fused.weight[:half]])
+            fused.bias = np.concatenate([fused.bias[half:], fused.bias[:half]])
+    return set_stack
+
+
+def _norms_of_attention_and_ffn_swapped(original):
+    def set_stack(spec, stack, embedder, *, decoder):
+        original(spec, stack, embedder, decoder=decoder)
+        for layer in spec.layer:
+            attention, ffn = layer.self_attention.layer_norm, layer.ffn.layer_norm
+            (attention.gamma, attention.beta), (ffn.gamma, ffn.beta) = (ffn.gamma, ffn.beta), (attention.gamma, attention.beta)
+    return set_stack
+
+
+@pytest.mark.parametrize("break_conversion", ["positions", "cross_attention", "norms"])
+def test_a_conversion_broken_on_purpose_fails_both_checks(trained_export: Path, tmp_path: Path, monkeypatch,
+                                                          break_conversion: str) -> None:
+    """The checks above are not vacuous: each of three plausible conversion bugs fails them."""
+    import jobs.ctranslate2_engine as engine
+    from jobs.export import load_export
+
+    sabotage = {"positions": _positions_as_ctranslate2_builds_them,
+                "cross_attention": _cross_attention_keys_and_values_swapped,
+                "norms": _norms_of_attention_and_ffn_swapped}[break_conversion]
+    monkeypatch.setattr(engine, "_set_stack", sabotage(engine._set_stack))
+    convert_export(trained_export, str(tmp_path / "broken"))
+    model, _, _ = load_export(trained_export)
+    sources = _sources(trained_export)
+    ours = translate_ids(model, sources, beam_size=4, alpha=0.6)
+    theirs = CTranslate2Translator(tmp_path / "broken").translate_ids(sources, beam_size=4, alpha=0.6)
+    assert _score_gap(model, tmp_path / "broken", sources, ours) > 100 * CLOSE
+    assert _search_problems(model, ours, theirs, sources, beam=4)
 
 
 def test_int8_quantized_model_agrees_on_almost_every_sentence(trained_export: Path, tmp_path: Path) -> None:
@@ -98,6 +194,15 @@ def test_int8_quantized_model_agrees_on_almost_every_sentence(trained_export: Pa
     assert sum(a == b for a, b in zip(ours, theirs)) >= 0.95 * len(sources)
 
 
+def test_a_line_longer_than_the_model_is_cut_as_in_the_torch_path(trained_export: Path, tmp_path: Path) -> None:
+    """One over-long line must not fail a whole `translate` (CTranslate2 refuses positions past its table)."""
+    convert_export(trained_export, str(tmp_path / "ct2"))
+    short = _sources(trained_export, count=1)[0]
+    sources = [short * 40, short]  # far past max_positions=64
+    hypotheses = CTranslate2Translator(tmp_path / "ct2").translate_ids(sources, beam_size=4)
+    assert len(hypotheses) == 2 and all(len(h) < 64 for h in hypotheses)
+
+
 def test_a_torch_export_is_not_taken_for_a_ctranslate2_model(trained_export: Path) -> None:
     with pytest.raises(InputError, match="not a CTranslate2 model"):
         CTranslate2Translator(trained_export)
@@ -107,6 +212,8 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     import subprocess
     import sys
 
+    from jobs.export import load_export
+
     def aiayn(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "jobs.cli", *args], input=stdin, capture_output=True,
                               text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
@@ -114,10 +221,27 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     converted = aiayn("export", "--format", "ctranslate2", "--model", str(trained_export),
                       "--output", str(tmp_path / "ct2"))
     assert converted.returncode == 0, converted.stderr
-    text = "\n".join(s for s, _ in _pairs(20, seed=5)) + "\n"
-    torch_lines = aiayn("translate", "--engine", "torch", "--model", str(trained_export), stdin=text)
-    ct2_lines = aiayn("translate", "--model", str(tmp_path / "ct2"), stdin=text)  # auto: by the directory
+    # Sentences whose every greedy decision wins by a wide margin: there no kernel, thread count or
+    # engine can choose otherwise, so both engines must print exactly our in-process translation.
+    model, _, _ = load_export(trained_export)
+    tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
+    candidates = [s for s, _ in _pairs(60, seed=5)]
+    sources = tokenizer.encode(candidates, add_eos=True)
+    greedy = translate_ids(model, sources, beam_size=1)
+    clear = [text for text, source, hyp in zip(candidates, sources, greedy) if _smallest_margin(model, source, hyp) > 0.5]
+    assert len(clear) >= 20
+    expected = tokenizer.decode(translate_ids(model, tokenizer.encode(clear, add_eos=True), beam_size=1))
+    text = "\n".join(clear) + "\n"
+    torch_lines = aiayn("translate", "--engine", "torch", "--beam", "1", "--model", str(trained_export), stdin=text)
+    ct2_lines = aiayn("translate", "--beam", "1", "--model", str(tmp_path / "ct2"), stdin=text)  # auto: by the directory
     assert torch_lines.returncode == 0 and ct2_lines.returncode == 0, ct2_lines.stderr
-    assert ct2_lines.stdout == torch_lines.stdout and len(ct2_lines.stdout.splitlines()) == 20
+    assert torch_lines.stdout.splitlines() == expected
+    assert ct2_lines.stdout.splitlines() == expected
     wrong = aiayn("translate", "--engine", "ctranslate2", "--model", str(trained_export), stdin=text)
     assert wrong.returncode == 2 and "not a CTranslate2 model" in wrong.stderr
+
+
+def _smallest_margin(model, source: list[int], hypothesis: list[int]) -> float:
+    """How far, in nats, each greedy choice of `hypothesis` (EOS included) beat the runner-up."""
+    top2 = teacher_forced(model)(source, hypothesis).topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
