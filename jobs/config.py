@@ -81,6 +81,13 @@ class TrainConfig:
     beam_size: int = 4
     length_penalty: float = 0.6
     max_consecutive_skips: int = 10  # stop after this many updates in a row skipped for non-finite gradients
+    # A run whose ranks all report no progress for this long is hung: its stacks are kept and the
+    # workers restarted from the last checkpoint. None: 10 x the median step time, at least 45 s.
+    hang_timeout_s: float | None = None
+    # The same for the phases that are legitimately long (start and restore, checkpoint,
+    # validation, a slow tracking server): at least this, or 3 x their longest so far. The
+    # collective timeout of the process group is twice this, so that it never fires first.
+    long_phase_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -93,6 +100,11 @@ class TrainConfig:
                     "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.long_phase_timeout_s < float("inf"):
+            raise ValueError(f"train.long_phase_timeout_s must be a positive number of seconds, got {self.long_phase_timeout_s}")
+        if self.hang_timeout_s is not None and not 0 < self.hang_timeout_s < self.long_phase_timeout_s:
+            raise ValueError(f"train.hang_timeout_s must be positive and below train.long_phase_timeout_s "
+                             f"({self.long_phase_timeout_s:g}), got {self.hang_timeout_s}")
         if self.average_last > self.keep_checkpoints:
             raise ValueError("train.average_last cannot exceed train.keep_checkpoints")
         if not (self.max_steps or self.max_epochs or self.max_minutes):

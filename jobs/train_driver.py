@@ -30,6 +30,7 @@ from jobs.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.deepspeed_config import with_step_budget
 from jobs.progress import Console, relay_to
 from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
+from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
-        torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
+                                 timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
     )
 
 
@@ -185,13 +187,35 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     if isinstance(console, Console):
         console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
     started = time.time()
-    with relay_to(console) as relay:
+    policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
+    with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, run_uri, tracking_uri, run_id)) as monitor:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
-                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "launch_id": uuid.uuid4().hex}
+                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
+                       "launch_id": uuid.uuid4().hex}
         _trainer(job, name, loop_config).fit()
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     outcome = _finish(job, name, run_id, tracking_uri, manifest)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
+
+
+def _hang_reporter(console: Callable[[str], None], run_uri: str, tracking_uri: str,
+                   run_id: str) -> Callable[[str, str], None]:
+    """What the watchdog says goes to the console; a hang's stacks go to <run>/hangs/ and MLflow."""
+    def report(line: str, stacks: str) -> None:
+        console(line)
+        if not stacks:
+            return
+        name = f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        uri = storage.join(run_uri, "hangs", name)
+        storage.write_bytes_atomic(uri, stacks.encode())
+        console(f"the stacks of every rank: {storage.redact(uri)}")
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).log_text(run_id, stacks, f"hangs/{name}")
+        except Exception as error:  # noqa: BLE001 - tracking never fails a run
+            console(f"MLflow did not take the stacks ({str(error).splitlines()[0][:160]}); they are in {storage.redact(uri)}")
+    return report
 
 
 def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt.ResumePlan:

@@ -36,6 +36,7 @@ from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, tra
 from jobs.metrics import MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.tracking import MetricLogger
 from jobs.validation import valid_bleu, valid_loss
+from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
 
 class Trainer:
@@ -46,6 +47,8 @@ class Trainer:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
+        self.heartbeat = Heartbeat(loop_config.get("monitor"), self.rank)
+        self.heartbeat.beat(0, START)  # building, restoring and the first collectives take long
         torch.set_num_threads(self.job.train.threads_per_worker)
         self.manifest = load_manifest(loop_config["dataset_uri"])
         self.model_config = self.job.model  # completed from the dataset by the driver
@@ -134,6 +137,7 @@ class Trainer:
     def save(self, metrics: dict[str, float]) -> None:
         import ray.train
 
+        self.heartbeat.beat(self.state.step, CHECKPOINT)
         check_finite_weights(self.engine, self.job.train.zero_stage, self.state.step)
         if self.logger is not None:
             self.logger.flush()
@@ -199,7 +203,10 @@ class Trainer:
         started, elapsed_before, last_save = time.monotonic(), self.state.elapsed_seconds, time.monotonic()
         batches, window, stop = self._batches(), MetricsWindow(), cadence.out_of_steps(self.state.step)
         preemption_pending = False
+        first = True  # the attempt's first step stays in the start phase: it may compile, and warms up
         while not stop:
+            self.heartbeat.beat(self.state.step + 1, START if first else STEP)
+            first = False
             fetch = time.perf_counter()
             micro = [next(batches, None) for _ in range(self.accumulation)]
             data_wait = time.perf_counter() - fetch
@@ -232,6 +239,8 @@ class Trainer:
             if window.steps and cadence.log(step, stop):
                 metrics.update(self._window_metrics(window))
                 window = MetricsWindow()
+            if cadence.validate(step, stop) or cadence.bleu(step):
+                self.heartbeat.beat(step, VALIDATE)
             if cadence.validate(step, stop):
                 metrics.update(valid_loss(self.engine, self.job, self.manifest, self.rank, self.world))
                 if "valid/loss" in metrics:
@@ -243,6 +252,7 @@ class Trainer:
             if cadence.save(step, stop, bool(save_due) or preemption_pending):
                 self.save(metrics)
                 last_save, preemption_pending = time.monotonic(), False
+        self.heartbeat.close(self.state.step)
 
     def _preemption_notice(self) -> bool:
         """True once per notice that a node of this run will be preempted (Ray Train agrees on it
@@ -274,6 +284,7 @@ class Trainer:
         """Rank 0: metrics to MLflow, lines to the console."""
         if self.logger is None:
             return
+        self.heartbeat.beat(step, TRACKING)  # a slow tracking server is no hang
         self.logger.log(metrics, step)
         if "train/loss" in metrics:
             steps_left, seconds_left = self.cadence.steps_left(step), self.cadence.seconds_left(self.state.elapsed_seconds)

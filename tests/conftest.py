@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import pytest
 
@@ -66,7 +67,12 @@ def ray_cluster(tmp_path_factory):
     """Address of a 2-node Ray cluster; two CPUs per node."""
     logs = tmp_path_factory.mktemp("ray-logs")
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ["RAY_AUTH_MODE"] = "token"  # the cluster below uses Ray's default token authentication
+    # The cluster below uses Ray's default token authentication, with a token of this session's own
+    # (never the account's ~/.ray/auth_token, which a fresh machine does not have).
+    token = logs / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     head, address, _ = start_ray_head(logs, num_cpus=2)
     worker = None
     try:
@@ -78,6 +84,7 @@ def ray_cluster(tmp_path_factory):
 
         ray.shutdown()
         os.environ.pop("RAY_AUTH_MODE", None)
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         if worker is not None:
             worker.stop()
         head.stop()

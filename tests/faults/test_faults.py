@@ -1,7 +1,8 @@
 """Faults injected into real runs (a 2-node Ray cluster, DeepSpeed, an MLflow server over HTTP):
 the run ends as it should, loses nothing beyond one checkpoint interval, and never silently.
 
-Rows covered elsewhere in the suite, with the same standard: a worker SIGKILLed, the driver
+Rows covered elsewhere in the suite, with the same standard: a worker SIGKILLed, a worker
+SIGSTOPped (caught as a hang, its stacks kept, the run exact), the driver
 SIGKILLed and rerun (tests/jobs/test_training.py), a node's raylet SIGKILLed
 (tests/cluster/test_end_to_end.py), a stale state file naming a live unrelated process and two
 concurrent `cluster up` (tests/cluster/test_local_cluster.py), an MLflow outage across a restart

@@ -7,6 +7,8 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
@@ -111,6 +113,50 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
+        reference_run, ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
+    """SIGSTOP: the worker neither dies nor answers, and the other rank waits in a collective."""
+    _, reference = reference_run
+    seed = int(os.environ.get("AIAYN_FAULT_SEED", random.randrange(10**6)))
+    after = random.Random(seed).choice([5, 10, 15])
+    print(f"SIGSTOP of a worker once checkpoint {after} is registered (AIAYN_FAULT_SEED={seed} repeats it)")
+    lines: list[tuple[float, str]] = []
+    stopped: dict[str, float] = {}
+
+    def stop_one_worker() -> None:
+        pid = int(subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()[0])
+        os.kill(pid, signal.SIGSTOP)
+        stopped.update(pid=pid, at=time.monotonic())
+
+    job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=mlflow_server,
+                   extra=("train.hang_timeout_s=10",))
+    stopper = when_checkpoint_exists(tmp_path / "runs" / "hung", after, stop_one_worker)
+    try:
+        outcome = train(job, log=lambda line: lines.append((time.monotonic(), line)))
+    finally:
+        stopper.join(timeout=5)
+        if "pid" in stopped:  # nothing stopped may outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stopped["pid"]), signal.SIGCONT)
+    [(caught_at, hang)] = [(t, line) for t, line in lines if line.startswith("hang: ")]
+    assert "state T" in hang and "killed it" in hang, hang  # the stopped rank is named
+    [stack_file] = list((tmp_path / "runs" / "hung" / "hangs").glob("hang-*.txt"))
+    stacks = stack_file.read_text()
+    sections = stacks.split("=== rank ")[1:]
+    assert [s.split()[0] for s in sections] == ["0", "1"]
+    assert all("most recent call first" in s and "worker.py" in s for s in sections), stacks  # Python stacks of each rank
+    artifacts = MlflowClient(mlflow_server).list_artifacts(outcome.run_id, "hangs")
+    assert [a.path for a in artifacts] == [f"hangs/{stack_file.name}"]
+    assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
+    ours, theirs = _weights(Path(outcome.export_uri)), _weights(Path(reference.export_uri))
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    restarted = next(t for t, line in lines if t > caught_at and "tok/s" in line)  # the first step after it
+    figures = {"detected_s": caught_at - stopped["at"], "to_next_step_s": restarted - stopped["at"]}
+    print(f"hang figures: {figures}")
+    (tmp_path / "hang_figures.json").write_text(json.dumps(figures))
 
 
 def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp_path) -> None:

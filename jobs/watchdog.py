@@ -1,0 +1,281 @@
+"""Hang detection: every rank reports its progress; a run whose ranks all go quiet is hung.
+
+A rank that hangs (a stuck collective, a storage call that never returns, a stopped process)
+neither dies nor answers: without this, every other rank waits in its next collective until the
+process group's timeout (30 minutes), and nobody learns why. Ray's own detector is NCCL-only and
+off by default. Here:
+
+- each rank's `Heartbeat` sends (step, phase) to the `ProgressMonitor` actor on the driver's node
+  at every phase change and at most once a second within one: a fire-and-forget call, never
+  waited on, so a step costs nothing measurable;
+- the driver's `Watchdog` thread reads the monitor every few seconds; `find_hang` decides: the
+  run is hung when no rank has reported within its phase's limit (`HangPolicy`). A rank waiting
+  in a collective for another that legitimately checkpoints or validates is not hung while that
+  other one is within its own, longer, limit;
+- on a hang it asks each rank's node for the rank's Python stacks (each worker registered
+  `faulthandler` on SIGUSR1 at start: no ptrace, which containers often forbid, and it answers
+  from inside a stuck collective; a stopped process is continued to answer while the others are
+  frozen), names the rank, node and phase in one line, hands the stacks to the driver, and
+  SIGKILLs the silent rank: Ray Train then restarts the worker group from the last checkpoint,
+  as for any crash.
+
+The process group's collective timeout is twice the longest limit, so it never fires first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import signal
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+START, STEP, VALIDATE, CHECKPOINT, TRACKING, DONE = "start", "step", "validate", "checkpoint", "tracking", "done"
+# Legitimately long, with their own allowance. START lasts until an attempt's first step is done:
+# building, restoring, the first collectives, and torch.compile's compilation of the first step.
+LONG_PHASES = (START, VALIDATE, CHECKPOINT, TRACKING)
+BEAT_INTERVAL_S = 1.0
+STEP_FLOOR_S = 45.0  # a step may always take this long (an attempt's first step counts as start)
+STEP_FACTOR = 10.0  # ... or this many times the median step time observed
+LONG_FACTOR = 3.0  # a long phase: this many times its longest occurrence so far, at least its floor
+
+
+def collective_timeout_s(long_phase_timeout_s: float) -> float:
+    """The process group's timeout: above every limit the watchdog applies (`HangPolicy`)."""
+    return 2 * long_phase_timeout_s
+
+
+@dataclass(frozen=True)
+class HangPolicy:
+    step_timeout_s: float | None  # train.hang_timeout_s; None: derived from the observed step times
+    long_phase_timeout_s: float  # train.long_phase_timeout_s: the floor of the long phases
+
+    def limit(self, phase: str, step_times: list[float], longest: dict[str, float]) -> float:
+        ceiling = 0.8 * collective_timeout_s(self.long_phase_timeout_s)
+        if phase == DONE:
+            return float("inf")
+        if phase in LONG_PHASES:
+            return min(max(self.long_phase_timeout_s, LONG_FACTOR * longest.get(phase, 0.0)), ceiling)
+        if self.step_timeout_s is not None:
+            return self.step_timeout_s
+        typical = statistics.median(step_times) if step_times else 0.0
+        return min(max(STEP_FLOOR_S, STEP_FACTOR * typical), ceiling)
+
+
+@dataclass
+class RankProgress:
+    rank: int
+    step: int
+    phase: str
+    node_id: str
+    host: str
+    pid: int
+    stack_file: str
+    phase_since: float  # monitor's clock
+    last_beat: float  # monitor's clock
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    ranks: dict[int, RankProgress]
+    step_times: list[float]
+    longest: dict[str, float]  # the longest completed occurrence of each long phase
+
+
+def find_hang(snapshot: Snapshot, policy: HangPolicy) -> list[RankProgress]:
+    """The ranks of a hung run (every rank past its phase's limit), else []."""
+    ranks = list(snapshot.ranks.values())
+    if not ranks:
+        return []
+    late = [r for r in ranks
+            if snapshot.now - r.last_beat > policy.limit(r.phase, snapshot.step_times, snapshot.longest)]
+    return late if len(late) == len(ranks) else []
+
+
+class ProgressMonitor:
+    """The ranks' reports, kept on the driver's node and timed by its one clock."""
+
+    def __init__(self) -> None:
+        self.ranks: dict[int, RankProgress] = {}
+        self.step_times: deque[float] = deque(maxlen=64)
+        self.longest: dict[str, float] = {}
+
+    def beat(self, rank: int, step: int, phase: str, where: tuple[str, str, int, str]) -> None:
+        now = time.monotonic()
+        node_id, host, pid, stack_file = where
+        previous = self.ranks.get(rank)
+        if previous is not None and previous.pid == pid:
+            if previous.phase in LONG_PHASES and phase != previous.phase:
+                self.longest[previous.phase] = max(self.longest.get(previous.phase, 0.0), now - previous.phase_since)
+            if phase == STEP and previous.phase == STEP and step > previous.step:
+                self.step_times.append((now - previous.last_beat) / (step - previous.step))
+            since = previous.phase_since if phase == previous.phase else now
+        else:  # a new worker for this rank (a restart): its history starts now
+            since = now
+        self.ranks[rank] = RankProgress(rank, step, phase, node_id, host, pid, stack_file, since, now)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(time.monotonic(), dict(self.ranks), list(self.step_times), dict(self.longest))
+
+    def forget(self, pids: list[int]) -> None:
+        """Drop the ranks of workers that are gone (killed, or lost with their node)."""
+        self.ranks = {r: p for r, p in self.ranks.items() if p.pid not in pids}
+
+
+class Heartbeat:
+    """A rank's side: `beat(step, phase)` wherever the loop changes what it does."""
+
+    def __init__(self, monitor, rank: int) -> None:
+        import ray
+
+        self.monitor, self.rank = monitor, rank
+        self.phase, self.sent = "", 0.0
+        descriptor, stack_file = tempfile.mkstemp(prefix="aiayn-stacks-", suffix=".txt")
+        self._stacks = os.fdopen(descriptor, "w")
+        faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True)
+        self.where = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(), stack_file)
+
+    def beat(self, step: int, phase: str) -> None:
+        now = time.monotonic()
+        if self.monitor is None or (phase == self.phase and now - self.sent < BEAT_INTERVAL_S):
+            return
+        self.phase, self.sent = phase, now
+        self.monitor.beat.remote(self.rank, step, phase, self.where)
+
+    def close(self, step: int) -> None:
+        """The rank is done: never a hang; its stack file is removed."""
+        self.beat(step, DONE)
+        faulthandler.unregister(signal.SIGUSR1)
+        self._stacks.close()
+        os.unlink(self.where[3])
+
+
+_SIGNALS = {"stacks": signal.SIGUSR1, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT, "kill": signal.SIGKILL}
+
+
+def on_node(actions: list[tuple[int, str, str]]) -> dict[int, str]:
+    """Runs on a worker's node: (pid, action, stack file) in order. "state" answers the process
+    state ("gone" once it has exited), "read" the stacks its faulthandler wrote, the others send
+    a signal ("stacks": dump them, "freeze", "thaw", "kill")."""
+    answers: dict[int, str] = {}
+    for pid, action, stack_file in actions:
+        try:
+            if action == "state":
+                with open(f"/proc/{pid}/stat") as stat:
+                    answers[pid] = stat.read().rsplit(")", 1)[1].split()[0]
+            elif action == "read":
+                with open(stack_file) as handle:
+                    answers[pid] = handle.read().strip() or "(nothing written: it did not run its signal handler)"
+            else:
+                os.kill(pid, _SIGNALS[action])
+        except (OSError, IndexError) as error:
+            answers[pid] = "gone" if action == "state" else f"({action}: {error})"
+    return answers
+
+
+class Watchdog:
+    """The driver's thread: reads the monitor, and on a hang reports it and fails the attempt."""
+
+    def __init__(self, monitor, policy: HangPolicy, report: Callable[[str, str], None], poll_s: float = 2.0):
+        self.monitor, self.policy, self.report, self.poll_s = monitor, policy, report, poll_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="aiayn-watchdog", daemon=True)
+
+    def _watch(self) -> None:
+        import ray
+
+        failing = False
+        while not self.done.wait(self.poll_s):
+            try:
+                snapshot = ray.get(self.monitor.snapshot.remote(), timeout=30)
+                hung = find_hang(snapshot, self.policy)
+                if hung:
+                    self._handle(snapshot, hung)
+                failing = False
+            except Exception as error:  # noqa: BLE001 - the watchdog never fails a run by itself
+                if not failing:  # said once, not every poll
+                    self.report(f"watchdog: cannot check the workers' progress ({str(error).splitlines()[0][:160]})", "")
+                failing = True
+
+    def _on_nodes(self, ranks: list[RankProgress], action: str) -> dict[int, str]:
+        """`action` for each rank's process, on its own node; a node that does not answer is gone."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        answers: dict[int, str] = {}
+        for node_id in sorted({r.node_id for r in ranks}):
+            here = [r for r in ranks if r.node_id == node_id]
+            task = ray.remote(num_cpus=0, max_retries=0)(on_node).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+            try:
+                answers.update(ray.get(task.remote([(r.pid, action, r.stack_file) for r in here]), timeout=60))
+            except Exception:  # noqa: BLE001 - its node is gone, and so are its workers
+                answers.update({r.pid: "gone" if action == "state" else "(its node did not answer)" for r in here})
+        return answers
+
+    def _stacks(self, hung: list[RankProgress], states: dict[int, str]) -> tuple[dict[int, str], list[RankProgress]]:
+        """Every rank's Python stacks, and the ranks left frozen. A stopped process runs its handler
+        only once continued: the others are frozen meanwhile (until the culprit is killed), so that
+        it cannot complete a step with them."""
+        stopped = [r for r in hung if states[r.pid] in ("T", "t")]
+        running = [r for r in hung if r not in stopped]
+        self._on_nodes(running, "stacks")
+        time.sleep(1.0)  # faulthandler writes from the signal handler itself, even inside a collective
+        if stopped:
+            self._on_nodes(running, "freeze")
+            self._on_nodes(stopped, "stacks")
+            self._on_nodes(stopped, "thaw")
+            time.sleep(1.0)
+        return self._on_nodes(hung, "read"), running if stopped else []
+
+    def _handle(self, snapshot: Snapshot, hung: list[RankProgress]) -> None:
+        import ray
+
+        states = self._on_nodes(hung, "state")
+        forget = lambda: ray.get(self.monitor.forget.remote([r.pid for r in hung]), timeout=30)  # noqa: E731
+        if "gone" in states.values():  # a worker or node failure that Ray Train is handling: no hang
+            forget()
+            return
+        # The culprit: a process the OS holds (stopped, or in uninterruptible I/O), else the rank
+        # quiet the longest; the others are waiting for it in a collective.
+        culprit = min(hung, key=lambda r: (states[r.pid] not in ("T", "t", "D"), r.last_beat))
+        stacks, frozen = self._stacks(hung, states)
+        self._on_nodes([culprit], "kill")
+        self._on_nodes(frozen, "thaw")
+        quiet = {r.rank: snapshot.now - r.last_beat for r in hung}
+        line = (f"hang: rank {culprit.rank} on {culprit.host} made no progress for {quiet[culprit.rank]:.0f} s "
+                f"in phase {culprit.phase} at step {culprit.step} (process state {states[culprit.pid]}); "
+                "killed it so that Ray Train restarts the workers from the last checkpoint")
+        report = "\n\n".join(
+            f"=== rank {r.rank}  {r.host}  pid {r.pid}  state {states[r.pid]}  phase {r.phase}  step {r.step}  "
+            f"quiet {quiet[r.rank]:.0f} s ===\n{stacks[r.pid]}" for r in sorted(hung, key=lambda r: r.rank))
+        forget()
+        self.report(line, f"{line}\n\n{report}\n")
+
+
+@contextlib.contextmanager
+def watch_progress(policy: HangPolicy, report: Callable[[str, str], None]) -> Iterator[object]:
+    """The monitor actor (on the driver's node) and the watchdog thread for the block; yields the
+    monitor's handle for the workers. `report(line, stacks)`: a console line, and for a hang the
+    stacks of every rank to keep."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    monitor = ray.remote(num_cpus=0)(ProgressMonitor).options(scheduling_strategy=here).remote()
+    watchdog = Watchdog(monitor, policy, report)
+    watchdog.thread.start()
+    try:
+        yield monitor
+    finally:
+        watchdog.done.set()
+        watchdog.thread.join(timeout=120)
+        ray.kill(monitor)

@@ -1,0 +1,108 @@
+"""The hang rules, the monitor's bookkeeping, and reading a stopped process' stacks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.config import load_job_config
+from jobs.watchdog import (CHECKPOINT, DONE, START, STEP, STEP_FLOOR_S, HangPolicy, ProgressMonitor, RankProgress,
+                           Snapshot, collective_timeout_s, find_hang, on_node)
+
+POLICY = HangPolicy(step_timeout_s=None, long_phase_timeout_s=900)
+
+
+def _rank(rank: int, phase: str, quiet_s: float, now: float = 1000.0) -> RankProgress:
+    return RankProgress(rank, 7, phase, "node", "host", 100 + rank, "", now - quiet_s, now - quiet_s)
+
+
+def _snapshot(*ranks: RankProgress, step_times=(), longest=None) -> Snapshot:
+    return Snapshot(1000.0, {r.rank: r for r in ranks}, list(step_times), longest or {})
+
+
+def test_the_step_limit_follows_the_observed_step_times_above_a_floor() -> None:
+    assert POLICY.limit(STEP, [], {}) == STEP_FLOOR_S
+    assert POLICY.limit(STEP, [0.5, 0.6, 0.4], {}) == STEP_FLOOR_S  # 10 x 0.5 s is below the floor
+    assert POLICY.limit(STEP, [20.0, 30.0, 25.0], {}) == 250.0
+    assert HangPolicy(12.0, 900).limit(STEP, [20.0], {}) == 12.0  # train.hang_timeout_s fixes it
+    assert POLICY.limit(DONE, [], {}) == float("inf")
+
+
+def test_long_phases_get_their_own_limit_always_below_the_collective_timeout() -> None:
+    assert POLICY.limit(CHECKPOINT, [], {}) == 900
+    assert POLICY.limit(CHECKPOINT, [], {CHECKPOINT: 400.0}) == 1200  # 3 x the longest so far
+    ceiling = collective_timeout_s(900)
+    assert POLICY.limit(CHECKPOINT, [], {CHECKPOINT: 5000.0}) < ceiling
+    assert POLICY.limit(STEP, [1000.0], {}) < ceiling
+
+
+def test_a_run_is_hung_only_when_every_rank_is_past_its_limit() -> None:
+    waiting = _rank(1, STEP, quiet_s=200)  # in a collective, waiting for rank 0
+    assert find_hang(_snapshot(_rank(0, CHECKPOINT, quiet_s=200), waiting), POLICY) == []
+    hung = find_hang(_snapshot(_rank(0, CHECKPOINT, quiet_s=1000), waiting), POLICY)
+    assert [r.rank for r in hung] == [0, 1]
+    assert find_hang(_snapshot(_rank(0, STEP, quiet_s=5), waiting), POLICY) == []
+    assert find_hang(_snapshot(), POLICY) == []  # no worker has reported yet
+
+
+def test_the_monitor_times_steps_and_phases_and_forgets_replaced_workers(monkeypatch) -> None:
+    clock = iter([0.0, 1.0, 3.0, 4.0, 34.0, 35.0, 36.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monitor = ProgressMonitor()
+    where = ("node", "host", 100, "")
+    monitor.beat(0, 0, START, where)  # t=0
+    monitor.beat(0, 1, STEP, where)  # t=1: start took 1 s
+    monitor.beat(0, 3, STEP, where)  # t=3: two steps in 2 s
+    monitor.beat(0, 3, CHECKPOINT, where)  # t=4
+    monitor.beat(0, 4, STEP, where)  # t=34: the checkpoint took 30 s
+    snapshot = monitor.snapshot()  # t=35
+    assert snapshot.step_times == [1.0]  # the checkpoint's 30 s are not a step time
+    assert snapshot.longest == {START: 1.0, CHECKPOINT: 30.0}
+    assert snapshot.now - snapshot.ranks[0].last_beat == 1.0
+    monitor.forget([100])
+    assert monitor.snapshot().ranks == {}
+
+
+def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path) -> None:
+    stack_file = str(tmp_path / "stacks.txt")
+    program = textwrap.dedent(f"""
+        import faulthandler, signal, time
+        faulthandler.register(signal.SIGUSR1, file=open({stack_file!r}, "w"), all_threads=True)
+        def waiting_for_a_collective():
+            while True:
+                time.sleep(0.05)
+        print("ready", flush=True)
+        waiting_for_a_collective()
+    """)
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    pid = process.pid
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert on_node([(pid, "state", stack_file)]) == {pid: "T"}
+        on_node([(pid, "stacks", stack_file), (pid, "thaw", stack_file)])
+        time.sleep(1.0)
+        assert "waiting_for_a_collective" in on_node([(pid, "read", stack_file)])[pid]
+        on_node([(pid, "kill", stack_file)])
+        assert process.wait(timeout=10) == -signal.SIGKILL
+        assert on_node([(pid, "state", stack_file)]) == {pid: "gone"}
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("override", ["train.hang_timeout_s=nan", "train.hang_timeout_s=0",
+                                      "train.hang_timeout_s=900", "train.long_phase_timeout_s=inf"])
+def test_timeouts_that_cannot_work_are_refused(override: str) -> None:
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_job_config(None, [override])
