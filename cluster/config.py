@@ -25,6 +25,9 @@ class ClusterConfig:
     # (room for one checkpoint shard with its optimizer state); empty: the system temp dir.
     staging_dir: str = ""
     max_failures: int = 3  # worker-group restarts Ray Train attempts before giving up
+    # A driver renews its lease on the run this often x 4; another driver may take the run over
+    # once the lease has gone this long without renewal (jobs/lease.py).
+    lease_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -39,6 +42,8 @@ class ClusterConfig:
         allowed = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         if self.placement_strategy not in allowed:
             raise ValueError(f"cluster.placement_strategy must be one of {', '.join(allowed)}, got {self.placement_strategy!r}")
+        if not 0 < self.lease_ttl_s < float("inf"):
+            raise ValueError(f"cluster.lease_ttl_s must be a positive number of seconds, got {self.lease_ttl_s}")
         if self.max_failures < 0:
             raise ValueError(f"cluster.max_failures must be >= 0 (-1 is not supported), got {self.max_failures}")
 

@@ -114,6 +114,15 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def modified_time(uri: str) -> float:
+    """A file's modification time (seconds since the epoch) by its store's own clock."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File or info.mtime is None:
+        raise FileNotFoundError(uri)
+    return info.mtime.timestamp()
+
+
 def delete_file(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:

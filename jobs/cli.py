@@ -63,9 +63,9 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    config = _load_config(args)  # before the heavy imports (torch, MLflow): a bad key answers at once
     from jobs.train_driver import train
 
-    config = _load_config(args)
     if args.address:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
     if args.name:
@@ -351,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from cluster.services import ServiceError
+    from jobs.lease import LeaseLost
 
     try:
         return handler(args)
     except InputError as error:
         print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except ServiceError as error:
+    except (ServiceError, LeaseLost) as error:
         print(f"aiayn {args.command}: failed: {error}", file=sys.stderr)
         return 1
 

@@ -28,8 +28,8 @@ from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.deepspeed_config import with_step_budget
+from jobs.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.progress import Console, relay_to
-from jobs.tracking import find_or_create_run, git_commit, local_store_dir, resolve_tracking_uri
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
@@ -85,6 +85,8 @@ def _storage_root(job: JobConfig) -> str:
 def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     """What every node must reach: checkpoints, data and (if it lives in files) the MLflow store."""
     locations = {"cluster.storage_path": job.cluster.storage_path, "data.output_dir": job.data.output_dir}
+    from jobs.tracking import local_store_dir
+
     store = local_store_dir(tracking_uri)
     if store is not None:
         locations["tracking.uri"] = store
@@ -152,15 +154,32 @@ def run_log_path(job: JobConfig, name: str) -> Path:
 def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model. `log` receives
     aiayn's console lines (default: stdout and the run's log file)."""
-    from cluster.reachability import check_reaches_every_node
-    from cluster.ray_connection import connect
-
     job = with_absolute_paths(job)
     data_plan = validate(job)
+    from jobs.tracking import resolve_tracking_uri  # MLflow, after the checks: bad input answers sooner
+
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
     run_uri = storage.join(_storage_root(job), name)
     console = Console(run_log_path(job, name)) if log is None else log
+    # Before the resume plan: what this driver resumes from cannot change under it any more.
+    lease = acquire(run_uri, name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
+    with LeaseKeeper(run_uri, lease, job.cluster.lease_ttl_s, console) as keeper:
+        try:
+            return _train_holding_lease(job, name, data_plan, resume_from, console, tracking_uri, run_uri, keeper)
+        except BaseException as error:
+            if keeper.lost:  # the lease was lost: say that, not whatever it interrupted
+                raise LeaseLost(f"run {name}: this driver lost its lease ({keeper.lost}) and stopped") from error
+            raise
+
+
+def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resume_from: str,
+                         console: Callable[[str], None], tracking_uri: str, run_uri: str,
+                         keeper: LeaseKeeper) -> TrainOutcome:
+    from cluster.reachability import check_reaches_every_node
+    from cluster.ray_connection import connect
+    from jobs.tracking import find_or_create_run, git_commit
+
     source = ckpt.resume_source(run_uri, resume_from)
     manifest = load_manifest(job.data.dataset_uri) if data_plan.up_to_date else None
     resume = _plan_resume(job, source, manifest) if manifest is not None else None
@@ -191,8 +210,9 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, run_uri, tracking_uri, run_id)) as monitor:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
-                       "launch_id": uuid.uuid4().hex}
+                       "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex}
         _trainer(job, name, loop_config).fit()
+    keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     outcome = _finish(job, name, run_id, tracking_uri, manifest)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))

@@ -228,13 +228,23 @@ class Watchdog:
         stopped = [r for r in hung if states[r.pid] in ("T", "t")]
         running = [r for r in hung if r not in stopped]
         self._on_nodes(running, "stacks")
-        time.sleep(1.0)  # faulthandler writes from the signal handler itself, even inside a collective
+        stacks = self._read_stacks(running)
         if stopped:
             self._on_nodes(running, "freeze")
             self._on_nodes(stopped, "stacks")
             self._on_nodes(stopped, "thaw")
-            time.sleep(1.0)
-        return self._on_nodes(hung, "read"), running if stopped else []
+            stacks.update(self._read_stacks(stopped))
+        return stacks, running if stopped else []
+
+    def _read_stacks(self, ranks: list[RankProgress], wait_s: float = 10.0) -> dict[int, str]:
+        """The stacks once written: faulthandler writes from the signal handler itself (even inside
+        a collective), as soon as the process is scheduled."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            stacks = self._on_nodes(ranks, "read")
+            if time.monotonic() > deadline or all(text.startswith(("Thread", "Current")) for text in stacks.values()):
+                return stacks
+            time.sleep(0.5)
 
     def _handle(self, snapshot: Snapshot, hung: list[RankProgress]) -> None:
         import ray

@@ -33,6 +33,7 @@ from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig, build_section, public_config
 from jobs.deepspeed_config import accumulation_steps
 from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, train_step
+from jobs.lease import check_holds
 from jobs.metrics import MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.tracking import MetricLogger
 from jobs.validation import valid_bleu, valid_loss
@@ -49,6 +50,8 @@ class Trainer:
         self.local_rank = context.get_local_rank()
         self.heartbeat = Heartbeat(loop_config.get("monitor"), self.rank)
         self.heartbeat.beat(0, START)  # building, restoring and the first collectives take long
+        self.lease = loop_config["lease"]  # the driver's: checked before every write
+        self.fence("anything")  # a restarted worker of a driver that lost the run stops at once
         torch.set_num_threads(self.job.train.threads_per_worker)
         self.manifest = load_manifest(loop_config["dataset_uri"])
         self.model_config = self.job.model  # completed from the dataset by the driver
@@ -133,6 +136,10 @@ class Trainer:
         ckpt.universal_copy(checkpoint, target)
         return target
 
+    def fence(self, what: str) -> None:
+        """Raises LeaseLost once another driver holds this run: its workers must not write."""
+        check_holds(self.lease["uri"], self.lease["holder"], what)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> None:
         import ray.train
@@ -156,6 +163,7 @@ class Trainer:
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
             name = ckpt.checkpoint_dir_name(self.state.step)
+            self.fence(f"checkpoint {name}")  # committing it also runs Ray Train's retention
             ray.train.report({**metrics, "step": self.state.step},
                              checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
         if self.reporter is not None:
@@ -285,6 +293,7 @@ class Trainer:
         if self.logger is None:
             return
         self.heartbeat.beat(step, TRACKING)  # a slow tracking server is no hang
+        self.fence(f"the metrics of step {step}")
         self.logger.log(metrics, step)
         if "train/loss" in metrics:
             steps_left, seconds_left = self.cadence.steps_left(step), self.cadence.seconds_left(self.state.elapsed_seconds)

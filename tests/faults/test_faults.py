@@ -2,7 +2,8 @@
 the run ends as it should, loses nothing beyond one checkpoint interval, and never silently.
 
 Rows covered elsewhere in the suite, with the same standard: a worker SIGKILLed, a worker
-SIGSTOPped (caught as a hang, its stacks kept, the run exact), the driver
+SIGSTOPped (caught as a hang, its stacks kept, the run exact), two drivers of one run (the
+second refused), a driver SIGSTOPped past its lease (replaced; resumed, it writes nothing), the driver
 SIGKILLed and rerun (tests/jobs/test_training.py), a node's raylet SIGKILLed
 (tests/cluster/test_end_to_end.py), a stale state file naming a live unrelated process and two
 concurrent `cluster up` (tests/cluster/test_local_cluster.py), an MLflow outage across a restart

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,58 @@ def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp
     runs = runs_named(tracking, "restarted")
     assert len(runs) == 1 and int(runs[0].data.tags["resumed_from_step"]) >= 10
     assert steps(tracking, runs[0].info.run_id) == list(range(1, MAX_STEPS + 1))
+
+
+def test_a_second_driver_of_a_running_run_is_refused_and_the_first_is_unharmed(
+        ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
+    command = [sys.executable, "-m", "jobs.cli", "train",
+               *tiny_overrides(tiny_corpus, tmp_path, "twice", address=ray_cluster, tracking=mlflow_server)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        running = threading.Event()
+        when_checkpoint_exists(tmp_path / "runs" / "twice", 5, running.set)
+        assert running.wait(timeout=600)
+        started = time.monotonic()
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert time.monotonic() - started < 30
+        [line] = [line for line in second.stderr.splitlines() if line.strip()]
+        assert "run twice is being trained by another driver" in line and f"pid {first.pid}," in line, line
+        assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    [run] = runs_named(mlflow_server, "twice")
+    assert steps(mlflow_server, run.info.run_id) == list(range(1, MAX_STEPS + 1))
+
+
+def test_a_driver_stopped_past_its_lease_is_replaced_and_writes_nothing_more(
+        ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
+    command = [sys.executable, "-m", "jobs.cli", "train", "cluster.lease_ttl_s=6",
+               *tiny_overrides(tiny_corpus, tmp_path, "taken-over", address=ray_cluster, tracking=mlflow_server)]
+    run_dir = tmp_path / "runs" / "taken-over"
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        stopped = threading.Event()
+        when_checkpoint_exists(run_dir, 10, lambda: (os.killpg(first.pid, signal.SIGSTOP), stopped.set()))
+        assert stopped.wait(timeout=600)
+        time.sleep(8)  # past its lease: nobody renews it
+        second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert second.returncode == 0, second.stderr[-3000:]
+        final = {d.name: ckpt.read_job_state(str(d)).launch_id for d in run_dir.glob("checkpoint_step*")}
+        os.killpg(first.pid, signal.SIGCONT)
+        output, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 1 and "lost its lease" in output, output[-3000:]
+    after = {d.name: ckpt.read_job_state(str(d)).launch_id for d in run_dir.glob("checkpoint_step*")}
+    assert after == final  # the first driver, resumed, wrote no checkpoint and removed none
+    assert not (run_dir / "export.json").exists() and (run_dir / "export" / "export.json").is_file()
+    [run] = runs_named(mlflow_server, "taken-over")
+    assert steps(mlflow_server, run.info.run_id) == list(range(1, MAX_STEPS + 1))  # each step once, no writes by the first
 
 
 def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> None:

@@ -86,11 +86,15 @@ def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path)
     try:
         assert process.stdout.readline().strip() == "ready"
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.2)
-        assert on_node([(pid, "state", stack_file)]) == {pid: "T"}
+        deadline = time.monotonic() + 30
+        while on_node([(pid, "state", stack_file)]) != {pid: "T"}:
+            assert time.monotonic() < deadline, "the process did not stop"
+            time.sleep(0.1)
         on_node([(pid, "stacks", stack_file), (pid, "thaw", stack_file)])
-        time.sleep(1.0)
-        assert "waiting_for_a_collective" in on_node([(pid, "read", stack_file)])[pid]
+        deadline = time.monotonic() + 30
+        while "waiting_for_a_collective" not in on_node([(pid, "read", stack_file)])[pid]:
+            assert time.monotonic() < deadline, "no stacks written"
+            time.sleep(0.1)
         on_node([(pid, "kill", stack_file)])
         assert process.wait(timeout=10) == -signal.SIGKILL
         assert on_node([(pid, "state", stack_file)]) == {pid: "gone"}
