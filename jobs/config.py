@@ -88,6 +88,9 @@ class TrainConfig:
     # validation, a slow tracking server): at least this, or 3 x their longest so far. The
     # collective timeout of the process group is twice this, so that it never fires first.
     long_phase_timeout_s: float = 900.0
+    # A rank whose own time per step (forward passes, data wait) is this many times the other
+    # ranks' for 3 log windows in a row is named on the console as a straggler.
+    straggler_factor: float = 1.5
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -100,6 +103,8 @@ class TrainConfig:
                     "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if not 1 < self.straggler_factor < float("inf"):
+            raise ValueError(f"train.straggler_factor must be a number above 1, got {self.straggler_factor}")
         if not 0 < self.long_phase_timeout_s < float("inf"):
             raise ValueError(f"train.long_phase_timeout_s must be a positive number of seconds, got {self.long_phase_timeout_s}")
         if self.hang_timeout_s is not None and not 0 < self.hang_timeout_s < self.long_phase_timeout_s:

@@ -7,6 +7,7 @@ A rank without data steps a zero-weight dummy batch so that every rank joins eve
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from jobs.config import JobConfig
 from jobs.deepspeed_config import deepspeed_config
+from jobs.metrics import ForwardClock
 from transformer import ModelConfig, build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import inverse_sqrt_lr, noam_lr
@@ -68,15 +70,17 @@ def forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, to
 
 
 def train_step(engine, micro: list[Batch | None], global_tokens: float, world_size: int,
-               epsilon: float) -> tuple[float, float]:
+               epsilon: float, forward_clock: ForwardClock | None = None) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches (None: no data left); returns this rank's
     (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale.
-    The sums stay on the device until the step's end: one host synchronisation per step."""
+    The sums stay on the device until the step's end: one host synchronisation per step.
+    `forward_clock` times the forward passes (straggler detection)."""
     scale = world_size * len(micro) / max(global_tokens, 1.0)
     sums = []
     for batch in micro:
         weight = 0.0 if batch is None else 1.0
-        loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
+        with forward_clock.timing() if forward_clock is not None else contextlib.nullcontext():
+            loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
         engine.backward(loss * (scale * weight))
         engine.step()
         sums.append(torch.stack([loss.detach().float(), nll.float()]) * weight)

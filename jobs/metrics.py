@@ -4,10 +4,11 @@ device's dense peak for the precision in use."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,6 +56,35 @@ def batch_training_flops(config: ModelConfig, batch: Batch) -> float:
     return float(encoder_decoder_training_flops(config, src_len, tgt_len).sum())
 
 
+class ForwardClock:
+    """This rank's time in forward passes, which no other rank waits in (`jobs.stragglers`). On a
+    GPU it is timed by CUDA events, read when the step's one host synchronisation has passed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            started = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - started
+
+    def take(self) -> float:
+        """Seconds since the last take (after the step's synchronisation: no wait here)."""
+        seconds = self.seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        self.seconds, self.events = 0.0, []
+        return seconds
+
+
 @dataclass
 class MetricsWindow:
     """Sums since the last log line; `summary` turns them into the logged metrics. Loss and NLL
@@ -67,15 +97,22 @@ class MetricsWindow:
     flops: float = 0.0
     steps: int = 0
     data_wait: float = 0.0
+    forward: float = 0.0  # this rank's forward passes (ForwardClock)
     started: float = field(default_factory=time.perf_counter)
 
-    def add_step(self, loss: float, nll: float, global_tokens: float, global_flops: float, data_wait: float) -> None:
+    def add_step(self, loss: float, nll: float, global_tokens: float, global_flops: float, data_wait: float,
+                 forward: float = 0.0) -> None:
         self.loss += loss
         self.nll += nll
         self.tokens += global_tokens
         self.flops += global_flops
         self.data_wait += data_wait
+        self.forward += forward
         self.steps += 1
+
+    def own_seconds_per_step(self) -> float:
+        """What this rank spent alone per step (forward passes and data wait): see jobs.stragglers."""
+        return (self.forward + self.data_wait) / max(self.steps, 1)
 
     def summary(self, all_sum: Callable[[list[float]], list[float]], peak_flops_per_rank: float,
                 world_size: int) -> dict[str, float]:

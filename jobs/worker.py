@@ -34,7 +34,8 @@ from jobs.config import JobConfig, build_section, public_config
 from jobs.deepspeed_config import accumulation_steps
 from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, train_step
 from jobs.lease import check_holds
-from jobs.metrics import MetricsWindow, batch_training_flops, device_peak_flops
+from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
+from jobs.stragglers import StragglerWatch, skew
 from jobs.tracking import MetricLogger
 from jobs.validation import valid_bleu, valid_loss
 from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
@@ -86,6 +87,9 @@ class Trainer:
             self.logger.restore_spool(self.state.pending_metrics)
             self.reporter = progress.RankZeroReporter(loop_config.get("relay"))
         self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
+        self.forward_clock = ForwardClock(self.device)
+        self.stragglers = StragglerWatch(self.job.train.straggler_factor)
+        self.nodes: list[str] = []  # each rank's host/node, from _announce
         # The dropout stream of this rank, set last so that nothing above can draw from it.
         if saved_rng is not None:
             torch.set_rng_state(saved_rng)
@@ -181,7 +185,7 @@ class Trainer:
         import ray
 
         where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
-        nodes = all_gather(where)
+        nodes = self.nodes = all_gather(where)
         if self.logger is None:
             return
         self.logger.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
@@ -235,11 +239,12 @@ class Trainer:
                     batches = self._batches()
                     continue
             else:
-                loss, nll = train_step(self.engine, micro, global_tokens, self.world, self.model_config.label_smoothing)
+                loss, nll = train_step(self.engine, micro, global_tokens, self.world, self.model_config.label_smoothing,
+                                       self.forward_clock)
                 self.state.step += 1
                 self.state.skipped_steps += self.guard.after_step(self.engine, self.state.step)
                 self.state.tokens_seen += int(global_tokens)
-                window.add_step(loss, nll, global_tokens, global_flops, data_wait)
+                window.add_step(loss, nll, global_tokens, global_flops, data_wait, self.forward_clock.take())
             self.state.elapsed_seconds = elapsed_before + time.monotonic() - started
             step = self.state.step
             stop = stop or bool(time_up) or cadence.out_of_steps(step)
@@ -278,7 +283,14 @@ class Trainer:
         return True
 
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
+        """Collective: every rank calls it at the same step."""
         metrics = window.summary(all_sum, self.peak_flops, self.world)
+        own = all_gather(window.own_seconds_per_step())
+        metrics.update({f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own)})
+        metrics["train/rank_skew"] = skew(own)
+        if self.reporter is not None:
+            for line in self.stragglers.observe(own, self.nodes):
+                self.reporter.line(f"step {self.state.step}  {line}")
         metrics.update({"train/lr": float(self.scheduler.get_last_lr()[0]), "train/epoch": float(self.state.epoch),
                         "train/world_size": float(self.world),
                         "train/tokens_seen": float(self.state.tokens_seen),
