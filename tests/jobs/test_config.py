@@ -51,6 +51,9 @@ def test_overrides_reach_nested_sections_with_types() -> None:
     ("model.preset=huge", "model.preset: unknown preset 'huge'"),
     ("train.precision=fp8", "train.precision: 'fp8' is not allowed"),
     ("stream.max_tokens=0", "stream.max_tokens must be positive"),
+    ("optim.lr=nan", "optim.lr: expected a finite number, got nan"),  # nan passes lr <= 0 unnoticed
+    ("train.max_minutes=nan", "train.max_minutes: expected a finite number"),  # a run that never ended
+    ("train.max_minutes=inf", "train.max_minutes: expected a finite number"),
     ("no_equals_sign", "overrides look like key.sub=value"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
