@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
+from pathlib import Path
 
 import pytest
 
 from cluster.services import start_mlflow_server, start_ray_head, start_ray_worker, wait_for_nodes
-from cluster.local_cluster import forget_current_cluster
+from cluster.local_cluster import forget_current_cluster, ray_token
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -67,12 +67,13 @@ def ray_cluster(tmp_path_factory):
     """Address of a 2-node Ray cluster; two CPUs per node."""
     logs = tmp_path_factory.mktemp("ray-logs")
     os.environ.pop("RAY_ADDRESS", None)
-    # The cluster below uses Ray's default token authentication, with a token of this session's own
-    # (never the account's ~/.ray/auth_token, which a fresh machine does not have).
-    token = logs / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    # The cluster below uses Ray's default token authentication with the account's token, as
+    # `aiayn cluster up` does: made if this account has none (a fresh machine), and then removed
+    # again. One token for the whole session: a Ray client keeps the first token it read.
+    token = Path.home() / ".ray" / "auth_token"
+    made_token = not token.exists()
+    ray_token()
+    os.environ["RAY_AUTH_MODE"] = "token"
     head, address, _ = start_ray_head(logs, num_cpus=2)
     worker = None
     try:
@@ -84,11 +85,12 @@ def ray_cluster(tmp_path_factory):
 
         ray.shutdown()
         os.environ.pop("RAY_AUTH_MODE", None)
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
         if worker is not None:
             worker.stop()
         head.stop()
         forget_current_cluster(address)
+        if made_token:
+            token.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
