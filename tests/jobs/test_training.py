@@ -160,54 +160,6 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
     (tmp_path / "hang_figures.json").write_text(json.dumps(figures))
 
 
-SLOW_RANK_HOOK = """
-import time
-
-
-def slow_down_rank_1():
-    \"\"\"Ray's worker_process_setup_hook, run in every worker of the job: on Ray Train's rank 1,
-    each forward pass takes 150 ms longer (a straggler no code path of aiayn's can make).\"\"\"
-    import jobs.engine
-
-    forward_loss = jobs.engine.forward_loss
-
-    def slowed(*args, **kwargs):
-        import ray.train
-
-        if ray.train.get_context().get_world_rank() == 1:
-            time.sleep(0.15)
-        return forward_loss(*args, **kwargs)
-
-    jobs.engine.forward_loss = slowed
-"""
-
-
-def test_a_persistently_slow_rank_is_named_as_a_straggler(ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
-    import logging
-
-    import ray
-
-    hook = tmp_path / "aiayn_slow_rank"
-    hook.mkdir()
-    (hook / "__init__.py").write_text(SLOW_RANK_HOOK)
-    ray.shutdown()
-    ray.init(address=ray_cluster, logging_level=logging.WARNING, log_to_driver=False, runtime_env={
-        "py_modules": [str(hook)], "worker_process_setup_hook": "aiayn_slow_rank.slow_down_rank_1"})
-    lines: list[str] = []
-    try:
-        outcome = train(tiny_job(tiny_corpus, tmp_path, "straggler", address=ray_cluster, tracking=mlflow_server,
-                                 extra=("train.max_steps=8", "train.checkpoint_every_steps=4", "train.keep_checkpoints=2")),
-                        log=lines.append)
-    finally:
-        ray.shutdown()  # the next test connects without the hook
-    named = [line for line in lines if "  straggler: " in line]
-    assert len(named) == 1 and "rank 1 on " in named[0], lines
-    client = MlflowClient(mlflow_server)
-    slow, fast = (client.get_metric_history(outcome.run_id, f"train/own_time_s/rank{r}") for r in (1, 0))
-    assert len(slow) == 8 and all(s.value > f.value + 0.1 for s, f in zip(slow, fast))
-    assert all(m.value > 2 for m in client.get_metric_history(outcome.run_id, "train/rank_skew"))
-
-
 def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp_path) -> None:
     command = [sys.executable, "-m", "jobs.cli", "train", *tiny_overrides(tiny_corpus, tmp_path, "restarted", address=ray_cluster)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
