@@ -154,6 +154,10 @@ class LeaseKeeper:
                 if current is None or current.holder != self.lease.holder:
                     self._lose(f"another driver holds it now ({current.describe() if current else 'it was removed'})")
                     return
+                if time.monotonic() - renewed > 0.75 * self.ttl_s:  # this process was stopped, or the store slow:
+                    # another driver may have taken the lease since it was read, and a write would undo that
+                    self._lose(f"it went {time.monotonic() - renewed:.0f} s without renewal")
+                    return
                 _write(self.uri, self.lease)
                 renewed = time.monotonic()
             except OSError as error:

@@ -138,9 +138,10 @@ class Heartbeat:
 
         self.monitor, self.rank = monitor, rank
         self.phase, self.sent = "", 0.0
-        descriptor, stack_file = tempfile.mkstemp(prefix="aiayn-stacks-", suffix=".txt")
-        self._stacks = os.fdopen(descriptor, "w")
+        # an unlinked file, read through /proc: nothing is left behind by a rank that is killed
+        self._stacks = tempfile.TemporaryFile("w+", prefix="aiayn-stacks-")
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True)
+        stack_file = f"/proc/{os.getpid()}/fd/{self._stacks.fileno()}"
         self.where = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(), stack_file)
 
     def beat(self, step: int, phase: str) -> None:
@@ -151,11 +152,10 @@ class Heartbeat:
         self.monitor.beat.remote(self.rank, step, phase, self.where)
 
     def close(self, step: int) -> None:
-        """The rank is done: never a hang; its stack file is removed."""
+        """The rank is done: never a hang."""
         self.beat(step, DONE)
         faulthandler.unregister(signal.SIGUSR1)
         self._stacks.close()
-        os.unlink(self.where[3])
 
 
 _SIGNALS = {"stacks": signal.SIGUSR1, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT, "kill": signal.SIGKILL}

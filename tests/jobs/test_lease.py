@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -61,22 +62,55 @@ def test_the_lease_of_a_driver_that_exited_on_this_host_is_taken_over_at_once(tm
     assert acquire(run_uri, "r", ttl_s=600).pid == os.getpid()
 
 
-def test_a_keeper_renews_and_gives_up_the_lease_when_another_takes_it(tmp_path) -> None:
+def _keeper_paused_at_its_next_read(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(paused, resume): the keeper's next read of the lease waits until `resume`, as a driver whose
+    process was stopped, so that the test acts while the keeper stands between two renewals."""
+    paused, resume, real_read = threading.Event(), threading.Event(), lease_module._read
+
+    def read(uri: str):
+        if threading.current_thread().name == "aiayn-lease" and not paused.is_set():
+            paused.set()
+            resume.wait()
+        return real_read(uri)
+
+    monkeypatch.setattr(lease_module, "_read", read)
+    return paused, resume
+
+
+def test_a_keeper_renews_and_gives_up_the_lease_when_another_takes_it(tmp_path, monkeypatch) -> None:
     run_uri = str(tmp_path / "runs" / "r")
     said: list[str] = []
-    mine = acquire(run_uri, "r", ttl_s=0.8)
+    mine = acquire(run_uri, "r", ttl_s=2)
     with pytest.raises(KeyboardInterrupt):  # the driver's main thread, waiting in fit(), is interrupted
-        with LeaseKeeper(run_uri, mine, 0.8, said.append) as keeper:
+        with LeaseKeeper(run_uri, mine, 2, said.append) as keeper:
             before = storage.modified_time(keeper.uri)
-            time.sleep(0.5)
+            time.sleep(1.2)
             assert storage.modified_time(keeper.uri) > before  # renewed
+            paused, resume = _keeper_paused_at_its_next_read(monkeypatch)
+            assert paused.wait(5)
             _someone_else(run_uri)
+            resume.set()
             time.sleep(5)
     assert keeper.lost.startswith("another driver holds it now (elsewhere pid 1")
     assert said and "lost its lease" in said[0]
     with pytest.raises(LeaseLost):
         keeper.check("the export")
     assert json.loads(storage.read_text(keeper.uri))["holder"] == "theirs"  # never removed by the loser
+
+
+def test_a_keeper_stopped_past_its_renewal_gives_up_without_writing(tmp_path, monkeypatch) -> None:
+    run_uri = str(tmp_path / "runs" / "r")
+    mine = acquire(run_uri, "r", ttl_s=2)
+    with pytest.raises(KeyboardInterrupt):
+        with LeaseKeeper(run_uri, mine, 2, lambda line: None) as keeper:
+            paused, resume = _keeper_paused_at_its_next_read(monkeypatch)
+            assert paused.wait(5)
+            time.sleep(1.8)  # stopped for longer than 3/4 of the TTL: another driver may be taking over
+            written = storage.modified_time(keeper.uri)
+            resume.set()
+            time.sleep(5)
+    assert keeper.lost.startswith("it went 2 s without renewal")
+    assert storage.modified_time(keeper.uri) == written  # the stale lease was not renewed
 
 
 def test_a_driver_that_finishes_releases_its_lease(tmp_path) -> None:
