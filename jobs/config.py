@@ -74,6 +74,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 5.0
     keep_checkpoints: int = 4
+    # Upload each checkpoint from the workers' staging to the run's storage while training goes on
+    # (the next save waits for it); false: training waits for every upload.
+    async_checkpoint: bool = True
     validate_every: int = 100
     bleu_every: int = 0  # 0: only at the end
     bleu_valid_sentences: int = 300
@@ -86,8 +89,8 @@ class TrainConfig:
     # workers restarted from the last checkpoint. None: 10 x the median step time, at least 45 s.
     hang_timeout_s: float | None = None
     # The same for the phases that are legitimately long (start and restore, checkpoint,
-    # validation, a slow tracking server): at least this, or 3 x their longest so far. The
-    # collective timeout of the process group is twice this, so that it never fires first.
+    # validation, the end of the run's metric backlog): at least this, or 3 x their longest so far.
+    # The collective timeout of the process group is twice this, so that it never fires first.
     long_phase_timeout_s: float = 900.0
     # A rank whose own time per step (forward passes, data wait) is this many times the other
     # ranks' for 3 log windows in a row is named on the console as a straggler.
@@ -121,11 +124,18 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local store ./mlruns
     experiment: str = "aiayn"
-    # The MLflow client's budget per request during training (None: MLflow's defaults, about 4
-    # minutes of retries). Metrics that cannot be sent are kept and resent, so a short budget only
-    # makes an outage cheaper for the training loop.
+    # The MLflow client's budget per request (None: MLflow's defaults, about 4 minutes of
+    # retries). Metrics are sent by a background thread that keeps what could not be sent, so the
+    # budget only decides how soon an outage is noticed and said.
     http_retries: int | None = None
     http_timeout_s: float | None = None
+    # Each node's CPU, memory, disk, network and GPU figures (MLflow's system metrics, named
+    # system/<host>-<node id>/...) every this many seconds; 0: none.
+    system_metrics_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_every_s < 0:
+            raise ValueError(f"tracking.system_metrics_every_s must be 0 (none) or positive, got {self.system_metrics_every_s}")
 
     def environment(self) -> dict[str, str]:
         """MLflow's own variables for this budget."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 RUN_NAME_TAG = "aiayn.run_name"
+END_OF_RUN_WAIT_S = 30.0  # how long the end of a run waits for the metric backlog (what is left stays in the spool)
 
 
 def resolve_tracking_uri(configured: str) -> str:
@@ -94,84 +97,138 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
 class MetricLogger:
     """Logs to one run, never the same (key, step) twice, whatever restarts or outages happened.
 
-    Tracking is a side channel: nothing here ever fails a training step or a checkpoint. Writes
-    are asynchronous (MLflow's own background queue). `flush()`, called before every checkpoint,
-    waits for them; what could not be sent stays pending, is resent at every later flush, and is
-    saved with the checkpoint (`spool()`), so a restart sends it (`restore_spool`). Before pending
-    metrics are sent, the run's history is asked again and steps it already holds are skipped
-    (a write that timed out may still have landed).
+    Tracking is a side channel: nothing here ever blocks or fails a training step or a checkpoint.
+    `log` and `set_tags` only append to a backlog; a background thread sends it. While the server
+    is unreachable the backlog grows (bounded by `max_backlog` values), one console line says so,
+    and another when it is back. The backlog is saved with every checkpoint (`spool()`), so a
+    restart sends it (`restore_spool`). Before values of a key are sent for the first time, or
+    again after a failed send, the run's history is asked and steps it already holds are skipped
+    (a write that timed out may still have landed, and a resumed run recomputes steps).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, warn=print):
-        self.client, self.run_id, self.warn = MlflowClient(tracking_uri), run_id, warn
-        self._last_step: dict[str, int] = {}
-        self._in_flight: list[tuple[object, list[Metric]]] = []
-        self._unsent: list[Metric] = []
-        self._unsent_tags: dict[str, str] = {}
+    RETRY_S = (1.0, 30.0)  # first and longest pause between attempts while the server is unreachable
 
-    def _history_last(self, key: str) -> int:
-        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+    def __init__(self, tracking_uri: str, run_id: str, say: Callable[[str], None] = print,
+                 max_backlog: int = 1_000_000) -> None:
+        self.client, self.run_id, self.say, self.max_backlog = MlflowClient(tracking_uri), run_id, say, max_backlog
+        self.uri = tracking_uri
+        self._last_step: dict[str, int] = {}  # what this process has queued, per key
+        self._backlog: list[Metric] = []
+        self._tags: dict[str, str] = {}
+        # The sender's own: per key, the last step the run held when its history was read (once
+        # per key, and again after a failed send, which may have landed in part).
+        self._run_last: dict[str, int] = {}
+        self._stale: set[str] = set()
+        self._dropped = 0
+        self._down_since: float | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send_forever, name="aiayn-tracking", daemon=True)
+        self._thread.start()
 
+    # -- the training thread's side: never waits on the server -------------------------------------
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._last_step.get(k, -1)]
-        if not batch:
-            return
-        try:
-            for metric in batch:  # once per key: what an earlier attempt of this run already logged
-                if metric.key not in self._last_step:
-                    self._last_step[metric.key] = self._history_last(metric.key)
-            batch = [m for m in batch if m.step > self._last_step[m.key]]
-            if batch:
-                self._in_flight.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
-        except Exception:  # noqa: BLE001 - the server is unreachable: keep the metrics
-            self._unsent.extend(batch)
-        for metric in batch:
-            self._last_step[metric.key] = max(self._last_step.get(metric.key, -1), step)
+        with self._lock:
+            for metric in batch:
+                self._last_step[metric.key] = step
+            self._enqueue(batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._unsent_tags.update({key: str(value) for key, value in tags.items()})
-        self._send_tags()
-
-    def _send_tags(self) -> None:
-        if not self._unsent_tags:
-            return
-        try:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._unsent_tags.items()])
-            self._unsent_tags = {}
-        except Exception:  # noqa: BLE001 - sent at a later flush
-            pass
-
-    def flush(self) -> int:
-        """Wait for the writes in flight, then try to send what is pending. Never raises; returns
-        the number of metric values still pending (and warns about them)."""
-        in_flight, self._in_flight = self._in_flight, []
-        for operation, batch in in_flight:
-            try:
-                operation.wait()
-            except Exception:  # noqa: BLE001 - kept, and resent below or later
-                self._unsent.extend(batch)
-        self._send_tags()
-        if self._unsent:
-            self._resend()
-        if self._unsent:
-            self.warn(f"[aiayn] MLflow is unreachable: {len(self._unsent)} metric values pending; they are kept with "
-                      "the checkpoints and sent once it is back")
-        return len(self._unsent)
-
-    def _resend(self) -> None:
-        try:
-            known = {key: self._history_last(key) for key in {m.key for m in self._unsent}}
-            fresh = [m for m in self._unsent if m.step > known[m.key]]
-            for start in range(0, len(fresh), 1000):  # MLflow's limit per batch
-                self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
-            self._unsent = []
-        except Exception:  # noqa: BLE001 - still unreachable
-            pass
+        with self._lock:
+            self._tags.update({key: str(value) for key, value in tags.items()})
+            self._idle.clear()
+            self._wake.notify()
 
     def spool(self) -> list[dict]:
-        """What is pending, for the checkpoint: plain data."""
-        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._unsent]
+        """What is not yet known to be in MLflow, for the checkpoint: plain data."""
+        with self._lock:
+            return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._backlog]
 
     def restore_spool(self, spooled: list[dict]) -> None:
-        self._unsent.extend(Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"])) for d in spooled)
+        restored = [Metric(d["key"], float(d["value"]), int(d["timestamp"]), int(d["step"])) for d in spooled]
+        with self._lock:
+            self._enqueue(restored)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._backlog)
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the backlog to be sent (the end of a run); the values still
+        pending."""
+        self._idle.wait(timeout_s)
+        return self.pending()
+
+    def close(self, timeout_s: float) -> int:
+        """Drain, then stop the sender; the values that could not be sent."""
+        left = self.drain(timeout_s)
+        with self._lock:
+            self._closed = True
+            self._stop.set()
+            self._wake.notify()
+        return left
+
+    def _enqueue(self, metrics: list[Metric]) -> None:
+        room = self.max_backlog - len(self._backlog)
+        if len(metrics) > room and not self._dropped:
+            self.say(f"[aiayn] MLflow backlog is full ({self.max_backlog} values): newer metrics are dropped "
+                     "until the server takes them")
+        self._dropped += max(len(metrics) - room, 0)
+        if metrics[:room]:
+            self._backlog.extend(metrics[:room])
+            self._idle.clear()
+            self._wake.notify()
+
+    # -- the sender thread -------------------------------------------------------------------------
+    def _send_forever(self) -> None:
+        pause = self.RETRY_S[0]
+        while True:
+            with self._lock:
+                while not self._closed and not self._backlog and not self._tags:
+                    self._idle.set()
+                    self._wake.wait()
+                if self._closed:
+                    return
+                metrics, tags = list(self._backlog), dict(self._tags)
+            try:
+                self._send(metrics, tags)
+            except Exception as error:  # noqa: BLE001 - unreachable: kept, and tried again
+                self._stale.update(m.key for m in metrics)  # part of it may have landed
+                with self._lock:
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        self.say(f"[aiayn] MLflow at {self.uri} is unreachable ({str(error).splitlines()[0][:160]}); "
+                                 "training goes on, metrics are kept (with every checkpoint) and sent when it is back")
+                self._stop.wait(pause)  # new metrics do not shorten the pause: they wait with the rest
+                pause = min(pause * 2, self.RETRY_S[1])
+                continue
+            pause = self.RETRY_S[0]
+            with self._lock:
+                del self._backlog[:len(metrics)]
+                for key, value in tags.items():
+                    if self._tags.get(key) == value:
+                        del self._tags[key]
+                if self._down_since is not None:
+                    self.say(f"[aiayn] MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                             f"the metrics held meanwhile are sent ({len(self._backlog)} still queued)")
+                    self._down_since = None
+
+    def _send(self, metrics: list[Metric], tags: dict[str, str]) -> None:
+        for key in {m.key for m in metrics}:
+            if key not in self._run_last or key in self._stale:
+                self._run_last[key] = self._history_last(key)
+                self._stale.discard(key)
+        fresh = [m for m in metrics if m.step > self._run_last[m.key]]
+        for start in range(0, len(fresh), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=fresh[start : start + 1000])
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _history_last(self, key: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)

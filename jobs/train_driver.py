@@ -280,11 +280,11 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
                    pending_metrics: list, checkpoint_uri: str) -> None:
     """Send what the workers could not (an outage at the end) and the artifacts. MLflow being down
     now costs the artifacts of this run, not the run: the export is in storage already."""
-    from jobs.tracking import MetricLogger
+    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
     logger.restore_spool(pending_metrics)
-    if logger.flush():
+    if logger.close(timeout_s=END_OF_RUN_WAIT_S):
         print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
     try:
         _log_artifacts(job, outcome, manifest, export_dir)

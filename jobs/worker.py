@@ -36,7 +36,8 @@ from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, tra
 from jobs.lease import check_holds
 from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.stragglers import StragglerWatch, skew
-from jobs.tracking import MetricLogger
+from jobs.system_metrics import NodeSystemMetrics
+from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger, local_store_dir
 from jobs.validation import valid_bleu, valid_loss
 from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
@@ -83,12 +84,21 @@ class Trainer:
         self.logger = self.reporter = None
         if self.rank == 0:
             os.environ.update(self.job.tracking.environment())
-            self.logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-            self.logger.restore_spool(self.state.pending_metrics)
             self.reporter = progress.RankZeroReporter(loop_config.get("relay"))
+            self.logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], say=self.reporter.line)
+            self.logger.restore_spool(self.state.pending_metrics)
+        self.system_metrics = None
+        # one per node; with a store in files (SQLite), only rank 0's node can reach it
+        if (self.local_rank == 0 and self.job.tracking.system_metrics_every_s
+                and (self.rank == 0 or local_store_dir(loop_config["tracking_uri"]) is None)):
+            os.environ.update(self.job.tracking.environment())
+            self.system_metrics = NodeSystemMetrics(loop_config["run_id"], loop_config["tracking_uri"],
+                                                    ray.get_runtime_context().get_node_id(),
+                                                    self.job.tracking.system_metrics_every_s)
         self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
         self.forward_clock = ForwardClock(self.device)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
+        self.uploads = ckpt.Uploads(self.rank, self.job.train.async_checkpoint, self.fence, self._uploaded)
         self.nodes: list[str] = []  # each rank's host/node, from _announce
         # The dropout stream of this rank, set last so that nothing above can draw from it.
         if saved_rng is not None:
@@ -145,18 +155,18 @@ class Trainer:
         check_holds(self.lease["uri"], self.lease["holder"], what)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, metrics: dict[str, float]) -> None:
-        import ray.train
-
+    def save(self, metrics: dict[str, float], wait: bool) -> None:
+        """This rank's part of a checkpoint, staged locally, then uploaded while training goes on
+        (`wait`: before returning). The seconds training stood still go to MLflow."""
         self.heartbeat.beat(self.state.step, CHECKPOINT)
+        held_since = time.monotonic()
         check_finite_weights(self.engine, self.job.train.zero_stage, self.state.step)
         if self.logger is not None:
-            self.logger.flush()
             self.state.pending_metrics = self.logger.spool()  # kept with the checkpoint
-        with tempfile.TemporaryDirectory(prefix=f"aiayn-ckpt-r{self.rank}-") as local:
+        with self.uploads.staging() as local:
             try:
                 ckpt.save_checkpoint(
-                    self.engine, Path(local), self.rank, self.state if self.rank == 0 else None,
+                    self.engine, local, self.rank, self.state if self.rank == 0 else None,
                     ckpt.RankState(self.stream.position, torch.get_rng_state()),
                 )
             except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
@@ -166,12 +176,17 @@ class Trainer:
                     f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
-            name = ckpt.checkpoint_dir_name(self.state.step)
-            self.fence(f"checkpoint {name}")  # committing it also runs Ray Train's retention
-            ray.train.report({**metrics, "step": self.state.step},
-                             checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
-        if self.reporter is not None:
-            self.reporter.line(f"step {self.state.step}  checkpoint {name} saved")
+            self.uploads.report({**metrics, "step": self.state.step}, local, self.state.step, wait)
+        if self.logger is not None:
+            self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
+
+    def _uploaded(self, step: int, seconds: float) -> None:
+        """From the upload thread (when asynchronous): this rank's part of the checkpoint of `step`
+        is in storage."""
+        if self.logger is not None:
+            self.logger.log({"checkpoint/upload_s": seconds}, step)
+            self.reporter.line(f"step {step}  checkpoint {ckpt.checkpoint_dir_name(step)} saved "
+                               f"(uploaded in {seconds:.1f} s{', while training went on' if self.uploads.asynchronous else ''})")
 
     # -- the loop --------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
@@ -263,8 +278,13 @@ class Trainer:
             if metrics:
                 self._publish(step, metrics)
             if cadence.save(step, stop, bool(save_due) or preemption_pending):
-                self.save(metrics)
+                self.save(metrics, wait=stop or preemption_pending)
                 last_save, preemption_pending = time.monotonic(), False
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
+        if self.logger is not None:  # what is still queued is in the last checkpoint's spool too
+            self.heartbeat.beat(self.state.step, TRACKING)
+            self.logger.close(timeout_s=END_OF_RUN_WAIT_S)
         self.heartbeat.close(self.state.step)
 
     def _preemption_notice(self) -> bool:
@@ -285,6 +305,8 @@ class Trainer:
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
         metrics = window.summary(all_sum, self.peak_flops, self.world)
+        if self.system_metrics is not None:
+            self.system_metrics.keep_alive()
         own = all_gather(window.own_seconds_per_step())
         metrics.update({f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own)})
         metrics["train/rank_skew"] = skew(own)
@@ -304,7 +326,6 @@ class Trainer:
         """Rank 0: metrics to MLflow, lines to the console."""
         if self.logger is None:
             return
-        self.heartbeat.beat(step, TRACKING)  # a slow tracking server is no hang
         self.fence(f"the metrics of step {step}")
         self.logger.log(metrics, step)
         if "train/loss" in metrics:

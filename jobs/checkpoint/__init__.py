@@ -6,6 +6,7 @@
 - resume.py: the resume plan the driver computes once before the cluster starts (which
              checkpoint, resize, compatibility of the saved config with the new one) and the
              rules the workers follow to restore from it;
+- upload.py: a rank's upload of its staged part while training goes on;
 - `to_average`: which checkpoints the export averages. Retention is Ray Train's
   CheckpointConfig(num_to_keep=train.keep_checkpoints), set by the driver.
 """
@@ -15,6 +16,7 @@ from jobs.checkpoint.files import (
     latest_complete_checkpoint, list_checkpoints, load_engine_state, load_rank_state, local_copy, read_job_state,
     save_checkpoint, universal_copy, verify,
 )
+from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
     FIXED_ON_RESUME, ResumePlan, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
 )
@@ -32,5 +34,5 @@ __all__ = [
     "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
     "ResumePlan", "check_compatible", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
     "list_checkpoints", "load_engine_state", "load_rank_state", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reshard_of", "resume_source", "save_checkpoint", "to_average", "universal_copy", "verify",
+    "read_job_state", "reshard_of", "resume_source", "save_checkpoint", "to_average", "universal_copy", "Uploads", "verify",
 ]

@@ -59,13 +59,12 @@ def registered(run_dir: Path, name: str) -> bool:
     return any(entry.get("checkpoint_dir_name") == name for entry in snapshot.get("checkpoint_results", []))
 
 
-def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
-    """Run `action` as soon as the checkpoint of `step` is complete and registered (polled every 20 ms)."""
+def _when(condition, action) -> threading.Thread:
+    """Run `action` as soon as `condition()` holds (polled every 20 ms, for at most 10 minutes)."""
     def watch() -> None:
-        name = ckpt.checkpoint_dir_name(step)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if registered(run_dir, name) and ckpt.is_complete(run_dir / name):
+            if condition():
                 action()
                 return
             time.sleep(0.02)
@@ -73,3 +72,15 @@ def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
+    """Run `action` as soon as the checkpoint of `step` is complete and registered."""
+    name = ckpt.checkpoint_dir_name(step)
+    return _when(lambda: registered(run_dir, name) and ckpt.is_complete(run_dir / name), action)
+
+
+def when_checkpoint_upload_begins(run_dir: Path, step: int, action) -> threading.Thread:
+    """Run `action` as soon as the checkpoint of `step` has a directory in the storage: its upload
+    has begun, and Ray Train has usually not registered it yet."""
+    return _when(lambda: (run_dir / ckpt.checkpoint_dir_name(step)).exists(), action)

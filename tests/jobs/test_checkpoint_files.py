@@ -24,3 +24,15 @@ def test_rank_state_round_trips_and_refuses_arbitrary_objects(tmp_path) -> None:
     torch.save({"position": position.to_dict(), "rng_state": _RunsCodeWhenUnpickled()}, tmp_path / "rank_00001.pt")
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_rank_state(tmp_path, 1)
+
+
+def test_a_save_that_fails_before_its_upload_leaves_no_staging_and_does_not_block_the_next(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    uploads = ckpt.Uploads(0, asynchronous=True, fence=lambda what: None, uploaded=lambda step, seconds: None)
+    with pytest.raises(OSError):
+        with uploads.staging() as local:
+            (local / "rank_00000.pt").write_bytes(b"part")
+            raise OSError("No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with uploads.staging() as local:  # returns at once: no upload is in flight
+        assert local.is_dir()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -20,12 +23,13 @@ def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> Non
     first = MetricLogger(uri, run_id)
     for step in range(1, 8):
         first.log({"train/loss": 10.0 - step}, step)
-    first.flush()
+    assert first.close(timeout_s=30) == 0
     # The process dies after step 7; the checkpoint was at step 5, so steps 6..10 run again.
     resumed = MetricLogger(uri, run_id)
+    resumed.restore_spool([{"key": "train/loss", "value": 50.0, "timestamp": 0, "step": 5}])  # sent before the crash
     for step in range(6, 11):
         resumed.log({"train/loss": 100.0 + step, "valid/loss": 1.0}, step)
-    resumed.flush()
+    assert resumed.close(timeout_s=30) == 0
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
     values = {m.step: m.value for m in history}
@@ -34,33 +38,58 @@ def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> Non
     assert MlflowClient(uri).get_run(run_id).data.params["train.max_steps"] == "10"
 
 
+def test_logging_never_waits_for_a_server_that_does_not_answer(monkeypatch) -> None:
+    """A server that takes the connection and never answers: each request would block for the
+    client's timeout, but the training thread's calls return at once and everything stays queued."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    said: list[str] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        logger = MetricLogger(f"http://127.0.0.1:{silent.getsockname()[1]}", "0" * 32, say=said.append)
+        started = time.monotonic()
+        for step in range(1, 201):
+            logger.log({"train/loss": 1.0, "train/lr": 0.1}, step)
+        logger.set_tags({"world_size": "2"})
+        assert time.monotonic() - started < 10  # the sender's first request alone waits 30 s
+        assert logger.pending() == 400 and said == []  # still waiting for the first answer
+        assert [m["step"] for m in logger.spool()][:3] == [1, 1, 2]  # what a checkpoint now would keep
+        logger.close(timeout_s=0)
+
+
 @pytest.mark.slow
 def test_an_outage_loses_no_metric_and_logs_none_twice(tmp_path, monkeypatch) -> None:
     """The server goes down, the trainer dies during the outage and restarts from its checkpoint
-    (whose spool holds what was not sent), the server comes back: every step exactly once."""
+    (whose spool holds what was not sent), the server comes back: every step exactly once, and the
+    console is told when the server went and when it came back."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a short client budget: tracking.http_retries
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # a stopped server refuses at once
+    monkeypatch.setattr(MetricLogger, "RETRY_S", (0.2, 1.0))  # and short pauses between attempts
     port, store = free_port(), tmp_path / "store"
     server, url = start_mlflow_server(tmp_path / "logs", store, port=port)
     try:
         run_id, _ = find_or_create_run(url, "exp", "outage", {}, {})
-        warnings: list[str] = []
-        first = MetricLogger(url, run_id, warn=warnings.append)
+        said: list[str] = []
+        first = MetricLogger(url, run_id, say=said.append)
         for step in range(1, 6):
             first.log({"train/loss": float(step)}, step)
-        assert first.flush() == 0
+        assert first.drain(timeout_s=30) == 0
         server.stop()  # the outage begins
         for step in range(6, 11):
             first.log({"train/loss": float(step)}, step)
-        assert first.flush() == 5 and "5 metric values pending" in warnings[-1]
+        assert first.drain(timeout_s=3) == 5
+        assert len(said) == 1 and "is unreachable" in said[0] and "training goes on" in said[0]
         spooled = first.spool()  # saved with the checkpoint of step 10; then the trainer dies
-        restarted = MetricLogger(url, run_id, warn=warnings.append)
+        first.close(timeout_s=0)
+        restarted = MetricLogger(url, run_id, say=said.append)
         restarted.restore_spool(spooled)
         for step in range(11, 13):
             restarted.log({"train/loss": float(step)}, step)
-        assert restarted.flush() == 7
+        assert restarted.drain(timeout_s=3) == 7
         server, _ = start_mlflow_server(tmp_path / "logs", store, port=port)  # the server is back
-        assert restarted.flush() == 0
+        assert restarted.close(timeout_s=60) == 0
+        assert "reachable again" in said[-1]
         history = MlflowClient(url).get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 13))
         assert all(m.value == float(m.step) for m in history)

@@ -1,0 +1,79 @@
+"""A checkpoint's upload from a rank's staging directory to the run's storage, while training goes on.
+
+Each rank writes its part of a checkpoint into node-local staging (fast), then hands it to Ray
+Train's report. In the asynchronous mode (`train.async_checkpoint`, the default) Ray Train copies
+the part in a background thread and commits the checkpoint once every rank's part is there, in
+the order of the reports; training continues meanwhile. A checkpoint is loaded only once it is
+complete and verified (files.py), so a kill during an upload costs that checkpoint, never a
+resume from half of one.
+
+`Uploads` is this rank's side: at most one checkpoint staged at a time (the next save waits for
+the previous upload, which bounds the staging disk), the lease checked just before the copy
+starts, the staging copy removed afterwards whatever happened, and the seconds each save held
+training up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from jobs.checkpoint.files import checkpoint_dir_name
+
+
+class Uploads:
+    def __init__(self, rank: int, asynchronous: bool, fence: Callable[[str], None],
+                 uploaded: Callable[[int, float], None]) -> None:
+        """`fence(what)` raises once this run's lease is lost; `uploaded(step, seconds)` is told of
+        each finished upload (from the upload thread)."""
+        self.rank, self.asynchronous, self.fence, self.uploaded = rank, asynchronous, fence, uploaded
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh staging directory, once the previous upload has finished. If the save fails
+        before its upload starts, the directory is removed here."""
+        self._idle.wait()
+        self._idle.clear()
+        local = Path(tempfile.mkdtemp(prefix=f"aiayn-ckpt-r{self.rank}-"))
+        try:
+            yield local
+        except BaseException:
+            self._finished(local)
+            raise
+
+    def report(self, metrics: dict, local: Path, step: int, wait: bool) -> None:
+        """Hands the staged part of the checkpoint of `step` to Ray Train. `wait`: upload before
+        returning (a preemption notice, the end of the run), whatever the mode."""
+        import ray.train
+
+        mode = ray.train.CheckpointUploadMode
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=checkpoint_dir_name(step),
+                         checkpoint_upload_fn=lambda checkpoint, name: self._upload(checkpoint, name, step),
+                         checkpoint_upload_mode=mode.ASYNC if self.asynchronous and not wait else mode.SYNC)
+        if wait:
+            self._idle.wait()
+
+    def _upload(self, checkpoint, name: str, step: int):
+        """Called by Ray Train (in its upload thread when asynchronous) with this rank's part."""
+        import ray.train
+
+        try:
+            self.fence(f"checkpoint {name}")  # committing it also runs Ray Train's retention
+            started = time.monotonic()
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+            self.uploaded(step, time.monotonic() - started)
+            return persisted
+        finally:
+            self._finished(Path(checkpoint.path))
+
+    def _finished(self, local: Path) -> None:
+        shutil.rmtree(local, ignore_errors=True)  # made by `staging`, for this upload only
+        self._idle.set()
