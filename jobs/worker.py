@@ -75,7 +75,7 @@ class Trainer:
             restored = ray.train.Checkpoint(plan.checkpoint)
         if restored is not None:
             with restored.as_directory() as directory:  # downloaded to local scratch if remote
-                position, saved_rng = self._restore(Path(directory))
+                position, saved_rng = self._restore(Path(directory), loop_config["run_id"])
         else:
             position, saved_rng = self._start_fresh(loop_config["run_id"])
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
@@ -120,7 +120,7 @@ class Trainer:
         self.restarted_in_run = False
         return StreamPosition(), None
 
-    def _restore(self, directory: Path) -> tuple[StreamPosition, torch.Tensor | None]:
+    def _restore(self, directory: Path, run_id: str) -> tuple[StreamPosition, torch.Tensor | None]:
         ckpt.verify(str(directory))  # the copy being loaded, before DeepSpeed unpickles anything in it
         saved = ckpt.read_job_state(str(directory))
         universal = self._universal_copy(directory) if ckpt.reshard_of(saved, self.world) else None
@@ -135,6 +135,8 @@ class Trainer:
         self.resized_from = saved.world_size if saved.world_size != self.world else None
         self.restarted_in_run = saved.launch_id == self.launch_id  # a failure or an elastic resize in this run
         self.state.launch_id = self.launch_id
+        if saved.mlflow_run_id != run_id:  # --resume into a new run: what the old one had not sent is not ours
+            self.state.mlflow_run_id, self.state.pending_metrics = run_id, []
         self.state.world_size, self.state.config = self.world, public_config(self.job)
         self.state.dataset_fingerprint = self.manifest.fingerprint
         return position, rng
@@ -180,13 +182,12 @@ class Trainer:
         if self.logger is not None:
             self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
 
-    def _uploaded(self, step: int, seconds: float) -> None:
-        """From the upload thread (when asynchronous): this rank's part of the checkpoint of `step`
-        is in storage."""
+    def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
+        """This rank's part of the checkpoint of `step` is in storage."""
         if self.logger is not None:
             self.logger.log({"checkpoint/upload_s": seconds}, step)
             self.reporter.line(f"step {step}  checkpoint {ckpt.checkpoint_dir_name(step)} saved "
-                               f"(uploaded in {seconds:.1f} s{', while training went on' if self.uploads.asynchronous else ''})")
+                               f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")
 
     # -- the loop --------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
@@ -305,8 +306,6 @@ class Trainer:
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
         metrics = window.summary(all_sum, self.peak_flops, self.world)
-        if self.system_metrics is not None:
-            self.system_metrics.keep_alive()
         own = all_gather(window.own_seconds_per_step())
         metrics.update({f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own)})
         metrics["train/rank_skew"] = skew(own)

@@ -28,9 +28,9 @@ from jobs.checkpoint.files import checkpoint_dir_name
 
 class Uploads:
     def __init__(self, rank: int, asynchronous: bool, fence: Callable[[str], None],
-                 uploaded: Callable[[int, float], None]) -> None:
-        """`fence(what)` raises once this run's lease is lost; `uploaded(step, seconds)` is told of
-        each finished upload (from the upload thread)."""
+                 uploaded: Callable[[int, float, bool], None]) -> None:
+        """`fence(what)` raises once this run's lease is lost; `uploaded(step, seconds, in_background)`
+        is told of each finished upload (from the upload thread when in the background)."""
         self.rank, self.asynchronous, self.fence, self.uploaded = rank, asynchronous, fence, uploaded
         self._idle = threading.Event()
         self._idle.set()
@@ -54,22 +54,24 @@ class Uploads:
         import ray.train
 
         mode = ray.train.CheckpointUploadMode
+        background = self.asynchronous and not wait
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=checkpoint_dir_name(step),
-                         checkpoint_upload_fn=lambda checkpoint, name: self._upload(checkpoint, name, step),
-                         checkpoint_upload_mode=mode.ASYNC if self.asynchronous and not wait else mode.SYNC)
+                         checkpoint_dir_name=checkpoint_dir_name(step), delete_local_checkpoint_after_upload=False,
+                         checkpoint_upload_fn=lambda checkpoint, name: self._upload(checkpoint, name, step, background),
+                         checkpoint_upload_mode=mode.ASYNC if background else mode.SYNC)
         if wait:
             self._idle.wait()
 
-    def _upload(self, checkpoint, name: str, step: int):
-        """Called by Ray Train (in its upload thread when asynchronous) with this rank's part."""
+    def _upload(self, checkpoint, name: str, step: int, background: bool):
+        """Called by Ray Train (in its upload thread when asynchronous) with this rank's part, which
+        it removes itself, also when the copy fails."""
         import ray.train
 
         try:
             self.fence(f"checkpoint {name}")  # committing it also runs Ray Train's retention
             started = time.monotonic()
             persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
-            self.uploaded(step, time.monotonic() - started)
+            self.uploaded(step, time.monotonic() - started, background)
             return persisted
         finally:
             self._finished(Path(checkpoint.path))

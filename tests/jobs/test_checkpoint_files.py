@@ -28,7 +28,7 @@ def test_rank_state_round_trips_and_refuses_arbitrary_objects(tmp_path) -> None:
 
 def test_a_save_that_fails_before_its_upload_leaves_no_staging_and_does_not_block_the_next(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    uploads = ckpt.Uploads(0, asynchronous=True, fence=lambda what: None, uploaded=lambda step, seconds: None)
+    uploads = ckpt.Uploads(0, asynchronous=True, fence=lambda what: None, uploaded=lambda step, seconds, in_background: None)
     with pytest.raises(OSError):
         with uploads.staging() as local:
             (local / "rank_00000.pt").write_bytes(b"part")

@@ -32,7 +32,6 @@ def test_a_node_reports_its_figures_under_its_label_and_a_stopped_monitor_resume
         _wait_for(lambda: len(_steps(client, run_id, key)) >= 2)
         node.monitor.finish()  # as MLflow's own monitor does once the server cannot be reached
         before = _steps(client, run_id, key)
-        node.keep_alive()
         _wait_for(lambda: len(_steps(client, run_id, key)) >= len(before) + 2)
     finally:
         node.finish()

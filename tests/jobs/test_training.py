@@ -149,7 +149,7 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
                    extra=("train.hang_timeout_s=10",))
     stopper = when_checkpoint_exists(tmp_path / "runs" / "hung", after, stop_one_worker)
     try:
-        outcome = train(job, log=lambda line: lines.append((time.monotonic(), line)))
+        outcome = train(job, log=lambda line: (lines.append((time.monotonic(), line)), print(line)))  # shown on failure
     finally:
         stopper.join(timeout=5)
         if "pid" in stopped:  # nothing stopped may outlive the test
