@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -211,11 +213,25 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex}
-        _trainer(job, name, loop_config).fit()
+        _fit(_trainer(job, name, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     outcome = _finish(job, name, run_id, tracking_uri, manifest)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
+
+
+def _fit(trainer) -> None:
+    """trainer.fit(). Ray Train installs a SIGINT handler for it (Ctrl-C, and the lease keeper's
+    interrupt, abort the run gracefully) and leaves it installed, with a controller that is gone:
+    a later Ctrl-C (during the export) would be swallowed. The previous handler comes back here."""
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()  # Ray Train installs nothing off the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _hang_reporter(console: Callable[[str], None], run_uri: str, tracking_uri: str,

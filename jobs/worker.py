@@ -81,20 +81,7 @@ class Trainer:
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=position, max_length=self.model_config.max_positions)
 
-        self.logger = self.reporter = None
-        if self.rank == 0:
-            os.environ.update(self.job.tracking.environment())
-            self.reporter = progress.RankZeroReporter(loop_config.get("relay"))
-            self.logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], say=self.reporter.line)
-            self.logger.restore_spool(self.state.pending_metrics)
-        self.system_metrics = None
-        # one per node; with a store in files (SQLite), only rank 0's node can reach it
-        if (self.local_rank == 0 and self.job.tracking.system_metrics_every_s
-                and (self.rank == 0 or local_store_dir(loop_config["tracking_uri"]) is None)):
-            os.environ.update(self.job.tracking.environment())
-            self.system_metrics = NodeSystemMetrics(loop_config["run_id"], loop_config["tracking_uri"],
-                                                    ray.get_runtime_context().get_node_id(),
-                                                    self.job.tracking.system_metrics_every_s)
+        self._start_tracking(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("relay"))
         self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
         self.forward_clock = ForwardClock(self.device)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
@@ -105,6 +92,21 @@ class Trainer:
             torch.set_rng_state(saved_rng)
         else:  # a fresh run, or a resume at another world size (no old rank's stream fits)
             torch.manual_seed(self.job.train.seed * 1000 + self.rank + 1 + 7919 * self.state.step)
+
+    def _start_tracking(self, tracking_uri: str, run_id: str, relay) -> None:
+        """Rank 0: the metric logger and the console. Each node's local rank 0: its system
+        metrics (with a store in files, SQLite, only rank 0's node can reach it)."""
+        import ray
+
+        os.environ.update(self.job.tracking.environment())
+        self.logger = self.reporter = self.system_metrics = None
+        if self.rank == 0:
+            self.reporter = progress.RankZeroReporter(relay)
+            self.logger = MetricLogger(tracking_uri, run_id, say=self.reporter.line)
+            self.logger.restore_spool(self.state.pending_metrics)
+        every = self.job.tracking.system_metrics_every_s
+        if self.local_rank == 0 and every and (self.rank == 0 or local_store_dir(tracking_uri) is None):
+            self.system_metrics = NodeSystemMetrics(run_id, tracking_uri, ray.get_runtime_context().get_node_id(), every)
 
     # -- build and restore -----------------------------------------------------------------------
     def _start_fresh(self, run_id: str) -> tuple[StreamPosition, None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +63,16 @@ def test_the_lease_of_a_driver_that_exited_on_this_host_is_taken_over_at_once(tm
     assert acquire(run_uri, "r", ttl_s=600).pid == os.getpid()
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """The keeper interrupts the main thread as a SIGINT would: Python's own handler makes that a
+    KeyboardInterrupt (Ray Train's, while fit() runs, aborts the run). Earlier tests in the same
+    process may have left another handler installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _keeper_paused_at_its_next_read(monkeypatch) -> tuple[threading.Event, threading.Event]:
     """(paused, resume): the keeper's next read of the lease waits until `resume`, as a driver whose
     process was stopped, so that the test acts while the keeper stands between two renewals."""
@@ -77,7 +88,7 @@ def _keeper_paused_at_its_next_read(monkeypatch) -> tuple[threading.Event, threa
     return paused, resume
 
 
-def test_a_keeper_renews_and_gives_up_the_lease_when_another_takes_it(tmp_path, monkeypatch) -> None:
+def test_a_keeper_renews_and_gives_up_the_lease_when_another_takes_it(tmp_path, monkeypatch, python_sigint_handler) -> None:
     run_uri = str(tmp_path / "runs" / "r")
     said: list[str] = []
     mine = acquire(run_uri, "r", ttl_s=2)
@@ -98,7 +109,7 @@ def test_a_keeper_renews_and_gives_up_the_lease_when_another_takes_it(tmp_path, 
     assert json.loads(storage.read_text(keeper.uri))["holder"] == "theirs"  # never removed by the loser
 
 
-def test_a_keeper_stopped_past_its_renewal_gives_up_without_writing(tmp_path, monkeypatch) -> None:
+def test_a_keeper_stopped_past_its_renewal_gives_up_without_writing(tmp_path, monkeypatch, python_sigint_handler) -> None:
     run_uri = str(tmp_path / "runs" / "r")
     mine = acquire(run_uri, "r", ttl_s=2)
     with pytest.raises(KeyboardInterrupt):
