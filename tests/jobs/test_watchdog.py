@@ -76,9 +76,9 @@ def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path)
         import faulthandler, signal, time
         faulthandler.register(signal.SIGUSR1, file=open({stack_file!r}, "w"), all_threads=True)
         def waiting_for_a_collective():
+            print("ready", flush=True)  # from inside, so that it is on the stack once we read "ready"
             while True:
                 time.sleep(0.05)
-        print("ready", flush=True)
         waiting_for_a_collective()
     """)
     process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
