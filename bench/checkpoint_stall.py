@@ -9,6 +9,8 @@ S3-compatible server (moto) whose port is limited to `--rate` by the kernel's tr
 the machine is shaped: the bench re-runs itself under `unshare --net` (needs root).
 
     python bench/checkpoint_stall.py --data-dir data --preset base --rate 400mbit
+
+Status (2026-12-01): written, not yet run; no result of it is recorded.
 """
 
 from __future__ import annotations
