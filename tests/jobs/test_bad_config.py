@@ -1,10 +1,9 @@
-"""Bad input fails within 5 s, with one line on stderr and exit status 2, before any worker starts."""
+"""Bad input fails with one line on stderr and exit status 2, before the driver contacts the cluster."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -29,11 +28,11 @@ def prepared(tiny_corpus, ray_cluster, tmp_path_factory):
     ("cluster.storage_path=/etc/hostname/runs", "cluster.storage_path=/etc/hostname/runs: cannot write"),
 ])
 def test_bad_config_fails_fast_with_one_line(prepared, override: str, expected: str) -> None:
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "train", *prepared, override],
+    # Nothing listens at this address: a driver that contacted the cluster before its checks would
+    # fail with a connection error (or hang until the timeout), not with the line expected.
+    nowhere = "cluster.address=127.0.0.1:9"
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "train", *prepared, nowhere, override],
                           capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - started
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], done.stderr
-    assert elapsed < 5.0, elapsed
