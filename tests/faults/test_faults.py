@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ray_connection import connect
 from cluster.services import free_port, start_mlflow_server
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import load_manifest
+from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
 from tests.jobs.helpers import runs_named, steps, tiny_job, when_checkpoint_exists
@@ -68,16 +70,17 @@ def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_ro
 def test_a_flipped_byte_in_a_shard(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
     job = tiny_job(tiny_corpus, tmp_path, "flipped", address=ray_cluster,  # its own copy of the data, to break
                    extra=("train.max_steps=5", f"data.output_dir={tmp_path / 'prepared'}"))
-    train(job, log=_quiet)  # prepares the dataset (and trains a little)
+    connect(ray_cluster)
+    run_prepare(plan_prepare(job.data))
     shard = Path(load_manifest(job.data.dataset_uri).shard_uris("train")[0][0])
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    started = time.monotonic()
     with pytest.raises(InputError, match=f"{shard.name}: its sha256 differs"):
         train(job, log=_quiet)
-    assert time.monotonic() - started < 60  # before any worker starts: no retries
-    fault_row(fault="one shard byte flipped", injected="byte XOR 0x01 in train/part-00000", at_step="before a rerun",
+    # Refused before the run's lease, which comes before any contact with the cluster's workers.
+    assert not (tmp_path / "runs" / "flipped").exists()
+    fault_row(fault="one shard byte flipped", injected="byte XOR 0x01 in train/part-00000", at_step="before a run",
               outcome="refused in one line naming the shard, before any worker (exit 2)", steps_lost="0",
               data_lost="none")
 
