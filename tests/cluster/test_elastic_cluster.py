@@ -1,8 +1,8 @@
-"""Elastic training on a real 3-node cluster: a node is lost, one is added, two are taken away.
+"""Elastic training on a real 3-node cluster: a node is lost, one is added, one is taken away.
 
 The run (min 1, max 3 workers) must continue on the workers that remain after a raylet is
-SIGKILLed, grow back to 3 when `aiayn cluster add-node` brings capacity, checkpoint on each
-preemption notice of `aiayn cluster remove-node` and shrink to 1, and still train on exactly
+SIGKILLed, grow back to 3 when `aiayn cluster add-node` brings capacity, checkpoint on the
+preemption notice of `aiayn cluster remove-node` and shrink to 2, and still train on exactly
 EPOCHS x the tokens of one epoch (every example of every epoch once), with one MLflow run that
 holds every step once and the world size over steps.
 """
@@ -93,7 +93,7 @@ def _figures(log: Path, lost_at: float, tracking: str, run_id: str) -> str:
             speeds.setdefault(sizes[metric.step], []).append(metric.value)
     rows.append(f"| node lost (raylet SIGKILL) -> next optimizer step on the remaining workers | "
                 f"{first_step_after - lost_at:.0f} s |")
-    rows.append(f"| steps lost per resize, in order (3->2 loss, 2->3 growth, two preemption notices) | {', '.join(lost)} |")
+    rows.append(f"| steps lost per resize, in order (3->2 loss, 2->3 growth, 3->2 on a preemption notice) | {', '.join(lost)} |")
     for size in sorted(speeds):
         rows.append(f"| global target tokens/s on {size} workers (median of log windows) | "
                     f"{statistics.median(speeds[size]):,.0f} |")
@@ -127,15 +127,14 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
             nodes = json.loads(_cluster("status", "--json", env=env).stdout)
             alive = [name for name, pgid in nodes["worker_nodes"].items() if pgid != group]
             assert added in alive and len(alive) == 2
-            for name, size in zip(alive, (2, 1)):  # taken away gracefully: a preemption notice first
-                _cluster("remove-node", name, "--grace", "8", env=env)
-                step = _wait_for_world_size(run_dir, size, driver, step)
+            _cluster("remove-node", alive[0], "--grace", "8", env=env)  # taken away gracefully: a notice first
+            step = _wait_for_world_size(run_dir, 2, driver, step)
             assert driver.wait(timeout=600) == 0, console.read_text()[-3000:]
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
         text = console.read_text()
-        assert text.count("preemption notice") >= 2, text[-3000:]
+        assert "preemption notice" in text, text[-3000:]
         manifest = load_manifest(str(tiny_corpus["root"] / "prepared" / "text-en-de"))
         epoch_tokens = manifest.data["splits"]["train"]["tgt_tokens"]
         final = ckpt.read_job_state(ckpt.latest_complete_checkpoint(str(run_dir)))
@@ -145,7 +144,7 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
         assert steps(tracking, run.info.run_id) == list(range(1, final.step + 1))
         history = MlflowClient(tracking).get_metric_history(run.info.run_id, "train/world_size")
         sizes = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
-        assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [3, 2, 3, 2, 1]
+        assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [3, 2, 3, 2]
         causes = [v for k, v in run.data.tags.items() if k.startswith("resize.")]
         assert any("capacity lost" in c for c in causes) and any("capacity returned" in c for c in causes)
         figures = _figures(run_dir / "aiayn.log", lost_at, tracking, run.info.run_id)
