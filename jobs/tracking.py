@@ -18,6 +18,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 RUN_NAME_TAG = "aiayn.run_name"
+# MLflow prints the run's URL when a run ends, with the credentials of the tracking URI in it;
+# aiayn prints the run's page itself, redacted.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 END_OF_RUN_WAIT_S = 30.0  # how long the end of a run waits for the metric backlog (what is left stays in the spool)
 
 
