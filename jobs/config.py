@@ -79,6 +79,9 @@ class TrainConfig:
     async_checkpoint: bool = True
     validate_every: int = 100
     bleu_every: int = 0  # 0: only at the end
+    # Valid BLEU of the checkpoint saved at each bleu_every step, by a separate Ray task while
+    # training goes on (jobs/checkpoint_bleu.py); false: in the loop, every rank decoding a slice.
+    bleu_in_background: bool = True
     bleu_valid_sentences: int = 300
     patience: int = 0  # stop after this many validations without improvement; 0: never
     average_last: int = 4  # average the weights of the last N checkpoints for the export (§6.1)

@@ -30,6 +30,7 @@ from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.deepspeed_config import with_step_budget
+from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.progress import Console, relay_to
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
@@ -49,6 +50,7 @@ class TrainOutcome:
     test_bleu: float | None = None
     bleu_signature: str = ""
     samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
+    time_table: str = ""  # where the run's time went (jobs/goodput.py)
 
 
 def run_name(job: JobConfig) -> str:
@@ -114,6 +116,7 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.checkpoint_bleu import validation_config
     from jobs.worker import train_loop_per_worker
 
     cluster = job.cluster
@@ -124,11 +127,13 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
     )
     run = RunConfig(
         name=name, storage_path=_storage_root(job),
-        failure_config=FailureConfig(max_failures=job.cluster.max_failures),
+        failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
+        validation_config=(validation_config(loop_config, job)
+                           if job.train.bleu_every and job.train.bleu_in_background else None),
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
                                  timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
     )
@@ -156,6 +161,7 @@ def run_log_path(job: JobConfig, name: str) -> Path:
 def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model. `log` receives
     aiayn's console lines (default: stdout and the run's log file)."""
+    started_at = time.time()  # the run's time ledger starts here (jobs/goodput.py)
     job = with_absolute_paths(job)
     data_plan = validate(job)
     from jobs.tracking import resolve_tracking_uri  # MLflow, after the checks: bad input answers sooner
@@ -168,7 +174,8 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     lease = acquire(run_uri, name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
     with LeaseKeeper(run_uri, lease, job.cluster.lease_ttl_s, console) as keeper:
         try:
-            return _train_holding_lease(job, name, data_plan, resume_from, console, tracking_uri, run_uri, keeper)
+            return _train_holding_lease(job, name, data_plan, resume_from, console, tracking_uri, run_uri, keeper,
+                                        started_at)
         except BaseException as error:
             if keeper.lost:  # the lease was lost: say that, not whatever it interrupted
                 raise LeaseLost(f"run {name}: this driver lost its lease ({keeper.lost}) and stopped") from error
@@ -177,7 +184,7 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
 
 def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resume_from: str,
                          console: Callable[[str], None], tracking_uri: str, run_uri: str,
-                         keeper: LeaseKeeper) -> TrainOutcome:
+                         keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
     from cluster.reachability import check_reaches_every_node
     from cluster.ray_connection import connect
     from jobs.tracking import find_or_create_run, git_commit
@@ -212,11 +219,13 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
     with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, run_uri, tracking_uri, run_id)) as monitor:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
-                       "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex}
+                       "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
+                       "started_at": started_at}
         _fit(_trainer(job, name, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
-    outcome = _finish(job, name, run_id, tracking_uri, manifest)
+    outcome = _finish(job, name, run_id, tracking_uri, manifest, started_at)
+    console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
 
@@ -259,8 +268,10 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
                             job.cluster.num_workers, job.train.zero_stage)
 
 
-def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest) -> TrainOutcome:
-    """Export the average of the last checkpoints next to them, score it on test, log it all.
+def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest,
+            started_at: float) -> TrainOutcome:
+    """Export the average of the last checkpoints next to them, score it on test, log it all, with
+    the run's time ledger: the last checkpoint's, and the time since it was saved as `finish`.
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
@@ -288,12 +299,17 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, chosen[-1])
+        ledger = GoodputLedger.from_dict(final_state.goodput)
+        ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
+        outcome = dataclasses.replace(outcome, time_table=ledger.table())
+        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics + [
+            {"key": key, "value": value, "timestamp": int(time.time() * 1000), "step": outcome.steps}
+            for key, value in ledger.metrics().items()], chosen[-1], ledger)
     return outcome
 
 
 def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   pending_metrics: list, checkpoint_uri: str) -> None:
+                   pending_metrics: list, checkpoint_uri: str, ledger: GoodputLedger) -> None:
     """Send what the workers could not (an outage at the end) and the artifacts. MLflow being down
     now costs the artifacts of this run, not the run: the export is in storage already."""
     from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
@@ -303,7 +319,7 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):
         print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
     try:
-        _log_artifacts(job, outcome, manifest, export_dir)
+        _log_artifacts(job, outcome, manifest, export_dir, ledger)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
         print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
               f"{outcome.export_uri}, not logged as an artifact")
@@ -319,7 +335,8 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
     return dataclasses.replace(outcome, test_bleu=score.bleu, bleu_signature=score.signature, samples=score.samples)
 
 
-def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
+def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
+                   ledger: GoodputLedger) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(outcome.tracking_uri)
@@ -327,6 +344,7 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
         folder = Path(scratch)
         (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
         (folder / "data_manifest.json").write_text(json.dumps(manifest.data, indent=2))
+        (folder / "goodput.json").write_text(json.dumps({**ledger.to_dict(), "table": ledger.table()}, indent=2))
         if outcome.samples:
             (folder / "sample_translations.txt").write_text("\n\n".join(
                 f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")

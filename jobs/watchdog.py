@@ -6,7 +6,8 @@ process group's timeout (30 minutes), and nobody learns why. Ray's own detector 
 off by default. Here:
 
 - each rank's `Heartbeat` sends (step, phase) to the `ProgressMonitor` actor on the driver's node
-  at every phase change and at most once a second within one: a fire-and-forget call, never
+  at every phase change and at most once a second within one (rank 0: at every step, which is
+  how a restart learns how far the attempt before it got): a fire-and-forget call, never
   waited on, so a step costs nothing measurable;
 - the driver's `Watchdog` thread reads the monitor every few seconds; `find_hang` decides: the
   run is hung when no rank has reported within its phase's limit (`HangPolicy`). A rank waiting
@@ -107,10 +108,13 @@ class ProgressMonitor:
         self.ranks: dict[int, RankProgress] = {}
         self.step_times: deque[float] = deque(maxlen=64)
         self.longest: dict[str, float] = {}
+        self.progress: tuple[int, float] = (0, 0.0)  # rank 0's last completed step, and when (wall clock)
 
     def beat(self, rank: int, step: int, phase: str, where: tuple[str, str, int, str]) -> None:
         now = time.monotonic()
         node_id, host, pid, stack_file = where
+        if rank == 0 and phase != START:  # a step beat names the step it begins
+            self.progress = (step - 1 if phase == STEP else step, time.time())
         previous = self.ranks.get(rank)
         if previous is not None and previous.pid == pid:
             if previous.phase in LONG_PHASES and phase != previous.phase:
@@ -121,6 +125,10 @@ class ProgressMonitor:
         else:  # a new worker for this rank (a restart): its history starts now
             since = now
         self.ranks[rank] = RankProgress(rank, step, phase, node_id, host, pid, stack_file, since, now)
+
+    def last_progress(self) -> tuple[int, float]:
+        """(step, wall time) of the last step rank 0 completed, in any attempt; (0, 0.0) if none."""
+        return self.progress
 
     def snapshot(self) -> Snapshot:
         return Snapshot(time.monotonic(), dict(self.ranks), list(self.step_times), dict(self.longest))
@@ -146,10 +154,21 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str) -> None:
         now = time.monotonic()
-        if self.monitor is None or (phase == self.phase and now - self.sent < BEAT_INTERVAL_S):
+        if self.monitor is None or (self.rank and phase == self.phase and now - self.sent < BEAT_INTERVAL_S):
             return
         self.phase, self.sent = phase, now
         self.monitor.beat.remote(self.rank, step, phase, self.where)
+
+    def last_progress(self) -> tuple[int, float]:
+        """The monitor's `last_progress` (asked at a restart, before this attempt's first step)."""
+        import ray
+
+        if self.monitor is None:
+            return 0, 0.0
+        try:
+            return ray.get(self.monitor.last_progress.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - the ledger never fails a run: the time counts as recovery
+            return 0, 0.0
 
     def close(self, step: int) -> None:
         """The rank is done: never a hang."""

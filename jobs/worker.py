@@ -33,6 +33,7 @@ from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig, build_section, public_config
 from jobs.deepspeed_config import accumulation_steps
 from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, train_step
+from jobs.goodput import GoodputLedger
 from jobs.lease import check_holds
 from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.stragglers import StragglerWatch, skew
@@ -46,6 +47,7 @@ class Trainer:
     def __init__(self, loop_config: dict):
         import ray.train
 
+        self.ledger, self.began_at = GoodputLedger(), time.time()  # this attempt's time starts here
         self.job: JobConfig = build_section(JobConfig, loop_config["job"], "")
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -78,6 +80,8 @@ class Trainer:
                 position, saved_rng = self._restore(Path(directory), loop_config["run_id"])
         else:
             position, saved_rng = self._start_fresh(loop_config["run_id"])
+        if not self.restarted_in_run:  # this driver's start-up: from its start to this worker's
+            self.ledger.add("startup", self.began_at - loop_config["started_at"])
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=position, max_length=self.model_config.max_positions)
 
@@ -136,12 +140,26 @@ class Trainer:
         self.state, self.resumed_from_step = saved, saved.step
         self.resized_from = saved.world_size if saved.world_size != self.world else None
         self.restarted_in_run = saved.launch_id == self.launch_id  # a failure or an elastic resize in this run
+        self.ledger.carry(saved.goodput)
+        if self.restarted_in_run:
+            self._charge_restart(saved)
         self.state.launch_id = self.launch_id
         if saved.mlflow_run_id != run_id:  # --resume into a new run: what the old one had not sent is not ours
             self.state.mlflow_run_id, self.state.pending_metrics = run_id, []
         self.state.world_size, self.state.config = self.world, public_config(self.job)
         self.state.dataset_fingerprint = self.manifest.fingerprint
         return position, rng
+
+    def _charge_restart(self, saved: ckpt.JobState) -> None:
+        """The steps the previous attempt trained after this checkpoint are trained again (their
+        time is `recomputed`), and from its last step to this attempt's start the failure was
+        detected and the workers restarted (`recovery`). A later `aiayn train` charges neither: it
+        may come days after the last one, and its own start-up is counted from its start."""
+        step, at = self.heartbeat.last_progress()
+        reached = at if step > saved.step and at > saved.saved_at else saved.saved_at
+        self.ledger.add("recomputed", reached - saved.saved_at)
+        self.ledger.recomputed_steps += max(step - saved.step, 0)
+        self.ledger.add("recovery", self.began_at - reached)
 
     def _universal_copy(self, checkpoint: Path) -> Path:
         """The checkpoint in DeepSpeed's universal format, in node-local scratch: converted once per
@@ -159,14 +177,17 @@ class Trainer:
         check_holds(self.lease["uri"], self.lease["holder"], what)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, metrics: dict[str, float], wait: bool) -> None:
+    def save(self, metrics: dict[str, float], wait: bool, validate: bool = False) -> None:
         """This rank's part of a checkpoint, staged locally, then uploaded while training goes on
-        (`wait`: before returning). The seconds training stood still go to MLflow."""
+        (`wait`: before returning; `validate`: then scored by Ray Train's validation task). The
+        seconds training stood still go to MLflow."""
         self.heartbeat.beat(self.state.step, CHECKPOINT)
         held_since = time.monotonic()
         check_finite_weights(self.engine, self.job.train.zero_stage, self.state.step)
         if self.logger is not None:
             self.state.pending_metrics = self.logger.spool()  # kept with the checkpoint
+        self.ledger.charge("checkpoint")  # the ledger saved covers the run up to saved_at exactly
+        self.state.goodput, self.state.saved_at = self.ledger.to_dict(), time.time()
         with self.uploads.staging() as local:
             try:
                 ckpt.save_checkpoint(
@@ -180,7 +201,7 @@ class Trainer:
                     f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
-            self.uploads.report({**metrics, "step": self.state.step}, local, self.state.step, wait)
+            self.uploads.report({**metrics, "step": self.state.step}, local, self.state.step, wait, validate)
         if self.logger is not None:
             self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
 
@@ -234,12 +255,15 @@ class Trainer:
         batches, window, stop = self._batches(), MetricsWindow(), cadence.out_of_steps(self.state.step)
         preemption_pending = False
         first = True  # the attempt's first step stays in the start phase: it may compile, and warms up
+        ledger = self.ledger
+        ledger.charge("startup")
         while not stop:
             self.heartbeat.beat(self.state.step + 1, START if first else STEP)
             first = False
             fetch = time.perf_counter()
             micro = [next(batches, None) for _ in range(self.accumulation)]
             data_wait = time.perf_counter() - fetch
+            ledger.charge("data_wait")
             real = [b for b in micro if b is not None]
             # One collective per step: the token/FLOP sums, and rank 0's clock decisions (the
             # other ranks add zeros) so that every rank stops and saves at the same step.
@@ -266,23 +290,33 @@ class Trainer:
             self.state.elapsed_seconds = elapsed_before + time.monotonic() - started
             step = self.state.step
             stop = stop or bool(time_up) or cadence.out_of_steps(step)
+            ledger.charge("training")
             metrics: dict[str, float] = {}
             if window.steps and cadence.log(step, stop):
                 metrics.update(self._window_metrics(window))
                 window = MetricsWindow()
-            if cadence.validate(step, stop) or cadence.bleu(step):
+                if not stop:  # the last step's are the driver's: the whole run's, with its end
+                    metrics.update(ledger.metrics())
+            ledger.charge("tracking")
+            bleu_due = cadence.bleu(step) and self.manifest.has_split("valid") and not self.manifest.monolingual
+            bleu_in_loop = bleu_due and not self.job.train.bleu_in_background
+            bleu_of_checkpoint = bleu_due and self.job.train.bleu_in_background
+            if cadence.validate(step, stop) or bleu_in_loop:
                 self.heartbeat.beat(step, VALIDATE)
             if cadence.validate(step, stop):
                 metrics.update(valid_loss(self.engine, self.job, self.manifest, self.rank, self.world))
                 if "valid/loss" in metrics:
                     stop = cadence.patience_exhausted(self.state, metrics["valid/loss"]) or stop
-            if cadence.bleu(step):
+            if bleu_in_loop:
                 metrics.update(valid_bleu(self.engine, self.job, self.manifest, self.rank, self.world))
+            ledger.charge("validation")
             if metrics:
                 self._publish(step, metrics)
-            if cadence.save(step, stop, bool(save_due) or preemption_pending):
-                self.save(metrics, wait=stop or preemption_pending)
+            ledger.charge("tracking")
+            if cadence.save(step, stop, bool(save_due) or preemption_pending or bleu_of_checkpoint):
+                self.save(metrics, wait=stop or preemption_pending, validate=bleu_of_checkpoint)
                 last_save, preemption_pending = time.monotonic(), False
+            ledger.charge("checkpoint")
         if self.system_metrics is not None:
             self.system_metrics.finish()
         if self.logger is not None:  # what is still queued is in the last checkpoint's spool too
@@ -292,8 +326,8 @@ class Trainer:
 
     def _preemption_notice(self) -> bool:
         """True once per notice that a node of this run will be preempted (Ray Train agrees on it
-        across ranks): the loop then checkpoints at once, so at most the steps since the notice
-        are lost."""
+        across ranks): the loop then checkpoints at once, for the restart to start from (once Ray
+        Train has registered it, which can take longer than the node's grace period)."""
         import ray.train
 
         info = ray.train.get_preemption_info()

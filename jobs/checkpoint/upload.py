@@ -48,9 +48,10 @@ class Uploads:
             self._finished(local)
             raise
 
-    def report(self, metrics: dict, local: Path, step: int, wait: bool) -> None:
+    def report(self, metrics: dict, local: Path, step: int, wait: bool, validate: bool = False) -> None:
         """Hands the staged part of the checkpoint of `step` to Ray Train. `wait`: upload before
-        returning (a preemption notice, the end of the run), whatever the mode."""
+        returning (a preemption notice, the end of the run), whatever the mode. `validate`: once
+        committed, Ray Train runs the trainer's validation function on it (with `step`)."""
         import ray.train
 
         mode = ray.train.CheckpointUploadMode
@@ -58,7 +59,8 @@ class Uploads:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
                          checkpoint_dir_name=checkpoint_dir_name(step), delete_local_checkpoint_after_upload=False,
                          checkpoint_upload_fn=lambda checkpoint, name: self._upload(checkpoint, name, step, background),
-                         checkpoint_upload_mode=mode.ASYNC if background else mode.SYNC)
+                         checkpoint_upload_mode=mode.ASYNC if background else mode.SYNC,
+                         validation=ray.train.ValidationTaskConfig(fn_kwargs={"step": step}) if validate else False)
         if wait:
             self._idle.wait()
 

@@ -8,6 +8,7 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
+from jobs.goodput import CATEGORIES
 from jobs.train_driver import train
 from tests.jobs.helpers import (
     registered, runs_named, steps, tiny_job, tiny_overrides, when_checkpoint_exists, when_checkpoint_upload_begins,
@@ -60,7 +62,12 @@ def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
     """An uninterrupted ZeRO-2 run, tracked on the real MLflow server."""
     root = tmp_path_factory.mktemp("reference")
     with_credentials = mlflow_server.replace("http://", f"http://aiayn:{SECRET}@")  # the server ignores them
-    outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials), log=_quiet)
+    lines: list[str] = []
+    printed = io.StringIO()  # what the libraries print, too (MLflow prints run URLs)
+    with contextlib.redirect_stdout(printed):
+        outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials),
+                        log=lines.append)
+    (root / "console.txt").write_text("\n".join(lines) + "\n" + printed.getvalue())
     return root, outcome
 
 
@@ -77,11 +84,19 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature"} <= set(run.data.tags)
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
     assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
+    # Where the time went: every category, and nothing lost without a restart (the sum against
+    # the wall time: the SIGKILL test).
+    ledger = {key: value for key, value in run.data.metrics.items() if key.startswith("goodput/") and key.endswith("_s")}
+    assert set(ledger) == {f"goodput/{category}_s" for category in CATEGORIES}
+    assert ledger["goodput/recovery_s"] == ledger["goodput/recomputed_s"] == 0
+    assert ledger["goodput/training_s"] > 0 and ledger["goodput/startup_s"] > 0 and ledger["goodput/finish_s"] > 0
+    assert "where the time went (" in (root / "console.txt").read_text()  # the table, at the end
     # the tracking URI's credentials are nowhere: params, the config artifact, checkpoints
     assert not [v for v in run.data.params.values() if SECRET in v] and "***@" in run.data.params["tracking.uri"]
     config = MlflowClient(mlflow_server).download_artifacts(outcome.run_id, "resolved_config.json", str(root))
     assert SECRET not in Path(config).read_text()
     assert not [p for p in (root / "runs").rglob("*.json") if SECRET in p.read_text()]
+    assert SECRET not in (root / "console.txt").read_text()
     assert outcome.test_bleu is not None and "nrefs:1" in outcome.bleu_signature
 
 
@@ -115,9 +130,13 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
         _kill_one_train_worker()
 
     print(f"SIGKILL of a worker once the upload of checkpoint {after} begins (AIAYN_FAULT_SEED={seed} repeats it)")
-    job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server)
+    # Valid BLEU off the loop as well: Ray Train's validation tasks score checkpoints 10, 20 and 30.
+    job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server,
+                   extra=("train.bleu_every=10",))
     killer = when_checkpoint_upload_begins(run_dir, after, kill)
+    started = time.time()
     outcome = train(job, log=_quiet)
+    wall_s = time.time() - started
     killer.join(timeout=5)
     runs = runs_named(mlflow_server, "killed")
     assert len(runs) == 1
@@ -126,6 +145,19 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     print(f"checkpoint {after} registered when killed: {seen['registered']}; resumed from step {resumed}")
     assert resumed in (after - 10, after - 5, after) and (resumed == after or not seen["registered"])
     assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
+    bleu = MlflowClient(mlflow_server).get_metric_history(outcome.run_id, "valid/bleu")
+    assert sorted(m.step for m in bleu) == [10, 20, 30]  # each checkpoint's once, across the restart
+    # The time ledger: its parts sum to the run's wall time, and the steps trained again are those
+    # from the checkpoint resumed from to where the killed attempt got (at least to the checkpoint
+    # being uploaded; training went on during the upload, for at most a step or two).
+    ledger = {key: value for key, value in MlflowClient(mlflow_server).get_run(outcome.run_id).data.metrics.items()
+              if key.startswith("goodput/")}
+    seconds = sum(value for key, value in ledger.items() if key.endswith("_s"))
+    print(f"ledger {seconds:.1f} s against {wall_s:.1f} s of wall time; {ledger}")
+    assert abs(seconds - wall_s) <= 0.02 * wall_s
+    if resumed:
+        assert after - resumed <= ledger["goodput/recomputed_steps"] <= after - resumed + 3
+        assert ledger["goodput/recovery_s"] > 0 and ledger["goodput/recomputed_s"] > 0
     ours, theirs = _weights(Path(outcome.export_uri)), _weights(Path(reference.export_uri))
     assert ours.keys() == theirs.keys()
     for name in ours:

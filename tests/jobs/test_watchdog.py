@@ -70,6 +70,21 @@ def test_the_monitor_times_steps_and_phases_and_forgets_replaced_workers(monkeyp
     assert monitor.snapshot().ranks == {}
 
 
+def test_the_monitor_knows_how_far_rank_0_got_for_the_restart_that_follows() -> None:
+    monitor = ProgressMonitor()
+    assert monitor.last_progress() == (0, 0.0)
+    monitor.beat(0, 0, START, ("node", "host", 100, ""))
+    assert monitor.last_progress() == (0, 0.0)  # building is no progress
+    monitor.beat(0, 13, STEP, ("node", "host", 100, ""))  # step 13 begins: 12 are done
+    monitor.beat(1, 20, STEP, ("node", "host", 101, ""))  # another rank's beats are throttled: not used
+    assert monitor.last_progress()[0] == 12
+    monitor.beat(0, 15, CHECKPOINT, ("node", "host", 100, ""))  # saving step 15: it is done
+    step, at = monitor.last_progress()
+    assert step == 15 and abs(at - time.time()) < 60
+    monitor.beat(0, 15, START, ("node", "host", 200, ""))  # the restarted rank 0 builds: the old figure stays
+    assert monitor.last_progress()[0] == 15
+
+
 def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path) -> None:
     stack_file = str(tmp_path / "stacks.txt")
     program = textwrap.dedent(f"""

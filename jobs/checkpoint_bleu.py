@@ -1,0 +1,66 @@
+"""Valid BLEU of a committed checkpoint, off the training loop.
+
+With `train.bleu_every` (and `train.bleu_in_background`, the default) the loop saves a checkpoint
+at each such step and hands it to Ray Train's asynchronous validation (`ValidationConfig`): a
+separate Ray task exports that checkpoint, translates valid with beam search exactly as `aiayn
+evaluate` does (`score_split`), and logs `valid/bleu` at the checkpoint's step while training goes
+on. Ray Train keeps a validation that did not finish pending across restarts and reruns (in the
+run's storage) and runs it again; the metric logger skips a step the run already holds, so each
+step's BLEU is logged once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from data_pipeline import storage
+from data_pipeline.manifest import load_manifest
+from jobs import checkpoint as ckpt
+from jobs.config import JobConfig, build_section
+
+
+def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str,
+                     step: int) -> dict[str, float]:
+    """Ray Train's validation function: `checkpoint` is the committed one of `step`."""
+    from jobs.evaluation import open_translator, score_split
+    from jobs.export import export_model
+    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+
+    config = build_section(JobConfig, job, "")
+    os.environ.update(config.tracking.environment())
+    manifest = load_manifest(dataset_uri)
+    with storage.open_input(manifest.tokenizer_uri) as handle:
+        tokenizer_bytes = handle.read()
+    with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory(prefix="aiayn-bleu-") as scratch:
+        ckpt.verify(directory)  # before DeepSpeed's files are unpickled
+        export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export")
+        translate, _ = open_translator(export, "torch", beam_size=config.train.beam_size,
+                                       alpha=config.train.length_penalty)
+        score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
+    metrics = {"valid/bleu": score.bleu}
+    logger = MetricLogger(tracking_uri, run_id)
+    logger.log(metrics, step)
+    if logger.close(timeout_s=END_OF_RUN_WAIT_S):  # in the job's log; the run goes on
+        print(f"[aiayn] valid/bleu {score.bleu:.2f} of step {step} could not be sent to MLflow")
+    return metrics
+
+
+def validation_config(loop_config: dict, job: JobConfig):
+    """The TorchTrainer's `validation_config`: one task at a time, with one CPU, on the driver's
+    node when the tracking store is a file there (no other node can write it)."""
+    import ray
+    from ray.train import ValidationConfig, ValidationTaskConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from jobs.tracking import local_store_dir
+
+    options: dict = {"num_cpus": 1, "max_retries": 1}
+    if local_store_dir(loop_config["tracking_uri"]) is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+    fixed = {key: loop_config[key] for key in ("job", "dataset_uri", "tracking_uri", "run_id")}
+    return ValidationConfig(score_checkpoint, task_config=ValidationTaskConfig(fn_kwargs=fixed,
+                                                                               timeout_s=job.train.long_phase_timeout_s),
+                            ray_remote_kwargs=options)
