@@ -17,6 +17,8 @@ from typing import Callable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.storage import redact
+
 RUN_NAME_TAG = "aiayn.run_name"
 # MLflow prints the run's URL when a run ends, with the credentials of the tracking URI in it;
 # aiayn prints the run's page itself, redacted.
@@ -114,7 +116,7 @@ class MetricLogger:
     def __init__(self, tracking_uri: str, run_id: str, say: Callable[[str], None] = print,
                  max_backlog: int = 1_000_000) -> None:
         self.client, self.run_id, self.say, self.max_backlog = MlflowClient(tracking_uri), run_id, say, max_backlog
-        self.uri = tracking_uri
+        self.shown_uri = redact(tracking_uri)  # for console lines: never the credentials
         self._last_step: dict[str, int] = {}  # what this process has queued, per key
         self._backlog: list[Metric] = []
         self._tags: dict[str, str] = {}
@@ -206,7 +208,7 @@ class MetricLogger:
                 with self._lock:
                     if self._down_since is None:
                         self._down_since = time.monotonic()
-                        self.say(f"[aiayn] MLflow at {self.uri} is unreachable ({str(error).splitlines()[0][:160]}); "
+                        self.say(f"[aiayn] MLflow at {self.shown_uri} is unreachable ({redact(str(error).splitlines()[0][:160])}); "
                                  "training goes on, metrics are kept (with every checkpoint) and sent when it is back")
                 self._stop.wait(pause)  # new metrics do not shorten the pause: they wait with the rest
                 pause = min(pause * 2, self.RETRY_S[1])

@@ -71,7 +71,7 @@ def test_an_outage_loses_no_metric_and_logs_none_twice(tmp_path, monkeypatch) ->
     try:
         run_id, _ = find_or_create_run(url, "exp", "outage", {}, {})
         said: list[str] = []
-        first = MetricLogger(url, run_id, say=said.append)
+        first = MetricLogger(url.replace("http://", "http://aiayn:s3cret@"), run_id, say=said.append)  # ignored by the server
         for step in range(1, 6):
             first.log({"train/loss": float(step)}, step)
         assert first.drain(timeout_s=30) == 0
@@ -80,6 +80,7 @@ def test_an_outage_loses_no_metric_and_logs_none_twice(tmp_path, monkeypatch) ->
             first.log({"train/loss": float(step)}, step)
         assert first.drain(timeout_s=3) == 5
         assert len(said) == 1 and "is unreachable" in said[0] and "training goes on" in said[0]
+        assert "s3cret" not in said[0]  # the URI is shown without its credentials
         spooled = first.spool()  # saved with the checkpoint of step 10; then the trainer dies
         first.close(timeout_s=0)
         restarted = MetricLogger(url, run_id, say=said.append)
