@@ -114,9 +114,11 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
             train(job, log=_quiet)
         watcher.join(timeout=30)
         last = ckpt.latest_complete_checkpoint(run_dir)
-        assert last == at_fill[0]  # nothing was saved once the disk was full...
+        resumed, complete_at_fill = ckpt.read_job_state(last).step, ckpt.read_job_state(at_fill[0]).step
+        # Nothing was saved once the disk was full, but for the one save whose part was staged
+        # before and whose upload (one is in flight at a time) ended after it...
+        assert complete_at_fill <= resumed <= complete_at_fill + 5
         ckpt.verify(last)  # ...and what was saved before is intact
-        resumed = ckpt.read_job_state(last).step
         filler.unlink()
         outcome = train(job, log=_quiet)  # room again: the same command continues
         assert outcome.steps == STEPS
