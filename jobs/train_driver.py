@@ -302,9 +302,7 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         ledger = GoodputLedger.from_dict(final_state.goodput)
         ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
         outcome = dataclasses.replace(outcome, time_table=ledger.table())
-        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics + [
-            {"key": key, "value": value, "timestamp": int(time.time() * 1000), "step": outcome.steps}
-            for key, value in ledger.metrics().items()], chosen[-1], ledger)
+        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, chosen[-1], ledger)
     return outcome
 
 
@@ -316,6 +314,7 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
 
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
     logger.restore_spool(pending_metrics)
+    logger.log(ledger.metrics(), outcome.steps)  # the whole run's; the workers leave the last step to this
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):
         print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
     try:
