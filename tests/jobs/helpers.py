@@ -14,6 +14,47 @@ from jobs.config import JobConfig, load_job_config
 from jobs.tracking import RUN_NAME_TAG
 
 
+def _alive_train_workers() -> dict[str, int]:
+    """Ray Train worker actors alive now (actor id -> pid); none before Ray is connected."""
+    import ray
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        return {}
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    return {actor.actor_id: actor.pid for actor in actors}
+
+
+class TrainWorkers:
+    """The worker processes of the run about to start, as Ray reports them, looked up in the
+    background as soon as `count` of them are alive: Ray's state API takes seconds to answer, too
+    long for a fault timed to a checkpoint. (Matching process titles, `pgrep -f RayTrainWorker`,
+    also finds an earlier run's workers that are still exiting.)"""
+
+    def __init__(self, count: int = 2):
+        self.pids: list[int] = []
+        self.found = threading.Event()
+        earlier = set(_alive_train_workers())  # an earlier run's, not yet reaped
+        threading.Thread(target=self._look, args=(count, earlier), daemon=True).start()
+
+    def _look(self, count: int, earlier: set[str]) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                alive = {actor: pid for actor, pid in _alive_train_workers().items() if actor not in earlier}
+            except Exception:  # noqa: BLE001 - the dashboard not answering yet
+                alive = {}
+            if len(alive) >= count:
+                self.pids = sorted(alive.values())
+                self.found.set()
+                return
+            time.sleep(0.5)
+
+    def first(self) -> int:
+        assert self.found.wait(timeout=600), "the run's Ray Train workers never came up"
+        return self.pids[0]
+
+
 def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tracking: str = "") -> list[str]:
     overrides = [
         f"name={name}",
@@ -26,7 +67,7 @@ def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tr
         "optim.lr=0.003", "optim.warmup_steps=5",
         "train.max_steps=30", "train.max_minutes=0", "train.log_every=1", "train.validate_every=10",
         "train.checkpoint_every_steps=5", "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3",
-        "train.average_last=1", "train.beam_size=2",
+        "train.average_checkpoints=1", "train.beam_size=2",
         "cluster.num_workers=2", f"cluster.storage_path={root / 'runs'}", "cluster.max_failures=2",
         f"tracking.uri={tracking or 'sqlite:///' + str(root / 'mlflow.db')}",
     ]
@@ -50,6 +91,13 @@ def steps(tracking_uri: str, run_id: str, key: str = "train/loss") -> list[int]:
     return [m.step for m in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def time_ledger(tracking_uri: str, run_id: str) -> tuple[dict[str, float], float]:
+    """The run's final time ledger as MLflow holds it (goodput/*), and the sum of its seconds."""
+    ledger = {key: value for key, value in MlflowClient(tracking_uri).get_run(run_id).data.metrics.items()
+              if key.startswith("goodput/")}
+    return ledger, sum(value for key, value in ledger.items() if key.endswith("_s"))
+
+
 def registered(run_dir: Path, name: str) -> bool:
     """Ray Train has registered the checkpoint (its snapshot names it), so a restart will load it."""
     try:
@@ -59,7 +107,7 @@ def registered(run_dir: Path, name: str) -> bool:
     return any(entry.get("checkpoint_dir_name") == name for entry in snapshot.get("checkpoint_results", []))
 
 
-def _when(condition, action) -> threading.Thread:
+def when(condition, action) -> threading.Thread:
     """Run `action` as soon as `condition()` holds (polled every 20 ms, for at most 10 minutes)."""
     def watch() -> None:
         deadline = time.monotonic() + 600
@@ -77,10 +125,10 @@ def _when(condition, action) -> threading.Thread:
 def when_checkpoint_exists(run_dir: Path, step: int, action) -> threading.Thread:
     """Run `action` as soon as the checkpoint of `step` is complete and registered."""
     name = ckpt.checkpoint_dir_name(step)
-    return _when(lambda: registered(run_dir, name) and ckpt.is_complete(run_dir / name), action)
+    return when(lambda: registered(run_dir, name) and ckpt.is_complete(run_dir / name), action)
 
 
 def when_checkpoint_upload_begins(run_dir: Path, step: int, action) -> threading.Thread:
     """Run `action` as soon as the checkpoint of `step` has a directory in the storage: its upload
     has begun, and Ray Train has usually not registered it yet."""
-    return _when(lambda: (run_dir / ckpt.checkpoint_dir_name(step)).exists(), action)
+    return when(lambda: (run_dir / ckpt.checkpoint_dir_name(step)).exists(), action)
