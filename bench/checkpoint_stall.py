@@ -52,7 +52,7 @@ def _run(mode: str, args: argparse.Namespace, scratch: Path, endpoint: str) -> d
         f"model.preset={args.preset}", "cluster.num_workers=1", f"cluster.cpus_per_worker={args.threads}",
         f"train.threads_per_worker={args.threads}", f"train.max_steps={args.steps}", "train.max_minutes=0",
         f"train.checkpoint_every_steps={args.every}", "train.checkpoint_every_minutes=1000",
-        "train.keep_checkpoints=2", "train.average_last=1", "train.validate_every=0", "train.log_every=1",
+        "train.keep_checkpoints=2", "train.average_checkpoints=1", "train.validate_every=0", "train.log_every=1",
         f"train.async_checkpoint={'true' if mode == 'async' else 'false'}", f"stream.max_tokens={args.max_tokens}",
         f"cluster.storage_path=s3://bucket/{name}", f"cluster.staging_dir={staging}", f"tracking.uri={tracking}",
         "train.beam_size=1",

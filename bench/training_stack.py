@@ -67,7 +67,7 @@ def stack_run(data_dir: str, workers: int, steps: int, max_tokens: int, scratch:
         sys.executable, "-m", "jobs.cli", "train", f"--name={name}", f"data.output_dir={data_dir}",
         f"cluster.num_workers={workers}", "cluster.cpus_per_worker=1", "train.threads_per_worker=1",
         f"train.max_steps={steps}", "train.max_minutes=0", "train.log_every=10", "train.validate_every=0",
-        f"train.checkpoint_every_steps={steps}", "train.average_last=1", "train.keep_checkpoints=1",
+        f"train.checkpoint_every_steps={steps}", "train.average_checkpoints=1", "train.keep_checkpoints=1",
         f"stream.max_tokens={max_tokens}", f"cluster.storage_path={scratch / 'runs'}", f"tracking.uri={tracking}",
         "train.beam_size=1",
     ]

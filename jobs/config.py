@@ -27,6 +27,7 @@ from transformer.config import PRESETS, ModelConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["inverse_sqrt", "noam"]
+Average = Literal["last", "best"]
 
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "multi30k_small.yaml"
@@ -84,7 +85,10 @@ class TrainConfig:
     bleu_in_background: bool = True
     bleu_valid_sentences: int = 300
     patience: int = 0  # stop after this many validations without improvement; 0: never
-    average_last: int = 4  # average the weights of the last N checkpoints for the export (§6.1)
+    # The export averages the weights of N checkpoints (§6.1): the last N, or the N of best valid
+    # BLEU (needs bleu_every; retention then keeps the best, jobs/checkpoint/retention.py).
+    average: Average = "last"
+    average_checkpoints: int = 4
     beam_size: int = 4
     length_penalty: float = 0.6
     max_consecutive_skips: int = 10  # stop after this many updates in a row skipped for non-finite gradients
@@ -106,7 +110,7 @@ class TrainConfig:
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.tokens_per_step < 0:
             raise ValueError(f"train.tokens_per_step must be 0 (derived) or positive, got {self.tokens_per_step}")
-        for key in ("threads_per_worker", "log_every", "keep_checkpoints", "average_last", "beam_size",
+        for key in ("threads_per_worker", "log_every", "keep_checkpoints", "average_checkpoints", "beam_size",
                     "max_consecutive_skips"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)}")
@@ -117,8 +121,10 @@ class TrainConfig:
         if self.hang_timeout_s is not None and not 0 < self.hang_timeout_s < self.long_phase_timeout_s:
             raise ValueError(f"train.hang_timeout_s must be positive and below train.long_phase_timeout_s "
                              f"({self.long_phase_timeout_s:g}), got {self.hang_timeout_s}")
-        if self.average_last > self.keep_checkpoints:
-            raise ValueError("train.average_last cannot exceed train.keep_checkpoints")
+        if self.average_checkpoints > self.keep_checkpoints:
+            raise ValueError("train.average_checkpoints cannot exceed train.keep_checkpoints")
+        if self.average == "best" and not self.bleu_every:
+            raise ValueError("train.average=best needs valid BLEU during training: set train.bleu_every")
         if not (self.max_steps or self.max_epochs or self.max_minutes):
             raise ValueError("set at least one of train.max_steps, train.max_epochs, train.max_minutes")
 

@@ -113,7 +113,7 @@ def validate(job: JobConfig) -> PreparePlan:
 
 
 def _trainer(job: JobConfig, name: str, loop_config: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.checkpoint_bleu import validation_config
@@ -128,7 +128,7 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
     run = RunConfig(
         name=name, storage_path=_storage_root(job),
         failure_config=FailureConfig(max_failures=cluster.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+        checkpoint_config=ckpt.checkpoint_config(job.train),
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
@@ -221,24 +221,26 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
                        "started_at": started_at}
-        _fit(_trainer(job, name, loop_config))
+        result = _fit(_trainer(job, name, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
-    outcome = _finish(job, name, run_id, tracking_uri, manifest, started_at)
+    scores = ckpt.scores_of(result.best_checkpoints)
+    if job.train.average == "best" and not scores:
+        console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
+    outcome = _finish(job, name, run_id, tracking_uri, manifest, started_at, scores)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
 
-def _fit(trainer) -> None:
+def _fit(trainer):
     """trainer.fit(). Ray Train installs a SIGINT handler for it (Ctrl-C, and the lease keeper's
     interrupt, abort the run gracefully) and leaves it installed, with a controller that is gone:
     a later Ctrl-C (during the export) would be swallowed. The previous handler comes back here."""
     if threading.current_thread() is not threading.main_thread():
-        trainer.fit()  # Ray Train installs nothing off the main thread
-        return
+        return trainer.fit()  # Ray Train installs nothing off the main thread
     previous = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit()
+        return trainer.fit()
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -269,17 +271,19 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
 
 
 def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest,
-            started_at: float) -> TrainOutcome:
-    """Export the average of the last checkpoints next to them, score it on test, log it all, with
-    the run's time ledger: the last checkpoint's, and the time since it was saved as `finish`.
+            started_at: float, scores: dict[str, float]) -> TrainOutcome:
+    """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
+    train.average=best) next to them, score it on test, log it all, with the run's time ledger:
+    the newest checkpoint's, and the time since it was saved as `finish`.
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
     from jobs.export import INFO, export_model
 
     run_uri = storage.join(_storage_root(job), name)
-    chosen = ckpt.to_average(run_uri, job.train.average_last)
-    final_state = ckpt.read_job_state(chosen[-1])
+    chosen = ckpt.to_average(run_uri, job.train, scores)
+    newest = ckpt.latest_complete_checkpoint(run_uri)
+    final_state = ckpt.read_job_state(newest)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
     export_uri = storage.join(run_uri, "export")
@@ -302,7 +306,7 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         ledger = GoodputLedger.from_dict(final_state.goodput)
         ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
         outcome = dataclasses.replace(outcome, time_table=ledger.table())
-        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, chosen[-1], ledger)
+        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest, ledger)
     return outcome
 
 

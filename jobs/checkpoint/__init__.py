@@ -7,8 +7,8 @@
              checkpoint, resize, compatibility of the saved config with the new one) and the
              rules the workers follow to restore from it;
 - upload.py: a rank's upload of its staged part while training goes on;
-- `to_average`: which checkpoints the export averages. Retention is Ray Train's
-  CheckpointConfig(num_to_keep=train.keep_checkpoints), set by the driver.
+- retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU) and
+             which the export averages.
 """
 
 from jobs.checkpoint.files import (
@@ -20,19 +20,12 @@ from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
     FIXED_ON_RESUME, ResumePlan, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
 )
-
-
-def to_average(run_uri: str, count: int) -> list[str]:
-    """The last `count` complete checkpoints of a run, oldest first: what the export averages."""
-    complete = [uri for uri in list_checkpoints(run_uri) if is_complete(uri)]
-    if not complete:
-        raise CheckpointError(f"{run_uri}: training produced no complete checkpoint")
-    return complete[-count:]
+from jobs.checkpoint.retention import checkpoint_config, reported_metrics, scores_of, to_average
 
 
 __all__ = [
     "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
-    "ResumePlan", "check_compatible", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
+    "ResumePlan", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
     "list_checkpoints", "load_engine_state", "load_rank_state", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reshard_of", "resume_source", "save_checkpoint", "to_average", "universal_copy", "Uploads", "verify",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "scores_of", "to_average", "universal_copy", "Uploads", "verify",
 ]

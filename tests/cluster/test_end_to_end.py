@@ -128,7 +128,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
             "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
             "optim.lr=0.003", "optim.warmup_steps=5", f"train.max_steps={STEPS}", "train.max_minutes=0",
             "train.log_every=1", "train.validate_every=20", "train.checkpoint_every_steps=10",
-            "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3", "train.average_last=1",
+            "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3", "train.average_checkpoints=1",
             "train.beam_size=2", "cluster.num_workers=2", f"cluster.storage_path={bucket}/runs",
             "cluster.placement_strategy=STRICT_SPREAD", "cluster.max_failures=3",
         ]

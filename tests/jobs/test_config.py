@@ -55,6 +55,9 @@ def test_overrides_reach_nested_sections_with_types() -> None:
     ("train.max_minutes=nan", "train.max_minutes: expected a finite number"),  # a run that never ended
     ("train.max_minutes=inf", "train.max_minutes: expected a finite number"),
     ("no_equals_sign", "overrides look like key.sub=value"),
+    ("train.average=first", "train.average: 'first' is not allowed; use 'last' or 'best'"),
+    ("train.average=best", "train.average=best needs valid BLEU during training: set train.bleu_every"),
+    ("train.average_checkpoints=9", "train.average_checkpoints cannot exceed train.keep_checkpoints"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
