@@ -11,7 +11,7 @@ dummy batch until every rank has, then all start the next epoch together.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import shutil
 import socket
@@ -129,13 +129,11 @@ class Trainer:
     def _restore(self, directory: Path, run_id: str) -> tuple[StreamPosition, torch.Tensor | None]:
         ckpt.verify(str(directory))  # the copy being loaded, before DeepSpeed unpickles anything in it
         saved = ckpt.read_job_state(str(directory))
-        universal = self._universal_copy(directory) if ckpt.reshard_of(saved, self.world) else None
-        self.engine, self.scheduler = build_engine(self.job, self.model_config, self.world,
-                                                   load_universal=universal is not None)
-        ckpt.load_engine_state(self.engine, directory, universal)
-        if universal is not None:
-            dist.barrier()  # every rank of the node has loaded it
-            shutil.rmtree(universal, ignore_errors=True)
+        resharded = ckpt.reshard_of(saved, self.world)
+        with self._universal_copy(directory) if resharded else contextlib.nullcontext() as universal:
+            self.engine, self.scheduler = build_engine(self.job, self.model_config, self.world,
+                                                       load_universal=resharded)
+            ckpt.load_engine_state(self.engine, directory, universal)
         position, rng = ckpt.rank_start(directory, saved, self.rank, self.world, self.manifest, self.job.stream)
         self.state, self.resumed_from_step = saved, saved.step
         self.resized_from = saved.world_size if saved.world_size != self.world else None
@@ -161,16 +159,30 @@ class Trainer:
         self.ledger.recomputed_steps += max(step - saved.step, 0)
         self.ledger.add("recovery", self.began_at - reached)
 
-    def _universal_copy(self, checkpoint: Path) -> Path:
-        """The checkpoint in DeepSpeed's universal format, in node-local scratch: converted once per
-        node by local rank 0. Ray groups local ranks by node IP, which need not mean one disk, so a
-        rank that does not see its local rank 0's copy after the barrier converts its own."""
-        target = Path(tempfile.gettempdir()) / f"aiayn-universal-{hashlib.sha256(str(checkpoint).encode()).hexdigest()[:16]}"
-        if self.local_rank == 0:
-            ckpt.universal_copy(checkpoint, target)
-        dist.barrier()
-        ckpt.universal_copy(checkpoint, target)
-        return target
+    @contextlib.contextmanager
+    def _universal_copy(self, checkpoint: Path) -> Iterator[Path]:
+        """The checkpoint in DeepSpeed's universal format, converted once per node, by the node's
+        local rank 0, into a private directory made for this restore and removed after it: a known
+        path in /tmp could be planted by another account, and DeepSpeed unpickles what it loads.
+        Ray groups local ranks by node IP, which need not mean one disk: a rank that does not see
+        its node's copy converts its own."""
+        import ray
+
+        own = Path(tempfile.mkdtemp(prefix="aiayn-universal-")) if self.local_rank == 0 else None
+        try:
+            if own is not None:
+                ckpt.universal_copy(checkpoint, own)
+            node = ray.get_runtime_context().get_node_id()
+            copies = [Path(path) for on, path in all_gather((node, str(own or ""))) if on == node and path]
+            if not (copies and copies[0].is_dir()):
+                own = Path(tempfile.mkdtemp(prefix="aiayn-universal-"))
+                ckpt.universal_copy(checkpoint, own)
+                copies = [own]
+            yield copies[0]
+            dist.barrier()  # every rank of the node has loaded it
+        finally:
+            if own is not None:
+                shutil.rmtree(own, ignore_errors=True)
 
     def fence(self, what: str) -> None:
         """Raises LeaseLost once another driver holds this run: its workers must not write."""
@@ -201,7 +213,7 @@ class Trainer:
                     f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
-            self.uploads.report({**metrics, "step": self.state.step}, local, self.state.step, wait, validate)
+            self.uploads.report(ckpt.reported_metrics(metrics, self.state.step), local, self.state.step, wait, validate)
         if self.logger is not None:
             self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
 
@@ -313,7 +325,8 @@ class Trainer:
             if metrics:
                 self._publish(step, metrics)
             ledger.charge("tracking")
-            if cadence.save(step, stop, bool(save_due) or preemption_pending or bleu_of_checkpoint):
+            # A checkpoint at each BLEU step: the score belongs to a checkpoint that retention can keep.
+            if cadence.save(step, stop, bool(save_due) or preemption_pending or bleu_due):
                 self.save(metrics, wait=stop or preemption_pending, validate=bleu_of_checkpoint)
                 last_save, preemption_pending = time.monotonic(), False
             ledger.charge("checkpoint")

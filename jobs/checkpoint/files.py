@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,31 +150,16 @@ def load_rank_state(directory: Path, rank: int) -> RankState:
     return RankState(StreamPosition.from_dict(data["position"]), data["rng_state"])
 
 
-def universal_copy(directory: Path, target: Path) -> bool:
-    """Convert the (verified) checkpoint's ZeRO shards into DeepSpeed's universal format at
-    `target` (node-local scratch), unless it is there already; returns True if this call wrote it.
-    Safe when several ranks race: each converts into its own temp directory, the first rename wins."""
+def universal_copy(directory: Path, target: Path) -> None:
+    """Convert the (verified) checkpoint's ZeRO shards into DeepSpeed's universal format in
+    `target`, an empty directory the caller made for it."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    if target.is_dir():
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        ds_to_universal(argparse.Namespace(
-            input_folder=str(directory / DEEPSPEED_DIR / DEEPSPEED_TAG), output_folder=str(scratch / DEEPSPEED_TAG),
-            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-            inject_missing_state=True,  # our model has no tensor-parallel layout to describe
-        ))
-        try:
-            os.rename(scratch, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            return False
-        return True
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(directory / DEEPSPEED_DIR / DEEPSPEED_TAG), output_folder=str(target / DEEPSPEED_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True,  # our model has no tensor-parallel layout to describe
+    ))
 
 
 def load_engine_state(engine, directory: Path, universal: Path | None) -> None:
