@@ -26,7 +26,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
-from tests.jobs.helpers import runs_named, steps, tiny_job, when_checkpoint_exists
+from tests.jobs.helpers import runs_named, steps, time_ledger, tiny_job, when_checkpoint_exists
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -54,12 +54,20 @@ def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_ro
                    extra=("tracking.http_retries=0", "tracking.http_timeout_s=3"))
     watcher = when_checkpoint_exists(tmp_path / "runs" / "outage", 10, outage)
     try:
+        started = time.time()
         outcome = train(job, log=_quiet)
+        wall_s = time.time() - started
         watcher.join(timeout=60)
         assert back.wait(timeout=60)
         assert outcome.steps == STEPS and Path(outcome.export_uri, "export.json").is_file()
         assert steps(url, outcome.run_id) == list(range(1, STEPS + 1))  # nothing lost, nothing twice
         assert "test/bleu" in runs_named(url, "outage")[0].data.metrics
+        # Every second accounted for, and the loop never stood still for the outage: sending
+        # metrics is off the training thread.
+        ledger, seconds = time_ledger(url, outcome.run_id)
+        print(f"ledger {seconds:.1f} s against {wall_s:.1f} s of wall time; {ledger}")
+        assert abs(seconds - wall_s) <= 0.02 * wall_s
+        assert ledger["goodput/tracking_s"] < 10, ledger
     finally:
         server.stop()
     fault_row(fault="MLflow server down 20 s mid-run (client budget 0 retries, 3 s)", injected="server stopped",

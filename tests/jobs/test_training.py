@@ -8,14 +8,18 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
 import json
 import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,10 +31,13 @@ from safetensors.torch import load_file
 
 from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
+from jobs.config import TrainConfig
+from jobs.export import INFO
 from jobs.goodput import CATEGORIES
 from jobs.train_driver import train
 from tests.jobs.helpers import (
-    registered, runs_named, steps, tiny_job, tiny_overrides, when_checkpoint_exists, when_checkpoint_upload_begins,
+    registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
+    when_checkpoint_exists, when_checkpoint_upload_begins,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,12 +56,6 @@ def _losses(tracking_uri: str, run_id: str) -> list[float]:
 
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(export_dir / "model.safetensors"))
-
-
-def _kill_one_train_worker() -> None:
-    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert pids, "no Ray Train worker process found to kill"
-    os.kill(int(pids[0]), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +126,11 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     run_dir = tmp_path / "runs" / "killed"
     seen: dict[str, bool] = {}
 
+    workers = TrainWorkers()
+
     def kill() -> None:
         seen["registered"] = registered(run_dir, ckpt.checkpoint_dir_name(after))
-        _kill_one_train_worker()
+        os.kill(workers.first(), signal.SIGKILL)
 
     print(f"SIGKILL of a worker once the upload of checkpoint {after} begins (AIAYN_FAULT_SEED={seed} repeats it)")
     # Valid BLEU off the loop as well: Ray Train's validation tasks score checkpoints 10, 20 and 30.
@@ -150,9 +153,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     # The time ledger: its parts sum to the run's wall time, and the steps trained again are those
     # from the checkpoint resumed from to where the killed attempt got (at least to the checkpoint
     # being uploaded; training went on during the upload, for at most a step or two).
-    ledger = {key: value for key, value in MlflowClient(mlflow_server).get_run(outcome.run_id).data.metrics.items()
-              if key.startswith("goodput/")}
-    seconds = sum(value for key, value in ledger.items() if key.endswith("_s"))
+    ledger, seconds = time_ledger(mlflow_server, outcome.run_id)
     print(f"ledger {seconds:.1f} s against {wall_s:.1f} s of wall time; {ledger}")
     assert abs(seconds - wall_s) <= 0.02 * wall_s
     if resumed:
@@ -170,18 +171,22 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
     _, reference = reference_run
     seed = int(os.environ.get("AIAYN_FAULT_SEED", random.randrange(10**6)))
     after = random.Random(seed).choice([5, 10, 15])
-    print(f"SIGSTOP of a worker once checkpoint {after} is registered (AIAYN_FAULT_SEED={seed} repeats it)")
+    print(f"SIGSTOP of a worker at step {after + 2} (AIAYN_FAULT_SEED={seed} repeats it)")
     lines: list[tuple[float, str]] = []
     stopped: dict[str, float] = {}
+    workers = TrainWorkers()
 
     def stop_one_worker() -> None:
-        pid = int(subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()[0])
+        pid = workers.first()
         os.kill(pid, signal.SIGSTOP)
         stopped.update(pid=pid, at=time.monotonic())
 
     job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=mlflow_server,
                    extra=("train.hang_timeout_s=10",))
-    stopper = when_checkpoint_exists(tmp_path / "runs" / "hung", after, stop_one_worker)
+    # Mid-training, off the checkpoint steps: the end of the run is a legitimately long phase (the
+    # last upload, the metric backlog), where a hang is caught after train.long_phase_timeout_s.
+    # (Waiting for a checkpoint's registration instead would land there: it lags the steps.)
+    stopper = when(lambda: any(line.startswith(f"step {after + 2}/") for _, line in lines), stop_one_worker)
     try:
         outcome = train(job, log=lambda line: (lines.append((time.monotonic(), line)), print(line)))  # shown on failure
     finally:
@@ -208,8 +213,54 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
     (tmp_path / "hang_figures.json").write_text(json.dumps(figures))
 
 
+def test_a_rank_slowed_down_is_named_as_a_straggler(ray_cluster, tiny_corpus, tmp_path) -> None:
+    """One worker process is held (SIGSTOP) for 30 ms in every 40, as a machine's other load would:
+    it computes at a quarter of its speed, and the other rank waits for it in the collectives."""
+    lines: list[str] = []
+    slowing = threading.Event()
+    done = threading.Event()
+    workers = TrainWorkers()
+
+    def slow_down_one_worker() -> None:
+        pid = workers.first()
+        slowing.set()
+        try:
+            while not done.is_set():
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.03)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.01)
+        except ProcessLookupError:  # the run ended
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    job = tiny_job(tiny_corpus, tmp_path, "slow", address=ray_cluster, extra=(
+        "train.max_steps=14", "train.validate_every=0", "train.checkpoint_every_steps=100", "train.hang_timeout_s=60"))
+    slower = when(lambda: any("tok/s" in line for line in lines), slow_down_one_worker)  # once training runs
+    try:
+        outcome = train(job, log=lines.append)
+    finally:
+        done.set()
+        slower.join(timeout=10)
+    assert slowing.is_set()
+    own = {rank: statistics.median(m.value for m in MlflowClient(outcome.tracking_uri).get_metric_history(
+        outcome.run_id, f"train/own_time_s/rank{rank}")) for rank in (0, 1)}
+    slowed = max(own, key=own.get)
+    assert own[slowed] > 1.5 * own[1 - slowed], own  # the rank held back is the one whose own time grew
+    # ... and it is named. (Tiny steps on 2 shared cores are noisy: the other rank may be named
+    # too, for a moment.)
+    named = [line for line in lines if f"straggler: rank {slowed} " in line]
+    assert named, "\n".join(lines)
+
+
 def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp_path) -> None:
-    command = [sys.executable, "-m", "jobs.cli", "train", *tiny_overrides(tiny_corpus, tmp_path, "restarted", address=ray_cluster)]
+    """The driver is SIGKILLed once checkpoint 10 is registered, its BLEU validation perhaps still
+    running; the rerun continues the run, and the export averages the best checkpoints by BLEU."""
+    best = ("train.bleu_every=10", "train.average=best", "train.average_checkpoints=2")
+    command = [sys.executable, "-m", "jobs.cli", "train",
+               *tiny_overrides(tiny_corpus, tmp_path, "restarted", address=ray_cluster), *best]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     watcher = when_checkpoint_exists(tmp_path / "runs" / "restarted", 10, lambda: os.killpg(first.pid, signal.SIGKILL))
     first.wait(timeout=600)
@@ -222,6 +273,28 @@ def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp
     runs = runs_named(tracking, "restarted")
     assert len(runs) == 1 and int(runs[0].data.tags["resumed_from_step"]) >= 10
     assert steps(tracking, runs[0].info.run_id) == list(range(1, MAX_STEPS + 1))
+    bleu = {m.step: m.value for m in MlflowClient(tracking).get_metric_history(runs[0].info.run_id, "valid/bleu")}
+    assert steps(tracking, runs[0].info.run_id, "valid/bleu") == [10, 20, 30]  # each once, across the kill
+    run_dir = tmp_path / "runs" / "restarted"
+    kept = [Path(uri).name for uri in ckpt.list_checkpoints(run_dir) if ckpt.is_complete(uri)]
+    assert kept == [ckpt.checkpoint_dir_name(step) for step in (10, 20, 30)]  # the unscored ones went first
+    averaged = json.loads((run_dir / "export" / INFO).read_text())["averaged_checkpoints"]
+    by_name = {ckpt.checkpoint_dir_name(step): value for step, value in bleu.items()}
+    assert len(averaged) == 2 and sorted(by_name[name] for name in averaged) == sorted(bleu.values())[1:], (averaged, bleu)
+
+
+def test_the_export_averages_the_checkpoints_retention_keeps(reference_run) -> None:
+    root, _ = reference_run
+    run_dir = root / "runs" / "reference"
+    names = [Path(uri).name for uri in ckpt.list_checkpoints(run_dir)]
+    assert names == [ckpt.checkpoint_dir_name(step) for step in (20, 25, 30)]
+    last = TrainConfig(max_steps=MAX_STEPS, keep_checkpoints=3, average_checkpoints=2)
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, last, {})] == names[1:]
+    best = dataclasses.replace(last, average="best", bleu_every=5)
+    scores = {names[0]: 9.0, names[1]: 1.0, names[2]: 4.0}
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, scores)] == [names[0], names[2]]  # oldest first
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {names[1]: 2.0})] == [names[1]]
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {})] == [names[2]]  # none scored: the newest
 
 
 def test_a_second_driver_of_a_running_run_is_refused_and_the_first_is_unharmed(
@@ -325,10 +398,20 @@ def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus,
     root, reference = reference_run
     checkpoint = tmp_path / "from"
     shutil.copytree(root / "runs" / "reference" / ckpt.checkpoint_dir_name(20), checkpoint)
+    # What another account could plant where the conversion used to go (a path derived from the
+    # checkpoint's): never loaded, never removed.
+    planted = Path(tempfile.gettempdir()) / f"aiayn-universal-{hashlib.sha256(str(checkpoint).encode()).hexdigest()[:16]}"
+    (planted / ckpt.DEEPSPEED_TAG).mkdir(parents=True)
+    (planted / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt").write_bytes(b"planted")
     job = tiny_job(tiny_corpus, tmp_path, "resized", address=ray_cluster,
                    extra=("cluster.num_workers=1", "train.validate_every=0"))
-    outcome = train(job, resume_from=str(checkpoint), log=_quiet)
+    try:
+        outcome = train(job, resume_from=str(checkpoint), log=_quiet)
+        assert (planted / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt").read_bytes() == b"planted"
+    finally:
+        shutil.rmtree(planted)
     assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == [ckpt.DEEPSPEED_DIR]  # converted elsewhere
+    assert not list(Path(tempfile.gettempdir()).glob("aiayn-universal-*"))  # the private copy is gone
     [run] = runs_named(outcome.tracking_uri, "resized")
     assert int(run.data.tags["resumed_from_step"]) == 20 and run.data.tags["world_size"] == "1"
     assert steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))
