@@ -303,29 +303,49 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        ledger = GoodputLedger.from_dict(final_state.goodput)
-        ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
-        outcome = dataclasses.replace(outcome, time_table=ledger.table())
-        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest, ledger)
+        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
+    # The end's tracking too (an outage's backlog, the artifacts): the ledger is the last thing sent.
+    ledger = GoodputLedger.from_dict(final_state.goodput)
+    ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
+    outcome = dataclasses.replace(outcome, time_table=ledger.table())
+    _track_ledger(outcome, ledger)
     return outcome
 
 
 def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   pending_metrics: list, checkpoint_uri: str, ledger: GoodputLedger) -> None:
+                   pending_metrics: list, checkpoint_uri: str) -> None:
     """Send what the workers could not (an outage at the end) and the artifacts. MLflow being down
     now costs the artifacts of this run, not the run: the export is in storage already."""
     from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
     logger.restore_spool(pending_metrics)
-    logger.log(ledger.metrics(), outcome.steps)  # the whole run's; the workers leave the last step to this
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):
         print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
     try:
-        _log_artifacts(job, outcome, manifest, export_dir, ledger)
+        _log_artifacts(job, outcome, manifest, export_dir)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
         print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
               f"{outcome.export_uri}, not logged as an artifact")
+
+
+def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
+    """The whole run's time ledger (the workers leave the last step's to this) and its table, then
+    the run marked finished."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+
+    logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
+    logger.log(ledger.metrics(), outcome.steps)
+    if logger.close(timeout_s=END_OF_RUN_WAIT_S):
+        print("[aiayn] the run's time ledger did not reach MLflow; it is in this run's log")
+    try:
+        client = MlflowClient(outcome.tracking_uri)
+        client.log_dict(outcome.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
+        client.set_terminated(outcome.run_id, "FINISHED")
+    except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
+        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the run is not marked finished")
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
@@ -338,8 +358,7 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
     return dataclasses.replace(outcome, test_bleu=score.bleu, bleu_signature=score.signature, samples=score.samples)
 
 
-def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   ledger: GoodputLedger) -> None:
+def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(outcome.tracking_uri)
@@ -347,7 +366,6 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
         folder = Path(scratch)
         (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
         (folder / "data_manifest.json").write_text(json.dumps(manifest.data, indent=2))
-        (folder / "goodput.json").write_text(json.dumps({**ledger.to_dict(), "table": ledger.table()}, indent=2))
         if outcome.samples:
             (folder / "sample_translations.txt").write_text("\n\n".join(
                 f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")
@@ -356,4 +374,3 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     if outcome.test_bleu is not None:
         client.log_metric(outcome.run_id, "test/bleu", outcome.test_bleu, step=outcome.steps)
         client.set_tag(outcome.run_id, "bleu_signature", outcome.bleu_signature)
-    client.set_terminated(outcome.run_id, "FINISHED")
