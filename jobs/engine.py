@@ -82,16 +82,41 @@ def train_step(engine, micro: list[Batch | None], global_tokens: float, world_si
         with forward_clock.timing() if forward_clock is not None else contextlib.nullcontext():
             loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
         engine.backward(loss * (scale * weight))
-        engine.step()
+        with _skip_if_not_finite(engine):
+            engine.step()
         sums.append(torch.stack([loss.detach().float(), nll.float()]) * weight)
     loss_sum, nll_sum = torch.stack(sums).sum(0).tolist()
     return loss_sum, nll_sum
 
 
+@contextlib.contextmanager
+def _skip_if_not_finite(engine):
+    """ZeRO 1-3 and DeepSpeed's 16-bit optimizers skip an update whose gradients are not finite:
+    they report an `overflow`, and the engine then counts a skipped step, leaves the lr schedule
+    where it is and `was_step_applied()` says False. ZeRO-0 in fp32 steps a plain torch optimizer,
+    which has no such report and would make every weight NaN. For it the gradients, already
+    averaged over ranks (so every rank decides alike), are checked at the update, and a
+    non-finite one makes that optimizer report an overflow and step nothing, for this step only.
+    Costs ZeRO-0 fp32 one host sync per step."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "overflow") or not engine.is_gradient_accumulation_boundary():
+        yield
+        return
+    gradients = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients, error_if_nonfinite=False))):
+        yield
+        return
+    optimizer.overflow, optimizer.step = True, lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.overflow, optimizer.step
+
+
 @dataclass
 class DivergenceGuard:
-    """ZeRO 1-3 skip, on every rank alike, an update whose global gradient norm is not finite. A
-    few are survivable; `limit` in a row mean the run has diverged."""
+    """Every ZeRO stage skips, on every rank alike, an update whose global gradient norm is not
+    finite (see `train_step`). A few are survivable; `limit` in a row mean the run has diverged."""
 
     limit: int
     in_a_row: int = 0

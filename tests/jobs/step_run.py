@@ -36,6 +36,7 @@ def padded_batches(count: int, seed: int) -> list:
 
 def main(steps: int, overrides: list[str]) -> None:
     import deepspeed
+    import torch
 
     from cluster.services import free_port
     from jobs.config import load_job_config
@@ -47,12 +48,15 @@ def main(steps: int, overrides: list[str]) -> None:
     job = load_job_config(None, ["model.preset=tiny", "model.dropout=0", "optim.warmup_steps=4", "optim.lr=0.003",
                                  "stream.max_tokens=200", "cluster.num_workers=1", *overrides])
     engine, _ = build_engine(job, job.model.replace(vocab_size=VOCAB), 1, load_universal=False)
-    losses = []
+    losses, applied = [], []
     for batch in padded_batches(steps, seed=7):
         loss, _ = train_step(engine, [batch], batch.target_tokens, 1, job.model.label_smoothing)
         losses.append(loss / batch.target_tokens)
-    print(json.dumps({"losses": losses, "dtype": str(next(engine.module.parameters()).dtype),
-                      "compiled": engine.is_compiled}))
+        applied.append(engine.was_step_applied())
+    weights_finite = None if job.train.zero_stage == 3 else all(  # ZeRO-3's are partitioned away
+        bool(torch.isfinite(p).all()) for p in engine.module.parameters())
+    print(json.dumps({"losses": losses, "applied": applied, "weights_finite": weights_finite,
+                      "dtype": str(next(engine.module.parameters()).dtype), "compiled": engine.is_compiled}))
 
 
 if __name__ == "__main__":

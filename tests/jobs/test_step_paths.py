@@ -1,5 +1,6 @@
 """The step's other paths, on CPU so that CI runs them: bf16 through DeepSpeed's CPU accelerator,
-and the torch.compile'd model (inductor, built with the system compiler) against eager."""
+the torch.compile'd model (inductor, built with the system compiler) against eager, and updates
+with non-finite gradients at every ZeRO stage."""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def test_the_compiled_model_trains_like_eager() -> None:
     assert compiled["compiled"] and not eager["compiled"]
     for ours, reference in zip(compiled["losses"], eager["losses"]):
         assert abs(ours - reference) / reference < 1e-4, (compiled["losses"], eager["losses"])
+
+
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_an_update_with_non_finite_gradients_is_skipped_at_every_zero_stage(stage: int) -> None:
+    """lr=1e30: the first update makes the weights ~1e30, after which the loss and the gradients
+    overflow to NaN. ZeRO-0 in fp32 steps a plain torch optimizer, which would apply them."""
+    run = _losses(4, f"train.zero_stage={stage}", "optim.lr=1e30", "optim.warmup_steps=1")
+    assert run["applied"] == [True, False, False, False], run
+    assert run["weights_finite"] in (True, None), run  # None: ZeRO-3's weights are partitioned
