@@ -38,8 +38,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-_SECRET_QUERY = re.compile(r"([?&](?:[^=&]*(?:token|secret|password|passwd|key|signature|credential)[^=&]*)=)[^&]*",
-                           re.IGNORECASE)
+# `sig` alone: the signature of an Azure shared-access URL (...?sv=...&sig=...).
+_SECRET_QUERY = re.compile(
+    r"([?&](?:[^=&]*(?:token|secret|password|passwd|key|signature|credential)[^=&]*|sig)=)[^&]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

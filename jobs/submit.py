@@ -9,6 +9,8 @@ import shlex
 
 from cluster.job_environment import runtime_env
 from data_pipeline.errors import InputError
+from data_pipeline.storage import redact
+
 
 def dashboard_address(explicit: str) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS (http://), else the local cluster's."""
@@ -33,6 +35,11 @@ def submit(address: str, command: list[str], *, name: str = "", tracking_uri: st
         command = command[1:]
     if not command:
         raise InputError("nothing to submit: give an aiayn command after --, e.g. `aiayn submit -- train`")
+    holding = next((argument for argument in command if redact(argument) != argument), None)
+    if holding is not None:
+        raise InputError(f"{redact(holding)}: this argument holds credentials, which Ray would keep in the job's "
+                         "record; put them in a variable the job reads (MLFLOW_TRACKING_PASSWORD, "
+                         "AWS_SECRET_ACCESS_KEY, ...) and pass it with --env NAME")
     environment = runtime_env(named_env or [], tracking_uri)
     return client(address).submit_job(
         entrypoint=f"python -m jobs.cli {shlex.join(command)}", runtime_env=environment, submission_id=name or None,

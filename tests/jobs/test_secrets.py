@@ -31,7 +31,22 @@ def test_credentials_in_uris_are_redacted() -> None:
     assert redact("postgresql://u:p@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
     signed = redact("https://bucket.s3.amazonaws.com/k?X-Amz-Signature=abc123&X-Amz-Credential=AKIA&part=2")
     assert "abc123" not in signed and "AKIA" not in signed and "part=2" in signed
+    sas = redact("https://acct.blob.core.windows.net/c/x?sv=2024-05-04&sp=r&sig=Zm9vYmFy%3D&se=2026")
+    assert "Zm9vYmFy" not in sas and "sp=r" in sas and "se=2026" in sas
+    assert redact("s3://AKIAEXAMPLE:wJalrXUtn@bucket/runs") == "s3://***@bucket/runs"
     assert redact("s3://bucket/runs") == "s3://bucket/runs" and redact("data/corpus") == "data/corpus"
+    assert redact("https://example.com/design?signoff=yes") == "https://example.com/design?signoff=yes"
+
+
+def test_a_job_command_holding_a_credential_is_refused_before_any_cluster_contact() -> None:
+    """Ray keeps a job's entrypoint in its record: a `key=value` override with a password would be
+    readable through the Jobs API by anyone who can list jobs."""
+    from jobs.submit import submit
+
+    with pytest.raises(InputError, match=r"^tracking.uri=https://\*\*\*@mlflow.example.com: this argument holds "
+                                         r"credentials.*--env NAME") as refused:
+        submit("http://127.0.0.1:9", ["train", "tracking.uri=https://alice:hunter2@mlflow.example.com"])
+    assert "hunter2" not in str(refused.value)
 
 
 def test_the_public_config_holds_no_credential() -> None:
