@@ -15,6 +15,7 @@ tgt_ids / tgt_len; valid and test shards also keep `index` (input line order), s
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -122,19 +123,35 @@ def new_version_uri(dataset_uri: str, fingerprint: str) -> str:
 
 
 def commit_version(dataset_uri: str, version_uri: str) -> None:
-    """Make a fully written version current (one atomic write), then remove versions that no
-    reader should need: complete ones older than the last KEEP_VERSIONS, and unfinished ones
-    abandoned for a day. Only directories of the version layout are ever removed."""
+    """Make a fully written version current (one atomic write), then prune what no reader needs.
+    The commit stands whatever the prune does: a prune that fails is said, not raised."""
     name = version_uri.rsplit("/", 1)[1]
     storage.write_bytes_atomic(storage.join(dataset_uri, CURRENT), json.dumps({"version": name}).encode())
+    try:
+        prune_versions(dataset_uri)
+    except Exception as error:  # noqa: BLE001 - the new version is committed; old ones can wait
+        print(f"[aiayn] {storage.redact(dataset_uri)}: old versions not removed ({str(error).splitlines()[0][:200]}); "
+              "the next prepare tries again", file=sys.stderr)
+
+
+def prune_versions(dataset_uri: str) -> None:
+    """Remove versions that no reader should need: complete ones older than the last KEEP_VERSIONS,
+    and unfinished ones that nothing wrote to for a day (a prepare that died), judged by the
+    store's own clock. The current version is never removed, nor anything outside the layout."""
+    current = (storage.read_json(storage.join(dataset_uri, CURRENT)) or {}).get("version")
     versions_uri = storage.join(dataset_uri, VERSIONS)
     names = storage.list_dirs(versions_uri)
     complete = [n for n in names if storage.is_file(storage.join(versions_uri, n, MANIFEST))]
-    keep = set(complete[-KEEP_VERSIONS:]) | {name}
-    cutoff = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - ABANDONED_AFTER_SECONDS))
+    keep = set(complete[-KEEP_VERSIONS:]) | {current}
+    unfinished = [n for n in names if n not in complete and n not in keep]
+    now = storage.store_now(versions_uri) if unfinished else 0.0
     for other in names:
-        if other in keep or (other not in complete and other > cutoff):
+        if other in keep:
             continue
+        if other in unfinished:
+            written = storage.newest_modified_time(storage.join(versions_uri, other))
+            if written is None or now - written < ABANDONED_AFTER_SECONDS:
+                continue
         storage.delete_dir(storage.join(versions_uri, other))
 
 

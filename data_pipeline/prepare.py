@@ -248,7 +248,8 @@ def run_prepare(plan: PreparePlan) -> dict:
         commit_version(config.dataset_uri, version)
         return manifest
     except BaseException:
-        storage.delete_dir(version)
+        if current_version(config.dataset_uri) != version:  # never the version CURRENT already names
+            storage.delete_dir(version)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -124,6 +124,25 @@ def modified_time(uri: str) -> float:
     return info.mtime.timestamp()
 
 
+def store_now(directory_uri: str) -> float:
+    """The current time by the clock of the store that holds `directory_uri`: the modification
+    time of a probe written there (and removed), so that no two machines' clocks are compared."""
+    probe = join(directory_uri, f".clock-{uuid.uuid4().hex[:8]}")
+    write_bytes_atomic(probe, b"")
+    try:
+        return modified_time(probe)
+    finally:
+        delete_file(probe)
+
+
+def newest_modified_time(directory_uri: str) -> float | None:
+    """The latest modification time of any file below a directory, by the store's clock (None: no file)."""
+    fs, path = filesystem(directory_uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    times = [info.mtime.timestamp() for info in infos if info.type == pafs.FileType.File and info.mtime is not None]
+    return max(times, default=None)
+
+
 def delete_file(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:

@@ -69,12 +69,7 @@ def _read(uri: str) -> Lease | None:
 
 def _age_s(uri: str) -> float:
     """Seconds since the lease was written, by the store's clock."""
-    probe = f"{uri}.clock-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes_atomic(probe, b"")
-    try:
-        return storage.modified_time(probe) - storage.modified_time(uri)
-    finally:
-        storage.delete_file(probe)
+    return storage.store_now(uri.rsplit("/", 1)[0]) - storage.modified_time(uri)
 
 
 def _exited_here(lease: Lease) -> bool:

@@ -4,6 +4,8 @@ checkpoint, export and dataset code relies on when nodes share no disk."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -110,3 +112,37 @@ def test_versions_swap_atomically_and_old_ones_are_pruned(root) -> None:
     assert storage.is_dir(in_flight)  # never removed while it may still be written
     assert json.loads(storage.read_text(storage.join(dataset, CURRENT)))["version"] in storage.list_dirs(
         storage.join(dataset, VERSIONS))
+
+
+def test_an_unfinished_version_is_pruned_by_the_age_of_its_files_not_of_its_name(tmp_path) -> None:
+    """A version's name carries the writer's clock; whether it was abandoned is judged by when its
+    files were last written, by the store's clock (here the local disk's)."""
+    dataset = str(tmp_path / "corpus")
+    abandoned = _write_version(dataset, "ab" * 6, complete=False)
+    recent_name_old_files = _write_version(dataset, "cd" * 6, complete=False)
+    day_ago = time.time() - 25 * 3600
+    for version in (abandoned, recent_name_old_files):
+        for path in Path(version).rglob("*"):
+            os.utime(path, (day_ago, day_ago))
+    still_written = storage.join(dataset, VERSIONS, "20000101T000000Z-ef-000000")  # a name from a wrong clock
+    storage.write_bytes_atomic(storage.join(still_written, "train", "part-00000.parquet"), b"rows")
+    commit_version(dataset, _write_version(dataset, "aa" * 6))
+    left = storage.list_dirs(storage.join(dataset, VERSIONS))
+    assert Path(still_written).name in left
+    assert Path(abandoned).name not in left and Path(recent_name_old_files).name not in left
+    assert not [name for name in os.listdir(Path(dataset, VERSIONS)) if name.startswith(".clock")]
+
+
+def test_a_failing_prune_leaves_the_committed_version_current_and_readable(root, monkeypatch, capsys) -> None:
+    dataset = storage.join(root, "data", "corpus")
+    for number in range(3):
+        commit_version(dataset, _write_version(dataset, f"{number:02d}" * 6))
+
+    def refuse(uri: str) -> None:
+        raise PermissionError(f"{uri}: AccessDenied")
+
+    monkeypatch.setattr(storage, "delete_dir", refuse)
+    newest = _write_version(dataset, "ee" * 6)
+    commit_version(dataset, newest)  # does not raise: the commit stands
+    assert load_manifest(dataset).uri == newest and load_manifest(dataset).data["fingerprint"] == "ee" * 6
+    assert "old versions not removed" in capsys.readouterr().err
