@@ -10,7 +10,7 @@ the machine is shaped: the bench re-runs itself under `unshare --net` (needs roo
 
     python bench/checkpoint_stall.py --data-dir data --preset base --rate 400mbit
 
-Status (2026-12-01): written, not yet run; no result of it is recorded.
+Recorded: bench/results/checkpoint_stall_cpu_2026-12-02.json (0.056).
 """
 
 from __future__ import annotations
