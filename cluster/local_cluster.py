@@ -19,13 +19,16 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.job_environment import named_variables
 from cluster.services import (
     Isolation, Service, ServiceError, alive_nodes, object_store_env, start_mlflow_server, start_object_store,
     start_ray_head, start_ray_worker, wait_for_nodes,
@@ -57,6 +60,8 @@ class ClusterState:
     cpus_per_node: int = 2
     worker_nodes: dict = field(default_factory=dict)  # "ray-worker-<i>" -> its process group
     private_dirs: list = field(default_factory=list)  # isolated nodes: the directories each has empty
+    named_env: list = field(default_factory=list)  # `up --env NAME`: names only; a node added later reads them again
+    ray_temp_dir: str = ""  # Ray's sessions, logs and the jobs' unpacked code, inside a directory of this account's
 
 
 def read_state() -> ClusterState | None:
@@ -68,6 +73,23 @@ def read_state() -> ClusterState | None:
     except (ValueError, TypeError) as error:
         raise InputError(f"{path}: not a cluster state file aiayn can read ({error}); move it away if no cluster "
                          "of yours is running") from None
+
+
+def ray_temp_dir() -> Path:
+    """The root of Ray's session directories for this account's cluster. Ray makes it and what is
+    below it (the session, its logs, the jobs' unpacked code) mode 777, so it lies inside a
+    directory of this account's alone (0700); one there that another account owns or may enter
+    is refused rather than used. Short and under the system temp dir: Ray's Unix sockets live
+    below it, and a socket's path has at most 107 bytes."""
+    private = Path(tempfile.gettempdir()) / f"aiayn-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        private.mkdir(mode=0o700)
+    info = private.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise InputError(f"{private}: this account's directory for Ray must be its own with mode 0700 (found owner "
+                         f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); remove it and run `aiayn cluster up` "
+                         "again")
+    return private / "ray"
 
 
 def ray_token() -> Path:
@@ -110,17 +132,20 @@ def _exclusive():
 
 
 def up(nodes: int, cpus_per_node: int, *, with_mlflow: bool = True, with_object_store: bool = True,
-       isolated: bool = False) -> ClusterState:
-    """Start the cluster; on any failure stop what was started and raise (nothing is left running)."""
+       isolated: bool = False, named_env: list[str] | None = None) -> ClusterState:
+    """Start the cluster; on any failure stop what was started and raise (nothing is left running).
+    Its processes inherit this shell's settings but no credential except those in `named_env`."""
     if nodes < 1:
         raise InputError("--nodes must be at least 1")
     if isolated:
         _check_can_isolate()
+    named = named_variables(named_env or [])
     with _exclusive():
-        return _up(nodes, cpus_per_node, with_mlflow, with_object_store, isolated)
+        return _up(nodes, cpus_per_node, with_mlflow, with_object_store, isolated, named)
 
 
-def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bool, isolated: bool) -> ClusterState:
+def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bool, isolated: bool,
+        named: dict[str, str]) -> ClusterState:
     existing = read_state()
     if existing is not None:
         raise InputError(f"a cluster is already up ({existing.dashboard_url}); run `aiayn cluster down` first")
@@ -137,8 +162,10 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
         private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
         isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
-        node_env = {**store_env, **marker}
-        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, env=node_env, isolation=isolation)
+        node_env = {**named, **store_env, **marker}
+        temp_dir = ray_temp_dir()
+        head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, temp_dir=temp_dir, env=node_env,
+                                                  isolation=isolation)
         started.append(head)
         workers = {}
         for index in range(1, nodes):  # one at a time: simultaneous joins time out on small machines
@@ -156,7 +183,8 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             service.stop()
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
-                         object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private)
+                         object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private, list(named),
+                         str(temp_dir))
     state_dir().mkdir(parents=True, exist_ok=True)
     write_state(state)
     return state
@@ -191,7 +219,7 @@ def add_node() -> str:
         state = _require_state()
         index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
-        env = {**state.object_store.get("env", {}), CLUSTER_ID: state.cluster_id}
+        env = {**named_variables(state.named_env), **state.object_store.get("env", {}), CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
                         expected_nodes=alive_nodes(state.ray_address) + 1)
         state.worker_nodes[service.name] = service.process.pid
@@ -320,13 +348,13 @@ def live_processes_in_group(group: int) -> list[int]:
     """Processes of a process group that are still running (zombies, already dead and only
     waiting for a parent to reap them, do not count)."""
     alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for record in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = record.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == group and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
+            alive.append(int(record.parent.name))
     return alive
 
 

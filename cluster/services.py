@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.job_environment import inherited_environment
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -96,7 +98,7 @@ def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None
     # Jobs run `python -m jobs.cli ...`: this interpreter must be the `python` their shells find.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PATH": path, **(env or {})})
+                               env={**inherited_environment(), "PATH": path, **(env or {})})
     handle.close()
     return Service(name, process, log)
 

@@ -243,7 +243,8 @@ def run_prepare(plan: PreparePlan) -> dict:
             },
             "splits": splits,
         }
-        manifest = json.loads(json.dumps(manifest))  # exactly what readers will load (tuples become lists)
+        # Exactly what readers will load (tuples become lists), with no credential of a source URI.
+        manifest = json.loads(json.dumps(storage.redact_tree(manifest)))
         write_manifest(version, manifest)
         commit_version(config.dataset_uri, version)
         return manifest

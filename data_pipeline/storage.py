@@ -16,7 +16,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pyarrow.fs as pafs
 
@@ -48,6 +48,17 @@ def redact(text: str) -> str:
     (scheme://user:password@host) and secret-looking query parameters are replaced by ***."""
     text = re.sub(r"(\w[\w+.-]*://)[^/@\s]+@", r"\1***@", text)
     return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def redact_tree(value: Any) -> Any:
+    """A JSON-like tree (a manifest, a config) with every string redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(item) for item in value]
+    return value
 
 
 def is_within(uri: str, directory: str) -> bool:

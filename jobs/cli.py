@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
+from data_pipeline.storage import redact
 
 ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.evaluation.open_translator takes
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
@@ -36,9 +37,15 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _load_config(args: argparse.Namespace):
+    import dataclasses
+
+    from cluster.job_environment import job_location
     from jobs.config import load_job_config
 
-    return load_job_config(args.config, args.overrides)
+    job = load_job_config(args.config, args.overrides)
+    data = dataclasses.replace(job.data, output_dir=job_location("data.output_dir", job.data.output_dir))
+    cluster = dataclasses.replace(job.cluster, storage_path=job_location("cluster.storage_path", job.cluster.storage_path))
+    return dataclasses.replace(job, data=data, cluster=cluster)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -49,7 +56,7 @@ def _prepare(args: argparse.Namespace) -> int:
     config = _load_config(args)
     plan = plan_prepare(config.data)
     if plan.up_to_date and not args.force:
-        print(f"{config.data.dataset_uri}: already prepared from the same inputs and settings; nothing to do")
+        print(f"{redact(config.data.dataset_uri)}: already prepared from the same inputs and settings; nothing to do")
         return 0
     connect(args.address or config.cluster.address)
     check_reaches_every_node({"data.output_dir": config.data.output_dir})  # Ray Data tasks run on any node
@@ -85,7 +92,7 @@ def _summary(outcome) -> str:
         lines.append(f"  best valid loss {outcome.best_valid_loss:.3f}")
     if outcome.test_bleu is not None:
         lines.append(f"  test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
-    lines.append(f"  export: {outcome.export_uri}")
+    lines.append(f"  export: {redact(outcome.export_uri)}")
     if outcome.log_path:
         lines.append(f"  log: {outcome.log_path}")
     if outcome.tracking_uri.startswith(("http://", "https://")):
@@ -165,7 +172,8 @@ def _cluster(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         state = local_cluster.up(args.nodes, args.cpus_per_node, with_mlflow=not args.no_mlflow,
-                                 with_object_store=not args.no_object_store, isolated=args.isolated)
+                                 with_object_store=not args.no_object_store, isolated=args.isolated,
+                                 named_env=args.env)
         print(json.dumps(_cluster_summary(state), indent=2))
         print("plain Ray clients (ray status, ray job ...) on this machine need: export RAY_AUTH_MODE=token",
               file=sys.stderr)
@@ -192,7 +200,8 @@ def _cluster_summary(state) -> dict:
 
     return {"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
             "mlflow": state.mlflow_url, "object_store": state.object_store, "nodes": state.nodes,
-            "isolated": state.isolated, "logs": state.log_dir, "process_groups": state.process_groups,
+            "isolated": state.isolated, "logs": state.log_dir, "ray_temp_dir": state.ray_temp_dir,
+            "process_groups": state.process_groups,
             "worker_nodes": sorted(state.worker_nodes),
             "cluster_id": state.cluster_id,
             "state_file": str(local_cluster.state_file())}
@@ -203,15 +212,14 @@ def _submit(args: argparse.Namespace) -> int:
 
     from jobs import submit
 
-    command = [c for c in args.command if c != "--"]
-    tracking = args.tracking_uri
-    if not tracking:
-        from cluster.local_cluster import read_state
+    from cluster.local_cluster import read_state
 
-        state = read_state()
-        local = state.mlflow_url if state is not None and not args.address else ""
-        tracking = local or os.environ.get("MLFLOW_TRACKING_URI", "")
-    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking, named_env=args.env)
+    command = [c for c in args.command if c != "--"]
+    state = None if args.address else read_state()  # submitting to the local cluster: its services
+    tracking = args.tracking_uri or (state.mlflow_url if state else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    cluster_storage = state.object_store.get("bucket_uri", "") if state else ""
+    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking, named_env=args.env,
+                           cluster_storage=cluster_storage)
     print(job_id)
     if args.env:
         print(f"passed to the job (values not shown; kept in Ray's job record): {', '.join(args.env)}", file=sys.stderr)
@@ -316,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--isolated", action="store_true",
                          help="each node in its own mount namespace: private /tmp, home and working directory (root)")
     cluster.add_argument("--json", action="store_true", help="status: JSON only (addresses, object store, jobs)")
+    cluster.add_argument("--env", action="append", default=[], metavar="NAME",
+                         help="up: pass this variable (a credential) to every node and so to every job; repeatable. "
+                              "Nothing else whose name or value looks like a credential is passed")
     cluster.set_defaults(handler=_cluster)
 
     submit = commands.add_parser("submit", help="run any aiayn command as a Ray job (Jobs API)")
@@ -356,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except InputError as error:
-        print(f"aiayn {args.command}: error: {error}", file=sys.stderr)
+        print(f"aiayn {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except (ServiceError, LeaseLost) as error:
-        print(f"aiayn {args.command}: failed: {error}", file=sys.stderr)
+        print(f"aiayn {args.command}: failed: {redact(str(error))}", file=sys.stderr)
         return 1
 
 

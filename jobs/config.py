@@ -133,11 +133,13 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local store ./mlruns
     experiment: str = "aiayn"
-    # The MLflow client's budget per request (None: MLflow's defaults, about 4 minutes of
-    # retries). Metrics are sent by a background thread that keeps what could not be sent, so the
-    # budget only decides how soon an outage is noticed and said.
-    http_retries: int | None = None
-    http_timeout_s: float | None = None
+    # The MLflow client's budget per request, on the driver and every worker. MLflow's own
+    # defaults (120 s, 7 retries with backoff) let one call to a server that accepts connections
+    # and never answers take a quarter of an hour. Metrics are sent by a background thread that
+    # keeps what could not be sent, and the driver's other calls never fail a run, so the budget
+    # decides how soon an outage is noticed and how long the end of a run waits for the server.
+    http_retries: int = 2
+    http_timeout_s: float = 30.0
     # Each node's CPU, memory, disk, network and GPU figures (MLflow's system metrics, named
     # system/<host>-<node id>/...) every this many seconds; 0: none.
     system_metrics_every_s: float = 30.0
@@ -145,15 +147,15 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.system_metrics_every_s < 0:
             raise ValueError(f"tracking.system_metrics_every_s must be 0 (none) or positive, got {self.system_metrics_every_s}")
+        if self.http_retries < 0:
+            raise ValueError(f"tracking.http_retries must be 0 or more, got {self.http_retries}")
+        if self.http_timeout_s < 1:
+            raise ValueError(f"tracking.http_timeout_s must be at least 1 (seconds), got {self.http_timeout_s}")
 
     def environment(self) -> dict[str, str]:
         """MLflow's own variables for this budget."""
-        env = {}
-        if self.http_retries is not None:
-            env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_retries)
-        if self.http_timeout_s is not None:
-            env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(self.http_timeout_s))
-        return env
+        return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.http_retries),
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(round(self.http_timeout_s))}
 
 
 @dataclass(frozen=True)
@@ -327,18 +329,9 @@ def config_to_dict(config: Any) -> dict:
 def public_config(config: Any) -> dict:
     """The config as it may be printed, logged to MLflow and stored in checkpoints: every string
     redacted of credentials (a tracking URI with a password, a signed URL)."""
-    from data_pipeline.storage import redact
+    from data_pipeline.storage import redact_tree
 
-    def clean(value: Any) -> Any:
-        if isinstance(value, str):
-            return redact(value)
-        if isinstance(value, dict):
-            return {key: clean(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [clean(item) for item in value]
-        return value
-
-    return clean(config_to_dict(config))
+    return redact_tree(config_to_dict(config))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

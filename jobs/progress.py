@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from data_pipeline.storage import redact
+
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -66,6 +68,7 @@ class Console:
             self._log = log_path.open("a", encoding="utf-8")
 
     def __call__(self, text: str) -> None:
+        text = redact(text)  # a URI with credentials in it (s3://KEY:SECRET@bucket, a signed URL) never shows
         print(text, file=self.stream, flush=True)
         if self._log is not None:
             self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}\n")

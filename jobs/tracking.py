@@ -7,12 +7,13 @@ instead of logging it twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -75,6 +76,23 @@ def git_commit() -> str:
                               cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def request_budget(environment: dict[str, str]) -> Iterator[None]:
+    """MLflow's client reads its per-request timeout and retries from the environment at every
+    request. The driver sets them for as long as it runs; `train()` also runs inside other programs
+    (tests, notebooks), whose own values come back afterwards."""
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, bool]:

@@ -164,7 +164,15 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     started_at = time.time()  # the run's time ledger starts here (jobs/goodput.py)
     job = with_absolute_paths(job)
     data_plan = validate(job)
-    from jobs.tracking import resolve_tracking_uri  # MLflow, after the checks: bad input answers sooner
+    from jobs.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
+
+    with request_budget(job.tracking.environment()):  # every MLflow call of this driver is bounded
+        return _train_validated(job, data_plan, resume_from, log, started_at)
+
+
+def _train_validated(job: JobConfig, data_plan: PreparePlan, resume_from: str, log: Callable[[str], None] | None,
+                     started_at: float) -> TrainOutcome:
+    from jobs.tracking import resolve_tracking_uri
 
     name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
@@ -294,7 +302,7 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         local_export = export_model(
             local, job.model, tokenizer_bytes,
             {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
-             "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": manifest.uri},
+             "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri)},
             Path(scratch) / "export",
         )
         storage.publish_directory(local_export, export_uri, INFO)
@@ -321,12 +329,13 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
     logger.restore_spool(pending_metrics)
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):
-        print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in {checkpoint_uri}/{ckpt.JOB_STATE}")
+        print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in "
+              f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
     try:
         _log_artifacts(job, outcome, manifest, export_dir)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
         print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
-              f"{outcome.export_uri}, not logged as an artifact")
+              f"{storage.redact(outcome.export_uri)}, not logged as an artifact")
 
 
 def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
@@ -365,7 +374,7 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
-        (folder / "data_manifest.json").write_text(json.dumps(manifest.data, indent=2))
+        (folder / "data_manifest.json").write_text(json.dumps(storage.redact_tree(manifest.data), indent=2))
         if outcome.samples:
             (folder / "sample_translations.txt").write_text("\n\n".join(
                 f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")

@@ -47,6 +47,16 @@ def test_up_on_a_fresh_account_creates_a_private_token_and_never_prints_it(tmp_p
         assert len(secret) >= 16 and secret not in up.stdout + up.stderr
         status = _aiayn("status", "--json", env=env)
         assert status.returncode == 0 and '"up": true' in status.stdout and secret not in status.stdout
+        # Ray's sessions (777 inside) sit in a directory of this account's alone: another account
+        # can neither list it nor reach a session's logs through it.
+        ray_dir = Path(json.loads(status.stdout)["ray_temp_dir"])
+        sessions = [path for path in ray_dir.iterdir() if path.name.startswith("session_2")]
+        private = ray_dir.parent  # Ray makes its own directory 777
+        assert sessions and stat.S_IMODE(private.stat().st_mode) == 0o700 and private.stat().st_uid == os.getuid()
+        for target in (ray_dir, sessions[0] / "logs"):
+            other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", str(target)],
+                                   capture_output=True, text=True)
+            assert other.returncode != 0 and "Permission denied" in other.stderr, (target, other)
     finally:
         down = _aiayn("down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout

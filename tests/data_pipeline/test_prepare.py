@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
+from data_pipeline import storage
 from data_pipeline.config import PrepareConfig, SourceConfig, TokenizerConfig
 from data_pipeline.manifest import check_tokenizer_matches, load_manifest
 from data_pipeline.errors import InputError
@@ -151,3 +153,17 @@ def test_a_corpus_inside_the_output_is_refused(corpus, tmp_path) -> None:
     with pytest.raises(InputError, match="lies inside the output"):
         plan_prepare(_config((prefix, corpus[1]), out))
     assert sorted(p.name for p in inside.iterdir()) == ["train.de", "train.en"]  # untouched
+
+
+def test_credentials_in_a_store_uri_stay_out_of_the_manifest(local_ray, corpus, object_store, capsys) -> None:
+    """PyArrow takes keys in a URI (s3://KEY:SECRET@bucket/...); the manifest, which training
+    logs to MLflow as an artifact and copies into exports, must not keep them."""
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCY"
+    output = object_store.replace("s3://", f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@") + f"/{uuid.uuid4().hex[:8]}/data"
+    config = _config(corpus, output)
+    manifest = run_prepare(plan_prepare(config))
+    stored = storage.read_text(f"{load_manifest(config.dataset_uri).uri}/manifest.json")
+    assert secret not in stored and secret not in json.dumps(manifest)
+    assert "s3://***@bucket/" in stored  # redacted, not dropped: the manifest still says where
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err

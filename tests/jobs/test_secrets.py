@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,44 @@ def test_the_public_config_holds_no_credential() -> None:
     public = public_config(job)
     assert "hunter2" not in json.dumps(public) and "hunter2" not in json.dumps(flatten(public))
     assert public["cluster"]["storage_path"] == "s3://bucket/runs"
+
+
+def test_a_cluster_process_inherits_no_credential_unless_named(monkeypatch, tmp_path) -> None:
+    """`aiayn cluster up`'s nodes pass their environment to every job: the shell's credentials
+    must not ride along, its settings must."""
+    from cluster import services
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdef")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://ci:s3cr3t@pypi.example.com/simple")
+    monkeypatch.setenv("AIAYN_TORCH_SPEC", "torch==2.6.0")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    service = services._spawn("env-probe", ["env", "-0"], tmp_path, env={"AWS_ACCESS_KEY_ID": "named-for-the-store"})
+    assert service.process.wait(timeout=30) == 0
+    seen = dict(item.split("=", 1) for item in service.log.read_text().split("\0") if "=" in item)
+    for secret in ("wJalrXUtnFEMI", "hf_abcdef", "hunter2", "s3cr3t"):
+        assert secret not in service.log.read_text()
+    assert seen["AIAYN_TORCH_SPEC"] == "torch==2.6.0" and seen["LC_ALL"] == "C.UTF-8" and seen["HOME"]
+    assert seen["AWS_ACCESS_KEY_ID"] == "named-for-the-store"  # what aiayn passes on purpose still goes
+    assert seen["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_cluster_up_refuses_a_named_variable_that_is_not_set(monkeypatch, tmp_path) -> None:
+    from cluster import local_cluster
+
+    monkeypatch.setenv("AIAYN_HOME", str(tmp_path))
+    with pytest.raises(InputError, match="--env NOT_SET_ANYWHERE: no such variable"):
+        local_cluster.up(1, 1, named_env=["NOT_SET_ANYWHERE"])
+    assert local_cluster.read_state() is None
+
+
+def test_the_console_never_shows_a_credential(tmp_path, capsys) -> None:
+    """Every driver line (the data's URI, a checkpoint's, an export's) goes through the console."""
+    from jobs.progress import Console
+
+    console = Console(tmp_path / "run.log")
+    console("data s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/data/v1 and https://a.blob.core.windows.net/c?sv=1&sig=Zm9v")
+    console.close()
+    for shown in (capsys.readouterr().out, (tmp_path / "run.log").read_text()):
+        assert "wJalrXUtnFEMI" not in shown and "Zm9v" not in shown and "s3://***@bucket/data/v1" in shown
