@@ -123,15 +123,18 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
         overrides = [
             "name=e2e", "model.preset=tiny", "model.dropout=0.1", "model.max_positions=64",
             "data.source.format=text", *(f"data.source.{s}={bucket}/corpus/{s}" for s in ("train", "valid", "test")),
-            "data.tokenizer.vocab_size=64", "data.tokenizer.sample_sentences=2000", f"data.output_dir={bucket}/data",
+            "data.tokenizer.vocab_size=64", "data.tokenizer.sample_sentences=2000",
             "data.shard_rows=400", "data.encode_actors=1",
             "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
             "optim.lr=0.003", "optim.warmup_steps=5", f"train.max_steps={STEPS}", "train.max_minutes=0",
             "train.log_every=1", "train.validate_every=20", "train.checkpoint_every_steps=10",
             "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3", "train.average_checkpoints=1",
-            "train.beam_size=2", "cluster.num_workers=2", f"cluster.storage_path={bucket}/runs",
+            "train.beam_size=2", "cluster.num_workers=2",
             "cluster.placement_strategy=STRICT_SPREAD", "cluster.max_failures=3",
         ]
+        # data.output_dir and cluster.storage_path are left at their relative defaults, as in the
+        # README's submit examples: a job of this cluster keeps them in its bucket (s3://aiayn/data,
+        # s3://aiayn/runs), never in Ray's temporary copy of the project.
         # Prepare onto a path only the driver's node sees: refused in one line, before Ray Data runs.
         refused = _aiayn("submit", "--", "prepare", *overrides, "data.output_dir=/tmp/aiayn-node-local", env=env,
                          cwd=workdir)

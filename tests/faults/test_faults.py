@@ -12,6 +12,9 @@ at the logger level (tests/jobs/test_tracking.py).
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -26,7 +29,14 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
-from tests.jobs.helpers import runs_named, steps, time_ledger, tiny_job, when_checkpoint_exists
+from tests.jobs.helpers import (
+    runs_named,
+    steps,
+    time_ledger,
+    tiny_job,
+    when_checkpoint_exists,
+    when_checkpoint_upload_begins,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -72,6 +82,40 @@ def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_ro
         server.stop()
     fault_row(fault="MLflow server down 20 s mid-run (client budget 0 retries, 3 s)", injected="server stopped",
               at_step="after checkpoint 10", outcome="run completed; metrics replayed, each step once",
+              steps_lost="0", data_lost="none")
+
+
+def test_mlflow_server_that_hangs_until_the_run_ends(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
+    """The tracking server stops answering at the checkpoint of step 10 (SIGSTOP: the kernel still
+    accepts its connections) and answers again only after the run has ended. The run ends as
+    usual within its client budget (every driver call bounded by tracking.http_timeout_s), and a
+    rerun of the finished run once the server is back sends what it could not, each step once."""
+    server, url = start_mlflow_server(tmp_path / "logs", tmp_path / "mlflow", port=free_port())
+    hang, resume = (functools.partial(os.killpg, server.process.pid, sig) for sig in (signal.SIGSTOP, signal.SIGCONT))
+    job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=url,
+                   extra=("tracking.http_retries=0", "tracking.http_timeout_s=3"))
+    watcher = when_checkpoint_upload_begins(tmp_path / "runs" / "hung", 10, hang)
+    try:
+        started = time.time()
+        outcome = train(job, log=_quiet)
+        wall_s = time.time() - started
+        watcher.join(timeout=60)
+        assert outcome.steps == STEPS and Path(outcome.export_uri, "export.json").is_file()
+        # MLflow's own budget (120 s and 7 retries per call) would hold the end for a quarter of an
+        # hour per call; this one lets it end in a few minutes (the workers' last sends, the
+        # driver's backlog wait, artifacts and ledger each give up after their budget).
+        assert wall_s < 480, wall_s
+        resume()  # it then also answers the requests the kernel queued while it was stopped
+        again = train(job, log=_quiet)
+        assert again.run_id == outcome.run_id
+        assert steps(url, outcome.run_id) == list(range(1, STEPS + 1))  # nothing lost, nothing twice
+        assert "test/bleu" in runs_named(url, "hung")[0].data.metrics
+    finally:
+        resume()
+        server.stop()
+    fault_row(fault="MLflow server hangs (accepts, never answers) until the run ends (client budget 0 retries, 3 s)",
+              injected="server SIGSTOPped", at_step="checkpoint 10",
+              outcome=f"run ended normally in {wall_s:.0f} s; a rerun after the server was back sent every step once",
               steps_lost="0", data_lost="none")
 
 
