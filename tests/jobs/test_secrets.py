@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -89,12 +90,13 @@ def test_cluster_up_refuses_a_named_variable_that_is_not_set(monkeypatch, tmp_pa
     assert local_cluster.read_state() is None
 
 
-def test_the_console_never_shows_a_credential(tmp_path, capsys) -> None:
+def test_the_console_never_shows_a_credential(tmp_path) -> None:
     """Every driver line (the data's URI, a checkpoint's, an export's) goes through the console."""
     from jobs.progress import Console
 
-    console = Console(tmp_path / "run.log")
+    screen = io.StringIO()
+    console = Console(tmp_path / "run.log", stream=screen)
     console("data s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/data/v1 and https://a.blob.core.windows.net/c?sv=1&sig=Zm9v")
     console.close()
-    for shown in (capsys.readouterr().out, (tmp_path / "run.log").read_text()):
+    for shown in (screen.getvalue(), (tmp_path / "run.log").read_text()):
         assert "wJalrXUtnFEMI" not in shown and "Zm9v" not in shown and "s3://***@bucket/data/v1" in shown
