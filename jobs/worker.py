@@ -68,13 +68,11 @@ class Trainer:
             Path(self.job.cluster.staging_dir).mkdir(parents=True, exist_ok=True)
             tempfile.tempdir = self.job.cluster.staging_dir
 
-        # A restart inside this run gets Ray Train's latest checkpoint; the first attempt follows
-        # the driver's resume plan (which names the same checkpoint when the run continues).
         self.launch_id = loop_config["launch_id"]
-        restored = ray.train.get_checkpoint()
-        plan = ckpt.ResumePlan(**loop_config["resume_plan"])
-        if restored is None and plan.checkpoint:
-            restored = ray.train.Checkpoint(plan.checkpoint)
+        registered = ray.train.get_checkpoint()  # a restart inside this run: Ray Train's latest
+        registered_path = registered.path if registered is not None else None
+        source = ckpt.attempt_source(ckpt.ResumePlan(**loop_config["resume_plan"]), registered_path)
+        restored = registered if source == registered_path else ray.train.Checkpoint(source)
         if restored is not None:
             with restored.as_directory() as directory:  # downloaded to local scratch if remote
                 position, saved_rng = self._restore(Path(directory), loop_config["run_id"])

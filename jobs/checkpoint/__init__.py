@@ -14,18 +14,18 @@
 from jobs.checkpoint.files import (
     DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
     latest_complete_checkpoint, list_checkpoints, load_engine_state, load_rank_state, local_copy, read_job_state,
-    save_checkpoint, universal_copy, verify,
+    save_checkpoint, step_of, universal_copy, verify,
 )
 from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
-    FIXED_ON_RESUME, ResumePlan, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
+    FIXED_ON_RESUME, ResumePlan, attempt_source, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
 )
 from jobs.checkpoint.retention import checkpoint_config, reported_metrics, scores_of, to_average
 
 
 __all__ = [
     "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
-    "ResumePlan", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
+    "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
     "list_checkpoints", "load_engine_state", "load_rank_state", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "scores_of", "to_average", "universal_copy", "Uploads", "verify",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "scores_of", "step_of", "to_average", "universal_copy", "Uploads", "verify",
 ]

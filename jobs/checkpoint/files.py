@@ -72,6 +72,14 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_step{step:08d}"
 
 
+def step_of(directory: str) -> int:
+    """The step a checkpoint directory (URI or path) was saved at, from its name."""
+    match = _STEP_NAME.search(str(directory).rstrip("/"))
+    if match is None:
+        raise CheckpointError(f"{directory}: not a checkpoint directory of aiayn's (checkpoint_stepNNNNNNNN)")
+    return int(match.group(1))
+
+
 def _rank_files(rank: int) -> tuple[str, str]:
     return f"rank_{rank:05d}.pt", f"rank_{rank:05d}.complete"
 

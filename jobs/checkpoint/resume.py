@@ -1,6 +1,6 @@
 """Resuming: which checkpoint a run starts from and what loading it implies, decided once on the
 driver before any worker starts (`resume_source`, `plan_resume`), and the rules the workers follow to carry it out
-(`reshard_of`, `rank_start`). Every rule about resuming lives here.
+(`attempt_source`, `reshard_of`, `rank_start`). Every rule about resuming lives here.
 
 What may change on resume: everything not in `FIXED_ON_RESUME` (step and time limits, logging,
 validation and checkpoint cadence, the number of workers, tracking...). A change to a fixed key is
@@ -26,6 +26,7 @@ from jobs.checkpoint.files import (
     latest_complete_checkpoint,
     load_rank_state,
     read_job_state,
+    step_of,
     verify,
 )
 
@@ -146,6 +147,16 @@ def plan_resume(source: str | None, config: dict, manifest: Manifest, world_size
         raise InputError(f"train.zero_stage: {source} was written with ZeRO stage {saved.zero_stage}; "
                          f"set train.zero_stage={saved.zero_stage} to resume")
     return ResumePlan(source, saved.step, saved.world_size, world_size, zero_stage)
+
+
+def attempt_source(plan: ResumePlan, registered: str | None) -> str | None:
+    """What a worker group loads: the newer of Ray Train's latest registered checkpoint (a restart
+    inside the run) and the driver's plan. The plan is newer when the last run failed after a
+    checkpoint's upload completed but before Ray Train registered it: the driver resumes from it,
+    and so must the workers, or the run would say one step and resume from another."""
+    if plan.checkpoint is None or (registered is not None and step_of(registered) >= plan.step):
+        return registered
+    return plan.checkpoint
 
 
 def reshard_of(saved: JobState, world_size: int) -> bool:

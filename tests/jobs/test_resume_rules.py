@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_pipeline.errors import InputError
-from jobs.checkpoint import ResumePlan, check_compatible
+from jobs.checkpoint import CheckpointError, ResumePlan, attempt_source, check_compatible
 from jobs.config import load_job_config, public_config
 
 
@@ -44,3 +44,15 @@ def test_plan_says_what_a_resize_implies() -> None:
     assert grow.resized and grow.universal and "1 -> 3 workers" in grow.describe()
     stage0 = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 1, 3, 0)
     assert stage0.resized and not stage0.universal  # stage 0's files hold the optimizer whole
+
+
+def test_an_attempt_loads_the_newer_of_the_plan_and_ray_trains_registered_checkpoint() -> None:
+    plan = ResumePlan("/runs/r/checkpoint_step00000015", 15, 2, 2, 2)
+    # The last run's upload of step 15 finished after Ray Train last registered (step 10).
+    assert attempt_source(plan, "/runs/r/checkpoint_step00000010") == plan.checkpoint
+    # A restart inside this run, once it has registered a later checkpoint of its own.
+    assert attempt_source(plan, "bucket/runs/r/checkpoint_step00000020") == "bucket/runs/r/checkpoint_step00000020"
+    assert attempt_source(plan, None) == plan.checkpoint
+    assert attempt_source(ResumePlan(world_size=2, zero_stage=2), None) is None
+    with pytest.raises(CheckpointError):
+        attempt_source(plan, "/runs/r/not-a-checkpoint")
