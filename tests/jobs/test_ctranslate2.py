@@ -183,7 +183,12 @@ def test_a_conversion_broken_on_purpose_fails_both_checks(trained_export: Path, 
     assert _search_problems(model, ours, theirs, sources, beam=4)
 
 
-def test_int8_quantized_model_agrees_on_almost_every_sentence(trained_export: Path, tmp_path: Path) -> None:
+def test_int8_quantized_model_translates_almost_as_well(trained_export: Path, tmp_path: Path) -> None:
+    """int8 weights change every log-probability by far more than rounding, and how much depends
+    on the CPU's int8 kernels: with VNNI all but a few of 150 outputs equalled ours; on an AVX2-only
+    CPU 119 did, and int8 got 110 right against float32's 121. So the outputs are judged as
+    translations: int8 gets the task right at least 85% as often as float32 does, which a wrong
+    quantization (scales, layout), turning most outputs into garbage, does not."""
     from jobs.export import load_export
 
     convert_export(trained_export, str(tmp_path / "ct2-int8"), quantization="int8")
@@ -191,7 +196,11 @@ def test_int8_quantized_model_agrees_on_almost_every_sentence(trained_export: Pa
     sources = _sources(trained_export)
     ours = translate_ids(model, sources, beam_size=4, alpha=0.6)
     theirs = CTranslate2Translator(tmp_path / "ct2-int8").translate_ids(sources, beam_size=4, alpha=0.6)
-    assert sum(a == b for a, b in zip(ours, theirs)) >= 0.95 * len(sources)
+    tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
+    expected = [t for _, t in _pairs(len(sources), seed=999)]
+    right = [sum(h == e for h, e in zip(tokenizer.decode(out), expected)) for out in (ours, theirs)]
+    print(f"right: float32 {right[0]}, int8 {right[1]} of {len(sources)}; equal outputs {sum(a == b for a, b in zip(ours, theirs))}")
+    assert right[0] >= 120 and right[1] >= 0.85 * right[0]
 
 
 def test_a_line_longer_than_the_model_is_cut_as_in_the_torch_path(trained_export: Path, tmp_path: Path) -> None:
