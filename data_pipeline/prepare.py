@@ -124,7 +124,7 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
 
 
 class _Encoder:
-    """Ray Data actor: loads the SentencePiece model once, encodes batches of text pairs."""
+    """Encodes batches of text pairs; a Ray Data actor loads the SentencePiece model once."""
 
     def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool):
         self.processor = tokenizer_from_bytes(model_proto)
@@ -148,9 +148,27 @@ class _Encoder:
 
 
 def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: bytes, out_uri: str) -> None:
+    """Encode one staged split into shards of `shard_rows` rows. A split that fits in one encoding
+    batch is encoded in this process: Ray Data would hand all of it to a single actor anyway, after
+    starting a pipeline and the actor's process (7-50 s for a few thousand pairs on 2 cores; every
+    split of Multi30K is one batch). Larger splits go through Ray Data's actor pool."""
+    encoder = (plan.config.source.monolingual, split != "train")
+    with storage.open_random_access(raw_uri) as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    if rows > plan.config.encode_batch_rows:
+        _encode_with_ray_data(plan.config, raw_uri, (model_proto, *encoder), out_uri)
+        return
+    with storage.open_random_access(raw_uri) as handle:
+        encoded = _Encoder(model_proto, *encoder)(pq.read_table(handle))
+    fs, path = storage.filesystem(out_uri)
+    fs.create_dir(path, recursive=True)
+    for number, start in enumerate(range(0, encoded.num_rows, plan.config.shard_rows)):
+        pq.write_table(encoded.slice(start, plan.config.shard_rows), f"{path}/part-{number:05d}.parquet", filesystem=fs)
+
+
+def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tuple, out_uri: str) -> None:
     import ray.data
 
-    config = plan.config
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same inputs, same shards
     # Ray Data's own progress bars for a person at a terminal; its execution-plan lines stay in
@@ -166,10 +184,7 @@ def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: byte
     dataset = ray.data.read_parquet(raw_path, filesystem=raw_fs, override_num_blocks=max(1, config.encode_actors * 2),
                                     num_cpus=io_cpus)
     encoded = dataset.map_batches(
-        _Encoder,
-        fn_constructor_kwargs={
-            "model_proto": model_proto, "monolingual": config.source.monolingual, "keep_text": split != "train",
-        },
+        _Encoder, fn_constructor_args=encoder_args,
         batch_format="pyarrow", batch_size=config.encode_batch_rows, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
     )

@@ -74,6 +74,20 @@ def test_prepare_writes_shards_manifest_and_tokenizer(local_ray, corpus, tmp_pat
     assert valid.column("tgt_text").to_pylist()[0] == open(corpus[1] + ".de").readline().strip()
 
 
+def test_a_split_of_one_batch_is_encoded_in_process_into_the_same_shards(local_ray, corpus, tmp_path) -> None:
+    """train (1,200 pairs) is one batch of 32,768 (encoded here) or five of 256 (Ray Data's actors):
+    the same shards, row for row."""
+    shards = {}
+    for batch_rows in (256, 32768):
+        config = _config(corpus, tmp_path / str(batch_rows), encode_batch_rows=batch_rows)
+        run_prepare(plan_prepare(config))
+        manifest = load_manifest(str(tmp_path / str(batch_rows) / config.dataset_name))
+        shards[batch_rows] = [pq.read_table(uri) for uri, _ in manifest.shard_uris("train")]
+    assert [t.num_rows for t in shards[256]] == [t.num_rows for t in shards[32768]]
+    assert len(shards[256]) == 3 and shards[256][0].num_rows == 500
+    assert all(a.equals(b) for a, b in zip(shards[256], shards[32768]))
+
+
 def test_repeated_prepare_is_a_no_op_and_changes_are_noticed(local_ray, corpus, tmp_path) -> None:
     config = _config(corpus, tmp_path / "data")
     run_prepare(plan_prepare(config))
