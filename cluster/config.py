@@ -25,6 +25,11 @@ class ClusterConfig:
     # (room for one checkpoint shard with its optimizer state); empty: the system temp dir.
     staging_dir: str = ""
     max_failures: int = 3  # worker-group restarts Ray Train attempts before giving up
+    # How often Ray Train's controller polls the workers: a reported checkpoint is registered, a
+    # failure noticed and the run's end seen within this. Ray's default (2 s) left checkpoints
+    # unregistered for seconds (a restart then resumes from an older one) and every run's end
+    # waiting about 5 s; a poll costs one small remote call per worker.
+    poll_interval_s: float = 0.5
     # A driver renews its lease on the run this often x 4; another driver may take the run over
     # once the lease has gone this long without renewal (jobs/lease.py).
     lease_ttl_s: float = 60.0
@@ -37,6 +42,8 @@ class ClusterConfig:
                              f"got {self.min_workers}")
         if self.resize_check_s <= 0:
             raise ValueError(f"cluster.resize_check_s must be positive, got {self.resize_check_s}")
+        if not 0 < self.poll_interval_s < float("inf"):
+            raise ValueError(f"cluster.poll_interval_s must be a positive number of seconds, got {self.poll_interval_s}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cluster.cpus_per_worker must be positive, got {self.cpus_per_worker}")
         allowed = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

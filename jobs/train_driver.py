@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import tempfile
 import threading
@@ -120,6 +121,7 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
     from jobs.worker import train_loop_per_worker
 
     cluster = job.cluster
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cluster.poll_interval_s)  # read by Train's controller
     scaling = ScalingConfig(
         num_workers=(cluster.min_workers, cluster.num_workers) if cluster.elastic else cluster.num_workers,
         elastic_resize_monitor_interval_s=cluster.resize_check_s, use_gpu=cluster.use_gpu,
