@@ -28,6 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.credentials import mlflow_login, mlflow_login_path, read_mlflow_login
 from cluster.job_environment import named_variables
 from cluster.services import (
     Isolation, Service, ServiceError, alive_nodes, object_store_env, start_mlflow_server, start_object_store,
@@ -46,6 +47,15 @@ def state_file() -> Path:
     return state_dir() / "cluster.json"
 
 
+def credentials_dir() -> Path:
+    return state_dir() / "credentials"
+
+
+def mlflow_dir() -> Path:
+    """MLflow's runs, artifacts and users: kept across `down` and `up`."""
+    return state_dir() / "mlflow"
+
+
 @dataclass
 class ClusterState:
     ray_address: str  # GCS address, for `ray.init` / `--address`
@@ -62,6 +72,7 @@ class ClusterState:
     private_dirs: list = field(default_factory=list)  # isolated nodes: the directories each has empty
     named_env: list = field(default_factory=list)  # `up --env NAME`: names only; a node added later reads them again
     ray_temp_dir: str = ""  # Ray's sessions, logs and the jobs' unpacked code, inside a directory of this account's
+    credentials: dict = field(default_factory=dict)  # what -> the file (mode 0600) that holds it; never the secret
 
 
 def read_state() -> ClusterState | None:
@@ -162,7 +173,9 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
         private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
         isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
-        node_env = {**named, **store_env, **marker}
+        login = mlflow_login(credentials_dir()) if with_mlflow else None
+        # Jobs inherit what the nodes carry: the store's endpoint and MLflow's login of this cluster.
+        node_env = {**named, **store_env, **(login.client_environment() if login else {}), **marker}
         temp_dir = ray_temp_dir()
         head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, temp_dir=temp_dir, env=node_env,
                                                   isolation=isolation)
@@ -173,10 +186,8 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
             started.append(service)
             workers[service.name] = service.process.pid
         mlflow_url = ""
-        if with_mlflow:
-            artifacts = f"s3://{BUCKET}/mlflow" if with_object_store else ""
-            service, mlflow_url = start_mlflow_server(logs, state_dir() / "mlflow", artifacts_destination=artifacts,
-                                                      env={**store_env, **marker})
+        if login is not None:  # its artifacts beside its records, in the state directory: kept together
+            service, mlflow_url = start_mlflow_server(logs, mlflow_dir(), env=marker, login=login)
             started.append(service)
     except BaseException:
         for service in reversed(started):
@@ -184,7 +195,7 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
                          object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private, list(named),
-                         str(temp_dir))
+                         str(temp_dir), {"mlflow_login": str(mlflow_login_path(credentials_dir()))} if login else {})
     state_dir().mkdir(parents=True, exist_ok=True)
     write_state(state)
     return state
@@ -219,7 +230,8 @@ def add_node() -> str:
         state = _require_state()
         index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
-        env = {**named_variables(state.named_env), **state.object_store.get("env", {}), CLUSTER_ID: state.cluster_id}
+        env = {**named_variables(state.named_env), **state.object_store.get("env", {}), **_login_environment(state),
+               CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
                         expected_nodes=alive_nodes(state.ray_address) + 1)
         state.worker_nodes[service.name] = service.process.pid
@@ -258,6 +270,20 @@ def remove_node(name: str, grace_s: float = 30.0) -> str:
         state.nodes -= 1
         write_state(state)
         return node_id
+
+
+def _login_environment(state: ClusterState) -> dict[str, str]:
+    path = state.credentials.get("mlflow_login")
+    return read_mlflow_login(Path(path)).client_environment() if path else {}
+
+
+def mlflow_login_for(tracking_uri: str) -> dict[str, str]:
+    """The login of this account's local cluster if `tracking_uri` is that cluster's MLflow, else
+    nothing (its credentials go to no other server)."""
+    state = read_state()
+    if state is None or not state.mlflow_url or tracking_uri.rstrip("/") != state.mlflow_url.rstrip("/"):
+        return {}
+    return _login_environment(state)
 
 
 def _require_state() -> ClusterState:

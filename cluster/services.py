@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.credentials import MlflowLogin, write_private
 from cluster.job_environment import inherited_environment
 
 LOOPBACK = "127.0.0.1"
@@ -159,10 +160,13 @@ def _healthy(url: str) -> bool:
 
 
 def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, artifacts_destination: str = "",
-                        env: dict | None = None) -> tuple[Service, str]:
+                        env: dict | None = None, login: MlflowLogin | None = None) -> tuple[Service, str]:
     """`mlflow server` with a SQLite backend on 127.0.0.1; returns its URL. Artifacts go to
     `artifacts_destination` (a local directory under `store` by default, or an s3:// URI) and
-    clients reach them through the server (proxied), so they need no storage credentials."""
+    clients reach them through the server (proxied), so they need no storage credentials.
+
+    With `login`, MLflow's own authentication (its basic-auth app) admits that user alone: its
+    configuration (mode 0600) and its user database live in `store`."""
     port = port or free_port()
     store.mkdir(parents=True, exist_ok=True)
     command = [
@@ -170,10 +174,27 @@ def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, 
         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
         "--artifacts-destination", artifacts_destination or str(store / "artifacts"),
     ]
+    env = dict(env or {})
+    if login is not None:
+        command += ["--app-name", "basic-auth"]
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(_mlflow_auth_config(store, login)),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=login.server_secret)
     service = _spawn("mlflow", command, log_dir, env)
     url = f"http://{LOOPBACK}:{port}"
     _wait_until(lambda: _healthy(f"{url}/health"), 120, "mlflow server", service.process, service.log)
     return service, url
+
+
+def _mlflow_auth_config(store: Path, login: MlflowLogin) -> Path:
+    """MLflow's auth app settings: the administrator it creates on its first start (later starts
+    find it in auth.db), and no permission for anyone else."""
+    path = store / "basic_auth.ini"
+    write_private(path, "\n".join([
+        "[mlflow]", "default_permission = NO_PERMISSIONS", f"database_uri = sqlite:///{store / 'auth.db'}",
+        f"admin_username = {login.username}", f"admin_password = {login.password}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", "",
+    ]))
+    return path
 
 
 # The local object store checks no credentials; these only satisfy clients that insist on some.

@@ -186,6 +186,8 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "down":
         stopped = local_cluster.down()
         print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
+        if local_cluster.mlflow_dir().is_dir():
+            print(f"MLflow's runs, artifacts and users are kept in {local_cluster.mlflow_dir()} for the next `up`")
     else:
         info = local_cluster.status()
         ray_status = info.pop("ray_status", "")
@@ -203,7 +205,7 @@ def _cluster_summary(state) -> dict:
             "isolated": state.isolated, "logs": state.log_dir, "ray_temp_dir": state.ray_temp_dir,
             "process_groups": state.process_groups,
             "worker_nodes": sorted(state.worker_nodes),
-            "cluster_id": state.cluster_id,
+            "cluster_id": state.cluster_id, "credentials": state.credentials,
             "state_file": str(local_cluster.state_file())}
 
 

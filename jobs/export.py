@@ -100,6 +100,9 @@ def local_export(reference: str) -> Iterator[Path]:
         if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             import mlflow
 
+            from jobs.tracking import log_in
+
+            log_in(mlflow.get_tracking_uri())
             yield Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
         else:
             storage.copy_dir(reference, scratch)

@@ -35,7 +35,7 @@ def resolve_tracking_uri(configured: str) -> str:
     the project, so a default local store there would vanish with the job: refused."""
     configured = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
     if configured:
-        return configured if ":" in configured else _sqlite_store(configured)
+        return log_in(configured) if ":" in configured else _sqlite_store(configured)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         from data_pipeline.errors import InputError
 
@@ -43,6 +43,16 @@ def resolve_tracking_uri(configured: str) -> str:
                          "set tracking.uri or MLFLOW_TRACKING_URI to your MLflow server (aiayn submit sets it "
                          "for clusters started with `aiayn cluster up`)")
     return _sqlite_store("mlruns")
+
+
+def log_in(tracking_uri: str) -> str:
+    """Give this process the login of this account's local cluster (`aiayn cluster up`) when
+    `tracking_uri` is that cluster's MLflow and no login is set; returns the URI."""
+    if "MLFLOW_TRACKING_USERNAME" not in os.environ and "MLFLOW_TRACKING_TOKEN" not in os.environ:
+        from cluster.local_cluster import mlflow_login_for
+
+        os.environ.update(mlflow_login_for(tracking_uri))
+    return tracking_uri
 
 
 def _sqlite_store(directory: str) -> str:

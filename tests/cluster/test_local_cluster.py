@@ -3,15 +3,19 @@ state file. Failures are one line with exit 2 (bad use) or 1 (a service), never 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from data_pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,11 +39,21 @@ def _one_line_error(result: subprocess.CompletedProcess, code: int) -> None:
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
 
 
+def _as_another_account(*command: str) -> subprocess.CompletedProcess:
+    """`command` run by another local account (nobody), as a second user of the machine would."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
+                          capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+
+
+_HTTP_STATUS = ("import sys, urllib.request, urllib.error\ntry:\n    print(urllib.request.urlopen(sys.argv[1], "
+                "timeout=30).status)\nexcept urllib.error.HTTPError as error:\n    print(error.code)")
+
+
 @pytest.mark.slow
-def test_up_on_a_fresh_account_creates_a_private_token_and_never_prints_it(tmp_path) -> None:
+def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tmp_path) -> None:
     env = _env(tmp_path)
     token = tmp_path / "home" / ".ray" / "auth_token"
-    up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", "--no-mlflow", "--no-object-store", env=env)
+    up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", "--no-object-store", env=env)
     try:
         assert up.returncode == 0, up.stderr[-2000:]
         assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
@@ -47,6 +61,24 @@ def test_up_on_a_fresh_account_creates_a_private_token_and_never_prints_it(tmp_p
         assert len(secret) >= 16 and secret not in up.stdout + up.stderr
         status = _aiayn("status", "--json", env=env)
         assert status.returncode == 0 and '"up": true' in status.stdout and secret not in status.stdout
+        state = json.loads(status.stdout)
+        login_file = Path(state["credentials"]["mlflow_login"])
+        login = json.loads(login_file.read_text())
+        assert stat.S_IMODE(login_file.stat().st_mode) == 0o600 and stat.S_IMODE(login_file.parent.stat().st_mode) == 0o700
+        assert login["password"] not in up.stdout + up.stderr + status.stdout
+        # Another account reaches neither service without the secrets it cannot read: MLflow
+        # answers 401, Ray's Jobs API refuses to list or submit jobs.
+        assert "Permission denied" in _as_another_account("cat", str(login_file)).stderr
+        assert _as_another_account(sys.executable, "-c", _HTTP_STATUS,
+                                   f"{state['mlflow_url']}/api/2.0/mlflow/experiments/search?max_results=1"
+                                   ).stdout.strip() == "401"
+        assert _as_another_account(sys.executable, "-c", _HTTP_STATUS, f"{state['dashboard_url']}/api/jobs/"
+                                   ).stdout.strip() in ("401", "403")
+        with urllib.request.urlopen(urllib.request.Request(  # the cluster's own login is let in
+                f"{state['mlflow_url']}/api/2.0/mlflow/experiments/search?max_results=1",
+                headers={"Authorization": "Basic " + base64.b64encode(
+                    f"{login['username']}:{login['password']}".encode()).decode()}), timeout=30) as answer:
+            assert answer.status == 200
         # Ray's sessions (777 inside) sit in a directory of this account's alone: another account
         # can neither list it nor reach a session's logs through it.
         ray_dir = Path(json.loads(status.stdout)["ray_temp_dir"])
@@ -54,12 +86,12 @@ def test_up_on_a_fresh_account_creates_a_private_token_and_never_prints_it(tmp_p
         private = ray_dir.parent  # Ray makes its own directory 777
         assert sessions and stat.S_IMODE(private.stat().st_mode) == 0o700 and private.stat().st_uid == os.getuid()
         for target in (ray_dir, sessions[0] / "logs"):
-            other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", str(target)],
-                                   capture_output=True, text=True)
+            other = _as_another_account("ls", str(target))
             assert other.returncode != 0 and "Permission denied" in other.stderr, (target, other)
     finally:
         down = _aiayn("down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
+    assert f"kept in {tmp_path / 'aiayn' / 'mlflow'}" in down.stdout
 
 
 def test_bad_use_and_a_broken_state_file_are_one_line(tmp_path) -> None:
@@ -114,3 +146,22 @@ def test_two_concurrent_ups_leave_one_cluster_and_down_leaves_nothing(tmp_path) 
     assert down.returncode == 0, down.stderr
     assert not (Path(env["AIAYN_HOME"]) / "cluster.json").exists()  # the state is gone with the cluster
     assert processes_of_cluster(state["cluster_id"]) == []
+
+
+def test_the_clusters_mlflow_login_goes_to_its_own_server_only(tmp_path, monkeypatch) -> None:
+    from cluster import local_cluster
+    from cluster.credentials import mlflow_login
+
+    monkeypatch.setenv("AIAYN_HOME", str(tmp_path / "aiayn"))
+    login = mlflow_login(local_cluster.credentials_dir())
+    assert mlflow_login(local_cluster.credentials_dir()) == login  # made once, then kept
+    path = local_cluster.credentials_dir() / "mlflow-login.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    local_cluster.write_state(local_cluster.ClusterState(
+        "127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:5000", [], 1, str(tmp_path),
+        credentials={"mlflow_login": str(path)}))
+    assert local_cluster.mlflow_login_for("http://127.0.0.1:5000/") == login.client_environment()
+    assert local_cluster.mlflow_login_for("https://mlflow.example.com") == {}
+    path.chmod(0o644)  # readable by others: refused, not used
+    with pytest.raises(InputError, match="chmod 600"):
+        local_cluster.mlflow_login_for("http://127.0.0.1:5000")

@@ -1,0 +1,81 @@
+"""The local cluster's own secrets: made at random for a cluster's state directory the first time
+`aiayn cluster up` needs them, kept in files of mode 0600 inside a directory of mode 0700 there,
+and read back by aiayn's own commands. They are never printed, logged or written into the state
+file; `aiayn cluster status --json` says where they are, not what they are.
+
+The same login serves every later `up` of that state directory: MLflow keeps its users in its own
+database there, so records written under one `up` stay readable after the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_pipeline.errors import InputError
+
+MLFLOW_LOGIN = "mlflow-login.json"
+
+
+@dataclass(frozen=True)
+class MlflowLogin:
+    """The MLflow server's administrator, whom aiayn's commands and the cluster's jobs log in as."""
+
+    username: str
+    password: str
+    server_secret: str  # Flask's key for the auth app's CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY)
+
+    def client_environment(self) -> dict[str, str]:
+        """What MLflow's clients read to log in (HTTP basic authentication)."""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, made mode 0700 if missing; one that another account owns or may enter is refused."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise InputError(f"{path}: the cluster's secrets must lie in a directory of this account's with mode 0700 "
+                         f"(found owner {info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); fix or remove it")
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file of mode 0600 atomically (created 0600, never readable by others meanwhile)."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def mlflow_login_path(directory: Path) -> Path:
+    return directory / MLFLOW_LOGIN
+
+
+def mlflow_login(directory: Path) -> MlflowLogin:
+    """The login kept in `directory` (a private directory), made at random the first time."""
+    path = mlflow_login_path(private_dir(directory))
+    if not path.exists():
+        write_private(path, json.dumps(asdict(MlflowLogin(
+            username="aiayn", password=secrets.token_urlsafe(24), server_secret=secrets.token_urlsafe(32)))))
+    return read_mlflow_login(path)
+
+
+def read_mlflow_login(path: Path) -> MlflowLogin:
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise InputError(f"{path}: readable by other accounts; `chmod 600 {path}`, or remove it and run "
+                         "`aiayn cluster up` again")
+    try:
+        return MlflowLogin(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{path}: not a login aiayn wrote ({type(error).__name__}); remove it and run "
+                         "`aiayn cluster up` again") from None
