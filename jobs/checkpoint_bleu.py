@@ -39,11 +39,11 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         translate, _ = open_translator(export, "torch", beam_size=config.train.beam_size,
                                        alpha=config.train.length_penalty)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
-    metrics = {"valid/bleu": score.bleu}
+    metrics = score.scores.metrics("valid")
     logger = MetricLogger(tracking_uri, run_id)
     logger.log(metrics, step)
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):  # in the job's log; the run goes on
-        print(f"[aiayn] valid/bleu {score.bleu:.2f} of step {step} could not be sent to MLflow")
+        print(f"[aiayn] valid/bleu {score.scores.bleu:.2f} of step {step} could not be sent to MLflow")
     return metrics
 
 

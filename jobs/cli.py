@@ -90,8 +90,9 @@ def _summary(outcome) -> str:
              f"{outcome.train_seconds / 60:.1f} min of training"]
     if outcome.best_valid_loss is not None:
         lines.append(f"  best valid loss {outcome.best_valid_loss:.3f}")
-    if outcome.test_bleu is not None:
-        lines.append(f"  test BLEU {outcome.test_bleu:.2f}  ({outcome.bleu_signature})")
+    if outcome.test is not None:
+        lines.append(f"  test BLEU {outcome.test.bleu:.2f}  ({outcome.test.bleu_signature})")
+        lines.append(f"  test chrF {outcome.test.chrf:.2f}  ({outcome.test.chrf_signature})")
     lines.append(f"  export: {redact(outcome.export_uri)}")
     if outcome.log_path:
         lines.append(f"  log: {outcome.log_path}")
@@ -121,8 +122,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                                           progress=sys.stderr.isatty())
         check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
         score = score_split(translate, manifest, args.split, limit=args.limit)
-    print(json.dumps({"split": args.split, "sentences": score.sentences, "bleu": round(score.bleu, 2),
-                      "signature": score.signature}, indent=2))
+    scores = score.scores
+    print(json.dumps({"split": args.split, "sentences": score.sentences, "bleu": round(scores.bleu, 2),
+                      "chrf": round(scores.chrf, 2), "signature": scores.bleu_signature,
+                      "chrf_signature": scores.chrf_signature}, indent=2))
     return 0
 
 

@@ -108,25 +108,38 @@ def translate_ids(
     return results
 
 
-def bleu(hypotheses: list[str], references: list[str]) -> sacrebleu.metrics.BLEUScore:
-    """Corpus BLEU on detokenized text with sacreBLEU's defaults (13a tokenization)."""
-    return sacrebleu.corpus_bleu(hypotheses, [references])
+@dataclass(frozen=True)
+class Scores:
+    """sacreBLEU's corpus BLEU and chrF (character n-gram F-score, which fairseq, Marian and WMT
+    report beside BLEU) of detokenized text, with the signatures that make them reproducible."""
+
+    bleu: float
+    chrf: float
+    bleu_signature: str
+    chrf_signature: str
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/bleu": self.bleu, f"{prefix}/chrf": self.chrf}
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> Scores:
+    """BLEU with sacreBLEU's defaults (13a tokenization) and chrF (chrF2, character 6-grams)."""
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    return Scores(bleu.corpus_score(hypotheses, [references]).score, chrf.corpus_score(hypotheses, [references]).score,
+                  str(bleu.get_signature()), str(chrf.get_signature()))
 
 
 @dataclass(frozen=True)
 class SplitScore:
-    bleu: float
-    signature: str  # sacreBLEU's, so that the figure can be compared and reproduced
+    scores: Scores
     sentences: int
     samples: tuple[tuple[str, str, str], ...]  # (source, reference, hypothesis) of the first sentences
 
 
 def score_split(translate: Translate, manifest: Manifest, split: str, *, limit: int = 0) -> SplitScore:
-    """Translations of a prepared split and their sacreBLEU against the raw references."""
+    """Translations of a prepared split and their scores against the raw references."""
     data = read_eval_split(manifest, split, limit)
     tokenizer = load_tokenizer(manifest.tokenizer_uri)
     hyps = tokenizer.decode(translate(data.src_ids))
-    metric = sacrebleu.metrics.BLEU()
-    score = metric.corpus_score(hyps, [data.references])
-    return SplitScore(score.score, str(metric.get_signature()), len(hyps),
+    return SplitScore(corpus_scores(hyps, data.references), len(hyps),
                       tuple(zip(data.src_text[:5], data.references[:5], hyps[:5])))

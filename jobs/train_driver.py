@@ -31,6 +31,7 @@ from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.deepspeed_config import with_step_budget
+from jobs.evaluation import Scores
 from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.progress import Console, relay_to
@@ -48,8 +49,7 @@ class TrainOutcome:
     train_seconds: float = 0.0  # training time, over every restart
     best_valid_loss: float | None = None
     log_path: str = ""  # the console's copy: aiayn's lines of this run
-    test_bleu: float | None = None
-    bleu_signature: str = ""
+    test: Scores | None = None  # BLEU and chrF of the export on the test split
     samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
     time_table: str = ""  # where the run's time went (jobs/goodput.py)
 
@@ -366,7 +366,7 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
 
     translate, _ = open_translator(export_dir, "torch", beam_size=job.train.beam_size, alpha=job.train.length_penalty)
     score = score_split(translate, manifest, "test")
-    return dataclasses.replace(outcome, test_bleu=score.bleu, bleu_signature=score.signature, samples=score.samples)
+    return dataclasses.replace(outcome, test=score.scores, samples=score.samples)
 
 
 def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
@@ -382,6 +382,8 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
                 f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")
         client.log_artifacts(outcome.run_id, str(folder))
     client.log_artifacts(outcome.run_id, str(export_dir), "export")
-    if outcome.test_bleu is not None:
-        client.log_metric(outcome.run_id, "test/bleu", outcome.test_bleu, step=outcome.steps)
-        client.set_tag(outcome.run_id, "bleu_signature", outcome.bleu_signature)
+    if outcome.test is not None:
+        for key, value in outcome.test.metrics("test").items():
+            client.log_metric(outcome.run_id, key, value, step=outcome.steps)
+        client.set_tags(outcome.run_id, {"bleu_signature": outcome.test.bleu_signature,
+                                         "chrf_signature": outcome.test.chrf_signature})

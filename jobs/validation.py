@@ -12,7 +12,7 @@ from data_pipeline.stream import ShardStream
 from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig
 from jobs.engine import forward_loss
-from jobs.evaluation import bleu, read_eval_split, translate_ids
+from jobs.evaluation import corpus_scores, read_eval_split, translate_ids
 from data_pipeline.tokenizer import load_tokenizer
 
 
@@ -49,4 +49,4 @@ def valid_bleu(engine, job: JobConfig, manifest: Manifest, rank: int, world_size
     engine.train()
     ordered = sorted(pair for part in all_gather(list(zip(mine, hyps))) for pair in part)
     tokenizer = load_tokenizer(manifest.tokenizer_uri)
-    return {"valid/bleu": bleu([tokenizer.decode(h) for _, h in ordered], split.references).score}
+    return corpus_scores([tokenizer.decode(h) for _, h in ordered], split.references).metrics("valid")

@@ -195,6 +195,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
         assert evaluate.returncode == 0, evaluate.stderr[-2000:]
         assert json.loads(evaluate.stdout)["bleu"] == pytest.approx(printed_bleu, abs=0.005)
         assert run.data.metrics["test/bleu"] == pytest.approx(printed_bleu, abs=0.005)
+        assert run.data.metrics["test/chrf"] == pytest.approx(json.loads(evaluate.stdout)["chrf"], abs=0.005)
 
         again = _aiayn("submit", "--", "prepare", *overrides, env=env, cwd=workdir)
         assert _wait_for_job(again.stdout.strip(), env, workdir) == "SUCCEEDED"

@@ -82,7 +82,7 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
                 "train/step_time_s", "train/data_wait_s", "valid/loss", "valid/ppl", "test/bleu"):
         assert key in run.data.metrics, key
     assert run.data.params["train.zero_stage"] == "2" and run.data.tags["world_size"] == "2"
-    assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature"} <= set(run.data.tags)
+    assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature", "chrf_signature"} <= set(run.data.tags)
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
     assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
     # Where the time went: every category, and nothing lost without a restart (the sum against
@@ -98,7 +98,8 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert SECRET not in Path(config).read_text()
     assert not [p for p in (root / "runs").rglob("*.json") if SECRET in p.read_text()]
     assert SECRET not in (root / "console.txt").read_text()
-    assert outcome.test_bleu is not None and "nrefs:1" in outcome.bleu_signature
+    assert outcome.test is not None and "nrefs:1" in outcome.test.bleu_signature and "nc:6" in outcome.test.chrf_signature
+    assert run.data.metrics["test/chrf"] == pytest.approx(outcome.test.chrf)
 
 
 def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
