@@ -94,6 +94,8 @@ def _summary(outcome) -> str:
         lines.append(f"  test BLEU {outcome.test.bleu:.2f}  ({outcome.test.bleu_signature})")
         lines.append(f"  test chrF {outcome.test.chrf:.2f}  ({outcome.test.chrf_signature})")
     lines.append(f"  export: {redact(outcome.export_uri)}")
+    if outcome.model_uri:
+        lines.append(f"  MLflow model: {outcome.model_uri}  (mlflow.pyfunc.load_model, aiayn evaluate --model)")
     if outcome.log_path:
         lines.append(f"  log: {outcome.log_path}")
     if outcome.tracking_uri.startswith(("http://", "https://")):

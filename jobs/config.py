@@ -143,6 +143,9 @@ class TrackingConfig:
     # Each node's CPU, memory, disk, network and GPU figures (MLflow's system metrics, named
     # system/<host>-<node id>/...) every this many seconds; 0: none.
     system_metrics_every_s: float = 30.0
+    # The export is logged as the run's MLflow model (a python_function); with a name here it is
+    # also registered in MLflow's Model Registry under it, a new version per run.
+    registered_model: str = ""
 
     def __post_init__(self) -> None:
         if self.system_metrics_every_s < 0:

@@ -73,6 +73,13 @@ def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, des
     return destination
 
 
+def decoding_of(path: Path) -> tuple[int, float]:
+    """(beam size, length penalty) the export's run decoded with; beam 4 and 0.6, the paper's,
+    for exports made before they were recorded."""
+    decoding = json.loads((path / INFO).read_text()).get("decoding", {})
+    return int(decoding.get("beam_size", 4)), float(decoding.get("length_penalty", 0.6))
+
+
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
     from jobs.config import build_section
 
@@ -89,8 +96,8 @@ def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
 @contextlib.contextmanager
 def local_export(reference: str) -> Iterator[Path]:
     """An export as a local directory for as long as it is needed: a local path as it is; an
-    MLflow URI (runs:/<id>/export, models:/...) or an object-store URI downloaded into a
-    temporary directory that is removed afterwards."""
+    MLflow URI (runs:/<id>/export, or a model of aiayn's: models:/NAME/VERSION) or an object-store
+    URI downloaded into a temporary directory that is removed afterwards."""
     from data_pipeline import storage
 
     if storage.is_local(reference) and ":/" not in reference:
@@ -100,10 +107,12 @@ def local_export(reference: str) -> Iterator[Path]:
         if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             import mlflow
 
-            from jobs.tracking import log_in
+            from jobs.model_registry import export_inside
+            from jobs.tracking import resolve_tracking_uri
 
-            log_in(mlflow.get_tracking_uri())
-            yield Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+            mlflow.set_tracking_uri(resolve_tracking_uri(""))  # where aiayn train tracks by default too
+            downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+            yield export_inside(downloaded) if (downloaded / "MLmodel").is_file() else downloaded
         else:
             storage.copy_dir(reference, scratch)
             yield Path(scratch)

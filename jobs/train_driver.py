@@ -50,6 +50,7 @@ class TrainOutcome:
     best_valid_loss: float | None = None
     log_path: str = ""  # the console's copy: aiayn's lines of this run
     test: Scores | None = None  # BLEU and chrF of the export on the test split
+    model_uri: str = ""  # the export as an MLflow model (models:/NAME/VERSION when registered)
     samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
     time_table: str = ""  # where the run's time went (jobs/goodput.py)
 
@@ -304,7 +305,8 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
         local_export = export_model(
             local, job.model, tokenizer_bytes,
             {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
-             "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri)},
+             "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri),
+             "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
             Path(scratch) / "export",
         )
         storage.publish_directory(local_export, export_uri, INFO)
@@ -313,19 +315,20 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
+        model_uri = _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
     # The end's tracking too (an outage's backlog, the artifacts): the ledger is the last thing sent.
     ledger = GoodputLedger.from_dict(final_state.goodput)
     ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
-    outcome = dataclasses.replace(outcome, time_table=ledger.table())
+    outcome = dataclasses.replace(outcome, time_table=ledger.table(), model_uri=model_uri)
     _track_ledger(outcome, ledger)
     return outcome
 
 
 def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   pending_metrics: list, checkpoint_uri: str) -> None:
-    """Send what the workers could not (an outage at the end) and the artifacts. MLflow being down
-    now costs the artifacts of this run, not the run: the export is in storage already."""
+                   pending_metrics: list, checkpoint_uri: str) -> str:
+    """Send what the workers could not (an outage at the end), the artifacts and the model;
+    returns the model's URI. MLflow being down now costs the artifacts of this run, not the run:
+    the export is in storage already."""
     from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
@@ -335,9 +338,14 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
               f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
     try:
         _log_artifacts(job, outcome, manifest, export_dir)
+        from jobs.model_registry import log_translation_model
+
+        return log_translation_model(outcome.tracking_uri, outcome.run_id, export_dir, outcome.test,
+                                     job.tracking.registered_model)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
         print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
               f"{storage.redact(outcome.export_uri)}, not logged as an artifact")
+        return ""
 
 
 def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
     lines: list[str] = []
     printed = io.StringIO()  # what the libraries print, too (MLflow prints run URLs)
     with contextlib.redirect_stdout(printed):
-        outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials),
+        outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials,
+                                 extra=("tracking.registered_model=reference-mt",)),
                         log=lines.append)
     (root / "console.txt").write_text("\n".join(lines) + "\n" + printed.getvalue())
     return root, outcome
@@ -100,6 +102,52 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert SECRET not in (root / "console.txt").read_text()
     assert outcome.test is not None and "nrefs:1" in outcome.test.bleu_signature and "nc:6" in outcome.test.chrf_signature
     assert run.data.metrics["test/chrf"] == pytest.approx(outcome.test.chrf)
+
+
+def test_the_runs_registered_model_loads_scores_and_serves(reference_run, mlflow_server, tiny_corpus,
+                                                           tmp_path, monkeypatch) -> None:
+    """From a fresh directory, the version the run registered loads with mlflow.pyfunc, scores the
+    run's test BLEU through `aiayn evaluate --model models:/...`, and answers over HTTP under
+    `mlflow models serve`."""
+    import mlflow
+
+    from cluster.services import free_port
+
+    _, outcome = reference_run
+    assert outcome.model_uri == "models:/reference-mt/1"
+    version = MlflowClient(mlflow_server).get_model_version("reference-mt", "1")
+    assert version.run_id == outcome.run_id and float(version.tags["test/bleu"]) == pytest.approx(outcome.test.bleu, abs=0.01)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    sources = [line.strip() for line in (Path(tiny_corpus["test"] + ".en")).read_text().splitlines()[:5]]
+    predicted = mlflow.pyfunc.load_model(outcome.model_uri).predict(sources)
+    assert len(predicted) == len(sources) and all(isinstance(p, str) for p in predicted)
+    evaluate = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--model", outcome.model_uri,
+                               "--data", str(tiny_corpus["root"] / "prepared" / "text-en-de"), "--beam", "2"],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert json.loads(evaluate.stdout)["bleu"] == pytest.approx(outcome.test.bleu, abs=0.005)
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", outcome.model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        answer = None
+        deadline = time.monotonic() + 180
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                                 data=json.dumps({"inputs": sources}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert answer == {"predictions": predicted}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
