@@ -35,7 +35,8 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         tokenizer_bytes = handle.read()
     with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory(prefix="aiayn-bleu-") as scratch:
         ckpt.verify(directory)  # before DeepSpeed's files are unpickled
-        export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export")
+        export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export",
+                              moving_average=bool(config.train.ema_decay))
         translate, _ = open_translator(export, "torch", beam_size=config.train.beam_size,
                                        alpha=config.train.length_penalty)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)

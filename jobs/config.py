@@ -89,6 +89,10 @@ class TrainConfig:
     # BLEU (needs bleu_every; retention then keeps the best, jobs/checkpoint/retention.py).
     average: Average = "last"
     average_checkpoints: int = 4
+    # A moving average of the weights (transformer/ema.py) with this decay, kept by rank 0 and saved
+    # in every checkpoint; the export (and the BLEU of checkpoints) then uses it instead of the raw
+    # weights. 0: none. Needs ZeRO stage 0-2, where every rank holds the whole weights.
+    ema_decay: float = 0.0
     beam_size: int = 4
     length_penalty: float = 0.6
     max_consecutive_skips: int = 10  # stop after this many updates in a row skipped for non-finite gradients
@@ -123,6 +127,11 @@ class TrainConfig:
                              f"({self.long_phase_timeout_s:g}), got {self.hang_timeout_s}")
         if self.average_checkpoints > self.keep_checkpoints:
             raise ValueError("train.average_checkpoints cannot exceed train.keep_checkpoints")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be 0 (none) or below 1, got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ValueError("train.ema_decay needs the whole weights on a rank; ZeRO stage 3 partitions them: "
+                             "use train.zero_stage=2, or train.ema_decay=0")
         if self.average == "best" and not self.bleu_every:
             raise ValueError("train.average=best needs valid BLEU during training: set train.bleu_every")
         if not (self.max_steps or self.max_epochs or self.max_minutes):

@@ -44,13 +44,26 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=ckpt.DEEPSPEED_TAG)
 
 
+def checkpoint_weights(checkpoint_dir: Path, moving_average: bool) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint exports: its moving average of the weights (train.ema_decay), or
+    the weights DeepSpeed saved."""
+    if not moving_average:
+        return consolidated_state_dict(checkpoint_dir)
+    saved = ckpt.saved_weight_average(checkpoint_dir)
+    if saved is None:
+        raise ckpt.CheckpointError(f"{checkpoint_dir.name} has no moving average of the weights (saved before "
+                                   "train.ema_decay was set); export it with train.ema_decay=0")
+    return saved[0]
+
+
 def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_model: bytes, info: dict,
-                 destination: Path) -> Path:
-    """Average the local checkpoints' weights into a new local directory `destination`; publishing
-    it where users find it (atomically) is `data_pipeline.storage.publish_directory`'s job."""
+                 destination: Path, moving_average: bool = False) -> Path:
+    """Average the local checkpoints' weights (each one's moving average of the weights, with
+    `moving_average`) into a new local directory `destination`; publishing it where users find it
+    (atomically) is `data_pipeline.storage.publish_directory`'s job."""
     model = build_model(model_config)
     bar = tqdm(checkpoints, desc="exporting", unit="checkpoint", disable=not sys.stderr.isatty(), leave=False)
-    averaged = average_state_dicts([consolidated_state_dict(c) for c in bar])
+    averaged = average_state_dicts([checkpoint_weights(c, moving_average) for c in bar])
     broken = [name for name, tensor in averaged.items() if not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ckpt.CheckpointError(f"{', '.join(c.name for c in checkpoints)}: weights {broken[:3]} are not finite; "
@@ -59,7 +72,8 @@ def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_m
     tied = {"output.proj.weight", "tgt_embed.tokens.weight"}
     if unexpected or set(missing) - tied:
         raise ckpt.CheckpointError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    return write_export(model, tokenizer_model, {**info, "averaged_checkpoints": [c.name for c in checkpoints]},
+    return write_export(model, tokenizer_model, {**info, "averaged_checkpoints": [c.name for c in checkpoints],
+                                                 "weights": "moving average" if moving_average else "as trained"},
                         destination)
 
 

@@ -307,7 +307,7 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
             {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri),
              "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
-            Path(scratch) / "export",
+            Path(scratch) / "export", moving_average=bool(job.train.ema_decay),
         )
         storage.publish_directory(local_export, export_uri, INFO)
         best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None

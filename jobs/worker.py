@@ -40,6 +40,7 @@ from jobs.stragglers import StragglerWatch, skew
 from jobs.system_metrics import NodeSystemMetrics
 from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger, local_store_dir
 from jobs.validation import valid_bleu, valid_loss
+from transformer.ema import WeightAverage
 from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
 
@@ -119,6 +120,7 @@ class Trainer:
             tokenizer_sha256=self.manifest.tokenizer_sha256, dataset_fingerprint=self.manifest.fingerprint,
             config=public_config(self.job),
         )
+        self.average = self._weight_average(None)
         self.resumed_from_step: int | None = None
         self.resized_from: int | None = None
         self.restarted_in_run = False
@@ -133,6 +135,7 @@ class Trainer:
                                                        load_universal=resharded)
             ckpt.load_engine_state(self.engine, directory, universal)
         position, rng = ckpt.rank_start(directory, saved, self.rank, self.world, self.manifest, self.job.stream)
+        self.average = self._weight_average(directory)
         self.state, self.resumed_from_step = saved, saved.step
         self.resized_from = saved.world_size if saved.world_size != self.world else None
         self.restarted_in_run = saved.launch_id == self.launch_id  # a failure or an elastic resize in this run
@@ -145,6 +148,15 @@ class Trainer:
         self.state.world_size, self.state.config = self.world, public_config(self.job)
         self.state.dataset_fingerprint = self.manifest.fingerprint
         return position, rng
+
+    def _weight_average(self, checkpoint: Path | None) -> WeightAverage | None:
+        """Rank 0's moving average of the weights (train.ema_decay; every rank of ZeRO 0-2 holds the
+        same whole weights): the checkpoint's, else begun from the weights as they are now."""
+        decay = self.job.train.ema_decay
+        if self.rank != 0 or not decay:
+            return None
+        saved = ckpt.load_weight_average(checkpoint, decay) if checkpoint is not None else None
+        return saved or WeightAverage(decay, dict(self.engine.module.named_parameters()))
 
     def _charge_restart(self, saved: ckpt.JobState) -> None:
         """The steps the previous attempt trained after this checkpoint are trained again (their
@@ -202,7 +214,7 @@ class Trainer:
             try:
                 ckpt.save_checkpoint(
                     self.engine, local, self.rank, self.state if self.rank == 0 else None,
-                    ckpt.RankState(self.stream.position, torch.get_rng_state()),
+                    ckpt.RankState(self.stream.position, torch.get_rng_state()), self.average,
                 )
             except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
                 free = shutil.disk_usage(local).free
@@ -294,7 +306,10 @@ class Trainer:
                 loss, nll = train_step(self.engine, micro, global_tokens, self.world, self.model_config.label_smoothing,
                                        self.forward_clock)
                 self.state.step += 1
-                self.state.skipped_steps += self.guard.after_step(self.engine, self.state.step)
+                skipped = self.guard.after_step(self.engine, self.state.step)
+                self.state.skipped_steps += skipped
+                if self.average is not None and not skipped:
+                    self.average.update(self.engine.module.named_parameters())
                 self.state.tokens_seen += int(global_tokens)
                 window.add_step(loss, nll, global_tokens, global_flops, data_wait, self.forward_clock.take())
             self.state.elapsed_seconds = elapsed_before + time.monotonic() - started

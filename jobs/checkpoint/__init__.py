@@ -12,9 +12,9 @@
 """
 
 from jobs.checkpoint.files import (
-    DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
-    latest_complete_checkpoint, list_checkpoints, load_engine_state, load_rank_state, local_copy, read_job_state,
-    save_checkpoint, step_of, universal_copy, verify,
+    AVERAGE, DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
+    latest_complete_checkpoint, list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
+    read_job_state, save_checkpoint, saved_weight_average, step_of, universal_copy, verify,
 )
 from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
@@ -24,8 +24,8 @@ from jobs.checkpoint.retention import checkpoint_config, reported_metrics, score
 
 
 __all__ = [
-    "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
+    "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
     "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
-    "list_checkpoints", "load_engine_state", "load_rank_state", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "scores_of", "step_of", "to_average", "universal_copy", "Uploads", "verify",
+    "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume", "rank_start",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "step_of", "to_average", "universal_copy", "Uploads", "verify",
 ]

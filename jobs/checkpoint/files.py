@@ -3,6 +3,7 @@
 A checkpoint directory (Ray Train merges every rank's files into one):
     deepspeed/state/...          DeepSpeed's own files (model, ZeRO optimizer partitions, scheduler)
     job_state.json               rank 0: step, epoch, tokens, elapsed time, MLflow run id, config...
+    ema.safetensors              rank 0, with train.ema_decay: the moving average of the weights
     rank_00001.pt                each rank: its data position and RNG state
     rank_00001.complete          each rank, written last: size and sha256 of every file it wrote
 A checkpoint is complete only if job_state.json exists and every rank's marker matches the sizes
@@ -26,12 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from data_pipeline import storage
 from data_pipeline.stream import StreamPosition
+from transformer.ema import WeightAverage
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 JOB_STATE = "job_state.json"
+AVERAGE = "ema.safetensors"  # rank 0: the moving average of the weights (train.ema_decay)
 _STEP_NAME = re.compile(r"checkpoint_step(\d+)$")
 
 
@@ -84,12 +89,17 @@ def _rank_files(rank: int) -> tuple[str, str]:
     return f"rank_{rank:05d}.pt", f"rank_{rank:05d}.complete"
 
 
-def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | None, rank_state: RankState) -> None:
-    """Write this rank's part of a checkpoint into a local directory (collective: all ranks call it)."""
+def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | None, rank_state: RankState,
+                    average: WeightAverage | None = None) -> None:
+    """Write this rank's part of a checkpoint into a local directory (collective: all ranks call
+    it). Rank 0 also writes the job state and the weights' moving average, if the run keeps one."""
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     state_file, marker = _rank_files(rank)
     torch.save({"position": rank_state.position.to_dict(), "rng_state": rank_state.rng_state}, directory / state_file)
+    if average is not None:
+        save_file(average.weights, str(directory / AVERAGE),
+                  metadata={"decay": repr(average.decay), "updates": str(average.updates)})
     if job_state is not None:
         (directory / JOB_STATE).write_text(json.dumps(asdict(job_state), indent=2))
     files = {
@@ -151,6 +161,22 @@ def verify(directory: str) -> None:
             raise CheckpointError(f"{directory}/{name} was not written by aiayn with this checkpoint; not loading it")
         if storage.sha256_of(storage.join(directory, name)) != recorded[name]:
             raise CheckpointError(f"{directory}/{name} has changed since it was written (sha256 differs); not loading it")
+
+
+def saved_weight_average(directory: Path) -> tuple[dict[str, torch.Tensor], int] | None:
+    """(weights, number of updates) of the checkpoint's moving average of the weights; None if it
+    has none (saved before the run kept one)."""
+    path = directory / AVERAGE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, int(handle.metadata()["updates"])
+
+
+def load_weight_average(directory: Path, decay: float) -> WeightAverage | None:
+    """The checkpoint's moving average of the weights, to be continued with `decay`."""
+    saved = saved_weight_average(directory)
+    return WeightAverage(decay, *saved) if saved is not None else None
 
 
 def load_rank_state(directory: Path, rank: int) -> RankState:

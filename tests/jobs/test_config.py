@@ -58,11 +58,17 @@ def test_overrides_reach_nested_sections_with_types() -> None:
     ("train.average=first", "train.average: 'first' is not allowed; use 'last' or 'best'"),
     ("train.average=best", "train.average=best needs valid BLEU during training: set train.bleu_every"),
     ("train.average_checkpoints=9", "train.average_checkpoints cannot exceed train.keep_checkpoints"),
+    ("train.ema_decay=1", "train.ema_decay must be 0 (none) or below 1"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         load_job_config(None, [override])
     assert "\n" not in str(error.value)
+
+
+def test_a_moving_average_needs_whole_weights_on_a_rank() -> None:
+    with pytest.raises(ConfigError, match="train.ema_decay needs the whole weights on a rank; ZeRO stage 3"):
+        load_job_config(None, ["train.ema_decay=0.999", "train.zero_stage=3"])
 
 
 def test_yaml_errors_name_file_and_line(tmp_path) -> None:

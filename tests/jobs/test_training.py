@@ -43,6 +43,7 @@ from tests.jobs.helpers import (
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 30
+EMA = "train.ema_decay=0.9"  # the reference run and those compared with it export the weights' moving average
 SECRET = "s3cret-in-the-uri"
 
 
@@ -68,7 +69,7 @@ def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
     printed = io.StringIO()  # what the libraries print, too (MLflow prints run URLs)
     with contextlib.redirect_stdout(printed):
         outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials,
-                                 extra=("tracking.registered_model=reference-mt",)),
+                                 extra=("tracking.registered_model=reference-mt", EMA)),
                         log=lines.append)
     (root / "console.txt").write_text("\n".join(lines) + "\n" + printed.getvalue())
     return root, outcome
@@ -101,6 +102,9 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert not [p for p in (root / "runs").rglob("*.json") if SECRET in p.read_text()]
     assert SECRET not in (root / "console.txt").read_text()
     assert outcome.test is not None and "nrefs:1" in outcome.test.bleu_signature and "nc:6" in outcome.test.chrf_signature
+    # the export is the moving average of the weights (train.ema_decay), which every checkpoint keeps
+    assert json.loads((Path(outcome.export_uri) / INFO).read_text())["weights"] == "moving average"
+    assert all((Path(uri) / ckpt.AVERAGE).is_file() for uri in ckpt.list_checkpoints(root / "runs" / "reference"))
     assert run.data.metrics["test/chrf"] == pytest.approx(outcome.test.chrf)
 
 
@@ -184,7 +188,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     print(f"SIGKILL of a worker once the upload of checkpoint {after} begins (AIAYN_FAULT_SEED={seed} repeats it)")
     # Valid BLEU off the loop as well: Ray Train's validation tasks score checkpoints 10, 20 and 30.
     job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server,
-                   extra=("train.bleu_every=10",))
+                   extra=("train.bleu_every=10", EMA))
     killer = when_checkpoint_upload_begins(run_dir, after, kill)
     started = time.time()
     outcome = train(job, log=_quiet)
@@ -231,7 +235,7 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
         stopped.update(pid=pid, at=time.monotonic())
 
     job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=mlflow_server,
-                   extra=("train.hang_timeout_s=10",))
+                   extra=("train.hang_timeout_s=10", EMA))
     # Mid-training, off the checkpoint steps: the end of the run is a legitimately long phase (the
     # last upload, the metric backlog), where a hang is caught after train.long_phase_timeout_s.
     # (Waiting for a checkpoint's registration instead would land there: it lags the steps.)
