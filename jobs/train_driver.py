@@ -349,22 +349,22 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
 
 
 def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
-    """The whole run's time ledger (the workers leave the last step's to this) and its table, then
-    the run marked finished."""
+    """The whole run's time ledger and its table, then the run marked finished. The ledger goes in
+    at the last step even where a worker logged its own there (a run bounded by epochs learns that
+    a step was its last only after it): a later value at the same step is what MLflow shows."""
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
-
-    logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
-    logger.log(ledger.metrics(), outcome.steps)
-    if logger.close(timeout_s=END_OF_RUN_WAIT_S):
-        print("[aiayn] the run's time ledger did not reach MLflow; it is in this run's log")
+    now = int(time.time() * 1000)
     try:
         client = MlflowClient(outcome.tracking_uri)
+        client.log_batch(outcome.run_id, metrics=[Metric(key, float(value), now, outcome.steps)
+                                                  for key, value in ledger.metrics().items()])
         client.log_dict(outcome.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
         client.set_terminated(outcome.run_id, "FINISHED")
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the run is not marked finished")
+        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the run's time ledger (in this "
+              "run's log) and its end are not in MLflow")
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:

@@ -25,11 +25,11 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt
-from tests.jobs.helpers import runs_named, steps, tiny_overrides
+from tests.jobs.helpers import runs_named, steps, time_ledger, tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-EPOCHS = 8
+EPOCHS = 16  # long enough for a node loss, an add-node and a remove-node, each a restart, at 0.5 s polls
 
 
 def _cluster(*args: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -114,6 +114,7 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
         run_dir = tmp_path / "runs" / "elastic"
         console = tmp_path / "console.txt"
         with console.open("w") as sink:
+            launched = time.time()
             driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", *overrides], stdout=sink,
                                       stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         try:
@@ -130,6 +131,7 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
             _cluster("remove-node", alive[0], "--grace", "8", env=env)  # taken away gracefully: a notice first
             step = _wait_for_world_size(run_dir, 2, driver, step)
             assert driver.wait(timeout=600) == 0, console.read_text()[-3000:]
+            wall_s = time.time() - launched
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -147,6 +149,13 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
         assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [3, 2, 3, 2]
         causes = [v for k, v in run.data.tags.items() if k.startswith("resize.")]
         assert any("capacity lost" in c for c in causes) and any("capacity returned" in c for c in causes)
+        # Every second of the run is in the time ledger, across the node loss and the resizes: it
+        # sums to the driver's wall time within 2%, less the interpreter's start before train().
+        ledger, seconds = time_ledger(tracking, run.info.run_id)
+        print(f"ledger {seconds:.1f} s against {wall_s:.1f} s of the driver's process; {ledger}")
+        assert 0 <= wall_s - seconds <= 0.02 * wall_s + 15, (seconds, wall_s)
+        assert ledger["goodput/recovery_s"] > 0 and ledger["goodput/recomputed_steps"] > 0
+        assert ledger["goodput/finish_s"] > 0  # the driver's whole-run ledger, though a worker logged at that step
         figures = _figures(run_dir / "aiayn.log", lost_at, tracking, run.info.run_id)
         (tmp_path / "figures.md").write_text(figures + "\n")  # bench/results/elastic_*.md records them
         print("\n" + figures)
