@@ -88,10 +88,13 @@ def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, des
 
 
 def decoding_of(path: Path) -> tuple[int, float]:
-    """(beam size, length penalty) the export's run decoded with; beam 4 and 0.6, the paper's,
+    """(beam size, length penalty) the export's run decoded with; the defaults of `aiayn train`
     for exports made before they were recorded."""
+    from jobs.config import TrainConfig
+
     decoding = json.loads((path / INFO).read_text()).get("decoding", {})
-    return int(decoding.get("beam_size", 4)), float(decoding.get("length_penalty", 0.6))
+    return (int(decoding.get("beam_size", TrainConfig.beam_size)),
+            float(decoding.get("length_penalty", TrainConfig.length_penalty)))
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
