@@ -343,8 +343,8 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
         return log_translation_model(outcome.tracking_uri, outcome.run_id, export_dir, outcome.test,
                                      job.tracking.registered_model)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the export is at "
-              f"{storage.redact(outcome.export_uri)}, not logged as an artifact")
+        print(f"[aiayn] logging the artifacts and the model to MLflow failed ({_first_line(error)}); the export "
+              f"is at {storage.redact(outcome.export_uri)}, not logged as an artifact")
         return ""
 
 
@@ -363,8 +363,13 @@ def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
         client.log_dict(outcome.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
         client.set_terminated(outcome.run_id, "FINISHED")
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        print(f"[aiayn] MLflow is unreachable ({str(error).splitlines()[0][:200]}); the run's time ledger (in this "
-              "run's log) and its end are not in MLflow")
+        print(f"[aiayn] logging the end of the run to MLflow failed ({_first_line(error)}); the run's time ledger "
+              "(in this run's log) and its end are not in MLflow")
+
+
+def _first_line(error: Exception) -> str:
+    """An error in one console line: its type (a refusal and a bug read differently) and message."""
+    return storage.redact(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
@@ -378,6 +383,7 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
 
 
 def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(outcome.tracking_uri)
@@ -391,7 +397,9 @@ def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
         client.log_artifacts(outcome.run_id, str(folder))
     client.log_artifacts(outcome.run_id, str(export_dir), "export")
     if outcome.test is not None:
-        for key, value in outcome.test.metrics("test").items():
-            client.log_metric(outcome.run_id, key, value, step=outcome.steps)
-        client.set_tags(outcome.run_id, {"bleu_signature": outcome.test.bleu_signature,
-                                         "chrf_signature": outcome.test.chrf_signature})
+        now = int(time.time() * 1000)
+        client.log_batch(outcome.run_id,
+                         metrics=[Metric(key, value, now, outcome.steps)
+                                  for key, value in outcome.test.metrics("test").items()],
+                         tags=[RunTag("bleu_signature", outcome.test.bleu_signature),
+                               RunTag("chrf_signature", outcome.test.chrf_signature)])

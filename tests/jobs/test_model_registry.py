@@ -4,9 +4,13 @@ translate` does; and `models:/` URIs lead aiayn's own commands to the same expor
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from cluster.services import free_port
 from jobs.evaluation import Scores, corpus_scores
 from jobs.export import WEIGHTS, local_export
 from jobs.model_registry import log_translation_model
@@ -68,3 +73,40 @@ def test_the_registered_model_translates_as_aiayn_translate_does(registered, tra
         assert load_file(str(directory / WEIGHTS)).keys() == load_file(str(trained_export / WEIGHTS)).keys()
         assert all((load_file(str(directory / WEIGHTS))[k] == v).all()
                    for k, v in load_file(str(trained_export / WEIGHTS)).items())
+
+
+def test_mlflow_models_serve_answers_with_the_translations(registered, tmp_path) -> None:
+    """`mlflow models serve -m models:/...` (a user's venv on PATH, as when it is activated)
+    answers a JSON request with the same translations as the loaded model."""
+    import mlflow
+
+    tracking, uri, _ = registered
+    sources = [s for s, _ in pairs(8, seed=4242)]
+    expected = mlflow.pyfunc.load_model(uri).predict(sources)
+    right = [" ".join(reversed(s.split())).upper() for s in sources]
+    assert sum(h == r for h, r in zip(expected, right)) >= 4  # a model that translates, so a wrong answer shows
+    port, log = free_port(), tmp_path / "serve.log"
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log.open("w") as sink:
+        server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+                                   "-h", "127.0.0.1", "-p", str(port)],
+                                  stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        answer = None
+        deadline = time.monotonic() + 180
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                             data=json.dumps({"inputs": sources}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert answer == {"predictions": expected}, log.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -108,14 +107,12 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert run.data.metrics["test/chrf"] == pytest.approx(outcome.test.chrf)
 
 
-def test_the_runs_registered_model_loads_scores_and_serves(reference_run, mlflow_server, tiny_corpus,
-                                                           tmp_path, monkeypatch) -> None:
-    """From a fresh directory, the version the run registered loads with mlflow.pyfunc, scores the
-    run's test BLEU through `aiayn evaluate --model models:/...`, and answers over HTTP under
-    `mlflow models serve`."""
+def test_the_runs_registered_model_loads_and_scores(reference_run, mlflow_server, tiny_corpus, tmp_path,
+                                                    monkeypatch) -> None:
+    """From a fresh directory, the version the run registered loads with mlflow.pyfunc and scores the
+    run's test BLEU through `aiayn evaluate --model models:/...` (serving it over HTTP is tested on
+    a model that translates well: tests/jobs/test_model_registry.py)."""
     import mlflow
-
-    from cluster.services import free_port
 
     _, outcome = reference_run
     assert outcome.model_uri == "models:/reference-mt/1"
@@ -132,26 +129,6 @@ def test_the_runs_registered_model_loads_scores_and_serves(reference_run, mlflow
                               capture_output=True, text=True, env=env, timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert json.loads(evaluate.stdout)["bleu"] == pytest.approx(outcome.test.bleu, abs=0.005)
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", outcome.model_uri,
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        answer = None
-        deadline = time.monotonic() + 180
-        while answer is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                                 data=json.dumps({"inputs": sources}).encode(),
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(1)
-        assert answer == {"predictions": predicted}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_zero_stages_follow_the_same_loss_curve(reference_run, ray_cluster, tiny_corpus, tmp_path) -> None:
@@ -236,9 +213,8 @@ def test_a_stopped_worker_is_caught_its_stacks_kept_and_the_run_resumes_exactly(
 
     job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=mlflow_server,
                    extra=("train.hang_timeout_s=10", EMA))
-    # Mid-training, off the checkpoint steps: the end of the run is a legitimately long phase (the
-    # last upload, the metric backlog), where a hang is caught after train.long_phase_timeout_s.
-    # (Waiting for a checkpoint's registration instead would land there: it lags the steps.)
+    # Mid-training. The console lags the workers by a few steps, so the stop may land in a checkpoint
+    # or a validation, legitimately long phases: a stopped process still gets a step's limit there.
     stopper = when(lambda: any(line.startswith(f"step {after + 2}/") for _, line in lines), stop_one_worker)
     try:
         outcome = train(job, log=lambda line: (lines.append((time.monotonic(), line)), print(line)))  # shown on failure
