@@ -12,7 +12,8 @@ off by default. Here:
 - the driver's `Watchdog` thread reads the monitor every few seconds; `find_hang` decides: the
   run is hung when no rank has reported within its phase's limit (`HangPolicy`). A rank waiting
   in a collective for another that legitimately checkpoints or validates is not hung while that
-  other one is within its own, longer, limit;
+  other one is within its own, longer, limit, unless that other one's process is stopped (by a
+  signal, a debugger): it makes progress in no phase, and gets a step's limit;
 - on a hang it asks each rank's node for the rank's Python stacks (each worker registered
   `faulthandler` on SIGUSR1 at start: no ptrace, which containers often forbid, and it answers
   from inside a stuck collective; a stopped process is continued to answer while the others are
@@ -46,6 +47,7 @@ BEAT_INTERVAL_S = 1.0
 STEP_FLOOR_S = 45.0  # a step may always take this long (an attempt's first step counts as start)
 STEP_FACTOR = 10.0  # ... or this many times the median step time observed
 LONG_FACTOR = 3.0  # a long phase: this many times its longest occurrence so far, at least its floor
+HELD = ("T", "t")  # /proc states of a process stopped by a signal or a tracer
 
 
 def collective_timeout_s(long_phase_timeout_s: float) -> float:
@@ -91,14 +93,27 @@ class Snapshot:
     longest: dict[str, float]  # the longest completed occurrence of each long phase
 
 
-def find_hang(snapshot: Snapshot, policy: HangPolicy) -> list[RankProgress]:
-    """The ranks of a hung run (every rank past its phase's limit), else []."""
+def find_hang(snapshot: Snapshot, policy: HangPolicy, held: frozenset[int] = frozenset()) -> list[RankProgress]:
+    """The ranks of a hung run (every rank past its phase's limit), else []. The ranks in `held`
+    are stopped by a signal: they make progress in no phase, so a step's limit is theirs."""
     ranks = list(snapshot.ranks.values())
     if not ranks:
         return []
-    late = [r for r in ranks
-            if snapshot.now - r.last_beat > policy.limit(r.phase, snapshot.step_times, snapshot.longest)]
+    late = [r for r in ranks if snapshot.now - r.last_beat > policy.limit(
+        STEP if r.rank in held and r.phase != DONE else r.phase, snapshot.step_times, snapshot.longest)]
     return late if len(late) == len(ranks) else []
+
+
+def quiet_in_long_phases(snapshot: Snapshot, policy: HangPolicy) -> list[RankProgress]:
+    """The ranks that only a long phase's allowance keeps from a hang: quiet past a step's limit
+    while every other rank is too. Whether their processes are stopped decides (`find_hang`'s
+    `held`); asked only then, so a run that is progressing costs no question to its nodes."""
+    ranks = list(snapshot.ranks.values())
+    step_limit = policy.limit(STEP, snapshot.step_times, snapshot.longest)
+    if not ranks or any(snapshot.now - r.last_beat <= step_limit for r in ranks):
+        return []
+    return [r for r in ranks if r.phase in LONG_PHASES
+            and snapshot.now - r.last_beat <= policy.limit(r.phase, snapshot.step_times, snapshot.longest)]
 
 
 class ProgressMonitor:
@@ -216,6 +231,10 @@ class Watchdog:
             try:
                 snapshot = ray.get(self.monitor.snapshot.remote(), timeout=30)
                 hung = find_hang(snapshot, self.policy)
+                waiting = [] if hung else quiet_in_long_phases(snapshot, self.policy)
+                if waiting:  # a stopped process is in no phase: caught as fast as a stuck step
+                    states = self._on_nodes(waiting, "state")
+                    hung = find_hang(snapshot, self.policy, frozenset(r.rank for r in waiting if states[r.pid] in HELD))
                 if hung:
                     self._handle(snapshot, hung)
                 failing = False
@@ -244,7 +263,7 @@ class Watchdog:
         """Every rank's Python stacks, and the ranks left frozen. A stopped process runs its handler
         only once continued: the others are frozen meanwhile (until the culprit is killed), so that
         it cannot complete a step with them."""
-        stopped = [r for r in hung if states[r.pid] in ("T", "t")]
+        stopped = [r for r in hung if states[r.pid] in HELD]
         running = [r for r in hung if r not in stopped]
         self._on_nodes(running, "stacks")
         stacks = self._read_stacks(running)
@@ -275,7 +294,7 @@ class Watchdog:
             return
         # The culprit: a process the OS holds (stopped, or in uninterruptible I/O), else the rank
         # quiet the longest; the others are waiting for it in a collective.
-        culprit = min(hung, key=lambda r: (states[r.pid] not in ("T", "t", "D"), r.last_beat))
+        culprit = min(hung, key=lambda r: (states[r.pid] not in (*HELD, "D"), r.last_beat))
         stacks, frozen = self._stacks(hung, states)
         self._on_nodes([culprit], "kill")
         self._on_nodes(frozen, "thaw")
