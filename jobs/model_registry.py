@@ -27,20 +27,23 @@ def _pinned(names: tuple[str, ...]) -> list[str]:
 
 def log_translation_model(tracking_uri: str, run_id: str, export_dir: Path, test: Scores | None,
                           registered_name: str) -> str:
-    """Log the export as the run's model (and register it); returns its `models:/` URI."""
+    """Log the export as the run's model (and register it); returns its `models:/` URI. Once per
+    run: a rerun of a finished run (after an outage at its end) finds what was logged before."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={EXPORT: str(export_dir)},
-            pip_requirements=_pinned(REQUIREMENTS), registered_model_name=registered_name or None,
-        )
-    if not registered_name:
-        return info.model_uri
-    version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)
+    model_uri = _logged_before(client, run_id)
+    if not model_uri:
+        with mlflow.start_run(run_id=run_id):
+            model_uri = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(MODEL_CODE),
+                                                artifacts={EXPORT: str(export_dir)},
+                                                pip_requirements=_pinned(REQUIREMENTS)).model_uri
+    if not registered_name:
+        return model_uri
+    versions = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+    version = str(versions[0].version if versions else mlflow.register_model(model_uri, registered_name).version)
     tags = {"run_id": run_id}
     if test is not None:
         tags.update({key: f"{value:.2f}" for key, value in test.metrics("test").items()})
@@ -48,6 +51,16 @@ def log_translation_model(tracking_uri: str, run_id: str, export_dir: Path, test
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     return f"models:/{registered_name}/{version}"
+
+
+def _logged_before(client, run_id: str) -> str:
+    """The URI of this run's model if an earlier end of the run logged it completely, else ""."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    ready = [m for m in models if m.name == MODEL_NAME and m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else ""
 
 
 def export_inside(model_dir: Path) -> Path:

@@ -40,6 +40,19 @@ def registered(trained_export: Path, tmp_path: Path, monkeypatch) -> tuple[str, 
     return tracking, uri, scores
 
 
+def test_a_rerun_of_the_runs_end_logs_and_registers_nothing_twice(registered, trained_export) -> None:
+    tracking, uri, scores = registered
+    client = MlflowClient(tracking)
+    run_id = client.get_model_version("tiny-mt", "1").run_id
+    assert log_translation_model(tracking, run_id, trained_export, scores, "tiny-mt") == uri
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-mt'")] == ["1"]
+    experiment = client.get_run(run_id).info.experiment_id
+    assert len(client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")) == 1
+    # registered under a second name later: the same logged model
+    assert log_translation_model(tracking, run_id, trained_export, scores, "other-mt") == "models:/other-mt/1"
+    assert client.get_model_version("other-mt", "1").source == client.get_model_version("tiny-mt", "1").source
+
+
 def _aiayn_translate(export: str, lines: list[str], env: dict) -> list[str]:
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "translate", "--model", export, "--engine", "torch",
                            "--beam", "4", "--alpha", "0.6"], input="\n".join(lines) + "\n", capture_output=True,
