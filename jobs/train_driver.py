@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import signal
 import tempfile
 import threading
@@ -235,12 +236,24 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
         result = _fit(_trainer(job, name, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
+    _delete_untracked(run_uri, result, console)
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
     outcome = _finish(job, name, run_id, tracking_uri, manifest, started_at, scores)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
+
+
+def _delete_untracked(run_uri: str, result, console: Callable[[str], None]) -> None:
+    """Retention for the checkpoints Ray Train never registered (`ckpt.untracked`): what its own
+    retention would have done had it known them."""
+    kept = {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    complete = [uri for uri in ckpt.list_checkpoints(run_uri) if ckpt.is_complete(uri)]
+    for uri in ckpt.untracked(complete, kept):
+        storage.delete_dir(uri)
+        console(f"deleted {posixpath.basename(uri)}: finished after its run's driver was gone, so Ray Train's "
+                "retention never knew it")
 
 
 def _fit(trainer):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shutil
 import socket
 import tempfile
@@ -89,6 +90,9 @@ class Trainer:
         self.forward_clock = ForwardClock(self.device)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
         self.uploads = ckpt.Uploads(self.rank, self.job.train.async_checkpoint, self.fence, self._uploaded)
+        if restored is not None and source != registered_path:  # complete, but never registered
+            self.uploads.register(posixpath.basename(source.rstrip("/")), self.state.step,
+                                  validate=self._bleu_of_checkpoint(self.state.step))
         self.nodes: list[str] = []  # each rank's host/node, from _announce
         # The dropout stream of this rank, set last so that nothing above can draw from it.
         if saved_rng is not None:
@@ -227,6 +231,13 @@ class Trainer:
         if self.logger is not None:
             self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
 
+    def _bleu_due(self, step: int) -> bool:
+        return self.cadence.bleu(step) and self.manifest.has_split("valid") and not self.manifest.monolingual
+
+    def _bleu_of_checkpoint(self, step: int) -> bool:
+        """Whether the checkpoint of `step` is scored by Ray Train's validation task."""
+        return self._bleu_due(step) and self.job.train.bleu_in_background
+
     def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
         """This rank's part of the checkpoint of `step` is in storage."""
         if self.logger is not None:
@@ -323,9 +334,9 @@ class Trainer:
                 if not stop:  # the last step's are the driver's: the whole run's, with its end
                     metrics.update(ledger.metrics())
             ledger.charge("tracking")
-            bleu_due = cadence.bleu(step) and self.manifest.has_split("valid") and not self.manifest.monolingual
+            bleu_due = self._bleu_due(step)
             bleu_in_loop = bleu_due and not self.job.train.bleu_in_background
-            bleu_of_checkpoint = bleu_due and self.job.train.bleu_in_background
+            bleu_of_checkpoint = self._bleu_of_checkpoint(step)
             if cadence.validate(step, stop) or bleu_in_loop:
                 self.heartbeat.beat(step, VALIDATE)
             if cadence.validate(step, stop):

@@ -7,8 +7,8 @@
              checkpoint, resize, compatibility of the saved config with the new one) and the
              rules the workers follow to restore from it;
 - upload.py: a rank's upload of its staged part while training goes on;
-- retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU) and
-             which the export averages.
+- retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU), those
+             it never registered, and which the export averages.
 """
 
 from jobs.checkpoint.files import (
@@ -20,12 +20,12 @@ from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
     FIXED_ON_RESUME, ResumePlan, attempt_source, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
 )
-from jobs.checkpoint.retention import checkpoint_config, reported_metrics, scores_of, to_average
+from jobs.checkpoint.retention import checkpoint_config, reported_metrics, scores_of, to_average, untracked
 
 
 __all__ = [
     "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
     "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
     "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "step_of", "to_average", "universal_copy", "Uploads", "verify",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify",
 ]

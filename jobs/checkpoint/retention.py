@@ -44,6 +44,17 @@ def scores_of(best_checkpoints: list[tuple[Any, dict]] | None) -> dict[str, floa
             if float(metrics.get(SCORE, UNSCORED)) > UNSCORED}
 
 
+def untracked(complete: list[str], kept: set[str]) -> list[str]:
+    """Of a run's complete checkpoints (oldest first), those that Ray Train's retention will never
+    delete because it never registered them, and that are not the newest: a checkpoint whose
+    upload finished after its run's driver was gone, which a rerun may resume from (the newer of
+    Ray Train's and the plan's). `kept`: the names of the checkpoints Ray Train keeps; an empty
+    set (nothing known) keeps everything."""
+    if not kept:
+        return []
+    return [uri for uri in complete[:-1] if posixpath.basename(uri.rstrip("/")) not in kept]
+
+
 def to_average(run_uri: str, train, scores: dict[str, float]) -> list[str]:
     """The complete checkpoints the export averages, oldest first. `scores`: see `scores_of`;
     with `average=best` and no checkpoint scored, the newest (said by the caller)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jobs.checkpoint.files import checkpoint_dir_name
+from jobs.checkpoint.retention import reported_metrics
 
 
 class Uploads:
@@ -63,6 +64,19 @@ class Uploads:
                          validation=ray.train.ValidationTaskConfig(fn_kwargs={"step": step}) if validate else False)
         if wait:
             self._idle.wait()
+
+    def register(self, name: str, step: int, validate: bool) -> None:
+        """Hands Ray Train a complete checkpoint of the run's storage that it never registered (its
+        upload finished after the last driver was gone), which this attempt resumed from: so that
+        Ray Train's retention knows it and, `validate`, its valid BLEU is computed. Every rank."""
+        import ray.train
+
+        self.fence(f"checkpoint {name}")  # committing it also runs Ray Train's retention
+        storage = ray.train.get_context().get_storage()
+        checkpoint = ray.train.Checkpoint(f"{storage.experiment_fs_path}/{name}", filesystem=storage.storage_filesystem)
+        ray.train.report(reported_metrics({}, step), checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+                         validation=ray.train.ValidationTaskConfig(fn_kwargs={"step": step}) if validate else False)
 
     def _upload(self, checkpoint, name: str, step: int, background: bool):
         """Called by Ray Train (in its upload thread when asynchronous) with this rank's part, which

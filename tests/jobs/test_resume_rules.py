@@ -1,11 +1,12 @@
-"""The rules of resuming that need no checkpoint on disk: which config changes a resume accepts."""
+"""The rules of resuming and retention that need no checkpoint on disk: which config changes a resume
+accepts, where a worker group resumes from, which checkpoints nobody else would delete."""
 
 from __future__ import annotations
 
 import pytest
 
 from data_pipeline.errors import InputError
-from jobs.checkpoint import CheckpointError, ResumePlan, attempt_source, check_compatible
+from jobs.checkpoint import CheckpointError, ResumePlan, attempt_source, check_compatible, untracked
 from jobs.config import load_job_config, public_config
 
 
@@ -56,3 +57,14 @@ def test_an_attempt_loads_the_newer_of_the_plan_and_ray_trains_registered_checkp
     assert attempt_source(ResumePlan(world_size=2, zero_stage=2), None) is None
     with pytest.raises(CheckpointError):
         attempt_source(plan, "/runs/r/not-a-checkpoint")
+
+
+def test_checkpoints_ray_train_never_registered_are_deleted_except_the_newest() -> None:
+    runs = "s3://bucket/runs/r"
+    complete = [f"{runs}/checkpoint_step{s:08d}" for s in (10, 15, 20, 30)]
+    # 15 finished uploading after the first driver was gone: the rerun resumed from it, Ray Train never knew it
+    assert untracked(complete, {"checkpoint_step00000010", "checkpoint_step00000020", "checkpoint_step00000030"}) \
+        == [f"{runs}/checkpoint_step00000015"]
+    # the newest is never deleted (a resume needs it), nor anything when Ray Train's list is unknown
+    assert untracked(complete, {"checkpoint_step00000010"}) == complete[1:3]
+    assert untracked(complete, set()) == []
