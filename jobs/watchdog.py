@@ -12,8 +12,9 @@ off by default. Here:
 - the driver's `Watchdog` thread reads the monitor every few seconds; `find_hang` decides: the
   run is hung when no rank has reported within its phase's limit (`HangPolicy`). A rank waiting
   in a collective for another that legitimately checkpoints or validates is not hung while that
-  other one is within its own, longer, limit, unless that other one's process is stopped (by a
-  signal, a debugger): it makes progress in no phase, and gets a step's limit;
+  other one is within its own, longer, limit; but once every rank is quiet past a step's limit,
+  a rank whose process is stopped (by a signal, a debugger) makes the run hung, whatever the
+  phases: it makes progress in none, and the others wait for it;
 - on a hang it asks each rank's node for the rank's Python stacks (each worker registered
   `faulthandler` on SIGUSR1 at start: no ptrace, which containers often forbid, and it answers
   from inside a stuck collective; a stopped process is continued to answer while the others are
@@ -94,26 +95,28 @@ class Snapshot:
 
 
 def find_hang(snapshot: Snapshot, policy: HangPolicy, held: frozenset[int] = frozenset()) -> list[RankProgress]:
-    """The ranks of a hung run (every rank past its phase's limit), else []. The ranks in `held`
-    are stopped by a signal: they make progress in no phase, so a step's limit is theirs."""
+    """The ranks of a hung run, else []: every rank is past its phase's limit, or every rank is
+    quiet past a step's limit and one of them is in `held` (its process stopped by a signal or a
+    debugger): that one makes progress in no phase, and the others wait for it whatever theirs."""
     ranks = list(snapshot.ranks.values())
     if not ranks:
         return []
-    late = [r for r in ranks if snapshot.now - r.last_beat > policy.limit(
-        STEP if r.rank in held and r.phase != DONE else r.phase, snapshot.step_times, snapshot.longest)]
-    return late if len(late) == len(ranks) else []
+    late = [r for r in ranks
+            if snapshot.now - r.last_beat > policy.limit(r.phase, snapshot.step_times, snapshot.longest)]
+    if len(late) == len(ranks):
+        return late
+    return ranks if held & {r.rank for r in quiet_past_a_step(snapshot, policy)} else []
 
 
-def quiet_in_long_phases(snapshot: Snapshot, policy: HangPolicy) -> list[RankProgress]:
-    """The ranks that only a long phase's allowance keeps from a hang: quiet past a step's limit
-    while every other rank is too. Whether their processes are stopped decides (`find_hang`'s
-    `held`); asked only then, so a run that is progressing costs no question to its nodes."""
-    ranks = list(snapshot.ranks.values())
+def quiet_past_a_step(snapshot: Snapshot, policy: HangPolicy) -> list[RankProgress]:
+    """Every rank, when every one that is not done is quiet past a step's limit (else []): then
+    whether a process is stopped decides (`find_hang`'s `held`). Asked only then, so a run that
+    makes progress costs no question to its nodes."""
+    ranks = [r for r in snapshot.ranks.values() if r.phase != DONE]
     step_limit = policy.limit(STEP, snapshot.step_times, snapshot.longest)
     if not ranks or any(snapshot.now - r.last_beat <= step_limit for r in ranks):
         return []
-    return [r for r in ranks if r.phase in LONG_PHASES
-            and snapshot.now - r.last_beat <= policy.limit(r.phase, snapshot.step_times, snapshot.longest)]
+    return ranks
 
 
 class ProgressMonitor:
@@ -231,10 +234,10 @@ class Watchdog:
             try:
                 snapshot = ray.get(self.monitor.snapshot.remote(), timeout=30)
                 hung = find_hang(snapshot, self.policy)
-                waiting = [] if hung else quiet_in_long_phases(snapshot, self.policy)
-                if waiting:  # a stopped process is in no phase: caught as fast as a stuck step
-                    states = self._on_nodes(waiting, "state")
-                    hung = find_hang(snapshot, self.policy, frozenset(r.rank for r in waiting if states[r.pid] in HELD))
+                quiet = [] if hung else quiet_past_a_step(snapshot, self.policy)
+                if quiet:  # a stopped process is in no phase: caught as fast as a stuck step
+                    states = self._on_nodes(quiet, "state")
+                    hung = find_hang(snapshot, self.policy, frozenset(r.rank for r in quiet if states[r.pid] in HELD))
                 if hung:
                     self._handle(snapshot, hung)
                 failing = False

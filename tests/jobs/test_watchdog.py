@@ -14,7 +14,7 @@ import pytest
 
 from jobs.config import load_job_config
 from jobs.watchdog import (CHECKPOINT, DONE, START, STEP, STEP_FLOOR_S, HangPolicy, ProgressMonitor, RankProgress,
-                           Snapshot, collective_timeout_s, find_hang, on_node, quiet_in_long_phases)
+                           Snapshot, collective_timeout_s, find_hang, on_node, quiet_past_a_step)
 
 POLICY = HangPolicy(step_timeout_s=None, long_phase_timeout_s=900)
 
@@ -52,17 +52,19 @@ def test_a_run_is_hung_only_when_every_rank_is_past_its_limit() -> None:
     assert find_hang(_snapshot(), POLICY) == []  # no worker has reported yet
 
 
-def test_a_stopped_process_gets_a_steps_limit_whatever_its_phase() -> None:
+def test_a_stopped_process_hangs_the_run_once_every_rank_is_quiet_past_a_step() -> None:
     policy = HangPolicy(step_timeout_s=10.0, long_phase_timeout_s=900)
     checkpointing, waiting = _rank(0, CHECKPOINT, quiet_s=20), _rank(1, STEP, quiet_s=20)
     snapshot = _snapshot(checkpointing, waiting)
     assert find_hang(snapshot, policy) == []  # a checkpoint may take this long
-    assert quiet_in_long_phases(snapshot, policy) == [checkpointing]  # so its process state is asked
+    assert quiet_past_a_step(snapshot, policy) == [checkpointing, waiting]  # so their process states are asked
+    # the stopped one may be the one in the long phase, or the one the long phase waits for
     assert [r.rank for r in find_hang(snapshot, policy, held=frozenset({0}))] == [0, 1]
-    # nothing is asked while any rank makes progress, or of a rank quiet less than a step's limit
-    assert quiet_in_long_phases(_snapshot(checkpointing, _rank(1, STEP, quiet_s=2)), policy) == []
-    assert quiet_in_long_phases(_snapshot(_rank(0, CHECKPOINT, quiet_s=5), waiting), policy) == []
-    assert find_hang(_snapshot(_rank(0, DONE, quiet_s=50), waiting), policy, held=frozenset({0})) == []
+    assert [r.rank for r in find_hang(snapshot, policy, held=frozenset({1}))] == [0, 1]
+    # nothing is asked, and nothing is hung, while any rank makes progress
+    recent = _snapshot(checkpointing, _rank(1, STEP, quiet_s=2))
+    assert quiet_past_a_step(recent, policy) == [] and find_hang(recent, policy, held=frozenset({0})) == []
+    assert find_hang(_snapshot(_rank(0, DONE, quiet_s=50), _rank(1, DONE, quiet_s=50)), policy, held=frozenset({0})) == []
 
 
 def test_the_monitor_times_steps_and_phases_and_forgets_replaced_workers(monkeypatch) -> None:
