@@ -5,7 +5,8 @@ Every second from `aiayn train`'s start to its end is charged to exactly one cat
 - the workers' loop charges the time since its previous charge to what it just did (`charge`),
   so their categories add up to the time the loop ran;
 - a worker group's start is charged from the driver's start (a first attempt) or from the
-  previous attempt's last progress (a restart: `recovery`, failure detection and the restart);
+  previous attempt's last progress (a restart: `recovery`, failure detection and the restart),
+  less the time Ray waited for the cluster's resources to place the group (`resources`);
 - a restart inside the run also lost the steps its previous attempt trained after the
   checkpoint it resumes from: their time is `recomputed`, their number `recomputed_steps`;
 - the driver charges the end (the last upload, shutdown, export and test scoring) to `finish`.
@@ -28,6 +29,7 @@ CATEGORIES = {
     "checkpoint": "checkpoint stalls",
     "tracking": "metrics and logging",
     "startup": "start-up (driver, worker group, build)",
+    "resources": "waiting for resources",
     "recovery": "failure detection and restart",
     "recomputed": "steps trained again after a restart",
     "finish": "final upload, export and test scoring",
@@ -63,6 +65,14 @@ class GoodputLedger:
     def add(self, category: str, seconds: float) -> None:
         """Time outside this process's loop (before it started, after it ended)."""
         self.seconds[category] += max(seconds, 0.0)
+
+    def add_start(self, category: str, seconds: float, waited_for_resources: float) -> None:
+        """A worker group's start (`startup` or `recovery`): the part Ray spent waiting for the
+        cluster's resources (busy with other jobs, or a lost node not yet replaced) is `resources`."""
+        seconds = max(seconds, 0.0)
+        waited = min(max(waited_for_resources, 0.0), seconds)
+        self.add("resources", waited)
+        self.add(category, seconds - waited)
 
     def charge(self, category: str) -> None:
         """The time since the previous charge (or since the ledger began) goes to `category`."""

@@ -81,7 +81,7 @@ class Trainer:
         else:
             position, saved_rng = self._start_fresh(loop_config["run_id"])
         if not self.restarted_in_run:  # this driver's start-up: from its start to this worker's
-            self.ledger.add("startup", self.began_at - loop_config["started_at"])
+            self.ledger.add_start("startup", self.began_at - loop_config["started_at"], placement_wait_s())
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=position, max_length=self.model_config.max_positions)
 
@@ -171,7 +171,7 @@ class Trainer:
         reached = at if step > saved.step and at > saved.saved_at else saved.saved_at
         self.ledger.add("recomputed", reached - saved.saved_at)
         self.ledger.recomputed_steps += max(step - saved.step, 0)
-        self.ledger.add("recovery", self.began_at - reached)
+        self.ledger.add_start("recovery", self.began_at - reached, placement_wait_s())
 
     @contextlib.contextmanager
     def _universal_copy(self, checkpoint: Path) -> Iterator[Path]:
@@ -413,3 +413,15 @@ class Trainer:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point given to TorchTrainer."""
     Trainer(loop_config).run()
+
+
+def placement_wait_s() -> float:
+    """Seconds Ray waited to place this worker group: its placement group's creation latency,
+    long only when the cluster's resources were busy or missing. A placement Ray Train gave up on
+    (it retries after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s) is not in it."""
+    from ray.util.placement_group import get_current_placement_group, placement_group_table
+
+    group = get_current_placement_group()
+    if group is None:
+        return 0.0
+    return placement_group_table(group)["stats"]["end_to_end_creation_latency_ms"] / 1000

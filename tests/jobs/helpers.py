@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -53,6 +56,31 @@ class TrainWorkers:
     def first(self) -> int:
         assert self.found.wait(timeout=600), "the run's Ray Train workers never came up"
         return self.pids[0]
+
+
+# A separate Ray driver that takes every CPU of the 2-node test cluster, as another job would.
+_HOLDER = """
+import sys, time, ray
+from ray.util.placement_group import placement_group, remove_placement_group
+ray.init(address=sys.argv[1], logging_level="ERROR")
+group = placement_group([{"CPU": 2}, {"CPU": 2}], strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=60)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+remove_placement_group(group)
+"""
+
+
+@contextlib.contextmanager
+def cluster_busy_for(address: str, seconds: float):
+    """The cluster's CPUs are all taken by another job for `seconds` from entering the block."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, address, str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", "the holder could not take the cluster's CPUs"
+        yield
+    finally:
+        if holder.wait(timeout=seconds + 60) != 0:
+            raise AssertionError("the holder of the cluster's CPUs failed")
 
 
 def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tracking: str = "") -> list[str]:

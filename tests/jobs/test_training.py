@@ -36,7 +36,7 @@ from jobs.export import INFO
 from jobs.goodput import CATEGORIES
 from jobs.train_driver import train
 from tests.jobs.helpers import (
-    registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
+    cluster_busy_for, registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
     when_checkpoint_exists, when_checkpoint_upload_begins,
 )
 
@@ -44,6 +44,7 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 30
 EMA = "train.ema_decay=0.9"  # the reference run and those compared with it export the weights' moving average
 SECRET = "s3cret-in-the-uri"
+BUSY_S = 15
 
 
 def _quiet(*_args) -> None:
@@ -61,12 +62,13 @@ def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, mlflow_server, tiny_corpus, tmp_path_factory):
-    """An uninterrupted ZeRO-2 run, tracked on the real MLflow server."""
+    """An uninterrupted ZeRO-2 run, tracked on the real MLflow server; it starts while another job
+    holds every CPU of the cluster for BUSY_S seconds."""
     root = tmp_path_factory.mktemp("reference")
     with_credentials = mlflow_server.replace("http://", f"http://aiayn:{SECRET}@")  # the server ignores them
     lines: list[str] = []
     printed = io.StringIO()  # what the libraries print, too (MLflow prints run URLs)
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), cluster_busy_for(ray_cluster, BUSY_S):
         outcome = train(tiny_job(tiny_corpus, root, "reference", address=ray_cluster, tracking=with_credentials,
                                  extra=("tracking.registered_model=reference-mt", EMA)),
                         log=lines.append)
@@ -93,6 +95,9 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert set(ledger) == {f"goodput/{category}_s" for category in CATEGORIES}
     assert ledger["goodput/recovery_s"] == ledger["goodput/recomputed_s"] == 0
     assert ledger["goodput/training_s"] > 0 and ledger["goodput/startup_s"] > 0 and ledger["goodput/finish_s"] > 0
+    # the other job's hold on the cluster is waiting for resources, not start-up (the driver's own
+    # start before it asks for the workers is part of the hold)
+    assert BUSY_S - 10 < ledger["goodput/resources_s"] <= BUSY_S, ledger
     assert "where the time went (" in (root / "console.txt").read_text()  # the table, at the end
     # the tracking URI's credentials are nowhere: params, the config artifact, checkpoints
     assert not [v for v in run.data.params.values() if SECRET in v] and "***@" in run.data.params["tracking.uri"]
