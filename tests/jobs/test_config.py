@@ -96,6 +96,16 @@ def test_deepspeed_json_is_generated_and_overridable() -> None:
     assert deepspeed_config(raw, 1)["zero_optimization"]["stage"] == 2
 
 
+def test_training_uses_the_papers_adam() -> None:
+    """The optimizer DeepSpeed builds (§5.3: beta2 0.98, epsilon 1e-9); with the noam schedule the
+    LambdaLR factor is the whole learning rate, so DeepSpeed's base lr is 1."""
+    adam = deepspeed_config(load_job_config(None, []), world_size=2)["optimizer"]
+    assert adam["type"] == "Adam" and adam["params"]["betas"] == [0.9, 0.98] and adam["params"]["eps"] == 1e-9
+    assert adam["params"]["lr"] == 2e-3 and not adam["params"]["adam_w_mode"]
+    noam = deepspeed_config(load_job_config(None, ["optim.schedule=noam", "optim.lr=2.0"]), world_size=2)
+    assert noam["optimizer"]["params"]["lr"] == 1.0
+
+
 def test_numbers_in_exponent_notation_are_numbers() -> None:
     """YAML 1.1 reads `1e-4` (no dot) as a string; users write learning rates that way."""
     job = load_job_config(None, ["optim.lr=1e-4", "train.max_minutes=2.5e1"])

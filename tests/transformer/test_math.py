@@ -10,7 +10,7 @@ from transformer.averaging import average_state_dicts
 from transformer.embeddings import sinusoidal_table
 from transformer.flops import encoder_decoder_training_flops, training_flops_per_token
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import inverse_sqrt_lr, noam_lr, paper_adam
+from transformer.schedule import inverse_sqrt_lr, noam_lr
 
 
 def test_noam_schedule_hand_values() -> None:
@@ -25,12 +25,6 @@ def test_inverse_sqrt_schedule_hand_values() -> None:
     assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
     assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
     assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
-
-
-def test_paper_adam_hyperparameters() -> None:
-    optimizer = paper_adam([torch.nn.Parameter(torch.zeros(1))])
-    group = optimizer.param_groups[0]
-    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9
 
 
 def test_sinusoidal_positions_hand_values() -> None:
