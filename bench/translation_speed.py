@@ -5,6 +5,9 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
    ours vs MarianMTModel with the same dimensions (random weights: speed only) and vs CTranslate2.
 2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours and of CTranslate2.
 
+Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
+budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam).
+
     python bench/translation_speed.py --model runs/<run>/export --data data/multi30k-en-de
 """
 
@@ -23,6 +26,7 @@ from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import bleu, length_sorted_batches, read_eval_split, translate_ids
 from jobs.export import TOKENIZER, load_export
+from provenance import provenance
 
 
 def _timed(run) -> tuple[float, list[list[int]]]:
@@ -76,7 +80,8 @@ def main() -> None:
     split = read_eval_split(load_manifest(args.data), "test", args.limit)
     sources, beam, length = split.src_ids, args.beam, args.length
     tokenizer = load_tokenizer(str(export / TOKENIZER))
-    result: dict = {"config": vars(args), "sentences": len(sources), "torch_threads": torch.get_num_threads()}
+    result: dict = {"config": vars(args), "sentences": len(sources), "torch_threads": torch.get_num_threads(),
+                    "provenance": provenance()}
 
     with tempfile.TemporaryDirectory(prefix="aiayn-bench-ct2-") as scratch:
         engines = {}

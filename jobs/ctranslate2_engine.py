@@ -149,7 +149,8 @@ class CTranslate2Translator:
                       max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0,
                       max_tokens: int = 4096) -> list[list[int]]:
         """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
-        Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b.
+        The budget counts beams as the torch path's does (rows x longest x beam): CTranslate2's
+        counts source tokens only, so it is given max_tokens / beam_size. Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b.
         As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
         would otherwise fail the whole call on one long line."""
         if not sources:
@@ -162,6 +163,6 @@ class CTranslate2Translator:
             beam_size=beam_size, length_penalty=alpha if beam_size > 1 else 0.0,
             max_decoding_length=min(longest, positions - 1 if positions else longest),  # BOS takes a position
             min_decoding_length=min_len,
-            max_batch_size=max_tokens, batch_type="tokens",
+            max_batch_size=max(max_tokens // beam_size, 1), batch_type="tokens",
         )
         return [[self.ids[piece] for piece in result.hypotheses[0]] for result in results]
