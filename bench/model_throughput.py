@@ -4,6 +4,11 @@ Same sizes, same batch, same optimizer (the paper's Adam), same label-smoothed l
 one run: the models take turns, and each figure is the median over rounds so that machine noise
 hits all of them alike. Printed as ratios to torch.nn.Transformer.
 
+Dropout is matched: torch.nn.Transformer(dropout=p) also drops attention probabilities and the FFN
+hidden layer, so `aiayn` here sets `attention_dropout` and `activation_dropout` to p as well (the
+same work, and both off any dropout-free fast path alike); `aiayn (residual dropout only)` is the
+model as the recipes train it.
+
     python bench/model_throughput.py --preset small            # CPU, the ANCHORS.md size
     python bench/model_throughput.py --preset small --compile  # every model torch.compile'd
     python bench/model_throughput.py --preset base --device cuda --dtype bfloat16
@@ -20,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from provenance import provenance
 from transformer import ModelConfig, build_model, preset
 from transformer.flops import training_flops_per_token
 from transformer.loss import label_smoothed_loss
@@ -121,7 +127,10 @@ def main() -> None:
 
     candidates: dict[str, nn.Module] = {}
     torch.manual_seed(0)
-    candidates["aiayn"] = build_model(config)
+    candidates["aiayn"] = build_model(config.replace(attention_dropout=config.dropout,
+                                                      activation_dropout=config.dropout))
+    torch.manual_seed(0)
+    candidates["aiayn (residual dropout only)"] = build_model(config)
     torch.manual_seed(0)
     candidates["torch.nn.Transformer"] = TorchTransformerSeq2Seq(config)
     marian = _marian(config)
@@ -152,7 +161,7 @@ def main() -> None:
 
     peer = statistics.median(rates["torch.nn.Transformer"])
     flops = training_flops_per_token(config, args.src_len, args.tgt_len)
-    result = {"config": vars(args), "torch_threads": torch.get_num_threads(), "models": {}}
+    result = {"config": vars(args), "torch_threads": torch.get_num_threads(), "models": {}, "provenance": provenance()}
     for name, values in rates.items():
         median = statistics.median(values)
         row = {"target_tokens_per_s": round(median, 1), "ratio_vs_torch_nn_transformer": round(median / peer, 3)}
