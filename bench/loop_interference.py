@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from provenance import ROOT, provenance
+from _provenance import ROOT, provenance
 
 
 def _train(name: str, tracking: str, scratch: Path, args: argparse.Namespace, *extra: str) -> None:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from provenance import provenance
+from _provenance import provenance
 from transformer import ModelConfig, build_model, preset
 from transformer.flops import training_flops_per_token
 from transformer.loss import label_smoothed_loss

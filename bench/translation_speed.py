@@ -26,7 +26,7 @@ from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import bleu, length_sorted_batches, read_eval_split, translate_ids
 from jobs.export import TOKENIZER, load_export
-from provenance import provenance
+from _provenance import provenance
 
 
 def _timed(run) -> tuple[float, list[list[int]]]:

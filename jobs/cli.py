@@ -167,7 +167,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.name not in available:
         raise InputError(f"bench {args.name}: no such benchmark; available: {', '.join(available)}")
     sys.argv = [str(benches / f"{args.name}.py"), *args.bench_args]
-    sys.path.insert(0, str(benches.parent))
+    sys.path[:0] = [str(benches), str(benches.parent)]  # as `python bench/NAME.py` from the project root
     runpy.run_path(str(benches / f"{args.name}.py"), run_name="__main__")
     return 0
 
