@@ -136,10 +136,15 @@ class StreamConfig:
     seed: int = 1
     packed_length: int = 256  # decoder-only: tokens per packed sequence
     prefetch_windows: int = 1  # windows prepared ahead in a background thread
+    # Subword regularization of the train split (Kudo 2018; BPE-dropout, Provilkov et al. 2020 for a
+    # bpe model): every epoch segments each example anew, seeded by (seed, epoch, example). 0: off.
+    sampling_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("max_tokens", "window_rows", "unit_rows", "packed_length"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"stream.{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.sampling_alpha < 1:
+            raise ValueError(f"stream.sampling_alpha must be 0 (off) or below 1, got {self.sampling_alpha}")
         if self.window_rows < self.unit_rows:
             raise ValueError("stream.window_rows must be at least stream.unit_rows")

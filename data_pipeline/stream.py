@@ -11,7 +11,10 @@ Here the split is a pure function of (seed, epoch, world size, rank):
 - window g is shuffled, length-bucketed and batched with rng(seed, epoch, window size, g), so its
   batches do not depend on which rank reads it; rank r reads windows r, r + W, r + 2W, ...;
 - the position is (epoch, window, batch): resume re-reads the rank's window `window` and skips
-  to batch `batch`, which is exact because building a window depends on nothing else.
+  to batch `batch`, which is exact because building a window depends on nothing else;
+- with subword regularization (`sampling_alpha`), each train example is segmented again as its
+  window is read, seeded by (seed, epoch, the example's row in the split): still nothing that
+  depends on the rank, the world size or what was read before.
 - at another world size (`redistribute`), the windows and partly read windows that the old
   ranks had left in the epoch are dealt to the new ranks, recorded in their positions as an
   explicit plan: every example is still read exactly once in that epoch.
@@ -21,6 +24,7 @@ Ranks may get different numbers of batches in an epoch; the training loop equali
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -31,7 +35,9 @@ import pyarrow.parquet as pq
 from data_pipeline import storage
 from data_pipeline.batching import Batch, Window, collate, packed_batches, plan_token_batches
 from data_pipeline.config import StreamConfig
+from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, check_token_ids
+from data_pipeline.tokenizer import sampled_segmentation, tokenizer_from_bytes
 
 
 @dataclass
@@ -80,12 +86,16 @@ class ShardStream:
         self.position = position or StreamPosition()
         self.stats = StreamStats()
         self.monolingual = manifest.monolingual
+        shards = manifest.shard_uris(split)
         self._units = [
             (uri, start, min(start + config.unit_rows, rows))
-            for uri, rows in manifest.shard_uris(split)
+            for uri, rows in shards
             for start in range(0, rows, config.unit_rows)
         ]
+        self._first_row = dict(zip((uri for uri, _ in shards), np.cumsum([0] + [rows for _, rows in shards])))
         self._cached: tuple[str, pa.Table] | None = None
+        self._sampling = config.sampling_alpha if split == "train" and not self.monolingual else 0.0
+        self._processor = None
 
     # -- which rows this rank reads ------------------------------------------------------------
     def window_units(self) -> int:
@@ -125,8 +135,30 @@ class ShardStream:
         tgt_values, tgt_offsets = _list_values(pieces.column("tgt_ids"))
         return Window(src_values, src_offsets, tgt_values, tgt_offsets)
 
+    def _example_seeds(self, epoch: int, units: list[tuple[str, int, int]]) -> list[int]:
+        """One seed per example of the window, from (seed, epoch, its row in the split)."""
+        return [hash((self.config.seed, epoch, int(self._first_row[uri]) + row)) & 0xFFFFFFFF
+                for uri, start, stop in units for row in range(start, stop)]
+
+    def _resegmented(self, window: Window, epoch: int, units: list[tuple[str, int, int]]) -> Window:
+        if self._processor is None:
+            with storage.open_input(self.manifest.tokenizer_uri) as handle:
+                proto = handle.read()
+            if hashlib.sha256(proto).hexdigest() != self.manifest.tokenizer_sha256:
+                raise InputError(f"{self.manifest.tokenizer_uri}: the tokenizer differs from the one the manifest "
+                                 "names; prepare the dataset again")
+            self._processor = tokenizer_from_bytes(proto, self.manifest.tokenizer_uri)
+        seeds = self._example_seeds(epoch, units)
+        src = sampled_segmentation(self._processor, window.src_values, window.src_offsets, seeds, self._sampling)
+        tgt = sampled_segmentation(self._processor, window.tgt_values, window.tgt_offsets,
+                                   [seed ^ 0x5BD1E995 for seed in seeds], self._sampling)  # not the source's draws
+        return Window(*src, *tgt)
+
     def _window_batches(self, epoch: int, window_units: int, index: int) -> list[Batch]:
-        window = self._read_window(self._window(epoch, window_units, index))
+        units = self._window(epoch, window_units, index)
+        window = self._read_window(units)
+        if self._sampling:
+            window = self._resegmented(window, epoch, units)
         rng = np.random.default_rng([self.config.seed, epoch, window_units, index])
         if self.monolingual:
             return packed_batches(window, rng, self.config.packed_length, self.config.max_tokens)

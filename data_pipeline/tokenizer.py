@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from data_pipeline import storage
@@ -63,3 +64,24 @@ def tokenizer_from_bytes(model_proto: bytes, where: str = "tokenizer") -> spm.Se
     if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
         raise InputError(f"{where}: special ids (pad, unk, bos, eos) are {ids}, expected (0, 1, 2, 3)")
     return processor
+
+
+def sampled_segmentation(processor: spm.SentencePieceProcessor, values: np.ndarray, offsets: np.ndarray,
+                         seeds: list[int], alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Subword regularization: each row (token ids ending in EOS) segmented again by SentencePiece's
+    sampling (BPE-dropout with drop probability `alpha` for a bpe model, a draw from the lattice
+    smoothed by `alpha` for a unigram one), seeded by its own seed, so that a row's pieces depend on
+    nothing but its seed. The ids are decoded back to text first: the prepared shards hold ids only,
+    and SentencePiece's decoding gives the text back (a character the model does not know stays
+    unknown). Returns the new (values, offsets)."""
+    rows = []
+    for row, seed in enumerate(seeds):
+        ids = values[offsets[row]:offsets[row + 1]].tolist()
+        spm.set_random_generator_seed(seed)  # process-wide: the stream's one encoding thread is its only user
+        rows.append(processor.encode(processor.decode(ids[:-1] if ids and ids[-1] == EOS_ID else ids),
+                                     add_eos=True, enable_sampling=True, alpha=alpha, nbest_size=-1))
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    flat = np.fromiter((i for r in rows for i in r), dtype=values.dtype, count=int(new_offsets[-1]))
+    return flat, new_offsets

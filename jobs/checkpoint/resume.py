@@ -37,7 +37,7 @@ FIXED_ON_RESUME: dict[str, str] = {
         "max_positions", "norm", "share_embeddings")},
     **{f"stream.{key}": "the saved data position indexes the batches these settings make (every example exactly "
                         "once per epoch)" for key in (
-        "max_tokens", "max_sentences", "window_rows", "unit_rows", "seed", "packed_length")},
+        "max_tokens", "max_sentences", "window_rows", "unit_rows", "seed", "packed_length", "sampling_alpha")},
     "optim": "the optimizer state and the learning-rate schedule were saved with these settings",
     "train.zero_stage": "DeepSpeed's files are laid out for this ZeRO stage",
     "train.precision": "the optimizer state was saved in this precision",
