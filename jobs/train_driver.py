@@ -217,8 +217,8 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
     job = with_step_budget(job, saved_config)  # a resized run keeps the step size it started with
     import ray
 
-    tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),
-            "world_size": str(job.cluster.num_workers), "zero_stage": str(job.train.zero_stage)}
+    # world_size and zero_stage: rank 0's tags, set by the worker group that trains (an elastic run's varies)
+    tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id()}
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, name,
                                          flatten(public_config(job)), tags)
     console("resolved config:\n" + yaml.safe_dump(public_config(job), sort_keys=False).rstrip())
