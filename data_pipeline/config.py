@@ -129,7 +129,7 @@ class PrepareConfig:
 class StreamConfig:
     """How each worker turns its part of the shards into batches."""
 
-    max_tokens: int = 4096  # padded tokens per batch, max(source, target) length x rows, like fairseq
+    max_tokens: int = 2048  # padded tokens per batch, max(source, target) length x rows, like fairseq
     max_sentences: int = 0  # 0: no limit on rows per batch
     window_rows: int = 16_384  # bounded sort buffer: rows shuffled, length-sorted and batched together
     unit_rows: int = 1024  # the unit of work split across ranks

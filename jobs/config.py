@@ -175,7 +175,7 @@ class JobConfig:
     name: str = ""  # run name; the same name resumes the same run
     model: ModelConfig = field(default_factory=lambda: PRESETS["small"])
     data: PrepareConfig = field(default_factory=PrepareConfig)
-    stream: StreamConfig = field(default_factory=lambda: StreamConfig(max_tokens=2048))
+    stream: StreamConfig = field(default_factory=StreamConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
