@@ -150,8 +150,8 @@ class CTranslate2Translator:
                       max_tokens: int = 4096) -> list[list[int]]:
         """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
         The budget counts beams as the torch path's does (rows x longest x beam): CTranslate2's
-        counts source tokens only, so it is given max_tokens / beam_size. Its maximum length is one for the whole call: max_len_a x the longest source + max_len_b.
-        As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
+        counts source tokens only, so it is given max_tokens / beam_size. Its maximum length is one
+        for the whole call: max_len_a x the longest source + max_len_b. As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
         would otherwise fail the whole call on one long line."""
         if not sources:
             return []
