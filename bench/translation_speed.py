@@ -27,6 +27,7 @@ from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import bleu, length_sorted_batches, read_eval_split, translate_ids
 from jobs.export import TOKENIZER, load_export
 from _provenance import provenance
+from transformer.decoding import Decoding
 
 
 def _timed(run) -> tuple[float, list[list[int]]]:
@@ -90,16 +91,16 @@ def main() -> None:
             engines[quantization] = CTranslate2Translator(Path(f"{scratch}/{quantization}"), threads=args.threads)
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
-        fixed = {"min_len": length, "max_len_a": 0.0, "max_len_b": length}
-        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, beam_size=beam, **fixed))
+        fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
+        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, fixed))
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
         marian_s = marian_fixed_length(config, sources, beam, length, 4096)
         ct2_fixed = {}
         for name, engine in engines.items():
-            seconds, out = _timed(lambda: engine.translate_ids(sources, beam_size=beam, **fixed))
+            seconds, out = _timed(lambda: engine.translate_ids(sources, fixed))
             ct2_fixed[name] = seconds
             result[f"ctranslate2_{name}_fixed_tokens_per_sentence"] = sorted({len(h) for h in out})
-        ours_again_s, _ = _timed(lambda: translate_ids(model, sources, beam_size=beam, **fixed))
+        ours_again_s, _ = _timed(lambda: translate_ids(model, sources, fixed))
         tokens = length * len(sources)
         result["fixed_length"] = {
             "tokens_per_sentence": length,
@@ -112,10 +113,11 @@ def main() -> None:
 
         # 2. Normal decoding with BLEU.
         normal = {}
-        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, beam_size=beam, alpha=0.6))
+        normal_decoding = Decoding(beam_size=beam)
+        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
         for name, engine in engines.items():
-            normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, beam_size=beam, alpha=0.6))
+            normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, normal_decoding))
         result["normal"] = {
             name: {"sentences_per_s": round(len(sources) / seconds, 1),
                    "bleu": round(bleu(tokenizer.decode(out), split.references).score, 2),

@@ -37,8 +37,7 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         ckpt.verify(directory)  # before DeepSpeed's files are unpickled
         export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export",
                               moving_average=bool(config.train.ema_decay))
-        translate, _ = open_translator(export, "torch", beam_size=config.train.beam_size,
-                                       alpha=config.train.length_penalty)
+        translate, _ = open_translator(export, "torch", config.train.decoding)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
     metrics = score.scores.metrics("valid")
     logger = MetricLogger(tracking_uri, run_id)

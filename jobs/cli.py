@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
 from data_pipeline.storage import redact
 
 ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.evaluation.open_translator takes
+DECODING_HELP = "default: what the model's training run scored with (the paper's beam 4, alpha 0.6 unless set)"
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
 
 
@@ -113,6 +115,16 @@ def _summary(outcome) -> str:
     return "\n".join(lines)
 
 
+def _decoding(args: argparse.Namespace, export: Path):
+    """The export's recorded decoding, with --beam and --alpha where given."""
+    import dataclasses
+
+    from jobs.export import decoding_of
+
+    given = {"beam_size": args.beam, "alpha": args.alpha}
+    return dataclasses.replace(decoding_of(export), **{k: v for k, v in given.items() if v is not None})
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
     from jobs.evaluation import open_translator, score_split
@@ -120,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.data)
     with local_export(args.model) as directory:
-        translate, info = open_translator(directory, args.engine, beam_size=args.beam, alpha=args.alpha,
+        translate, info = open_translator(directory, args.engine, _decoding(args, directory),
                                           progress=sys.stderr.isatty())
         check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
         score = score_split(translate, manifest, args.split, limit=args.limit)
@@ -137,7 +149,7 @@ def _translate(args: argparse.Namespace) -> int:
     from jobs.export import TOKENIZER, local_export
 
     with local_export(args.model) as directory:
-        translate, _ = open_translator(directory, args.engine, beam_size=args.beam, alpha=args.alpha,
+        translate, _ = open_translator(directory, args.engine, _decoding(args, directory),
                                        progress=sys.stderr.isatty())
         tokenizer = load_tokenizer(str(directory / TOKENIZER))
         lines = [line.rstrip("\n") for line in sys.stdin]
@@ -160,7 +172,6 @@ def _export(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import runpy
-    from pathlib import Path
 
     benches = Path(__file__).resolve().parents[1] / "bench"
     available = sorted(path.stem for path in benches.glob("*.py") if not path.stem.startswith("_"))
@@ -255,8 +266,6 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cluster.bundle import build_wheelhouse
 
     wheels = build_wheelhouse(Path(args.output), with_dependencies=not args.no_deps)
@@ -298,16 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default="data/multi30k-en-de", help="prepared dataset directory or URI")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
     evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
-    evaluate.add_argument("--beam", type=int, default=4)
-    evaluate.add_argument("--alpha", type=float, default=0.6)
+    evaluate.add_argument("--beam", type=int, help=DECODING_HELP)
+    evaluate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
     translate.add_argument("--model", required=True,
                            help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
-    translate.add_argument("--beam", type=int, default=4)
-    translate.add_argument("--alpha", type=float, default=0.6)
+    translate.add_argument("--beam", type=int, help=DECODING_HELP)
+    translate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     translate.set_defaults(handler=_translate)
 

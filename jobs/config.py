@@ -24,6 +24,7 @@ from cluster.config import ClusterConfig
 from data_pipeline.config import PrepareConfig, StreamConfig, check_name
 from data_pipeline.errors import InputError
 from transformer.config import PRESETS, ModelConfig
+from transformer.decoding import PAPER, Decoding
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["inverse_sqrt", "noam"]
@@ -93,8 +94,8 @@ class TrainConfig:
     # in every checkpoint; the export (and the BLEU of checkpoints) then uses it instead of the raw
     # weights. 0: none. Needs ZeRO stage 0-2, where every rank holds the whole weights.
     ema_decay: float = 0.0
-    beam_size: int = 4
-    length_penalty: float = 0.6
+    beam_size: int = PAPER.beam_size  # the valid and test BLEU's decoding, recorded in the export
+    length_penalty: float = PAPER.alpha
     max_consecutive_skips: int = 10  # stop after this many updates in a row skipped for non-finite gradients
     # A run whose ranks all report no progress for this long is hung: its stacks are kept and the
     # workers restarted from the last checkpoint. None: 10 x the median step time, at least 45 s.
@@ -136,6 +137,10 @@ class TrainConfig:
             raise ValueError("train.average=best needs valid BLEU during training: set train.bleu_every")
         if not (self.max_steps or self.max_epochs or self.max_minutes):
             raise ValueError("set at least one of train.max_steps, train.max_epochs, train.max_minutes")
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(beam_size=self.beam_size, alpha=self.length_penalty)
 
 
 @dataclass(frozen=True)

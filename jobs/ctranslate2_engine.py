@@ -25,6 +25,7 @@ from data_pipeline.errors import InputError
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from jobs.export import INFO, TOKENIZER, load_export
 from transformer.config import ModelConfig
+from transformer.decoding import PAPER, Decoding
 from transformer.model import EncoderDecoderTransformer
 
 FORMAT = "ctranslate2"
@@ -145,8 +146,7 @@ class CTranslate2Translator:
         self.pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.get_piece_size())]
         self.ids = {piece: index for index, piece in enumerate(self.pieces)}
 
-    def translate_ids(self, sources: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-                      max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0,
+    def translate_ids(self, sources: list[list[int]], decoding: Decoding = PAPER, *,
                       max_tokens: int = 4096) -> list[list[int]]:
         """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
         The budget counts beams as the torch path's does (rows x longest x beam): CTranslate2's
@@ -157,12 +157,13 @@ class CTranslate2Translator:
             return []
         positions = self.info.get("max_positions")  # absent in models converted before it was recorded
         sources = [s[:positions] for s in sources]
-        longest = int(max_len_a * max(len(s) for s in sources)) + max_len_b
+        longest = int(decoding.max_len_a * max(len(s) for s in sources)) + decoding.max_len_b
+        beam = decoding.beam_size
         results = self.translator.translate_batch(
             [[self.pieces[i] for i in source] for source in sources],
-            beam_size=beam_size, length_penalty=alpha if beam_size > 1 else 0.0,
+            beam_size=beam, length_penalty=decoding.alpha if beam > 1 else 0.0,
             max_decoding_length=min(longest, positions - 1 if positions else longest),  # BOS takes a position
-            min_decoding_length=min_len,
-            max_batch_size=max(max_tokens // beam_size, 1), batch_type="tokens",
+            min_decoding_length=decoding.min_len,
+            max_batch_size=max(max_tokens // beam, 1), batch_type="tokens",
         )
         return [[self.ids[piece] for piece in result.hypotheses[0]] for result in results]

@@ -18,27 +18,30 @@ import torch
 from data_pipeline import storage
 from data_pipeline.manifest import Manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
-from transformer.decoding import beam_search, greedy_search
+from transformer.decoding import PAPER, Decoding, search
 from transformer.model import EncoderDecoderTransformer
 
 
 Translate = Callable[[list[list[int]]], list[list[int]]]  # source ids (ending with EOS) -> hypothesis ids
 
 
-def open_translator(directory: Path, engine: str, *, beam_size: int, alpha: float,
+def open_translator(directory: Path, engine: str, decoding: Decoding | None = None, *,
                     progress: bool = False) -> tuple[Translate, dict]:
     """(translate, the export's info) for a local export: ours (PyTorch beam search) or one made by
-    `aiayn export --format ctranslate2`; "auto" goes by what the directory holds."""
+    `aiayn export --format ctranslate2`; "auto" goes by what the directory holds. `decoding`:
+    None for the one the export's run decoded with."""
     from jobs.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
-    from jobs.export import load_export
+    from jobs.export import decoding_of, load_export
+
+    decoding = decoding or decoding_of(directory)
 
     if engine == "auto":
         engine = "ctranslate2" if (directory / CT2_WEIGHTS).is_file() else "torch"
     if engine == "ctranslate2":
         translator = CTranslate2Translator(directory)
-        return functools.partial(translator.translate_ids, beam_size=beam_size, alpha=alpha), translator.info
+        return functools.partial(translator.translate_ids, decoding=decoding), translator.info
     model, _, info = load_export(directory)
-    return functools.partial(translate_ids, model, beam_size=beam_size, alpha=alpha, progress=progress), info
+    return functools.partial(translate_ids, model, decoding=decoding, progress=progress), info
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ def length_sorted_batches(lengths: list[int], max_tokens: int, beam_size: int) -
 
 
 def translate_ids(
-    model: EncoderDecoderTransformer, sources: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-    max_tokens: int = 4096, max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0, progress: bool = False,
+    model: EncoderDecoderTransformer, sources: list[list[int]], decoding: Decoding = PAPER, *,
+    max_tokens: int = 4096, progress: bool = False,
 ) -> list[list[int]]:
     """Hypothesis token ids in input order; sentences are batched by length for speed.
     `progress`: a progress bar on stderr (for a person at a terminal)."""
@@ -90,19 +93,14 @@ def translate_ids(
     device = next(model.parameters()).device
     sources = [s[: model.config.max_positions] for s in sources]  # longer inputs do not fit the model
     results: list[list[int]] = [[] for _ in sources]
-    limits = {"max_len_a": max_len_a, "max_len_b": max_len_b, "min_len": min_len}
     with tqdm(total=len(sources), unit="sent", desc="translating", disable=not progress, leave=False) as bar:
-        for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam_size):
+        for indices in length_sorted_batches([len(s) for s in sources], max_tokens, decoding.beam_size):
             rows = [sources[i] for i in indices]
             batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
             for i, row in enumerate(rows):
                 batch[i, : len(row)] = torch.tensor(row)
             batch = batch.to(device)
-            if beam_size > 1:
-                hyps = beam_search(model, batch, beam_size=beam_size, alpha=alpha, **limits)
-            else:
-                hyps = greedy_search(model, batch, **limits)
-            for index, hyp in zip(indices, hyps):
+            for index, hyp in zip(indices, search(model, batch, decoding)):
                 results[index] = hyp.tokens
             bar.update(len(indices))
     return results

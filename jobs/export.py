@@ -24,6 +24,7 @@ from tqdm import tqdm
 from jobs import checkpoint as ckpt
 from transformer import ModelConfig, build_model
 from transformer.averaging import average_state_dicts
+from transformer.decoding import PAPER, Decoding
 
 WEIGHTS, CONFIG, TOKENIZER, INFO = "model.safetensors", "config.json", "tokenizer.model", "export.json"
 
@@ -87,14 +88,12 @@ def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, des
     return destination
 
 
-def decoding_of(path: Path) -> tuple[int, float]:
-    """(beam size, length penalty) the export's run decoded with; the defaults of `aiayn train`
-    for exports made before they were recorded."""
-    from jobs.config import TrainConfig
-
-    decoding = json.loads((path / INFO).read_text()).get("decoding", {})
-    return (int(decoding.get("beam_size", TrainConfig.beam_size)),
-            float(decoding.get("length_penalty", TrainConfig.length_penalty)))
+def decoding_of(path: Path) -> Decoding:
+    """The decoding the export's run scored with (beam size and length penalty); the paper's for
+    exports made before it was recorded."""
+    recorded = json.loads((path / INFO).read_text()).get("decoding", {})
+    return Decoding(beam_size=int(recorded.get("beam_size", PAPER.beam_size)),
+                    alpha=float(recorded.get("length_penalty", PAPER.alpha)))
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:

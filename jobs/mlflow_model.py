@@ -23,11 +23,9 @@ class Translator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from data_pipeline.tokenizer import load_tokenizer
         from jobs.evaluation import open_translator
-        from jobs.export import decoding_of
 
         directory = Path(context.artifacts[EXPORT])
-        beam_size, alpha = decoding_of(directory)
-        self.translate, _ = open_translator(directory, "auto", beam_size=beam_size, alpha=alpha)
+        self.translate, _ = open_translator(directory, "auto")  # as the run decoded
         self.tokenizer = load_tokenizer(str(directory / "tokenizer.model"))
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:

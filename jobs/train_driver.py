@@ -390,7 +390,7 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
     function as `aiayn evaluate`, so the two figures agree."""
     from jobs.evaluation import open_translator, score_split
 
-    translate, _ = open_translator(export_dir, "torch", beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+    translate, _ = open_translator(export_dir, "torch", job.train.decoding)
     score = score_split(translate, manifest, "test")
     return dataclasses.replace(outcome, test=score.scores, samples=score.samples)
 

@@ -44,8 +44,7 @@ def valid_bleu(engine, job: JobConfig, manifest: Manifest, rank: int, world_size
     split = read_eval_split(manifest, "valid", job.train.bleu_valid_sentences)
     mine = list(range(rank, len(split.src_ids), world_size))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=job.train.zero_stage == 3):
-        hyps = translate_ids(engine.module, [split.src_ids[i] for i in mine],
-                             beam_size=job.train.beam_size, alpha=job.train.length_penalty)
+        hyps = translate_ids(engine.module, [split.src_ids[i] for i in mine], job.train.decoding)
     engine.train()
     ordered = sorted(pair for part in all_gather(list(zip(mine, hyps))) for pair in part)
     tokenizer = load_tokenizer(manifest.tokenizer_uri)

@@ -22,6 +22,22 @@ from transformer.model import EncoderDecoderTransformer
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How a translation is searched for, one set for every user of it (training's BLEU, `aiayn
+    evaluate` and `translate`, the MLflow model, both engines): the paper's beam size 4, length
+    penalty alpha 0.6 and outputs of at most input length + 50 tokens. `beam_size` 1 is greedy."""
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    max_len_a: float = 1.0
+    max_len_b: int = 50
+    min_len: int = 0  # EOS forbidden before it (fixed-length speed comparisons)
+
+
+PAPER = Decoding()
+
+
+@dataclass(frozen=True)
 class Hypothesis:
     tokens: list[int]  # without BOS and EOS
     log_prob: float  # sum of token log-probabilities, EOS included
@@ -87,12 +103,12 @@ def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, min
 
 @torch.no_grad()
 def greedy_search(
-    model: EncoderDecoderTransformer, src: torch.Tensor, *, max_len_a: float = 1.0, max_len_b: int = 50,
-    min_len: int = 0, use_cache: bool = True,
+    model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER, *, use_cache: bool = True,
 ) -> list[Hypothesis]:
-    config = model.config
+    """The most probable token at each step (`decoding`'s beam size and alpha play no part)."""
+    config, min_len = model.config, decoding.min_len
     memory, src_mask = model.encode(src)
-    max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
+    max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)
     limit = int(max_lengths.max())
     stepper = _Stepper(model, memory, src_mask, use_cache, limit)
     batch, device, every = src.shape[0], src.device, _check_every(src.device)
@@ -166,8 +182,7 @@ class _Finished:
 
 @torch.no_grad()
 def beam_search(
-    model: EncoderDecoderTransformer, src: torch.Tensor, *, beam_size: int = 4, alpha: float = 0.6,
-    max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0, use_cache: bool = True,
+    model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER, *, use_cache: bool = True,
 ) -> list[Hypothesis]:
     """Best hypothesis per sentence by length-penalised score.
 
@@ -175,10 +190,10 @@ def beam_search(
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
     done when it has K finalised hypotheses, and is dropped from the batch at the next look.
     """
-    config = model.config
-    batch, k, device = src.shape[0], beam_size, src.device
+    config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
+    batch, k, device = src.shape[0], decoding.beam_size, src.device
     memory, src_mask = model.encode(src)
-    max_lengths = _max_lengths(src, config, max_len_a, max_len_b)
+    max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)
     limit = int(max_lengths.max())
     stepper = _Stepper(model, memory, src_mask, use_cache, limit)
     beam_max_lengths = max_lengths.repeat_interleave(k)  # (n*K,)
@@ -229,3 +244,8 @@ def beam_search(
         scores, sentence = scores.index_select(0, live), sentence.index_select(0, live)
         prefix, beam_max_lengths = prefix.index_select(0, live_rows), beam_max_lengths.index_select(0, live_rows)
     return results  # type: ignore[return-value]  # every sentence was collected by the last step
+
+
+def search(model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER) -> list[Hypothesis]:
+    """Beam search, or greedy search for a beam of 1."""
+    return beam_search(model, src, decoding) if decoding.beam_size > 1 else greedy_search(model, src, decoding)

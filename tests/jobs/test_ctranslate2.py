@@ -18,8 +18,16 @@ from data_pipeline.tokenizer import EOS_ID, load_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import translate_ids
 from jobs.export import INFO
-from tests.agreement import beam_disagreements, gnmt, greedy_disagreements, power, teacher_forced
-from tests.jobs.tiny_model import pairs as _pairs, sources_of as _sources
+from tests.agreement import (
+    beam_disagreements,
+    gnmt,
+    greedy_disagreements,
+    power,
+    teacher_forced,
+)
+from tests.jobs.tiny_model import pairs as _pairs
+from tests.jobs.tiny_model import sources_of as _sources
+from transformer.decoding import Decoding
 
 
 def _ct2_token_log_probs(directory: Path, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
@@ -61,7 +69,7 @@ def test_ctranslate2_scores_every_token_as_our_model_does(trained_export: Path, 
     sources = _sources(trained_export)
     references = load_tokenizer(str(trained_export / "tokenizer.model")).encode([t for _, t in _pairs(150, seed=999)])
     assert _score_gap(model, tmp_path / "ct2", sources, references) < CLOSE
-    assert _score_gap(model, tmp_path / "ct2", sources, translate_ids(model, sources, beam_size=4)) < CLOSE
+    assert _score_gap(model, tmp_path / "ct2", sources, translate_ids(model, sources)) < CLOSE
 
 
 @pytest.mark.parametrize("beam", [1, 4])
@@ -71,8 +79,8 @@ def test_ctranslate2_searches_as_ours_does(trained_export: Path, tmp_path: Path,
     convert_export(trained_export, str(tmp_path / "ct2"))
     model, _, _ = load_export(trained_export)
     sources = _sources(trained_export)
-    ours = translate_ids(model, sources, beam_size=beam, alpha=0.6)
-    theirs = CTranslate2Translator(tmp_path / "ct2").translate_ids(sources, beam_size=beam, alpha=0.6)
+    ours = translate_ids(model, sources, Decoding(beam_size=beam))
+    theirs = CTranslate2Translator(tmp_path / "ct2").translate_ids(sources, Decoding(beam_size=beam))
     tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
     expected = [t for _, t in _pairs(150, seed=999)]
     assert sum(h == e for h, e in zip(tokenizer.decode(ours), expected)) >= 120  # the model learned the task
@@ -123,8 +131,8 @@ def test_a_conversion_broken_on_purpose_fails_both_checks(trained_export: Path, 
     convert_export(trained_export, str(tmp_path / "broken"))
     model, _, _ = load_export(trained_export)
     sources = _sources(trained_export)
-    ours = translate_ids(model, sources, beam_size=4, alpha=0.6)
-    theirs = CTranslate2Translator(tmp_path / "broken").translate_ids(sources, beam_size=4, alpha=0.6)
+    ours = translate_ids(model, sources)
+    theirs = CTranslate2Translator(tmp_path / "broken").translate_ids(sources)
     assert _score_gap(model, tmp_path / "broken", sources, ours) > 100 * CLOSE
     assert _search_problems(model, ours, theirs, sources, beam=4)
 
@@ -140,8 +148,8 @@ def test_int8_quantized_model_translates_almost_as_well(trained_export: Path, tm
     convert_export(trained_export, str(tmp_path / "ct2-int8"), quantization="int8")
     model, _, _ = load_export(trained_export)
     sources = _sources(trained_export)
-    ours = translate_ids(model, sources, beam_size=4, alpha=0.6)
-    theirs = CTranslate2Translator(tmp_path / "ct2-int8").translate_ids(sources, beam_size=4, alpha=0.6)
+    ours = translate_ids(model, sources)
+    theirs = CTranslate2Translator(tmp_path / "ct2-int8").translate_ids(sources)
     tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
     expected = [t for _, t in _pairs(len(sources), seed=999)]
     right = [sum(h == e for h, e in zip(tokenizer.decode(out), expected)) for out in (ours, theirs)]
@@ -154,7 +162,7 @@ def test_a_line_longer_than_the_model_is_cut_as_in_the_torch_path(trained_export
     convert_export(trained_export, str(tmp_path / "ct2"))
     short = _sources(trained_export, count=1)[0]
     sources = [short * 40, short]  # far past max_positions=64
-    hypotheses = CTranslate2Translator(tmp_path / "ct2").translate_ids(sources, beam_size=4)
+    hypotheses = CTranslate2Translator(tmp_path / "ct2").translate_ids(sources)
     assert len(hypotheses) == 2 and all(len(h) < 64 for h in hypotheses)
 
 
@@ -182,10 +190,10 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     tokenizer = load_tokenizer(str(trained_export / "tokenizer.model"))
     candidates = [s for s, _ in _pairs(60, seed=5)]
     sources = tokenizer.encode(candidates, add_eos=True)
-    greedy = translate_ids(model, sources, beam_size=1)
+    greedy = translate_ids(model, sources, Decoding(beam_size=1))
     clear = [text for text, source, hyp in zip(candidates, sources, greedy) if _smallest_margin(model, source, hyp) > 0.5]
     assert len(clear) >= 20
-    expected = tokenizer.decode(translate_ids(model, tokenizer.encode(clear, add_eos=True), beam_size=1))
+    expected = tokenizer.decode(translate_ids(model, tokenizer.encode(clear, add_eos=True), Decoding(beam_size=1)))
     text = "\n".join(clear) + "\n"
     torch_lines = aiayn("translate", "--engine", "torch", "--beam", "1", "--model", str(trained_export), stdin=text)
     ct2_lines = aiayn("translate", "--beam", "1", "--model", str(tmp_path / "ct2"), stdin=text)  # auto: by the directory

@@ -4,9 +4,14 @@ from dataclasses import replace
 
 import torch
 
-from tests.agreement import beam_disagreements, gnmt, greedy_disagreements, teacher_forced
+from tests.agreement import (
+    beam_disagreements,
+    gnmt,
+    greedy_disagreements,
+    teacher_forced,
+)
 from transformer import build_model, preset
-from transformer.decoding import beam_search, greedy_search
+from transformer.decoding import Decoding, beam_search, greedy_search
 
 VOCAB = 40
 
@@ -49,21 +54,21 @@ CLOSE = 1e-4  # nats: rounding of one engine on two kernel shapes is below 1e-5
 
 def test_cached_greedy_equals_full_recomputation() -> None:
     model, src = _setup(0, eos_boost=20)
-    _same_search(model, src, greedy_search(model, src, max_len_b=12),
-                 greedy_search(model, src, max_len_b=12, use_cache=False), beam=False)
+    _same_search(model, src, greedy_search(model, src, Decoding(max_len_b=12)),
+                 greedy_search(model, src, Decoding(max_len_b=12), use_cache=False), beam=False)
 
 
 def test_cached_beam_equals_full_recomputation() -> None:
     model, src = _setup(2, eos_boost=5)
-    _same_search(model, src, beam_search(model, src, beam_size=4, max_len_b=12),
-                 beam_search(model, src, beam_size=4, max_len_b=12, use_cache=False), beam=True)
+    _same_search(model, src, beam_search(model, src, Decoding(max_len_b=12)),
+                 beam_search(model, src, Decoding(max_len_b=12), use_cache=False), beam=True)
 
 
 def test_beam_of_one_equals_greedy() -> None:
     for seed, boost in [(0, 1.0), (2, 5.0), (0, 20.0)]:
         model, src = _setup(seed, boost)
-        greedy = greedy_search(model, src, max_len_b=10)
-        beam = beam_search(model, src, beam_size=1, max_len_b=10)
+        greedy = greedy_search(model, src, Decoding(max_len_b=10))
+        beam = beam_search(model, src, Decoding(beam_size=1, max_len_b=10))
         _same_search(model, src, greedy, [replace(h, score=h.log_prob) for h in beam], beam=False)
 
 
@@ -71,7 +76,7 @@ def test_each_sentence_respects_its_own_maximum_length() -> None:
     model, src = _setup(2)
     lengths = (src != model.config.pad_id).sum(1).tolist()
     for search in (greedy_search, beam_search):
-        for hyp, length in zip(search(model, src, max_len_b=3), lengths):
+        for hyp, length in zip(search(model, src, Decoding(max_len_b=3)), lengths):
             assert len(hyp.tokens) + 1 <= length + 3  # EOS counts toward the limit
             assert model.config.eos_id not in hyp.tokens and model.config.pad_id not in hyp.tokens
 
@@ -80,8 +85,8 @@ def test_batched_search_equals_one_sentence_at_a_time() -> None:
     """Each sentence stops at its own EOS: batching changes no output."""
     model, src = _setup(0, eos_boost=20)
     for search in (greedy_search, beam_search):
-        batched = search(model, src, max_len_b=8)
-        alone = [search(model, torch.tensor([row]), max_len_b=8)[0] for row in _sentences(model, src)]
+        batched = search(model, src, Decoding(max_len_b=8))
+        alone = [search(model, torch.tensor([row]), Decoding(max_len_b=8))[0] for row in _sentences(model, src)]
         _same_search(model, src, batched, alone, beam=search is beam_search)
         assert len({len(h.tokens) for h in batched}) > 1  # some stopped early, some did not
 
@@ -110,6 +115,6 @@ def test_length_normalisation_changes_the_winner(monkeypatch) -> None:
     torch.manual_seed(0)
     model = build_model(preset("tiny", vocab_size=5)).eval()
     src = torch.tensor([[4, 4, 3]])
-    [raw] = beam_search(model, src, beam_size=2, alpha=0.0)
-    [normalised] = beam_search(model, src, beam_size=2, alpha=0.6)
+    [raw] = beam_search(model, src, Decoding(beam_size=2, alpha=0.0))
+    [normalised] = beam_search(model, src, Decoding(beam_size=2))
     assert raw.tokens == [] and normalised.tokens == [4]

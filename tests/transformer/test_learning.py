@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from transformer import build_model, preset
-from transformer.decoding import greedy_search
+from transformer.decoding import Decoding, greedy_search
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import inverse_sqrt_lr
 
@@ -37,7 +37,7 @@ def test_tiny_model_learns_copy_and_reverse(reverse: bool) -> None:
         scheduler.step()
     model.eval()
     src, _, tgt_out = _batch(torch.Generator().manual_seed(99), 200, reverse)
-    hypotheses = greedy_search(model, src, max_len_b=2)
+    hypotheses = greedy_search(model, src, Decoding(max_len_b=2))
     predicted = torch.tensor([(h.tokens + [0] * LENGTH)[:LENGTH] for h in hypotheses])
     accuracy = (predicted == tgt_out[:, :LENGTH]).float().mean().item()
     assert accuracy >= 0.99, accuracy
