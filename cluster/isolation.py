@@ -18,23 +18,20 @@ Run as: unshare --mount --propagation private -- python -m cluster.isolation
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 TOKEN = Path(".ray") / "auth_token"
+PROJECT_PACKAGES = ("cluster", "data_pipeline", "jobs", "transformer")
 
 
 def environment_paths() -> list[Path]:
     """What every node must see: the venv, its base interpreter, this project's packages and the
-    torch extension cache."""
-    import cluster
-    import data_pipeline
-    import jobs
-    import transformer
-
-    packages = [Path(module.__file__).resolve().parent for module in (cluster, data_pipeline, jobs, transformer)]
+    torch extension cache. The packages are found, not imported: cluster/ depends on none of them."""
+    packages = [Path(importlib.util.find_spec(name).origin).resolve().parent for name in PROJECT_PACKAGES]
     extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     return [Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), *packages, extensions.resolve()]
 
