@@ -31,7 +31,9 @@ Schedule = Literal["inverse_sqrt", "noam"]
 Average = Literal["last", "best"]
 
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "multi30k_small.yaml"
+# configs/multi30k_small.yaml, through the package (jobs/recipes/ links to it), so that an installed
+# wheel, which has no configs/, carries it as package data.
+DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "multi30k_small.yaml"
 # model keys that come from the dataset's tokenizer; setting them could only break training
 FROM_DATASET = {"vocab_size": "data.tokenizer.vocab_size", "pad_id": "the tokenizer", "bos_id": "the tokenizer",
                 "eos_id": "the tokenizer"}
