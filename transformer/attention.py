@@ -56,8 +56,13 @@ class KVCache:
         if index.shape[0] == self._keys.shape[0]:
             self._keys[:, :, : self.length] = self.keys.index_select(0, index)
             self._values[:, :, : self.length] = self.values.index_select(0, index)
-        else:
-            self._keys, self._values = self._keys.index_select(0, index), self._values.index_select(0, index)
+        else:  # a new, smaller buffer of the same capacity; only the filled positions are copied
+            self._keys, self._values = (self._filled_rows(buffer, index) for buffer in (self._keys, self._values))
+
+    def _filled_rows(self, buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        rows = buffer.new_empty((index.shape[0],) + buffer.shape[1:])
+        rows[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, index)
+        return rows
 
 
 class MultiHeadAttention(nn.Module):
