@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from cluster import PROJECT_ROOT
+
 INSTALL_NOTE = """Offline install of aiayn (built by `aiayn bundle`):
 
     python3 -m venv .venv && .venv/bin/pip install --no-index --find-links {here} aiayn

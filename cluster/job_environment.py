@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cluster import PROJECT_ROOT
 from data_pipeline.errors import InputError
 from data_pipeline.storage import redact
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKING_DIR_EXCLUDES = [
     ".git", ".venv", "venv", "data/", "runs/", "mlruns/", "mlartifacts/", "*.egg-info", "__pycache__",
     ".pytest_cache", "bench/results/", "wheelhouse/", ".aiayn/",

@@ -173,7 +173,9 @@ def _export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import runpy
 
-    benches = Path(__file__).resolve().parents[1] / "bench"
+    from cluster import PROJECT_ROOT
+
+    benches = PROJECT_ROOT / "bench"
     available = sorted(path.stem for path in benches.glob("*.py") if not path.stem.startswith("_"))
     if args.name not in available:
         raise InputError(f"bench {args.name}: no such benchmark; available: {', '.join(available)}")

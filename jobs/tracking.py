@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from cluster import PROJECT_ROOT
 from data_pipeline.storage import redact
 
 RUN_NAME_TAG = "aiayn.run_name"
@@ -83,7 +84,7 @@ def _artifact_root(tracking_uri: str) -> str | None:
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+                              cwd=PROJECT_ROOT).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
