@@ -3,7 +3,9 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
 
 1. Fixed length (EOS suppressed in every engine, so each generates the same number of tokens):
    ours vs MarianMTModel with the same dimensions (random weights: speed only) and vs CTranslate2.
-2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours and of CTranslate2.
+2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours (float32, and int8 by
+   PyTorch's dynamic quantization of the linear layers) and of CTranslate2; per generated token,
+   ours against its own fixed-length rate and CTranslate2 float32 against ours.
 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
 budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam).
@@ -36,10 +38,13 @@ def _timed(run) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, out
 
 
-def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int) -> float:
+def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int) -> float | None:
     """Seconds for MarianMTModel.generate to produce `length` tokens per sentence, in the same
-    length-sorted token-budget batches as ours."""
-    from transformers import MarianConfig, MarianMTModel
+    length-sorted token-budget batches as ours; None without `transformers` (pip install -e .[bench])."""
+    try:
+        from transformers import MarianConfig, MarianMTModel
+    except ImportError:
+        return None
 
     torch.manual_seed(0)
     marian = MarianMTModel(MarianConfig(
@@ -92,7 +97,7 @@ def main() -> None:
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
         fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
-        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, fixed))
+        fixed_s, ours_out = _timed(lambda: translate_ids(model, sources, fixed))
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
         marian_s = marian_fixed_length(config, sources, beam, length, 4096)
         ct2_fixed = {}
@@ -104,11 +109,12 @@ def main() -> None:
         tokens = length * len(sources)
         result["fixed_length"] = {
             "tokens_per_sentence": length,
-            "ours_tokens_per_s": round(tokens / ours_s), "ours_again_tokens_per_s": round(tokens / ours_again_s),
-            "marian_generate_tokens_per_s": round(tokens / marian_s),
-            "ratio_ours_vs_marian": round(marian_s / ((ours_s + ours_again_s) / 2), 3),  # ours: mean of both
+            "ours_tokens_per_s": round(tokens / fixed_s), "ours_again_tokens_per_s": round(tokens / ours_again_s),
+            **({"marian_generate_tokens_per_s": round(tokens / marian_s),
+                "ratio_ours_vs_marian": round(marian_s / ((fixed_s + ours_again_s) / 2), 3)}  # ours: mean of both
+               if marian_s is not None else {"marian": "transformers is not installed: not measured"}),
             **{f"ctranslate2_{n}_tokens_per_s": round(tokens / s) for n, s in ct2_fixed.items()},
-            **{f"ratio_ctranslate2_{n}_vs_ours": round(ours_s / s, 3) for n, s in ct2_fixed.items()},
+            **{f"ratio_ctranslate2_{n}_vs_ours": round(fixed_s / s, 3) for n, s in ct2_fixed.items()},
         }
 
         # 2. Normal decoding with BLEU.
@@ -116,6 +122,10 @@ def main() -> None:
         normal_decoding = Decoding(beam_size=beam)
         ours_s, ours_out = _timed(lambda: translate_ids(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
+        # Our model with its linear layers quantized to int8 by PyTorch (dynamic: weights int8,
+        # activations quantized per batch), as CTranslate2's int8 does.
+        int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        normal["ours_int8_dynamic"] = _timed(lambda: translate_ids(int8, sources, normal_decoding))
         for name, engine in engines.items():
             normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, normal_decoding))
         result["normal"] = {
@@ -124,6 +134,13 @@ def main() -> None:
                    "ratio_vs_ours": round(ours_s / seconds, 3)}
             for name, (seconds, out) in normal.items()
         }
+        # Per generated token (EOS included, as in the fixed-length part): ours' normal rate against
+        # its fixed-length rate, and CTranslate2 float32's normal rate against ours.
+        generated = sum(len(h) + 1 for h in ours_out)
+        result["normal_fixed_rate_ratio"] = round((generated / ours_s) / (tokens / ((fixed_s + ours_again_s) / 2)), 3)
+        ct2_generated = sum(len(h) + 1 for h in normal["ctranslate2_float32"][1])
+        result["ratio_ctranslate2_float32_vs_ours_per_generated_token"] = round(
+            (ct2_generated / normal["ctranslate2_float32"][0]) / (generated / ours_s), 3)
     print(json.dumps(result, indent=2))
 
 
