@@ -59,16 +59,13 @@ class ResumePlan:
     def resized(self) -> bool:
         return self.checkpoint is not None and self.saved_world_size != self.world_size
 
-    @property
-    def universal(self) -> bool:
-        return self.resized and needs_universal(self.zero_stage)
-
     def describe(self) -> str:
         if self.checkpoint is None:
             return f"starting fresh on {self.world_size} workers"
         line = f"resuming at step {self.step} from {self.checkpoint}"
         if self.resized:
-            how = "through DeepSpeed's universal format" if self.universal else "as saved (stage 0 holds it whole)"
+            universal = reshards(self.saved_world_size, self.world_size, self.zero_stage)
+            how = "through DeepSpeed's universal format" if universal else "as saved (stage 0 holds it whole)"
             line += (f"; {self.saved_world_size} -> {self.world_size} workers: ZeRO-{self.zero_stage} state resharded "
                      f"{how}, the epoch's remaining examples dealt to the new ranks")
         return line
@@ -77,10 +74,11 @@ class ResumePlan:
         return dict(self.__dict__)
 
 
-def needs_universal(zero_stage: int) -> bool:
-    """Whether resuming at another world size goes through DeepSpeed's universal format: ZeRO 1-3
-    partition the optimizer state by rank; stage 0's files hold it whole and load as they are."""
-    return zero_stage > 0
+def reshards(saved_world_size: int, world_size: int, zero_stage: int) -> bool:
+    """The one rule: a checkpoint loads through DeepSpeed's universal format when the world size
+    changed and ZeRO 1-3 partitioned the optimizer state by rank; stage 0's files hold it whole and
+    load as they are."""
+    return saved_world_size != world_size and zero_stage > 0
 
 
 _UNSET = "<unset>"
@@ -161,7 +159,7 @@ def attempt_source(plan: ResumePlan, registered: str | None) -> str | None:
 
 def reshard_of(saved: JobState, world_size: int) -> bool:
     """Whether this checkpoint loads through DeepSpeed's universal format at `world_size`."""
-    return saved.world_size != world_size and needs_universal(saved.zero_stage)
+    return reshards(saved.world_size, world_size, saved.zero_stage)
 
 
 def rank_start(directory: Path, saved: JobState, rank: int, world_size: int, manifest: Manifest,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from data_pipeline.errors import InputError
+from jobs import checkpoint as ckpt
 from jobs.checkpoint import CheckpointError, ResumePlan, attempt_source, check_compatible, untracked
 from jobs.config import load_job_config, public_config
 
@@ -36,15 +37,19 @@ def test_settings_fixed_on_resume_are_refused_with_the_key(override: str, key: s
     assert message.startswith(key) and "\n" not in message and "--name" in message
 
 
-def test_plan_says_what_a_resize_implies() -> None:
+def test_a_checkpoint_is_resharded_only_at_another_world_size_under_zero_1_to_3() -> None:
+    """What the worker asks before loading (`reshard_of`), and what the driver's plan says."""
+    assert ckpt.reshard_of(ckpt.JobState(world_size=1, zero_stage=2), 3)
+    assert not ckpt.reshard_of(ckpt.JobState(world_size=2, zero_stage=2), 2)
+    assert not ckpt.reshard_of(ckpt.JobState(world_size=1, zero_stage=0), 3)  # stage 0's files hold it whole
     fresh = ResumePlan(world_size=2, zero_stage=2)
     assert not fresh.resized and "fresh" in fresh.describe()
     same = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 2, 2, 2)
-    assert not same.resized and not same.universal
+    assert not same.resized and "workers" not in same.describe()
     grow = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 1, 3, 2)
-    assert grow.resized and grow.universal and "1 -> 3 workers" in grow.describe()
+    assert grow.resized and "1 -> 3 workers" in grow.describe() and "universal format" in grow.describe()
     stage0 = ResumePlan("s3://b/run/checkpoint_step00000040", 40, 1, 3, 0)
-    assert stage0.resized and not stage0.universal  # stage 0's files hold the optimizer whole
+    assert stage0.resized and "as saved" in stage0.describe()
 
 
 def test_an_attempt_loads_the_newer_of_the_plan_and_ray_trains_registered_checkpoint() -> None:
