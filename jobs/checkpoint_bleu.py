@@ -21,11 +21,13 @@ from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, build_section
 
 
-def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str,
+def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str, relay,
                      step: int) -> dict[str, float]:
-    """Ray Train's validation function: `checkpoint` is the committed one of `step`."""
+    """Ray Train's validation function: `checkpoint` is the committed one of `step`. Its lines
+    reach the console through the driver's relay, as rank 0's do."""
     from jobs.evaluation import open_translator, score_split
     from jobs.export import export_model
+    from jobs.progress import RankZeroReporter, validation_line
     from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
     config = build_section(JobConfig, job, "")
@@ -40,10 +42,12 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         translate, _ = open_translator(export, "torch", config.train.decoding)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
     metrics = score.scores.metrics("valid")
-    logger = MetricLogger(tracking_uri, run_id)
+    console = RankZeroReporter(relay)
+    console.line(f"{validation_line(step, metrics)}  (checkpoint {step}, scored in the background)")
+    logger = MetricLogger(tracking_uri, run_id, say=console.line)
     logger.log(metrics, step)
-    if logger.close(timeout_s=END_OF_RUN_WAIT_S):  # in the job's log; the run goes on
-        print(f"[aiayn] valid/bleu {score.scores.bleu:.2f} of step {step} could not be sent to MLflow")
+    if logger.close(timeout_s=END_OF_RUN_WAIT_S):  # the run goes on
+        console.line(f"[aiayn] valid/bleu {score.scores.bleu:.2f} of step {step} could not be sent to MLflow")
     return metrics
 
 
@@ -60,7 +64,7 @@ def validation_config(loop_config: dict, job: JobConfig):
     if local_store_dir(loop_config["tracking_uri"]) is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=False)
-    fixed = {key: loop_config[key] for key in ("job", "dataset_uri", "tracking_uri", "run_id")}
+    fixed = {key: loop_config.get(key) for key in ("job", "dataset_uri", "tracking_uri", "run_id", "relay")}
     return ValidationConfig(score_checkpoint, task_config=ValidationTaskConfig(fn_kwargs=fixed,
                                                                                timeout_s=job.train.long_phase_timeout_s),
                             ray_remote_kwargs=options)

@@ -172,8 +172,9 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     job = tiny_job(tiny_corpus, tmp_path, "killed", address=ray_cluster, tracking=mlflow_server,
                    extra=("train.bleu_every=10", EMA))
     killer = when_checkpoint_upload_begins(run_dir, after, kill)
+    console: list[str] = []
     started = time.time()
-    outcome = train(job, log=_quiet)
+    outcome = train(job, log=console.append)
     wall_s = time.time() - started
     killer.join(timeout=5)
     runs = runs_named(mlflow_server, "killed")
@@ -185,6 +186,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))  # each step exactly once
     bleu = MlflowClient(mlflow_server).get_metric_history(outcome.run_id, "valid/bleu")
     assert sorted(m.step for m in bleu) == [10, 20, 30]  # each checkpoint's once, across the restart
+    assert any("scored in the background" in line for line in console)  # the tasks' lines reach the console
     # The time ledger: its parts sum to the run's wall time, and the steps trained again are those
     # from the checkpoint resumed from to where the killed attempt got (at least to the checkpoint
     # being uploaded; training went on during the upload, for at most a step or two).
