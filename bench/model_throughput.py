@@ -4,6 +4,10 @@ Same sizes, same batch, same optimizer (the paper's Adam), same label-smoothed l
 one run: the models take turns, and each figure is the median over rounds so that machine noise
 hits all of them alike. Printed as ratios to torch.nn.Transformer.
 
+The step's share in its own matrix multiplies: the GEMMs one step of the model as trained runs
+(forward and backward, recorded by the profiler with their shapes) are replayed alone in the same
+rounds; `share_of_step_in_its_gemms` is its tokens/s over theirs (1.0: nothing but GEMMs).
+
 Dropout is matched: torch.nn.Transformer(dropout=p) also drops attention probabilities and the FFN
 hidden layer, so `aiayn` here sets `attention_dropout` and `activation_dropout` to p as well (the
 same work, and both off any dropout-free fast path alike); `aiayn (residual dropout only)` is the
@@ -102,6 +106,33 @@ def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -
     return step
 
 
+DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
+GEMMS = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm, "aten::baddbmm": torch.baddbmm}
+
+
+def _gemm_replay(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """The matrix multiplies one training step runs (forward and backward, as the profiler records
+    them with their shapes and dtypes), replayed alone on fresh contiguous tensors: the time the
+    step would take if it were nothing but its GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as recorded:
+        step()
+    calls = []
+    for event in recorded.events():
+        if event.name in GEMMS:
+            tensors = [torch.randn(shape, device=device).to(DTYPES.get(name, torch.float32))
+                       for shape, name in zip(event.input_shapes, event.input_dtypes) if shape]  # not alpha, beta
+            calls.append((GEMMS[event.name], tensors))
+    assert calls, "the profiler recorded no matrix multiply"
+
+    def replay() -> None:
+        for gemm, tensors in calls:
+            gemm(*tensors)
+
+    return replay
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
@@ -149,6 +180,8 @@ def main() -> None:
         for _ in range(2):
             step()
     sync()
+    # The same GEMMs as the model as trained, alone: how much of its step is anything else.
+    steps["GEMMs of aiayn (residual dropout only), replayed"] = _gemm_replay(steps["aiayn (residual dropout only)"], device)
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -168,6 +201,10 @@ def main() -> None:
         if args.peak_tflops:
             row["mfu"] = round(median * flops / (args.peak_tflops * 1e12), 4)
         result["models"][name] = row
+    gemms = statistics.median(rates["GEMMs of aiayn (residual dropout only), replayed"])
+    result["share_of_step_in_its_gemms"] = round(statistics.median(rates["aiayn (residual dropout only)"]) / gemms, 3)
+    result["spread_across_rounds"] = {name: [round(min(v) / statistics.median(v), 3), round(max(v) / statistics.median(v), 3)]
+                                      for name, v in rates.items()}
     if marian is None:
         result["note"] = "transformers is not installed: MarianMTModel not measured"
     print(json.dumps(result, indent=2))
