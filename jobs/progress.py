@@ -122,3 +122,28 @@ def relay_to(console: Console, poll_s: float = 1.0) -> Iterator[object]:
         done.set()
         thread.join(timeout=35)
         ray.kill(relay)
+
+
+def failure_lines(relay, max_failures: int):
+    """A Ray Train callback (it runs in Train's controller) that puts one console line through the
+    relay whenever the worker group fails, naming the rank and Ray's reason, before Train restarts
+    it: Ray Train's own account stays in its logs, which the driver does not forward, and a
+    restart would otherwise show only as `training from step N`."""
+    from ray.train import UserCallback
+
+    class FailureLines(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            self.failures += 1
+            rank, error = min(worker_exceptions.items(), key=lambda item: item[0])
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = next((line for line in lines if "exit detail:" in line), lines[0] if lines else type(error).__name__)
+            more = f" (and {len(worker_exceptions) - 1} other rank{'s' if len(worker_exceptions) > 2 else ''})" \
+                if len(worker_exceptions) > 1 else ""
+            relay.put.remote(redact(f"[aiayn] the worker group failed: rank {rank}{more}: {detail[:300]}; "
+                                    f"Ray Train restarts it from the last checkpoint if failures remain "
+                                    f"(failure {self.failures}, cluster.max_failures={max_failures})"))
+
+    return FailureLines()

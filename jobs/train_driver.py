@@ -35,7 +35,7 @@ from jobs.deepspeed_config import with_step_budget
 from jobs.evaluation import Scores
 from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
-from jobs.progress import Console, relay_to
+from jobs.progress import Console, failure_lines, relay_to
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
@@ -133,6 +133,7 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
         name=name, storage_path=_storage_root(job),
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
+        callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,

@@ -187,6 +187,7 @@ def test_sigkill_of_a_worker_resumes_exactly(reference_run, ray_cluster, mlflow_
     bleu = MlflowClient(mlflow_server).get_metric_history(outcome.run_id, "valid/bleu")
     assert sorted(m.step for m in bleu) == [10, 20, 30]  # each checkpoint's once, across the restart
     assert any("scored in the background" in line for line in console)  # the tasks' lines reach the console
+    assert any(line.startswith("[aiayn] the worker group failed: rank") for line in console)  # the restart is named
     # The time ledger: its parts sum to the run's wall time, and the steps trained again are those
     # from the checkpoint resumed from to where the killed attempt got (at least to the checkpoint
     # being uploaded; training went on during the upload, for at most a step or two).
