@@ -26,7 +26,7 @@ import torch
 from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
-from jobs.evaluation import bleu, length_sorted_batches, read_eval_split, translate_ids
+from jobs.evaluation import corpus_scores, length_sorted_batches, read_eval_split, translate_ids
 from jobs.export import TOKENIZER, load_export
 from _provenance import provenance
 from transformer.decoding import Decoding
@@ -130,7 +130,7 @@ def main() -> None:
             normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, normal_decoding))
         result["normal"] = {
             name: {"sentences_per_s": round(len(sources) / seconds, 1),
-                   "bleu": round(bleu(tokenizer.decode(out), split.references).score, 2),
+                   "bleu": round(corpus_scores(tokenizer.decode(out), split.references).bleu, 2),
                    "ratio_vs_ours": round(ours_s / seconds, 3)}
             for name, (seconds, out) in normal.items()
         }
