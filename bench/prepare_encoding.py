@@ -9,8 +9,8 @@ and written as prepare's raw Parquet file; a tokenizer is trained on a sample. T
 Both are timed from the call to the last shard written, process or actor start included. The
 steady-state rate of each is the slope between the two sizes (pairs added / seconds added), which
 leaves out what either spends once; its ratio ours / peer is the figure (goal >= 0.9). The peak
-resident memory of everything that did the work (the bench's process tree, Ray's workers included)
-is sampled at each size: flat in corpus size is the goal.
+resident memory of the processes that did the work (the peer's, or Ray's daemons and workers) is
+sampled at each size: flat in corpus size is the goal.
 
     python bench/prepare_encoding.py --pairs 1000000 4000000 --cpus 2
 """
@@ -46,7 +46,9 @@ def generated_pairs(count: int, seed: int) -> pa.Table:
 
 
 class PeakMemory:
-    """The largest sum of resident memory over this process and all its descendants, sampled."""
+    """The largest sum of resident memory over this process's descendants, sampled: the peer's two
+    processes, or Ray's daemons and workers. This process is left out: it holds the generated
+    corpus, which grows with the size by construction."""
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.peak, self._stop = 0, threading.Event()
@@ -56,7 +58,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.wait(every_s):
             total = 0
-            for process in [me, *me.children(recursive=True)]:
+            for process in me.children(recursive=True):
                 try:
                     total += process.memory_info().rss
                 except psutil.Error:
