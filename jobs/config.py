@@ -48,6 +48,8 @@ class OptimConfig:
     schedule: Schedule = "inverse_sqrt"  # "noam" is the paper's eq. 3 (lr is then its scale factor)
     lr: float = 2e-3  # peak learning rate for inverse_sqrt; scale for noam
     warmup_steps: int = 150
+    # The last this many of train.max_steps take the lr linearly down to zero; 0: no decay.
+    decay_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
@@ -58,6 +60,8 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be inverse_sqrt or noam, got {self.schedule!r}")
         if self.lr <= 0 or self.warmup_steps <= 0:
             raise ValueError("optim.lr and optim.warmup_steps must be positive")
+        if self.decay_steps < 0:
+            raise ValueError(f"optim.decay_steps must be 0 (no decay) or positive, got {self.decay_steps}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        if self.optim.decay_steps and not 0 < self.optim.decay_steps <= self.train.max_steps:
+            raise ConfigError(f"optim.decay_steps ({self.optim.decay_steps}) counts down to train.max_steps: "
+                              f"set train.max_steps to at least that, or optim.decay_steps=0")
 
     def with_dataset(self, manifest) -> "JobConfig":
         """The model section completed from the dataset: its vocabulary size and special ids."""

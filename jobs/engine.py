@@ -19,7 +19,7 @@ from jobs.deepspeed_config import deepspeed_config
 from jobs.metrics import ForwardClock
 from transformer import ModelConfig, build_model
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import inverse_sqrt_lr, noam_lr
+from transformer.schedule import decay_factor, inverse_sqrt_lr, noam_lr
 
 _DUMMY = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
 
@@ -31,8 +31,10 @@ class NonFiniteTraining(RuntimeError):
 def lr_factor(job: JobConfig, step: int) -> float:
     """Multiplier of the optimizer's base lr at optimizer step `step` (1-based)."""
     if job.optim.schedule == "noam":
-        return noam_lr(step, job.model.d_model, job.optim.warmup_steps, scale=job.optim.lr)
-    return inverse_sqrt_lr(step, 1.0, job.optim.warmup_steps)
+        factor = noam_lr(step, job.model.d_model, job.optim.warmup_steps, scale=job.optim.lr)
+    else:
+        factor = inverse_sqrt_lr(step, 1.0, job.optim.warmup_steps)
+    return factor * decay_factor(step, job.train.max_steps, job.optim.decay_steps)
 
 
 def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, load_universal: bool):

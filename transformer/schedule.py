@@ -21,6 +21,17 @@ def inverse_sqrt_lr(step: int, peak_lr: float, warmup_steps: int, warmup_init_lr
     return peak_lr * (warmup_steps / step) ** 0.5
 
 
+def decay_factor(step: int, last_step: int, decay_steps: int) -> float:
+    """Multiplier that takes the lr linearly to zero over the last `decay_steps` of `last_step`.
+
+    The cool-down of a warm-up/stable/decay schedule: with a known step budget, ending at a small
+    lr gains what averaging checkpoints gains, and more, in the same steps. 1 before the decay.
+    """
+    if not decay_steps or step <= last_step - decay_steps:
+        return 1.0
+    return max(last_step - step + 1, 0) / decay_steps
+
+
 def paper_adam(params: Iterable[torch.nn.Parameter], lr: float = 1.0) -> torch.optim.Adam:
     """Adam with beta1 = 0.9, beta2 = 0.98, epsilon = 1e-9 (§5.3)."""
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)

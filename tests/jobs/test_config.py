@@ -59,6 +59,8 @@ def test_overrides_reach_nested_sections_with_types() -> None:
     ("train.average=best", "train.average=best needs valid BLEU during training: set train.bleu_every"),
     ("train.average_checkpoints=9", "train.average_checkpoints cannot exceed train.keep_checkpoints"),
     ("train.ema_decay=1", "train.ema_decay must be 0 (none) or below 1"),
+    ("optim.decay_steps=-1", "optim.decay_steps must be 0 (no decay) or positive"),
+    ("optim.decay_steps=9999", "optim.decay_steps (9999) counts down to train.max_steps"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:

@@ -10,7 +10,7 @@ from transformer.averaging import average_state_dicts
 from transformer.embeddings import sinusoidal_table
 from transformer.flops import encoder_decoder_training_flops, training_flops_per_token
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import inverse_sqrt_lr, noam_lr
+from transformer.schedule import decay_factor, inverse_sqrt_lr, noam_lr
 
 
 def test_noam_schedule_hand_values() -> None:
@@ -25,6 +25,12 @@ def test_inverse_sqrt_schedule_hand_values() -> None:
     assert inverse_sqrt_lr(50, 1e-3, 100) == pytest.approx(5e-4)
     assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
     assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+
+
+def test_decay_takes_the_lr_to_zero_over_the_last_steps() -> None:
+    assert [decay_factor(s, 10, 4) for s in (1, 6, 7, 8, 9, 10)] == pytest.approx([1, 1, 1, 0.75, 0.5, 0.25])
+    assert decay_factor(11, 10, 4) == 0.0  # past the budget (a run extended without its decay)
+    assert decay_factor(10, 10, 0) == 1.0  # no decay
 
 
 def test_sinusoidal_positions_hand_values() -> None:
