@@ -46,9 +46,6 @@ class ClusterConfig:
             raise ValueError(f"cluster.poll_interval_s must be a positive number of seconds, got {self.poll_interval_s}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cluster.cpus_per_worker must be positive, got {self.cpus_per_worker}")
-        allowed = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        if self.placement_strategy not in allowed:
-            raise ValueError(f"cluster.placement_strategy must be one of {', '.join(allowed)}, got {self.placement_strategy!r}")
         if not 0 < self.lease_ttl_s < float("inf"):
             raise ValueError(f"cluster.lease_ttl_s must be a positive number of seconds, got {self.lease_ttl_s}")
         if self.max_failures < 0:

@@ -40,9 +40,6 @@ class SourceConfig:
         return not self.tgt_lang
 
     def __post_init__(self) -> None:
-        allowed = ("multi30k", "text", "tsv", "jsonl", "parquet", "hf")
-        if self.format not in allowed:
-            raise ValueError(f"data.source.format must be one of {', '.join(allowed)}, got {self.format!r}")
         if self.format != "multi30k" and not self.train:
             raise ValueError(f"data.source.train is required for data.source.format={self.format}")
         if self.format == "multi30k" and {self.src_lang, self.tgt_lang} - {"en", "de", "fr"}:
@@ -63,8 +60,6 @@ class CleaningConfig:
             raise ValueError(f"data.cleaning.max_words must be positive, got {self.max_words}")
         if self.max_length_ratio < 1.0:
             raise ValueError(f"data.cleaning.max_length_ratio must be >= 1, got {self.max_length_ratio}")
-        if self.invalid_utf8 not in ("error", "skip"):
-            raise ValueError(f"data.cleaning.invalid_utf8 must be error or skip, got {self.invalid_utf8!r}")
 
 
 @dataclass(frozen=True)
@@ -78,8 +73,6 @@ class TokenizerConfig:
     character_coverage: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.model_type not in ("bpe", "unigram"):
-            raise ValueError(f"data.tokenizer.model_type must be bpe or unigram, got {self.model_type!r}")
         if self.vocab_size < 16:
             raise ValueError(f"data.tokenizer.vocab_size must be at least 16, got {self.vocab_size}")
         if self.sample_sentences <= 0:

@@ -55,14 +55,6 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "set model.d_k and model.d_v explicitly"
             )
-        if self.architecture not in ("encoder_decoder", "decoder_only"):
-            raise ValueError(
-                f"model.architecture must be encoder_decoder or decoder_only, got {self.architecture!r}"
-            )
-        if self.positional not in ("sinusoidal", "learned"):
-            raise ValueError(f"model.positional must be sinusoidal or learned, got {self.positional!r}")
-        if self.norm not in ("post", "pre"):
-            raise ValueError(f"model.norm must be post or pre, got {self.norm!r}")
 
     @property
     def head_dim_k(self) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import typing
 
 import pytest
 
@@ -66,6 +68,26 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         load_job_config(None, [override])
     assert "\n" not in str(error.value)
+
+
+def _choice_keys(cls: type, prefix: str = "") -> list[tuple[str, tuple]]:
+    """(dotted key, allowed values) of every field annotated with a Literal, in every section."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _choice_keys(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            keys.append((f"{prefix}{name}", typing.get_args(tp)))
+    return keys
+
+
+def test_every_choice_is_checked_against_its_annotation() -> None:
+    """The allowed values of a key are its Literal annotation's, and nothing else lists them."""
+    keys = _choice_keys(JobConfig)
+    assert {"model.norm", "data.source.format", "cluster.placement_strategy", "train.precision"} <= {k for k, _ in keys}
+    for key, allowed in keys:
+        with pytest.raises(ConfigError, match=f"^{key}: 'bogus' is not allowed; use {allowed[0]!r} or"):
+            load_job_config(None, [f"{key}=bogus"])
 
 
 def test_a_moving_average_needs_whole_weights_on_a_rank() -> None:
