@@ -22,6 +22,18 @@ def test_without_a_config_the_main_recipe_is_read(tmp_path, monkeypatch) -> None
     assert (job.train.max_steps, job.stream.max_tokens, job.train.log_every) == (1234, 777, 3)
 
 
+def test_the_main_recipe_states_only_what_differs_from_the_defaults() -> None:
+    """A value restated in the recipe is a second place to change, and the two drift apart."""
+    from jobs.config import DEFAULT_RECIPE, _read_recipe
+
+    defaults = flatten(config_to_dict(JobConfig()))
+    stated = flatten(_read_recipe(str(DEFAULT_RECIPE)))
+    assert stated, "the recipe is empty"
+    restated = {key: value for key, value in stated.items() if defaults.get(key, object()) == value}
+    assert not restated, f"the recipe restates code defaults: {restated}"
+    assert load_job_config(None, []).train.max_steps == stated["train.max_steps"]
+
+
 @pytest.mark.parametrize("key", ["vocab_size", "pad_id", "bos_id", "eos_id"])
 def test_model_keys_that_belong_to_the_dataset_are_refused(key: str) -> None:
     with pytest.raises(ConfigError, match=f"model.{key}: comes from the dataset"):
