@@ -36,6 +36,7 @@ from jobs.evaluation import Scores
 from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.progress import Console, failure_lines, relay_to
+from jobs.run_layout import RunLayout
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
@@ -83,12 +84,6 @@ def _check_budget(job: JobConfig, manifest: Manifest) -> None:
         )
 
 
-def _storage_root(job: JobConfig) -> str:
-    root = job.cluster.storage_path
-    storage.check_writable(root, "cluster.storage_path")
-    return str(storage.local_path(root)) if storage.is_local(root) else root
-
-
 def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     """What every node must reach: checkpoints, data and (if it lives in files) the MLflow store."""
     locations = {"cluster.storage_path": job.cluster.storage_path, "data.output_dir": job.data.output_dir}
@@ -100,11 +95,11 @@ def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     return locations
 
 
-def validate(job: JobConfig) -> PreparePlan:
+def validate(job: JobConfig, layout: RunLayout) -> PreparePlan:
     """Every check that needs no cluster. Raises InputError / ConfigError with one line.
 
     Returns the data plan (one pass over the inputs' checksums) for the caller to act on."""
-    _storage_root(job)
+    layout.check_writable()
     plan = plan_prepare(job.data)
     if plan.up_to_date:
         manifest = load_manifest(job.data.dataset_uri)
@@ -115,7 +110,7 @@ def validate(job: JobConfig) -> PreparePlan:
     return plan
 
 
-def _trainer(job: JobConfig, name: str, loop_config: dict):
+def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -130,7 +125,7 @@ def _trainer(job: JobConfig, name: str, loop_config: dict):
         resources_per_worker={"CPU": cluster.cpus_per_worker}, placement_strategy=cluster.placement_strategy,
     )
     run = RunConfig(
-        name=name, storage_path=_storage_root(job),
+        name=layout.name, storage_path=layout.root,  # Ray Train's checkpoints: under layout.uri
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
         callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
@@ -154,55 +149,44 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, data=data, cluster=cluster)
 
 
-def run_log_path(job: JobConfig, name: str) -> Path:
-    """Where the console's lines of a run are kept: in the run's directory when that is local,
-    else in this machine's temp directory (object stores take no appends)."""
-    root = job.cluster.storage_path
-    if storage.is_local(root):
-        return storage.local_path(root) / name / "aiayn.log"
-    return Path(tempfile.gettempdir()) / "aiayn-logs" / f"{name}.log"
-
-
 def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model. `log` receives
     aiayn's console lines (default: stdout and the run's log file)."""
     started_at = time.time()  # the run's time ledger starts here (jobs/goodput.py)
     job = with_absolute_paths(job)
-    data_plan = validate(job)
+    layout = RunLayout.of(job.cluster, run_name(job))
+    data_plan = validate(job, layout)
     from jobs.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
 
     with request_budget(job.tracking.environment()):  # every MLflow call of this driver is bounded
-        return _train_validated(job, data_plan, resume_from, log, started_at)
+        return _train_validated(job, layout, data_plan, resume_from, log, started_at)
 
 
-def _train_validated(job: JobConfig, data_plan: PreparePlan, resume_from: str, log: Callable[[str], None] | None,
-                     started_at: float) -> TrainOutcome:
+def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, resume_from: str,
+                     log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
     from jobs.tracking import resolve_tracking_uri
 
-    name = run_name(job)
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
-    run_uri = storage.join(_storage_root(job), name)
-    console = Console(run_log_path(job, name)) if log is None else log
+    console = Console(layout.log_path) if log is None else log
     # Before the resume plan: what this driver resumes from cannot change under it any more.
-    lease = acquire(run_uri, name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
-    with LeaseKeeper(run_uri, lease, job.cluster.lease_ttl_s, console) as keeper:
+    lease = acquire(layout.uri, layout.name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
+    with LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, console) as keeper:
         try:
-            return _train_holding_lease(job, name, data_plan, resume_from, console, tracking_uri, run_uri, keeper,
-                                        started_at)
+            return _train_holding_lease(job, layout, data_plan, resume_from, console, tracking_uri, keeper, started_at)
         except BaseException as error:
             if keeper.lost:  # the lease was lost: say that, not whatever it interrupted
-                raise LeaseLost(f"run {name}: this driver lost its lease ({keeper.lost}) and stopped") from error
+                raise LeaseLost(f"run {layout.name}: this driver lost its lease ({keeper.lost}) and stopped") from error
             raise
 
 
-def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resume_from: str,
-                         console: Callable[[str], None], tracking_uri: str, run_uri: str,
+def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, resume_from: str,
+                         console: Callable[[str], None], tracking_uri: str,
                          keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
     from cluster.reachability import check_reaches_every_node
     from cluster.ray_connection import connect
     from jobs.tracking import find_or_create_run, git_commit
 
-    source = ckpt.resume_source(run_uri, resume_from)
+    source = ckpt.resume_source(layout.uri, resume_from)
     manifest = load_manifest(job.data.dataset_uri) if data_plan.up_to_date else None
     resume = _plan_resume(job, source, manifest) if manifest is not None else None
     connect(job.cluster.address)
@@ -220,28 +204,28 @@ def _train_holding_lease(job: JobConfig, name: str, data_plan: PreparePlan, resu
 
     # world_size and zero_stage: rank 0's tags, set by the worker group that trains (an elastic run's varies)
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id()}
-    run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, name,
+    run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, layout.name,
                                          flatten(public_config(job)), tags)
     console("resolved config:\n" + yaml.safe_dump(public_config(job), sort_keys=False).rstrip())
-    console(f"run {name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
+    console(f"run {layout.name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
     console(f"{resume.describe()}; data {manifest.uri}")
     if isinstance(console, Console):
         console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
     started = time.time()
     policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
-    with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, run_uri, tracking_uri, run_id)) as monitor:
+    with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, layout, tracking_uri, run_id)) as monitor:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
-                       "started_at": started_at}
-        result = _fit(_trainer(job, name, loop_config))
+                       "started_at": started_at, "layout": layout.to_dict()}
+        result = _fit(_trainer(job, layout, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
-    _delete_untracked(run_uri, result, console)
+    _delete_untracked(layout.uri, result, console)
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
-    outcome = _finish(job, name, run_id, tracking_uri, manifest, started_at, scores)
+    outcome = _finish(job, layout, run_id, tracking_uri, manifest, started_at, scores)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
@@ -270,7 +254,7 @@ def _fit(trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _hang_reporter(console: Callable[[str], None], run_uri: str, tracking_uri: str,
+def _hang_reporter(console: Callable[[str], None], layout: RunLayout, tracking_uri: str,
                    run_id: str) -> Callable[[str, str], None]:
     """What the watchdog says goes to the console; a hang's stacks go to <run>/hangs/ and MLflow."""
     def report(line: str, stacks: str) -> None:
@@ -278,7 +262,7 @@ def _hang_reporter(console: Callable[[str], None], run_uri: str, tracking_uri: s
         if not stacks:
             return
         name = f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        uri = storage.join(run_uri, "hangs", name)
+        uri = layout.hang_stacks_uri(name)
         storage.write_bytes_atomic(uri, stacks.encode())
         console(f"the stacks of every rank: {storage.redact(uri)}")
         try:
@@ -295,7 +279,7 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
                             job.cluster.num_workers, job.train.zero_stage)
 
 
-def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest: Manifest,
+def _finish(job: JobConfig, layout: RunLayout, run_id: str, tracking_uri: str, manifest: Manifest,
             started_at: float, scores: dict[str, float]) -> TrainOutcome:
     """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
     train.average=best) next to them, score it on test, log it all, with the run's time ledger:
@@ -305,27 +289,26 @@ def _finish(job: JobConfig, name: str, run_id: str, tracking_uri: str, manifest:
     directory (under cluster.staging_dir if set) that is removed afterwards."""
     from jobs.export import INFO, export_model
 
-    run_uri = storage.join(_storage_root(job), name)
-    chosen = ckpt.to_average(run_uri, job.train, scores)
-    newest = ckpt.latest_complete_checkpoint(run_uri)
+    chosen = ckpt.to_average(layout.uri, job.train, scores)
+    newest = ckpt.latest_complete_checkpoint(layout.uri)
     final_state = ckpt.read_job_state(newest)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
-    export_uri = storage.join(run_uri, "export")
-    with tempfile.TemporaryDirectory(prefix="aiayn-finish-", dir=job.cluster.staging_dir or None) as scratch:
-        local = [ckpt.local_copy(c, Path(scratch)) for c in chosen]
+    export_uri = layout.export_uri
+    with layout.scratch("aiayn-finish-") as scratch:
+        local = [ckpt.local_copy(c, scratch) for c in chosen]
         for directory in local:
             ckpt.verify(str(directory))  # the export unpickles DeepSpeed's files
         local_export = export_model(
             local, job.model, tokenizer_bytes,
-            {"run_name": name, "mlflow_run_id": run_id, "step": final_state.step,
+            {"run_name": layout.name, "mlflow_run_id": run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri),
              "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
-            Path(scratch) / "export", moving_average=bool(job.train.ema_decay),
+            scratch / "export", moving_average=bool(job.train.ema_decay),
         )
         storage.publish_directory(local_export, export_uri, INFO)
         best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None
-        outcome = TrainOutcome(name, run_id, tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
+        outcome = TrainOutcome(layout.name, run_id, tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)

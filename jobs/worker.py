@@ -37,6 +37,7 @@ from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, tra
 from jobs.goodput import GoodputLedger
 from jobs.lease import check_holds
 from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
+from jobs.run_layout import RunLayout
 from jobs.stragglers import StragglerWatch, skew
 from jobs.system_metrics import NodeSystemMetrics
 from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger, local_store_dir
@@ -66,9 +67,7 @@ class Trainer:
         self.guard = DivergenceGuard(self.job.train.max_consecutive_skips)
         self.preemption_seen = False
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if self.job.cluster.staging_dir:  # this worker's scratch: checkpoint staging and downloads
-            Path(self.job.cluster.staging_dir).mkdir(parents=True, exist_ok=True)
-            tempfile.tempdir = self.job.cluster.staging_dir
+        RunLayout.from_dict(loop_config["layout"]).use_staging()  # checkpoint parts and downloads
 
         self.launch_id = loop_config["launch_id"]
         registered = ray.train.get_checkpoint()  # a restart inside this run: Ray Train's latest
