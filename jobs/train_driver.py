@@ -225,7 +225,7 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
-    outcome = _finish(job, layout, run_id, tracking_uri, manifest, started_at, scores)
+    outcome = _finish(job, layout, run_id, tracking_uri, manifest, started_at, scores, console)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
@@ -280,7 +280,7 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
 
 
 def _finish(job: JobConfig, layout: RunLayout, run_id: str, tracking_uri: str, manifest: Manifest,
-            started_at: float, scores: dict[str, float]) -> TrainOutcome:
+            started_at: float, scores: dict[str, float], console: Callable[[str], None]) -> TrainOutcome:
     """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
     train.average=best) next to them, score it on test, log it all, with the run's time ledger:
     the newest checkpoint's, and the time since it was saved as `finish`.
@@ -312,17 +312,17 @@ def _finish(job: JobConfig, layout: RunLayout, run_id: str, tracking_uri: str, m
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        model_uri = _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
+        model_uri = _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest, console)
     # The end's tracking too (an outage's backlog, the artifacts): the ledger is the last thing sent.
     ledger = GoodputLedger.from_dict(final_state.goodput)
     ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
     outcome = dataclasses.replace(outcome, time_table=ledger.table(), model_uri=model_uri)
-    _track_ledger(outcome, ledger)
+    _track_ledger(outcome, ledger, console)
     return outcome
 
 
 def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   pending_metrics: list, checkpoint_uri: str) -> str:
+                   pending_metrics: list, checkpoint_uri: str, console: Callable[[str], None]) -> str:
     """Send what the workers could not (an outage at the end), the artifacts and the model;
     returns the model's URI. MLflow being down now costs the artifacts of this run, not the run:
     the export is in storage already."""
@@ -331,7 +331,7 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
     logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
     logger.restore_spool(pending_metrics)
     if logger.close(timeout_s=END_OF_RUN_WAIT_S):
-        print(f"[aiayn] some metrics of this run are not in MLflow; they are kept in "
+        console(f"some metrics of this run are not in MLflow; they are kept in "
               f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
     try:
         _log_artifacts(job, outcome, manifest, export_dir)
@@ -340,12 +340,12 @@ def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, ex
         return log_translation_model(outcome.tracking_uri, outcome.run_id, export_dir, outcome.test,
                                      job.tracking.registered_model)
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        print(f"[aiayn] logging the artifacts and the model to MLflow failed ({_first_line(error)}); the export "
+        console(f"logging the artifacts and the model to MLflow failed ({_first_line(error)}); the export "
               f"is at {storage.redact(outcome.export_uri)}, not logged as an artifact")
         return ""
 
 
-def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
+def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger, console: Callable[[str], None]) -> None:
     """The whole run's time ledger and its table, then the run marked finished. The ledger goes in
     at the last step even where a worker logged its own there (a run bounded by epochs learns that
     a step was its last only after it): a later value at the same step is what MLflow shows."""
@@ -360,7 +360,7 @@ def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger) -> None:
         client.log_dict(outcome.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
         client.set_terminated(outcome.run_id, "FINISHED")
     except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        print(f"[aiayn] logging the end of the run to MLflow failed ({_first_line(error)}); the run's time ledger "
+        console(f"logging the end of the run to MLflow failed ({_first_line(error)}); the run's time ledger "
               "(in this run's log) and its end are not in MLflow")
 
 
