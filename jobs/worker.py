@@ -16,24 +16,23 @@ import os
 import posixpath
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline.batching import Batch
 from data_pipeline.manifest import load_manifest
-from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.stream import ShardStream
 from jobs import checkpoint as ckpt
 from jobs import progress
 from jobs.cadence import Cadence
+from jobs.checkpoint.start import Place, start_rank
 from jobs.collectives import all_gather, all_sum
-from jobs.config import JobConfig, build_section, public_config
+from jobs.config import JobConfig, build_section
 from jobs.deepspeed_config import accumulation_steps
-from jobs.engine import DivergenceGuard, build_engine, check_finite_weights, train_step
+from jobs.engine import DivergenceGuard, check_finite_weights, train_step
 from jobs.goodput import GoodputLedger
 from jobs.lease import check_holds
 from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
@@ -42,7 +41,6 @@ from jobs.stragglers import StragglerWatch, skew
 from jobs.system_metrics import NodeSystemMetrics
 from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger, local_store_dir
 from jobs.validation import valid_bleu, valid_loss
-from transformer.ema import WeightAverage
 from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
 
@@ -74,15 +72,21 @@ class Trainer:
         registered_path = registered.path if registered is not None else None
         source = ckpt.attempt_source(ckpt.ResumePlan(**loop_config["resume_plan"]), registered_path)
         restored = registered if source == registered_path else ray.train.Checkpoint(source)
-        if restored is not None:
-            with restored.as_directory() as directory:  # downloaded to local scratch if remote
-                position, saved_rng = self._restore(Path(directory), loop_config["run_id"])
-        else:
-            position, saved_rng = self._start_fresh(loop_config["run_id"])
-        if not self.restarted_in_run:  # this driver's start-up: from its start to this worker's
+        place = Place(self.rank, self.world, self.local_rank)
+        with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
+            # downloaded to local scratch if remote
+            self.start = start_rank(self.job, self.manifest, place, self.launch_id, loop_config["run_id"],
+                                    Path(directory) if directory is not None else None)
+        self.engine, self.scheduler, self.state, self.average = (self.start.engine, self.start.scheduler,
+                                                                 self.start.state, self.start.average)
+        if self.start.resumed_from_step is not None:
+            self.ledger.carry(self.state.goodput)
+        if self.start.restarted_in_run:
+            self._charge_restart(self.state)
+        else:  # this driver's start-up: from its start to this worker's
             self.ledger.add_start("startup", self.began_at - loop_config["started_at"], placement_wait_s())
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
-                                  position=position, max_length=self.model_config.max_positions)
+                                  position=self.start.position, max_length=self.model_config.max_positions)
 
         self._start_tracking(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("relay"))
         self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
@@ -94,8 +98,8 @@ class Trainer:
                                   validate=self._bleu_of_checkpoint(self.state.step))
         self.nodes: list[str] = []  # each rank's host/node, from _announce
         # The dropout stream of this rank, set last so that nothing above can draw from it.
-        if saved_rng is not None:
-            torch.set_rng_state(saved_rng)
+        if self.start.rng is not None:
+            torch.set_rng_state(self.start.rng)
         else:  # a fresh run, or a resume at another world size (no old rank's stream fits)
             torch.manual_seed(self.job.train.seed * 1000 + self.rank + 1 + 7919 * self.state.step)
 
@@ -114,53 +118,7 @@ class Trainer:
         if self.local_rank == 0 and every and (self.rank == 0 or local_store_dir(tracking_uri) is None):
             self.system_metrics = NodeSystemMetrics(run_id, tracking_uri, ray.get_runtime_context().get_node_id(), every)
 
-    # -- build and restore -----------------------------------------------------------------------
-    def _start_fresh(self, run_id: str) -> tuple[StreamPosition, None]:
-        self.engine, self.scheduler = build_engine(self.job, self.model_config, self.world, load_universal=False)
-        self.state = ckpt.JobState(
-            mlflow_run_id=run_id, launch_id=self.launch_id, world_size=self.world,
-            zero_stage=self.job.train.zero_stage,
-            tokenizer_sha256=self.manifest.tokenizer_sha256, dataset_fingerprint=self.manifest.fingerprint,
-            config=public_config(self.job),
-        )
-        self.average = self._weight_average(None)
-        self.resumed_from_step: int | None = None
-        self.resized_from: int | None = None
-        self.restarted_in_run = False
-        return StreamPosition(), None
-
-    def _restore(self, directory: Path, run_id: str) -> tuple[StreamPosition, torch.Tensor | None]:
-        ckpt.verify(str(directory))  # the copy being loaded, before DeepSpeed unpickles anything in it
-        saved = ckpt.read_job_state(str(directory))
-        resharded = ckpt.reshard_of(saved, self.world)
-        with self._universal_copy(directory) if resharded else contextlib.nullcontext() as universal:
-            self.engine, self.scheduler = build_engine(self.job, self.model_config, self.world,
-                                                       load_universal=resharded)
-            ckpt.load_engine_state(self.engine, directory, universal)
-        position, rng = ckpt.rank_start(directory, saved, self.rank, self.world, self.manifest, self.job.stream)
-        self.average = self._weight_average(directory)
-        self.state, self.resumed_from_step = saved, saved.step
-        self.resized_from = saved.world_size if saved.world_size != self.world else None
-        self.restarted_in_run = saved.launch_id == self.launch_id  # a failure or an elastic resize in this run
-        self.ledger.carry(saved.goodput)
-        if self.restarted_in_run:
-            self._charge_restart(saved)
-        self.state.launch_id = self.launch_id
-        if saved.mlflow_run_id != run_id:  # --resume into a new run: what the old one had not sent is not ours
-            self.state.mlflow_run_id, self.state.pending_metrics = run_id, []
-        self.state.world_size, self.state.config = self.world, public_config(self.job)
-        self.state.dataset_fingerprint = self.manifest.fingerprint
-        return position, rng
-
-    def _weight_average(self, checkpoint: Path | None) -> WeightAverage | None:
-        """Rank 0's moving average of the weights (train.ema_decay; every rank of ZeRO 0-2 holds the
-        same whole weights): the checkpoint's, else begun from the weights as they are now."""
-        decay = self.job.train.ema_decay
-        if self.rank != 0 or not decay:
-            return None
-        saved = ckpt.load_weight_average(checkpoint, decay) if checkpoint is not None else None
-        return saved or WeightAverage(decay, dict(self.engine.module.named_parameters()))
-
+    # -- restore ----------------------------------------------------------------------------------
     def _charge_restart(self, saved: ckpt.JobState) -> None:
         """The steps the previous attempt trained after this checkpoint are trained again (their
         time is `recomputed`), and from its last step to this attempt's start the failure was
@@ -171,31 +129,6 @@ class Trainer:
         self.ledger.add("recomputed", reached - saved.saved_at)
         self.ledger.recomputed_steps += max(step - saved.step, 0)
         self.ledger.add_start("recovery", self.began_at - reached, placement_wait_s())
-
-    @contextlib.contextmanager
-    def _universal_copy(self, checkpoint: Path) -> Iterator[Path]:
-        """The checkpoint in DeepSpeed's universal format, converted once per node, by the node's
-        local rank 0, into a private directory made for this restore and removed after it: a known
-        path in /tmp could be planted by another account, and DeepSpeed unpickles what it loads.
-        Ray groups local ranks by node IP, which need not mean one disk: a rank that does not see
-        its node's copy converts its own."""
-        import ray
-
-        own = Path(tempfile.mkdtemp(prefix="aiayn-universal-")) if self.local_rank == 0 else None
-        try:
-            if own is not None:
-                ckpt.universal_copy(checkpoint, own)
-            node = ray.get_runtime_context().get_node_id()
-            copies = [Path(path) for on, path in all_gather((node, str(own or ""))) if on == node and path]
-            if not (copies and copies[0].is_dir()):
-                own = Path(tempfile.mkdtemp(prefix="aiayn-universal-"))
-                ckpt.universal_copy(checkpoint, own)
-                copies = [own]
-            yield copies[0]
-            dist.barrier()  # every rank of the node has loaded it
-        finally:
-            if own is not None:
-                shutil.rmtree(own, ignore_errors=True)
 
     def fence(self, what: str) -> None:
         """Raises LeaseLost once another driver holds this run: its workers must not write."""
@@ -262,13 +195,13 @@ class Trainer:
         self.logger.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
                               "peak_flops_source": self.peak_source,
                               **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
-        if self.resumed_from_step is not None:
-            self.logger.set_tags({"resumed_from_step": self.resumed_from_step})
-        if self.resized_from is not None:
-            event = f"{self.resized_from} -> {self.world} workers ({self._resize_cause()})"
+        if self.start.resumed_from_step is not None:
+            self.logger.set_tags({"resumed_from_step": self.start.resumed_from_step})
+        if self.start.resized_from is not None:
+            event = f"{self.start.resized_from} -> {self.world} workers ({self._resize_cause()})"
             self.logger.set_tags({f"resize.step{self.state.step:08d}": event})
             self.reporter.line(f"step {self.state.step}  resized: {event}")
-        start = f"from step {self.resumed_from_step}" if self.resumed_from_step is not None else "from scratch"
+        start = f"from step {self.start.resumed_from_step}" if self.start.resumed_from_step is not None else "from scratch"
         node_count = len(set(nodes))
         self.reporter.line(f"training {start} on {self.world} worker{'s' if self.world > 1 else ''} (ZeRO-{self.job.train.zero_stage}, "
                            f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
@@ -276,9 +209,9 @@ class Trainer:
                            f"TFLOP/s per worker: {self.peak_source})")
 
     def _resize_cause(self) -> str:
-        if not self.restarted_in_run:
+        if not self.start.restarted_in_run:
             return "resumed with another cluster.num_workers"
-        return "capacity lost: a node left or failed" if self.world < self.resized_from else "capacity returned"
+        return "capacity lost: a node left or failed" if self.world < self.start.resized_from else "capacity returned"
 
     def run(self) -> None:
         cadence = self.cadence

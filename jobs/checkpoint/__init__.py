@@ -6,6 +6,9 @@
 - resume.py: the resume plan the driver computes once before the cluster starts (which
              checkpoint, resize, compatibility of the saved config with the new one) and the
              rules the workers follow to restore from it;
+- start.py:  a rank's start from that plan: the engine built fresh or restored (through the
+             universal format on a resize), the moving average, data position and RNG, and which
+             kind of start it is (imported by the workers only: it builds DeepSpeed engines);
 - upload.py: a rank's upload of its staged part while training goes on;
 - retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU), those
              it never registered, and which the export averages.
