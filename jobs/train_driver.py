@@ -95,19 +95,20 @@ def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     return locations
 
 
-def validate(job: JobConfig, layout: RunLayout) -> PreparePlan:
+def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest | None]:
     """Every check that needs no cluster. Raises InputError / ConfigError with one line.
 
-    Returns the data plan (one pass over the inputs' checksums) for the caller to act on."""
+    Returns the data plan (one pass over the inputs' checksums) for the caller to act on, and the
+    dataset, opened and verified once, when it is prepared already."""
     layout.check_writable()
-    plan = plan_prepare(job.data)
+    plan, manifest = plan_prepare(job.data), None
     if plan.up_to_date:
         manifest = load_manifest(job.data.dataset_uri)
         verify_dataset(manifest)  # a changed or corrupted shard: refused before any resource is taken
         _check_budget(job, manifest)
     if job.train.precision == "fp16" and not job.cluster.use_gpu:
         raise InputError("train.precision=fp16 needs GPUs (cluster.use_gpu=true); use bf16 or fp32 on CPU")
-    return plan
+    return plan, manifest
 
 
 def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
@@ -155,15 +156,15 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     started_at = time.time()  # the run's time ledger starts here (jobs/goodput.py)
     job = with_absolute_paths(job)
     layout = RunLayout.of(job.cluster, run_name(job))
-    data_plan = validate(job, layout)
+    data_plan, manifest = validate(job, layout)
     from jobs.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
 
     with request_budget(job.tracking.environment()):  # every MLflow call of this driver is bounded
-        return _train_validated(job, layout, data_plan, resume_from, log, started_at)
+        return _train_validated(job, layout, data_plan, manifest, resume_from, log, started_at)
 
 
-def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, resume_from: str,
-                     log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
+def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
+                     resume_from: str, log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
     from jobs.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
@@ -172,14 +173,16 @@ def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, 
     lease = acquire(layout.uri, layout.name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
     with LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, console) as keeper:
         try:
-            return _train_holding_lease(job, layout, data_plan, resume_from, console, tracking_uri, keeper, started_at)
+            return _train_holding_lease(job, layout, data_plan, manifest, resume_from, console, tracking_uri, keeper,
+                                        started_at)
         except BaseException as error:
             if keeper.lost:  # the lease was lost: say that, not whatever it interrupted
                 raise LeaseLost(f"run {layout.name}: this driver lost its lease ({keeper.lost}) and stopped") from error
             raise
 
 
-def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, resume_from: str,
+def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
+                         resume_from: str,
                          console: Callable[[str], None], tracking_uri: str,
                          keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
     from cluster.reachability import check_reaches_every_node
@@ -187,7 +190,6 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     from jobs.tracking import find_or_create_run, git_commit
 
     source = ckpt.resume_source(layout.uri, resume_from)
-    manifest = load_manifest(job.data.dataset_uri) if data_plan.up_to_date else None
     resume = _plan_resume(job, source, manifest) if manifest is not None else None
     connect(job.cluster.address)
     check_reaches_every_node(shared_locations(job, tracking_uri))
