@@ -1,0 +1,79 @@
+"""A rank's start from a checkpoint directory (jobs/checkpoint/start.py): which kind of start it
+is and the state it continues, with a stand-in engine (the real one: tests/jobs/test_training.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_pipeline.stream import StreamPosition
+from jobs import checkpoint as ckpt
+from jobs.checkpoint.start import Place, start_rank
+from jobs.config import load_job_config
+
+MANIFEST = SimpleNamespace(tokenizer_sha256="tok", fingerprint="data-v2")
+ONE_RANK = Place(rank=0, world=1, local_rank=0)
+
+
+class _Engine:
+    """DeepSpeed's engine where start_rank touches it: its own files, written and read back."""
+
+    def __init__(self) -> None:
+        self.loaded_from = None
+
+    def save_checkpoint(self, directory, tag, save_latest) -> None:
+        (Path(directory) / tag).mkdir(parents=True)
+
+    def load_checkpoint(self, directory, tag, **_) -> tuple[str, dict]:
+        self.loaded_from = directory
+        return directory, {}
+
+
+@pytest.fixture
+def engine(monkeypatch) -> _Engine:
+    built = _Engine()
+    monkeypatch.setattr("jobs.checkpoint.start.build_engine", lambda *args, load_universal: (built, "scheduler"))
+    return built
+
+
+def _checkpoint(tmp_path, position: StreamPosition, rng: torch.Tensor):
+    saved = ckpt.JobState(step=30, epoch=1, world_size=1, launch_id="launch-1", mlflow_run_id="run-1",
+                          pending_metrics=[{"key": "train/loss", "value": 3.0, "step": 30}], dataset_fingerprint="data-v1")
+    ckpt.save_checkpoint(_Engine(), tmp_path / "checkpoint", 0, saved, ckpt.RankState(position, rng), None)
+    return tmp_path / "checkpoint"
+
+
+def test_a_fresh_start(engine) -> None:
+    start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", None)
+    assert (start.resumed_from_step, start.resized_from, start.restarted_in_run, start.rng) == (None, None, False, None)
+    assert start.position == StreamPosition() and start.state.step == 0 and start.state.mlflow_run_id == "run-1"
+    assert engine.loaded_from is None
+
+
+def test_a_restart_inside_the_same_run_continues_its_state(tmp_path, engine) -> None:
+    position = StreamPosition(epoch=1, window=2, batch=3, plan=((4, 5),), plan_window_units=6)
+    rng = torch.random.manual_seed(5).get_state()
+    start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1",
+                       _checkpoint(tmp_path, position, rng))
+    assert (start.resumed_from_step, start.resized_from, start.restarted_in_run) == (30, None, True)
+    assert start.position == position and torch.equal(start.rng, rng)
+    assert engine.loaded_from.startswith(str(tmp_path / "checkpoint"))
+    assert start.state.pending_metrics and start.state.dataset_fingerprint == "data-v2"
+
+
+def test_a_later_train_into_a_new_mlflow_run_drops_the_old_runs_unsent_metrics(tmp_path, engine) -> None:
+    start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-2", "run-2",
+                       _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state()))
+    assert (start.resumed_from_step, start.restarted_in_run) == (30, False)
+    assert (start.state.launch_id, start.state.mlflow_run_id, start.state.pending_metrics) == ("launch-2", "run-2", [])
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused_before_loading(tmp_path, engine) -> None:
+    directory = _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state())
+    (directory / "rank_00000.pt").write_bytes(b"planted")
+    with pytest.raises(ckpt.CheckpointError, match="has changed since it was written"):
+        start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", directory)
+    assert engine.loaded_from is None
