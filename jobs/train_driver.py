@@ -13,7 +13,6 @@ import math
 import os
 import posixpath
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.progress import Console, failure_lines, relay_to
 from jobs.run_layout import RunLayout
+from jobs.run_report import RunReport
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
@@ -215,7 +215,8 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
         console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
     started = time.time()
     policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
-    with relay_to(console) as relay, watch_progress(policy, _hang_reporter(console, layout, tracking_uri, run_id)) as monitor:
+    report = RunReport(console, tracking_uri, run_id, layout)
+    with relay_to(console) as relay, watch_progress(policy, report.hang) as monitor:
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
@@ -227,7 +228,7 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
-    outcome = _finish(job, layout, run_id, tracking_uri, manifest, started_at, scores, console)
+    outcome = _finish(job, layout, report, manifest, started_at, scores)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
@@ -256,33 +257,13 @@ def _fit(trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _hang_reporter(console: Callable[[str], None], layout: RunLayout, tracking_uri: str,
-                   run_id: str) -> Callable[[str, str], None]:
-    """What the watchdog says goes to the console; a hang's stacks go to <run>/hangs/ and MLflow."""
-    def report(line: str, stacks: str) -> None:
-        console(line)
-        if not stacks:
-            return
-        name = f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        uri = layout.hang_stacks_uri(name)
-        storage.write_bytes_atomic(uri, stacks.encode())
-        console(f"the stacks of every rank: {storage.redact(uri)}")
-        try:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri).log_text(run_id, stacks, f"hangs/{name}")
-        except Exception as error:  # noqa: BLE001 - tracking never fails a run
-            console(f"MLflow did not take the stacks ({str(error).splitlines()[0][:160]}); they are in {storage.redact(uri)}")
-    return report
-
-
 def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt.ResumePlan:
     return ckpt.plan_resume(source, public_config(job.with_dataset(manifest)), manifest,
                             job.cluster.num_workers, job.train.zero_stage)
 
 
-def _finish(job: JobConfig, layout: RunLayout, run_id: str, tracking_uri: str, manifest: Manifest,
-            started_at: float, scores: dict[str, float], console: Callable[[str], None]) -> TrainOutcome:
+def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Manifest, started_at: float,
+            scores: dict[str, float]) -> TrainOutcome:
     """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
     train.average=best) next to them, score it on test, log it all, with the run's time ledger:
     the newest checkpoint's, and the time since it was saved as `finish`.
@@ -303,72 +284,24 @@ def _finish(job: JobConfig, layout: RunLayout, run_id: str, tracking_uri: str, m
             ckpt.verify(str(directory))  # the export unpickles DeepSpeed's files
         local_export = export_model(
             local, job.model, tokenizer_bytes,
-            {"run_name": layout.name, "mlflow_run_id": run_id, "step": final_state.step,
+            {"run_name": layout.name, "mlflow_run_id": report.run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri),
              "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
             scratch / "export", moving_average=bool(job.train.ema_decay),
         )
         storage.publish_directory(local_export, export_uri, INFO)
         best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None
-        outcome = TrainOutcome(layout.name, run_id, tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
+        outcome = TrainOutcome(layout.name, report.run_id, report.tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
-        model_uri = _track_results(job, outcome, manifest, local_export, final_state.pending_metrics, newest, console)
+        model_uri = report.results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
     # The end's tracking too (an outage's backlog, the artifacts): the ledger is the last thing sent.
     ledger = GoodputLedger.from_dict(final_state.goodput)
     ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
     outcome = dataclasses.replace(outcome, time_table=ledger.table(), model_uri=model_uri)
-    _track_ledger(outcome, ledger, console)
+    report.ledger(ledger, outcome.steps)
     return outcome
-
-
-def _track_results(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
-                   pending_metrics: list, checkpoint_uri: str, console: Callable[[str], None]) -> str:
-    """Send what the workers could not (an outage at the end), the artifacts and the model;
-    returns the model's URI. MLflow being down now costs the artifacts of this run, not the run:
-    the export is in storage already."""
-    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
-
-    logger = MetricLogger(outcome.tracking_uri, outcome.run_id)
-    logger.restore_spool(pending_metrics)
-    if logger.close(timeout_s=END_OF_RUN_WAIT_S):
-        console(f"some metrics of this run are not in MLflow; they are kept in "
-              f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
-    try:
-        _log_artifacts(job, outcome, manifest, export_dir)
-        from jobs.model_registry import log_translation_model
-
-        return log_translation_model(outcome.tracking_uri, outcome.run_id, export_dir, outcome.test,
-                                     job.tracking.registered_model)
-    except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        console(f"logging the artifacts and the model to MLflow failed ({_first_line(error)}); the export "
-              f"is at {storage.redact(outcome.export_uri)}, not logged as an artifact")
-        return ""
-
-
-def _track_ledger(outcome: TrainOutcome, ledger: GoodputLedger, console: Callable[[str], None]) -> None:
-    """The whole run's time ledger and its table, then the run marked finished. The ledger goes in
-    at the last step even where a worker logged its own there (a run bounded by epochs learns that
-    a step was its last only after it): a later value at the same step is what MLflow shows."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    now = int(time.time() * 1000)
-    try:
-        client = MlflowClient(outcome.tracking_uri)
-        client.log_batch(outcome.run_id, metrics=[Metric(key, float(value), now, outcome.steps)
-                                                  for key, value in ledger.metrics().items()])
-        client.log_dict(outcome.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
-        client.set_terminated(outcome.run_id, "FINISHED")
-    except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
-        console(f"logging the end of the run to MLflow failed ({_first_line(error)}); the run's time ledger "
-              "(in this run's log) and its end are not in MLflow")
-
-
-def _first_line(error: Exception) -> str:
-    """An error in one console line: its type (a refusal and a bug read differently) and message."""
-    return storage.redact(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
@@ -379,26 +312,3 @@ def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, expor
     translate, _ = open_translator(export_dir, "torch", job.train.decoding)
     score = score_split(translate, manifest, "test")
     return dataclasses.replace(outcome, test=score.scores, samples=score.samples)
-
-
-def _log_artifacts(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(outcome.tracking_uri)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
-        (folder / "data_manifest.json").write_text(json.dumps(storage.redact_tree(manifest.data), indent=2))
-        if outcome.samples:
-            (folder / "sample_translations.txt").write_text("\n\n".join(
-                f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")
-        client.log_artifacts(outcome.run_id, str(folder))
-    client.log_artifacts(outcome.run_id, str(export_dir), "export")
-    if outcome.test is not None:
-        now = int(time.time() * 1000)
-        client.log_batch(outcome.run_id,
-                         metrics=[Metric(key, value, now, outcome.steps)
-                                  for key, value in outcome.test.metrics("test").items()],
-                         tags=[RunTag("bleu_signature", outcome.test.bleu_signature),
-                               RunTag("chrf_signature", outcome.test.chrf_signature)])

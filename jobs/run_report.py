@@ -1,0 +1,119 @@
+"""What the driver tells a person and the run's MLflow record, in one place.
+
+A person reads the console (stdout and the run's log file, `progress.Console`); the workers' lines
+reach it through the relay. MLflow gets, from the driver, a hang's stacks, the end of the run
+(metrics the workers could not send, the test scores, the artifacts, the model) and the time
+ledger. MLflow failing never fails a run: each failure becomes one console line that says what is
+not in MLflow and where it is instead.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from data_pipeline import storage
+from data_pipeline.manifest import Manifest
+from jobs import checkpoint as ckpt
+from jobs.config import JobConfig, public_config
+from jobs.goodput import GoodputLedger
+from jobs.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from jobs.train_driver import TrainOutcome
+
+
+class RunReport:
+    def __init__(self, console: Callable[[str], None], tracking_uri: str, run_id: str, layout: RunLayout):
+        self.console, self.tracking_uri, self.run_id, self.layout = console, tracking_uri, run_id, layout
+
+    def __call__(self, line: str) -> None:
+        self.console(line)
+
+    def hang(self, line: str, stacks: str) -> None:
+        """What the watchdog says; a hang's stacks go to <run>/hangs/ and MLflow."""
+        self.console(line)
+        if not stacks:
+            return
+        name = f"hang-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        uri = self.layout.hang_stacks_uri(name)
+        storage.write_bytes_atomic(uri, stacks.encode())
+        self.console(f"the stacks of every rank: {storage.redact(uri)}")
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(self.tracking_uri).log_text(self.run_id, stacks, f"hangs/{name}")
+        except Exception as error:  # noqa: BLE001 - tracking never fails a run
+            self.console(f"MLflow did not take the stacks ({first_line(error)}); they are in {storage.redact(uri)}")
+
+    def results(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path,
+                pending_metrics: list, checkpoint_uri: str) -> str:
+        """Send what the workers could not (an outage at the end), the artifacts and the model;
+        returns the model's URI. MLflow being down now costs the artifacts of this run, not the
+        run: the export is in storage already."""
+        from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+
+        logger = MetricLogger(self.tracking_uri, self.run_id)
+        logger.restore_spool(pending_metrics)
+        if logger.close(timeout_s=END_OF_RUN_WAIT_S):
+            self.console(f"some metrics of this run are not in MLflow; they are kept in "
+                         f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
+        try:
+            self._artifacts(job, outcome, manifest, export_dir)
+            from jobs.model_registry import log_translation_model
+
+            return log_translation_model(self.tracking_uri, self.run_id, export_dir, outcome.test,
+                                         job.tracking.registered_model)
+        except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
+            self.console(f"logging the artifacts and the model to MLflow failed ({first_line(error)}); the export "
+                         f"is at {storage.redact(outcome.export_uri)}, not logged as an artifact")
+            return ""
+
+    def ledger(self, ledger: GoodputLedger, step: int) -> None:
+        """The whole run's time ledger and its table, then the run marked finished. The ledger goes
+        in at the last step even where a worker logged its own there (a run bounded by epochs
+        learns that a step was its last only after it): a later value at the same step is what
+        MLflow shows."""
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        try:
+            client = MlflowClient(self.tracking_uri)
+            client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step)
+                                                   for key, value in ledger.metrics().items()])
+            client.log_dict(self.run_id, {**ledger.to_dict(), "table": ledger.table()}, "goodput.json")
+            client.set_terminated(self.run_id, "FINISHED")
+        except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
+            self.console(f"logging the end of the run to MLflow failed ({first_line(error)}); the run's time "
+                         "ledger (in this run's log) and its end are not in MLflow")
+
+    def _artifacts(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path) -> None:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            (folder / "resolved_config.json").write_text(json.dumps(public_config(job), indent=2))
+            (folder / "data_manifest.json").write_text(json.dumps(storage.redact_tree(manifest.data), indent=2))
+            if outcome.samples:
+                (folder / "sample_translations.txt").write_text("\n\n".join(
+                    f"SRC {s}\nREF {r}\nHYP {h}" for s, r, h in outcome.samples) + "\n")
+            client.log_artifacts(self.run_id, str(folder))
+        client.log_artifacts(self.run_id, str(export_dir), "export")
+        if outcome.test is not None:
+            now = int(time.time() * 1000)
+            client.log_batch(self.run_id,
+                             metrics=[Metric(key, value, now, outcome.steps)
+                                      for key, value in outcome.test.metrics("test").items()],
+                             tags=[RunTag("bleu_signature", outcome.test.bleu_signature),
+                                   RunTag("chrf_signature", outcome.test.chrf_signature)])
+
+
+def first_line(error: Exception) -> str:
+    """An error in one console line: its type (a refusal and a bug read differently) and message."""
+    return storage.redact(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
