@@ -122,7 +122,8 @@ def test_flattened_params_cover_the_whole_config() -> None:
 
 
 def test_deepspeed_json_is_generated_and_overridable() -> None:
-    config = load_job_config(None, ["train.zero_stage=3", "train.tokens_per_step=16384", "optim.clip_norm=0.5"])
+    config = load_job_config(None, ["train.zero_stage=3", "train.tokens_per_step=16384", "stream.max_tokens=2048",
+                                    "optim.clip_norm=0.5"])
     generated = deepspeed_config(config, world_size=2)
     assert generated["zero_optimization"]["stage"] == 3
     assert generated["gradient_accumulation_steps"] == 4 and generated["train_batch_size"] == 8
