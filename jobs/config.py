@@ -48,7 +48,8 @@ class OptimConfig:
     schedule: Schedule = "inverse_sqrt"  # "noam" is the paper's eq. 3 (lr is then its scale factor)
     lr: float = 2e-3  # peak learning rate for inverse_sqrt; scale for noam
     warmup_steps: int = 150
-    # The last this many of train.max_steps take the lr linearly down to zero; 0: no decay.
+    # The last this many of train.max_steps (at most all of them) take the lr linearly down to
+    # zero; 0: no decay.
     decay_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
@@ -191,9 +192,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
-        if self.optim.decay_steps and not 0 < self.optim.decay_steps <= self.train.max_steps:
-            raise ConfigError(f"optim.decay_steps ({self.optim.decay_steps}) counts down to train.max_steps: "
-                              f"set train.max_steps to at least that, or optim.decay_steps=0")
+        if self.optim.decay_steps and not self.train.max_steps:
+            raise ConfigError(f"optim.decay_steps ({self.optim.decay_steps}) counts down to train.max_steps, which is "
+                              "not set: set train.max_steps, or optim.decay_steps=0")
 
     def with_dataset(self, manifest) -> "JobConfig":
         """The model section completed from the dataset: its vocabulary size and special ids."""

@@ -22,11 +22,13 @@ def inverse_sqrt_lr(step: int, peak_lr: float, warmup_steps: int, warmup_init_lr
 
 
 def decay_factor(step: int, last_step: int, decay_steps: int) -> float:
-    """Multiplier that takes the lr linearly to zero over the last `decay_steps` of `last_step`.
+    """Multiplier that takes the lr linearly to zero over the last `decay_steps` of `last_step`
+    (over the whole run when that is shorter: a recipe's decay shrinks with a shorter budget).
 
     The cool-down of a warm-up/stable/decay schedule: with a known step budget, ending at a small
     lr gains what averaging checkpoints gains, and more, in the same steps. 1 before the decay.
     """
+    decay_steps = min(decay_steps, last_step)
     if not decay_steps or step <= last_step - decay_steps:
         return 1.0
     return max(last_step - step + 1, 0) / decay_steps

@@ -108,7 +108,7 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
     try:
         overrides = tiny_overrides(tiny_corpus, tmp_path, "elastic", address=state["ray_address"]) + [
             "cluster.min_workers=1", "cluster.num_workers=3", "cluster.resize_check_s=3", "cluster.max_failures=6",
-            "train.max_steps=0", f"train.max_epochs={EPOCHS}", "train.checkpoint_every_steps=3",
+            "train.max_steps=0", "optim.decay_steps=0", f"train.max_epochs={EPOCHS}", "train.checkpoint_every_steps=3",
             "train.validate_every=0", "train.keep_checkpoints=4",
         ]
         run_dir = tmp_path / "runs" / "elastic"

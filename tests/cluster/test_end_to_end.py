@@ -139,7 +139,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
             "data.shard_rows=400", "data.encode_actors=1",
             "data.encode_batch_rows=256",  # train in 4 batches: encoded by Ray Data's actors on the cluster
             "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
-            "optim.lr=0.003", "optim.warmup_steps=5", f"train.max_steps={STEPS}", "train.max_minutes=0",
+            "optim.lr=0.003", "optim.warmup_steps=5", "optim.decay_steps=0", f"train.max_steps={STEPS}", "train.max_minutes=0",
             "train.log_every=1", "train.validate_every=20", "train.checkpoint_every_steps=10",
             "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3", "train.average_checkpoints=1",
             "train.beam_size=2", "cluster.num_workers=2",

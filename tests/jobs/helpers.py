@@ -92,7 +92,7 @@ def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tr
         "data.tokenizer.vocab_size=64", "data.tokenizer.sample_sentences=2000",
         f"data.output_dir={corpus['root'] / 'prepared'}", "data.shard_rows=400",
         "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
-        "optim.lr=0.003", "optim.warmup_steps=5",
+        "optim.lr=0.003", "optim.warmup_steps=5", "optim.decay_steps=0",
         "train.max_steps=30", "train.max_minutes=0", "train.log_every=1", "train.validate_every=10",
         "train.checkpoint_every_steps=5", "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3",
         "train.average_checkpoints=1", "train.beam_size=2",

@@ -31,6 +31,7 @@ def test_decay_takes_the_lr_to_zero_over_the_last_steps() -> None:
     assert [decay_factor(s, 10, 4) for s in (1, 6, 7, 8, 9, 10)] == pytest.approx([1, 1, 1, 0.75, 0.5, 0.25])
     assert decay_factor(11, 10, 4) == 0.0  # past the budget (a run extended without its decay)
     assert decay_factor(10, 10, 0) == 1.0  # no decay
+    assert [decay_factor(s, 2, 400) for s in (1, 2)] == pytest.approx([1, 0.5])  # a shorter run: all of it
 
 
 def test_sinusoidal_positions_hand_values() -> None:
