@@ -30,9 +30,6 @@ class RunReport:
     def __init__(self, console: Callable[[str], None], tracking_uri: str, run_id: str, layout: RunLayout):
         self.console, self.tracking_uri, self.run_id, self.layout = console, tracking_uri, run_id, layout
 
-    def __call__(self, line: str) -> None:
-        self.console(line)
-
     def hang(self, line: str, stacks: str) -> None:
         """What the watchdog says; a hang's stacks go to <run>/hangs/ and MLflow."""
         self.console(line)
