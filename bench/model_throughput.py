@@ -87,7 +87,10 @@ def _marian(config: ModelConfig) -> nn.Module | None:
     return Wrapped()
 
 
-def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -> Callable[[], None]:
+def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype,
+             loss_fn: Callable = label_smoothed_loss) -> Callable[[], None]:
+    """One training step: forward, `loss_fn` (logits, targets, epsilon, pad id -> summed loss, ...),
+    backward, the paper's Adam."""
     optimizer = paper_adam(model.parameters(), lr=1e-4)
     src, tgt_in, tgt_out = batch
     at = (tgt_out != config.pad_id).flatten().nonzero().squeeze(1)
@@ -98,7 +101,7 @@ def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype) -
     def step() -> None:
         with autocast:
             logits = model(src, tgt_in, at, src_padded=padded)
-        loss, _ = label_smoothed_loss(logits, targets, config.label_smoothing, config.pad_id)
+        loss, *_ = loss_fn(logits, targets, config.label_smoothing, config.pad_id)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(at)).backward()
         optimizer.step()

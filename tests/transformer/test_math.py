@@ -70,6 +70,32 @@ def test_label_smoothed_loss_and_its_gradient_match_torch_cross_entropy() -> Non
     torch.testing.assert_close(ours, theirs)
 
 
+def test_label_smoothed_loss_gradient_in_bfloat16_follows_float32() -> None:
+    """bf16 logits (autocast's output layer) get a bf16 gradient computed in fp32: it stays within
+    bf16's rounding of the fp32 one, and the figures are fp32."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 50, generator=generator)
+    targets = torch.randint(0, 50, (16,), generator=generator)
+    half = logits.bfloat16().requires_grad_()
+    full = half.detach().float().requires_grad_()
+    loss_half, _ = label_smoothed_loss(half, targets, epsilon=0.1, pad_id=0)
+    loss_full, _ = label_smoothed_loss(full, targets, epsilon=0.1, pad_id=0)
+    assert loss_half.dtype == torch.float32
+    torch.testing.assert_close(loss_half, loss_full)
+    (grad_half,), (grad_full,) = torch.autograd.grad(loss_half, half), torch.autograd.grad(loss_full, full)
+    assert grad_half.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_half.float(), grad_full, rtol=1e-2, atol=1e-3)
+
+
+def test_label_smoothed_loss_refuses_a_second_backward() -> None:
+    """The gradient is written over the saved log-probabilities: a second pass would be wrong."""
+    logits = torch.randn(4, 7, requires_grad=True)
+    loss, _ = label_smoothed_loss(logits, torch.tensor([1, 2, 3, 0]), epsilon=0.1, pad_id=0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
 def test_average_of_checkpoints() -> None:
     states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(2)}]
     averaged = average_state_dicts(states)
