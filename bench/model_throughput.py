@@ -110,7 +110,8 @@ def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype,
 
 
 DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
-GEMMS = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm, "aten::baddbmm": torch.baddbmm}
+GEMMS = {"aten::mm": (torch.mm, 2), "aten::addmm": (torch.addmm, 3), "aten::bmm": (torch.bmm, 2),
+         "aten::baddbmm": (torch.baddbmm, 3)}  # each with its number of matrix operands
 
 
 def _gemm_replay(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -124,9 +125,11 @@ def _gemm_replay(step: Callable[[], None], device: torch.device) -> Callable[[],
     calls = []
     for event in recorded.events():
         if event.name in GEMMS:
+            gemm, operands = GEMMS[event.name]
+            shapes = [(shape, name) for shape, name in zip(event.input_shapes, event.input_dtypes) if shape]
             tensors = [torch.randn(shape, device=device).to(DTYPES.get(name, torch.float32))
-                       for shape, name in zip(event.input_shapes, event.input_dtypes) if shape]  # not alpha, beta
-            calls.append((GEMMS[event.name], tensors))
+                       for shape, name in shapes[:operands]]  # not alpha, beta, nor a compiled graph's out=
+            calls.append((gemm, tensors))
     assert calls, "the profiler recorded no matrix multiply"
 
     def replay() -> None:
