@@ -1,13 +1,15 @@
 """The full training stack against a bare PyTorch loop, and 2 workers against 1, in one run.
 
-- bare: one process, one thread, the same model, batches (the same worker stream) and Adam;
-- stack-1: `aiayn train` with 1 worker x 1 thread (Ray Train + DeepSpeed ZeRO-2 + the stream);
-- stack-2: the same with 2 workers x 1 thread;
+- bare: one process with as many threads as cores, the same model, batches (the same worker
+  stream), Adam and gradient clipping;
+- stack-1: `aiayn train` with 1 worker x the same threads (Ray Train + DeepSpeed ZeRO-2 + the stream);
+- stack-2: the same with 2 workers sharing those threads;
 - seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of the
   metrics the worker logs after step 1).
-Throughput of the stack is the global target tokens/s it logs, median over its 10-step windows
-after step 10. The three are measured in interleaved rounds (bare, 1, 2, bare, 1, 2, ...) and the
-ratios are of per-configuration medians, so that a noisy minute does not decide a ratio alone.
+One statistic for all three: target tokens/s of each 10-step window after step 10 (window wall
+time, as jobs/metrics.py measures the stack's), median over windows. The three are measured in
+interleaved rounds (bare, 1, 2, bare, 1, 2, ...) and the ratios are of per-configuration medians,
+so that a noisy minute does not decide a ratio alone.
 
     python bench/training_stack.py --data-dir data --steps 70 --rounds 2
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,24 +34,26 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import PAD_ID
 from jobs.config import JobConfig
+from _provenance import provenance
 from jobs.tracking import RUN_NAME_TAG
 from transformer import build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import paper_adam
 
 
-def bare_loop(dataset: str, steps: int, max_tokens: int) -> float:
-    torch.set_num_threads(1)
+WINDOW = 10  # steps per log window, in both
+
+
+def bare_loop(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
+    torch.set_num_threads(threads)
     manifest = load_manifest(dataset)
     config = JobConfig().model.replace(vocab_size=manifest.vocab_size)
     torch.manual_seed(0)
     model = build_model(config)
     optimizer = paper_adam(model.parameters(), lr=1e-4)
     batches = ShardStream(manifest, "train", StreamConfig(max_tokens=max_tokens)).epoch_batches()
-    tokens, start = 0, 0.0
-    for step, batch in zip(range(steps), batches):
-        if step == 5:
-            tokens, start = 0, time.perf_counter()
+    rates, tokens, start = [], 0, time.perf_counter()
+    for step, batch in zip(range(1, steps + 1), batches):
         at = batch.target_positions()
         loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at, src_padded=batch.src_padded),
                                       batch.tgt_out.flatten()[at], 0.1, PAD_ID)
@@ -57,16 +62,21 @@ def bare_loop(dataset: str, steps: int, max_tokens: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         tokens += batch.target_tokens
-    return tokens / (time.perf_counter() - start)
+        if step % WINDOW == 0:
+            if step > WINDOW:
+                rates.append(tokens / (time.perf_counter() - start))
+            tokens, start = 0, time.perf_counter()
+    return statistics.median(rates)
 
 
-def stack_run(data_dir: str, workers: int, steps: int, max_tokens: int, scratch: Path) -> dict:
+def stack_run(data_dir: str, workers: int, threads: int, steps: int, max_tokens: int, scratch: Path) -> dict:
     name = f"bench-{workers}w"
     tracking = f"sqlite:///{scratch / 'mlflow.db'}"
     command = [
         sys.executable, "-m", "jobs.cli", "train", f"--name={name}", f"data.output_dir={data_dir}",
-        f"cluster.num_workers={workers}", "cluster.cpus_per_worker=1", "train.threads_per_worker=1",
-        f"train.max_steps={steps}", "train.max_minutes=0", "train.log_every=10", "train.validate_every=0",
+        f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={threads // workers}",
+        f"train.threads_per_worker={threads // workers}", f"train.max_steps={steps}", "train.max_minutes=0",
+        f"train.log_every={WINDOW}", "train.validate_every=0", "optim.decay_steps=0",
         f"train.checkpoint_every_steps={steps}", "train.average_checkpoints=1", "train.keep_checkpoints=1",
         f"stream.max_tokens={max_tokens}", f"cluster.storage_path={scratch / 'runs'}", f"tracking.uri={tracking}",
         "train.beam_size=1",
@@ -79,7 +89,7 @@ def stack_run(data_dir: str, workers: int, steps: int, max_tokens: int, scratch:
     history = sorted(client.get_metric_history(run.info.run_id, "train/tokens_per_s"), key=lambda m: m.step)
     first_step = min(history, key=lambda m: m.step)
     return {
-        "target_tokens_per_s": statistics.median(m.value for m in history if m.step > 10),
+        "target_tokens_per_s": statistics.median(m.value for m in history if m.step > WINDOW),
         "seconds_to_first_step": round(first_step.timestamp / 1000 - started, 1),
     }
 
@@ -90,21 +100,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=70)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of all three")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads in all (default: the cores)")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
     rounds: list[dict] = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as scratch:
-            bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens)
-            one = stack_run(data_dir, 1, args.steps, args.max_tokens, Path(scratch))
-            two = stack_run(data_dir, 2, args.steps, args.max_tokens, Path(scratch))
+            bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens, args.threads)
+            one = stack_run(data_dir, 1, args.threads, args.steps, args.max_tokens, Path(scratch))
+            two = stack_run(data_dir, 2, args.threads, args.steps, args.max_tokens, Path(scratch))
         rounds.append({"bare": round(bare), "stack_1": round(one["target_tokens_per_s"]),
                        "stack_2": round(two["target_tokens_per_s"]),
                        "first_step_s_1": one["seconds_to_first_step"], "first_step_s_2": two["seconds_to_first_step"]})
         print(f"round {index + 1}: {rounds[-1]}", file=sys.stderr)
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     print(json.dumps({
-        "bare_loop_1_thread_tokens_per_s": median["bare"],
+        "threads": args.threads, "provenance": provenance(),
+        "bare_loop_tokens_per_s": median["bare"],
         "stack_1_worker_tokens_per_s": median["stack_1"],
         "stack_2_workers_tokens_per_s": median["stack_2"],
         "ratio_stack_1_worker_vs_bare": round(median["stack_1"] / median["bare"], 3),
