@@ -11,7 +11,13 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
 budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam).
 
+On a GPU (`--device cuda`): ours in `--dtype` against CTranslate2 in each of `--ct2-types`.
+Without a trained export, `--random-preset base` gives random weights of that preset with the
+dataset's tokenizer: the fixed-length part only (BLEU needs a trained model).
+
     python bench/translation_speed.py --model runs/<run>/export --data data/multi30k-en-de
+    python bench/translation_speed.py --random-preset base --data data/multi30k-en-de --device cuda \
+        --dtype bfloat16 --ct2-types float16 bfloat16
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import corpus_scores, length_sorted_batches, read_eval_split, translate_ids
-from jobs.export import TOKENIZER, load_export
+from jobs.export import TOKENIZER, load_export, write_export
 from _provenance import provenance
+from transformer import build_model, preset
 from transformer.decoding import Decoding
 
 
@@ -71,10 +78,24 @@ def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int
     return seconds
 
 
+def random_export(preset_name: str, dataset: str, destination: Path) -> Path:
+    """An export of random weights of `preset_name`, with the dataset's tokenizer (speed only)."""
+    manifest = load_manifest(dataset)
+    torch.manual_seed(0)
+    model = build_model(preset(preset_name, vocab_size=manifest.vocab_size))
+    return write_export(model, Path(manifest.tokenizer_uri).read_bytes(), {"weights": "random"}, destination)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="an export directory (runs/<run>/export)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="an export directory (runs/<run>/export)")
+    source.add_argument("--random-preset", help="random weights of this preset instead (fixed length only)")
     parser.add_argument("--data", required=True, help="the prepared dataset it was trained on")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="ours")
+    parser.add_argument("--ct2-types", nargs="+", default=["float32", "int8"],
+                        help="CTranslate2 quantizations (float32, int8, float16, bfloat16, int8_float16)")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--length", type=int, default=24, help="tokens per sentence in the fixed-length part")
     parser.add_argument("--limit", type=int, default=0, help="first N test sentences (0: all)")
@@ -82,19 +103,21 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    export = Path(args.model)
-    model, config, _ = load_export(export)
     split = read_eval_split(load_manifest(args.data), "test", args.limit)
     sources, beam, length = split.src_ids, args.beam, args.length
-    tokenizer = load_tokenizer(str(export / TOKENIZER))
     result: dict = {"config": vars(args), "sentences": len(sources), "torch_threads": torch.get_num_threads(),
                     "provenance": provenance()}
 
     with tempfile.TemporaryDirectory(prefix="aiayn-bench-ct2-") as scratch:
+        export = Path(args.model) if args.model else random_export(args.random_preset, args.data, Path(scratch) / "export")
+        model, config, _ = load_export(export)
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
+        tokenizer = load_tokenizer(str(export / TOKENIZER))
         engines = {}
-        for quantization in ("float32", "int8"):
+        for quantization in args.ct2_types:
             convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
-            engines[quantization] = CTranslate2Translator(Path(f"{scratch}/{quantization}"), threads=args.threads)
+            engines[quantization] = CTranslate2Translator(Path(f"{scratch}/{quantization}"), device=args.device,
+                                                          threads=args.threads)
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
         fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
@@ -118,6 +141,9 @@ def main() -> None:
             **{f"ratio_ctranslate2_{n}_vs_ours": round(fixed_s / s, 3) for n, s in ct2_fixed.items()},
         }
 
+        if args.random_preset:  # random weights: no translations to score
+            print(json.dumps(result, indent=2))
+            return
         # 2. Normal decoding with BLEU.
         normal = {}
         normal_decoding = Decoding(beam_size=beam)
@@ -127,10 +153,11 @@ def main() -> None:
         # (dynamic: weights int8, activations quantized per batch). Left in float32: the attention's
         # fused input projection, sliced per use (a quantized Linear has no weight to slice), and
         # the output layer, whose weight the embeddings share.
-        layers = {name for name, module in model.named_modules()
-                  if isinstance(module, torch.nn.Linear) and (".ffn." in name or name.endswith("out_proj"))}
-        int8 = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
-        normal["ours_int8_dynamic"] = _timed(lambda: translate_ids(int8, sources, normal_decoding))
+        if args.device == "cpu":  # PyTorch's dynamic quantization is CPU-only
+            layers = {name for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and (".ffn." in name or name.endswith("out_proj"))}
+            int8 = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
+            normal["ours_int8_dynamic"] = _timed(lambda: translate_ids(int8, sources, normal_decoding))
         for name, engine in engines.items():
             normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, normal_decoding))
         result["normal"] = {
@@ -140,12 +167,13 @@ def main() -> None:
             for name, (seconds, out) in normal.items()
         }
         # Per generated token (EOS included, as in the fixed-length part): ours' normal rate against
-        # its fixed-length rate, and CTranslate2 float32's normal rate against ours.
+        # its fixed-length rate, and the first CTranslate2 type's normal rate against ours.
         generated = sum(len(h) + 1 for h in ours_out)
         result["normal_fixed_rate_ratio"] = round((generated / ours_s) / (tokens / ((fixed_s + ours_again_s) / 2)), 3)
-        ct2_generated = sum(len(h) + 1 for h in normal["ctranslate2_float32"][1])
-        result["ratio_ctranslate2_float32_vs_ours_per_generated_token"] = round(
-            (ct2_generated / normal["ctranslate2_float32"][0]) / (generated / ours_s), 3)
+        first = args.ct2_types[0]
+        ct2_seconds, ct2_out = normal[f"ctranslate2_{first}"]
+        result[f"ratio_ctranslate2_{first}_vs_ours_per_generated_token"] = round(
+            (sum(len(h) + 1 for h in ct2_out) / ct2_seconds) / (generated / ours_s), 3)
     print(json.dumps(result, indent=2))
 
 
