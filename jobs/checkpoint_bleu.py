@@ -27,8 +27,9 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     reach the console through the driver's relay, as rank 0's do."""
     from jobs.evaluation import open_translator, score_split
     from jobs.export import export_model
-    from jobs.progress import RankZeroReporter, validation_line
-    from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+    from jobs.progress import validation_line
+    from jobs.run_report import RankReport
+    from jobs.tracking import END_OF_RUN_WAIT_S
 
     config = build_section(JobConfig, job, "")
     os.environ.update(config.tracking.environment())
@@ -42,12 +43,11 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         translate, _ = open_translator(export, "torch", config.train.decoding)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
     metrics = score.scores.metrics("valid")
-    console = RankZeroReporter(relay)
-    console.line(f"{validation_line(step, metrics)}  (checkpoint {step}, scored in the background)")
-    logger = MetricLogger(tracking_uri, run_id, say=console.line)
-    logger.log(metrics, step)
-    if logger.close(timeout_s=END_OF_RUN_WAIT_S):  # the run goes on
-        console.line(f"[aiayn] valid/bleu {score.scores.bleu:.2f} of step {step} could not be sent to MLflow")
+    report = RankReport.to_run(relay, tracking_uri, run_id)
+    report.line(f"{validation_line(step, metrics)}  (checkpoint {step}, scored in the background)")
+    report.log(metrics, step)
+    if report.close(timeout_s=END_OF_RUN_WAIT_S):  # the run goes on
+        report.line(f"[aiayn] valid/bleu {score.scores.bleu:.2f} of step {step} could not be sent to MLflow")
     return metrics
 
 

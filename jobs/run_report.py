@@ -1,10 +1,12 @@
-"""What the driver tells a person and the run's MLflow record, in one place.
+"""What a run tells a person and its MLflow record, in one place: `RunReport` on the driver,
+`RankReport` in the workers.
 
 A person reads the console (stdout and the run's log file, `progress.Console`); the workers' lines
-reach it through the relay. MLflow gets, from the driver, a hang's stacks, the end of the run
-(metrics the workers could not send, the test scores, the artifacts, the model) and the time
-ledger. MLflow failing never fails a run: each failure becomes one console line that says what is
-not in MLflow and where it is instead.
+reach it through the relay. MLflow gets, from rank 0, the training metrics and tags (sent in the
+background, their backlog kept in each checkpoint) and, from the driver, a hang's stacks, the end
+of the run (metrics the workers could not send, the test scores, the artifacts, the model) and the
+time ledger. MLflow failing never fails a run: each failure becomes one console line that says
+what is not in MLflow and where it is instead.
 """
 
 from __future__ import annotations
@@ -20,10 +22,59 @@ from data_pipeline.manifest import Manifest
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, public_config
 from jobs.goodput import GoodputLedger
+from jobs.progress import RankZeroReporter
 from jobs.run_layout import RunLayout
+from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
 if TYPE_CHECKING:
     from jobs.train_driver import TrainOutcome
+
+
+class RankReport:
+    """A worker's report. Rank 0's sends lines to the driver's relay (the console and the run's log)
+    and metrics and tags to MLflow; every other rank's takes the same calls and does nothing, so
+    the loop reports without asking which rank it is."""
+
+    def __init__(self, lines: RankZeroReporter | None = None, metrics: MetricLogger | None = None):
+        self._lines, self._metrics = lines, metrics
+
+    @classmethod
+    def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None) -> RankReport:
+        """A report that is delivered, sending first what a checkpoint had not sent."""
+        lines = RankZeroReporter(relay)
+        metrics = MetricLogger(tracking_uri, run_id, say=lines.line)
+        metrics.restore_spool(pending_metrics or [])
+        return cls(lines, metrics)
+
+    @classmethod
+    def of_rank(cls, rank: int, relay, tracking_uri: str, run_id: str, pending_metrics: list) -> RankReport:
+        """Rank 0's report is delivered; every other rank's is silent."""
+        return cls.to_run(relay, tracking_uri, run_id, pending_metrics) if rank == 0 else cls()
+
+    @property
+    def active(self) -> bool:
+        """Whether anything reported is delivered (rank 0): for work done only to be reported."""
+        return self._metrics is not None
+
+    def line(self, text: str) -> None:
+        if self._lines is not None:
+            self._lines.line(text)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._metrics is not None:
+            self._metrics.log(metrics, step)
+
+    def set_tags(self, tags: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.set_tags(tags)
+
+    def unsent(self) -> list[dict]:
+        """The metrics not yet known to be in MLflow, for the checkpoint to keep."""
+        return self._metrics.spool() if self._metrics is not None else []
+
+    def close(self, timeout_s: float) -> int:
+        """Send what is queued for up to `timeout_s`; the number of values still unsent."""
+        return self._metrics.close(timeout_s=timeout_s) if self._metrics is not None else 0
 
 
 class RunReport:
@@ -51,8 +102,6 @@ class RunReport:
         """Send what the workers could not (an outage at the end), the artifacts and the model;
         returns the model's URI. MLflow being down now costs the artifacts of this run, not the
         run: the export is in storage already."""
-        from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
-
         logger = MetricLogger(self.tracking_uri, self.run_id)
         logger.restore_spool(pending_metrics)
         if logger.close(timeout_s=END_OF_RUN_WAIT_S):

@@ -37,9 +37,10 @@ from jobs.goodput import GoodputLedger
 from jobs.lease import check_holds
 from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
 from jobs.run_layout import RunLayout
+from jobs.run_report import RankReport
 from jobs.stragglers import StragglerWatch, skew
 from jobs.system_metrics import NodeSystemMetrics
-from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger, local_store_dir
+from jobs.tracking import END_OF_RUN_WAIT_S, local_store_dir
 from jobs.validation import valid_bleu, valid_loss
 from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
@@ -104,16 +105,13 @@ class Trainer:
             torch.manual_seed(self.job.train.seed * 1000 + self.rank + 1 + 7919 * self.state.step)
 
     def _start_tracking(self, tracking_uri: str, run_id: str, relay) -> None:
-        """Rank 0: the metric logger and the console. Each node's local rank 0: its system
-        metrics (with a store in files, SQLite, only rank 0's node can reach it)."""
+        """The report (rank 0's reaches the console and MLflow). Each node's local rank 0: its
+        system metrics (with a store in files, SQLite, only rank 0's node can reach it)."""
         import ray
 
         os.environ.update(self.job.tracking.environment())
-        self.logger = self.reporter = self.system_metrics = None
-        if self.rank == 0:
-            self.reporter = progress.RankZeroReporter(relay)
-            self.logger = MetricLogger(tracking_uri, run_id, say=self.reporter.line)
-            self.logger.restore_spool(self.state.pending_metrics)
+        self.report = RankReport.of_rank(self.rank, relay, tracking_uri, run_id, self.state.pending_metrics)
+        self.system_metrics = None
         every = self.job.tracking.system_metrics_every_s
         if self.local_rank == 0 and every and (self.rank == 0 or local_store_dir(tracking_uri) is None):
             self.system_metrics = NodeSystemMetrics(run_id, tracking_uri, ray.get_runtime_context().get_node_id(), every)
@@ -142,8 +140,7 @@ class Trainer:
         self.heartbeat.beat(self.state.step, CHECKPOINT)
         held_since = time.monotonic()
         check_finite_weights(self.engine, self.job.train.zero_stage, self.state.step)
-        if self.logger is not None:
-            self.state.pending_metrics = self.logger.spool()  # kept with the checkpoint
+        self.state.pending_metrics = self.report.unsent()  # kept with the checkpoint
         self.ledger.charge("checkpoint")  # the ledger saved covers the run up to saved_at exactly
         self.state.goodput, self.state.saved_at = self.ledger.to_dict(), time.time()
         with self.uploads.staging() as local:
@@ -160,8 +157,7 @@ class Trainer:
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
             self.uploads.report(ckpt.reported_metrics(metrics, self.state.step), local, self.state.step, wait, validate)
-        if self.logger is not None:
-            self.logger.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
+        self.report.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
 
     def _bleu_due(self, step: int) -> bool:
         return self.cadence.bleu(step) and self.manifest.has_split("valid") and not self.manifest.monolingual
@@ -172,10 +168,9 @@ class Trainer:
 
     def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
         """This rank's part of the checkpoint of `step` is in storage."""
-        if self.logger is not None:
-            self.logger.log({"checkpoint/upload_s": seconds}, step)
-            self.reporter.line(f"step {step}  checkpoint {ckpt.checkpoint_dir_name(step)} saved "
-                               f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")
+        self.report.log({"checkpoint/upload_s": seconds}, step)
+        self.report.line(f"step {step}  checkpoint {ckpt.checkpoint_dir_name(step)} saved "
+                         f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")
 
     # -- the loop --------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
@@ -190,23 +185,21 @@ class Trainer:
 
         where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
         nodes = self.nodes = all_gather(where)
-        if self.logger is None:
-            return
-        self.logger.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
+        self.report.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
                               "peak_flops_source": self.peak_source,
                               **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
         if self.start.resumed_from_step is not None:
-            self.logger.set_tags({"resumed_from_step": self.start.resumed_from_step})
+            self.report.set_tags({"resumed_from_step": self.start.resumed_from_step})
         if self.start.resized_from is not None:
             event = f"{self.start.resized_from} -> {self.world} workers ({self._resize_cause()})"
-            self.logger.set_tags({f"resize.step{self.state.step:08d}": event})
-            self.reporter.line(f"step {self.state.step}  resized: {event}")
+            self.report.set_tags({f"resize.step{self.state.step:08d}": event})
+            self.report.line(f"step {self.state.step}  resized: {event}")
         start = f"from step {self.start.resumed_from_step}" if self.start.resumed_from_step is not None else "from scratch"
         node_count = len(set(nodes))
-        self.reporter.line(f"training {start} on {self.world} worker{'s' if self.world > 1 else ''} (ZeRO-{self.job.train.zero_stage}, "
-                           f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
-                           f"{'es' if self.accumulation > 1 else ''} per step, peak {self.peak_flops / 1e12:.2f} "
-                           f"TFLOP/s per worker: {self.peak_source})")
+        self.report.line(f"training {start} on {self.world} worker{'s' if self.world > 1 else ''} (ZeRO-{self.job.train.zero_stage}, "
+                         f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
+                         f"{'es' if self.accumulation > 1 else ''} per step, peak {self.peak_flops / 1e12:.2f} "
+                         f"TFLOP/s per worker: {self.peak_source})")
 
     def _resize_cause(self) -> str:
         if not self.start.restarted_in_run:
@@ -288,9 +281,9 @@ class Trainer:
             ledger.charge("checkpoint")
         if self.system_metrics is not None:
             self.system_metrics.finish()
-        if self.logger is not None:  # what is still queued is in the last checkpoint's spool too
+        if self.report.active:  # what is still queued is in the last checkpoint's spool too
             self.heartbeat.beat(self.state.step, TRACKING)
-            self.logger.close(timeout_s=END_OF_RUN_WAIT_S)
+            self.report.close(timeout_s=END_OF_RUN_WAIT_S)
         self.heartbeat.close(self.state.step)
 
     def _preemption_notice(self) -> bool:
@@ -303,9 +296,8 @@ class Trainer:
         if info is None or self.preemption_seen:
             return False
         self.preemption_seen = True
-        if self.reporter is not None:
-            self.reporter.line(f"step {self.state.step}  preemption notice for ranks {info.preempted_ranks}: "
-                               "checkpointing now")
+        self.report.line(f"step {self.state.step}  preemption notice for ranks {info.preempted_ranks}: "
+                         "checkpointing now")
         return True
 
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
@@ -314,9 +306,9 @@ class Trainer:
         own = all_gather(window.own_seconds_per_step())
         metrics.update({f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own)})
         metrics["train/rank_skew"] = skew(own)
-        if self.reporter is not None:
+        if self.report.active:
             for line in self.stragglers.observe(own, self.nodes):
-                self.reporter.line(f"step {self.state.step}  {line}")
+                self.report.line(f"step {self.state.step}  {line}")
         metrics.update({"train/lr": float(self.scheduler.get_last_lr()[0]), "train/epoch": float(self.state.epoch),
                         "train/world_size": float(self.world),
                         "train/tokens_seen": float(self.state.tokens_seen),
@@ -328,18 +320,18 @@ class Trainer:
 
     def _publish(self, step: int, metrics: dict[str, float]) -> None:
         """Rank 0: metrics to MLflow, lines to the console."""
-        if self.logger is None:
+        if not self.report.active:
             return
         self.fence(f"the metrics of step {step}")
-        self.logger.log(metrics, step)
+        self.report.log(metrics, step)
         if "train/loss" in metrics:
             steps_left, seconds_left = self.cadence.steps_left(step), self.cadence.seconds_left(self.state.elapsed_seconds)
             by_steps = None if steps_left is None else steps_left * metrics["train/step_time_s"]
             eta = min((t for t in (by_steps, seconds_left) if t is not None), default=None)
-            self.reporter.line(progress.window_line(step, self.job.train.max_steps, metrics, eta))
+            self.report.line(progress.window_line(step, self.job.train.max_steps, metrics, eta))
         line = progress.validation_line(step, metrics)
         if line:
-            self.reporter.line(line)
+            self.report.line(line)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -1,15 +1,17 @@
-"""The driver's report: MLflow failing never fails a run, and the console says what is missing and
-where it is instead."""
+"""The run's reports: on the driver, MLflow failing never fails a run, and the console says what is
+missing and where it is instead; in the workers, only rank 0's report reaches anyone."""
 
 from __future__ import annotations
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from cluster.config import ClusterConfig
 from cluster.services import free_port
 from jobs.goodput import GoodputLedger
 from jobs.run_layout import RunLayout
-from jobs.run_report import RunReport
+from jobs.run_report import RankReport, RunReport
+from jobs.tracking import find_or_create_run
 
 
 @pytest.fixture
@@ -37,3 +39,25 @@ def test_the_ledger_not_sent_is_one_console_line_not_a_failed_run(tmp_path, unre
     RunReport(lines.append, unreachable_mlflow, "0" * 32, layout).ledger(ledger, step=5)
     assert len(lines) == 1 and lines[0].startswith("logging the end of the run to MLflow failed (")
     assert "\n" not in lines[0]
+
+
+def test_rank_zero_reports_to_the_console_and_mlflow_other_ranks_to_no_one(tmp_path, capsys) -> None:
+    """Rank 0's lines reach the console (printed without a relay) and its metrics, tags and the
+    backlog of the checkpoint it started from reach MLflow; rank 1's calls deliver nothing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = find_or_create_run(uri, "exp", "r1", {}, {})
+    carried = [{"key": "train/loss", "value": 5.0, "timestamp": 1, "step": 1}]
+    zero, one = (RankReport.of_rank(rank, None, uri, run_id, carried) for rank in (0, 1))
+    assert zero.active and not one.active
+    for report, rank in ((zero, 0), (one, 1)):
+        report.line(f"hello from rank {rank}")
+        report.log({"train/loss": 4.0 + rank}, step=2)
+        report.set_tags({"world_size": 2 + rank})
+    assert one.unsent() == []
+    zero.close(timeout_s=30)
+    one.close(timeout_s=30)
+    assert capsys.readouterr().out == "hello from rank 0\n"
+    client = MlflowClient(uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert history == [(1, 5.0), (2, 4.0)]
+    assert client.get_run(run_id).data.tags["world_size"] == "2"
