@@ -16,7 +16,6 @@ from torch import nn
 
 from transformer.attention import KVCache, MultiHeadAttention
 from transformer.config import ModelConfig
-from transformer.dropout import dropout
 
 
 class FeedForward(nn.Module):
@@ -31,7 +30,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.relu(self.linear1(x))
         if self.activation_dropout:
-            hidden = dropout(hidden, self.activation_dropout, self.training)
+            hidden = F.dropout(hidden, self.activation_dropout, self.training)
         return self.linear2(hidden)
 
 
@@ -67,8 +66,8 @@ class TransformerBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
         if self.pre_norm:
-            return x + dropout(sublayer(norm(x)), self.dropout, self.training)
-        return norm(x + dropout(sublayer(x), self.dropout, self.training))
+            return x + F.dropout(sublayer(norm(x)), self.dropout, self.training)
+        return norm(x + F.dropout(sublayer(x), self.dropout, self.training))
 
     def forward(
         self,

@@ -34,6 +34,7 @@ from tests.jobs.helpers import (
     steps,
     time_ledger,
     tiny_job,
+    when,
     when_checkpoint_exists,
     when_checkpoint_upload_begins,
 )
@@ -139,7 +140,7 @@ def test_a_flipped_byte_in_a_shard(ray_cluster, tiny_corpus, tmp_path, fault_row
 
 def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
     """The workers' staging disk (a 16 MiB tmpfs) fills up once the checkpoint of step 5 is
-    registered: the next save fails on every attempt, the run fails with the reason, the last
+    complete: the next save fails on every attempt, the run fails with the reason, the last
     checkpoint saved before stays intact, and a rerun once there is room continues from it."""
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -161,7 +162,9 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
                     pass
             at_fill.append(ckpt.latest_complete_checkpoint(run_dir))
 
-        watcher = when_checkpoint_exists(tmp_path / "runs" / "full", 5, fill)
+        # As soon as step 5's checkpoint is complete in storage (its registration by Ray Train lags
+        # by seconds, which a short run can outlast): the saves after it find the disk full.
+        watcher = when(lambda: ckpt.is_complete(run_dir / ckpt.checkpoint_dir_name(5)), fill)
         with pytest.raises(Exception, match=r"checkpoint part to .* failed with 0 MiB free on that disk"):
             train(job, log=_quiet)
         watcher.join(timeout=30)
