@@ -22,11 +22,11 @@ from data_pipeline.manifest import Manifest
 from jobs import checkpoint as ckpt
 from jobs.config import JobConfig, public_config
 from jobs.goodput import GoodputLedger
-from jobs.progress import RankZeroReporter
 from jobs.run_layout import RunLayout
-from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # MLflow is imported only once something is reported: config errors come first
+    from jobs.progress import RankZeroReporter
+    from jobs.tracking import MetricLogger
     from jobs.train_driver import TrainOutcome
 
 
@@ -41,6 +41,9 @@ class RankReport:
     @classmethod
     def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None) -> RankReport:
         """A report that is delivered, sending first what a checkpoint had not sent."""
+        from jobs.progress import RankZeroReporter
+        from jobs.tracking import MetricLogger
+
         lines = RankZeroReporter(relay)
         metrics = MetricLogger(tracking_uri, run_id, say=lines.line)
         metrics.restore_spool(pending_metrics or [])
@@ -102,6 +105,8 @@ class RunReport:
         """Send what the workers could not (an outage at the end), the artifacts and the model;
         returns the model's URI. MLflow being down now costs the artifacts of this run, not the
         run: the export is in storage already."""
+        from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+
         logger = MetricLogger(self.tracking_uri, self.run_id)
         logger.restore_spool(pending_metrics)
         if logger.close(timeout_s=END_OF_RUN_WAIT_S):
