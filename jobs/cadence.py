@@ -11,6 +11,7 @@ from jobs.config import TrainConfig
 @dataclass(frozen=True)
 class Cadence:
     train: TrainConfig
+    bleu_possible: bool = True  # the dataset has a translation valid split
 
     def clock(self, elapsed_s: float, since_save_s: float) -> list[float]:
         """[time up, checkpoint due by the clock] as floats, for rank 0 to broadcast in the step's
@@ -31,7 +32,15 @@ class Cadence:
         return bool(self.train.validate_every) and step % self.train.validate_every == 0 or stop
 
     def bleu(self, step: int) -> bool:
-        return bool(self.train.bleu_every) and step % self.train.bleu_every == 0
+        """Valid BLEU is computed at `step` (in the loop, or of the checkpoint saved there)."""
+        return self.bleu_possible and bool(self.train.bleu_every) and step % self.train.bleu_every == 0
+
+    def bleu_in_loop(self, step: int) -> bool:
+        return self.bleu(step) and not self.train.bleu_in_background
+
+    def bleu_of_checkpoint(self, step: int) -> bool:
+        """The checkpoint of `step` is scored by Ray Train's validation task, while training goes on."""
+        return self.bleu(step) and self.train.bleu_in_background
 
     def save(self, step: int, stop: bool, due_by_clock: bool) -> bool:
         every = self.train.checkpoint_every_steps
@@ -51,3 +60,9 @@ class Cadence:
 
     def seconds_left(self, elapsed_s: float) -> float | None:
         return max(self.train.max_minutes * 60 - elapsed_s, 0.0) if self.train.max_minutes else None
+
+    def eta_s(self, step: int, elapsed_s: float, step_time_s: float) -> float | None:
+        """Seconds to the end by whichever bound comes first (steps at this pace, or time); None if unbounded."""
+        steps_left, seconds_left = self.steps_left(step), self.seconds_left(elapsed_s)
+        by_steps = None if steps_left is None else steps_left * step_time_s
+        return min((t for t in (by_steps, seconds_left) if t is not None), default=None)

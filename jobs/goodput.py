@@ -74,6 +74,20 @@ class GoodputLedger:
         self.add("resources", waited)
         self.add(category, seconds - waited)
 
+    def add_restart(self, saved_step: int, saved_at: float, last_progress: tuple[int, float], began_at: float,
+                    waited_for_resources: float) -> None:
+        """A restart inside the run, from the checkpoint of `saved_step` (saved at `saved_at`): the
+        steps the previous attempt trained after it are trained again (their time `recomputed`),
+        and from its last step (`last_progress`: step, wall time) to this attempt's start
+        (`began_at`) the failure was detected and the workers restarted (`recovery`). A later
+        `aiayn train` charges neither: it may come days after the last one, and its own start-up
+        is counted from its start."""
+        step, at = last_progress
+        reached = at if step > saved_step and at > saved_at else saved_at
+        self.add("recomputed", reached - saved_at)
+        self.recomputed_steps += max(step - saved_step, 0)
+        self.add_start("recovery", began_at - reached, waited_for_resources)
+
     def charge(self, category: str) -> None:
         """The time since the previous charge (or since the ledger began) goes to `category`."""
         now = time.monotonic()

@@ -8,15 +8,19 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import PAD_ID
+from jobs.stragglers import skew
 from transformer.config import ModelConfig
 from transformer.flops import decoder_only_training_flops, encoder_decoder_training_flops
+
+if TYPE_CHECKING:
+    from jobs.checkpoint import JobState
 
 # Dense (no sparsity) peaks, FLOP/s: bf16/fp16 tensor cores, and fp32 without TF32.
 _GPU_PEAKS = {
@@ -133,3 +137,18 @@ class MetricsWindow:
         if peak_flops_per_rank:
             metrics["train/mfu"] = self.flops / seconds / (peak_flops_per_rank * world_size)
         return metrics
+
+
+def rank_time_metrics(own_seconds: list[float]) -> dict[str, float]:
+    """Each rank's own time per step (forward passes and data wait) and their skew: jobs.stragglers."""
+    return {**{f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own_seconds)},
+            "train/rank_skew": skew(own_seconds)}
+
+
+def run_metrics(state: JobState, world_size: int, lr: float, grad_norm: float | None) -> dict[str, float]:
+    """Where the run stands, logged with each window (no gradient norm where DeepSpeed has none)."""
+    metrics = {"train/lr": float(lr), "train/epoch": float(state.epoch), "train/world_size": float(world_size),
+               "train/tokens_seen": float(state.tokens_seen), "train/skipped_steps": float(state.skipped_steps)}
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return metrics

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Callable
 from data_pipeline import storage
 from data_pipeline.manifest import Manifest
 from jobs import checkpoint as ckpt
+from jobs import progress
 from jobs.config import JobConfig, public_config
 from jobs.goodput import GoodputLedger
 from jobs.run_layout import RunLayout
 
 if TYPE_CHECKING:  # MLflow is imported only once something is reported: config errors come first
-    from jobs.progress import RankZeroReporter
+    from jobs.cadence import Cadence
+    from jobs.checkpoint.start import Start
     from jobs.tracking import MetricLogger
     from jobs.train_driver import TrainOutcome
 
@@ -35,24 +37,27 @@ class RankReport:
     and metrics and tags to MLflow; every other rank's takes the same calls and does nothing, so
     the loop reports without asking which rank it is."""
 
-    def __init__(self, lines: RankZeroReporter | None = None, metrics: MetricLogger | None = None):
-        self._lines, self._metrics = lines, metrics
+    def __init__(self, lines: progress.RankZeroReporter | None = None, metrics: MetricLogger | None = None,
+                 fence: Callable[[str], None] | None = None):
+        """`fence(what)` raises once the run's lease is lost, checked before each window's metrics."""
+        self._lines, self._metrics, self._fence = lines, metrics, fence
 
     @classmethod
-    def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None) -> RankReport:
+    def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None,
+               fence: Callable[[str], None] | None = None) -> RankReport:
         """A report that is delivered, sending first what a checkpoint had not sent."""
-        from jobs.progress import RankZeroReporter
         from jobs.tracking import MetricLogger
 
-        lines = RankZeroReporter(relay)
+        lines = progress.RankZeroReporter(relay)
         metrics = MetricLogger(tracking_uri, run_id, say=lines.line)
         metrics.restore_spool(pending_metrics or [])
-        return cls(lines, metrics)
+        return cls(lines, metrics, fence)
 
     @classmethod
-    def of_rank(cls, rank: int, relay, tracking_uri: str, run_id: str, pending_metrics: list) -> RankReport:
+    def of_rank(cls, rank: int, relay, tracking_uri: str, run_id: str, pending_metrics: list,
+                fence: Callable[[str], None] | None = None) -> RankReport:
         """Rank 0's report is delivered; every other rank's is silent."""
-        return cls.to_run(relay, tracking_uri, run_id, pending_metrics) if rank == 0 else cls()
+        return cls.to_run(relay, tracking_uri, run_id, pending_metrics, fence) if rank == 0 else cls()
 
     @property
     def active(self) -> bool:
@@ -70,6 +75,38 @@ class RankReport:
     def set_tags(self, tags: dict) -> None:
         if self._metrics is not None:
             self._metrics.set_tags(tags)
+
+    def started(self, start: Start, world: int, zero_stage: int, nodes: list[str], accumulation: int,
+                peak: tuple[float, str]) -> None:
+        """What this attempt is: tags (each rank's node, world size, ZeRO stage, any resume or
+        resize) and the first console line. `peak`: (FLOP/s per worker, where it comes from)."""
+        peak_flops, peak_source = peak
+        self.set_tags({"world_size": world, "zero_stage": zero_stage, "peak_flops_source": peak_source,
+                       **{f"node.rank{rank}": node for rank, node in enumerate(nodes)}})
+        if start.resumed_from_step is not None:
+            self.set_tags({"resumed_from_step": start.resumed_from_step})
+        resize = start.resize(world)
+        if resize is not None:
+            self.set_tags({f"resize.step{start.state.step:08d}": resize})
+            self.line(f"step {start.state.step}  resized: {resize}")
+        begins = "from scratch" if start.resumed_from_step is None else f"from step {start.resumed_from_step}"
+        self.line(f"training {begins} on {_count(world, 'worker')} (ZeRO-{zero_stage}, {_count(len(set(nodes)), 'node')}, "
+                  f"{_count(accumulation, 'micro-batch', 'es')} per step, peak {peak_flops / 1e12:.2f} "
+                  f"TFLOP/s per worker: {peak_source})")
+
+    def publish(self, step: int, metrics: dict[str, float], cadence: Cadence, elapsed_s: float) -> None:
+        """A log window's or a validation's metrics to MLflow and their lines to the console."""
+        if not (self.active and metrics):
+            return
+        if self._fence is not None:
+            self._fence(f"the metrics of step {step}")
+        self.log(metrics, step)
+        if "train/loss" in metrics:
+            eta = cadence.eta_s(step, elapsed_s, metrics["train/step_time_s"])
+            self.line(progress.window_line(step, cadence.train.max_steps, metrics, eta))
+        line = progress.validation_line(step, metrics)
+        if line:
+            self.line(line)
 
     def unsent(self) -> list[dict]:
         """The metrics not yet known to be in MLflow, for the checkpoint to keep."""
@@ -163,6 +200,10 @@ class RunReport:
                                       for key, value in outcome.test.metrics("test").items()],
                              tags=[RunTag("bleu_signature", outcome.test.bleu_signature),
                                    RunTag("chrf_signature", outcome.test.chrf_signature)])
+
+
+def _count(number: int, noun: str, plural_ending: str = "s") -> str:
+    return f"{number} {noun}{plural_ending if number != 1 else ''}"
 
 
 def first_line(error: Exception) -> str:

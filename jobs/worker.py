@@ -2,8 +2,9 @@
 
 The loop asks small components what to do: `cadence` when to log, validate, save and stop;
 `metrics` the window's tokens/s and MFU; `engine` one exact optimizer step; `checkpoint` how to
-save and restore; `progress` what a person sees. It knows nothing of clusters, only Ray Train's
-session API (context, checkpoint, report).
+start, save and restore (`start.py`, `save.py`); `run_report` what a person and MLflow are told;
+`goodput` where the time went. It knows nothing of clusters, only Ray Train's session API
+(context, checkpoint, report).
 
 Ranks can have different numbers of batches in an epoch; a rank that ran out steps a zero-weight
 dummy batch until every rank has, then all start the next epoch together.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -26,19 +26,19 @@ from data_pipeline.batching import Batch
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
 from jobs import checkpoint as ckpt
-from jobs import progress
 from jobs.cadence import Cadence
-from jobs.checkpoint.start import Place, start_rank
+from jobs.checkpoint.save import Saver
+from jobs.checkpoint.start import Place, attempt_checkpoint, start_rank
 from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig, build_section
 from jobs.deepspeed_config import accumulation_steps
-from jobs.engine import DivergenceGuard, check_finite_weights, train_step
+from jobs.engine import DivergenceGuard, train_step
 from jobs.goodput import GoodputLedger
 from jobs.lease import check_holds
-from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops
+from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops, rank_time_metrics, run_metrics
 from jobs.run_layout import RunLayout
 from jobs.run_report import RankReport
-from jobs.stragglers import StragglerWatch, skew
+from jobs.stragglers import StragglerWatch
 from jobs.system_metrics import NodeSystemMetrics
 from jobs.tracking import END_OF_RUN_WAIT_S, local_store_dir
 from jobs.validation import valid_bleu, valid_loss
@@ -46,6 +46,9 @@ from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
 
 class Trainer:
+    """One rank's training: built or restored in `__init__`, trained in `run`; the run's state it
+    advances is what each checkpoint carries."""
+
     def __init__(self, loop_config: dict):
         import ray.train
 
@@ -61,42 +64,40 @@ class Trainer:
         torch.set_num_threads(self.job.train.threads_per_worker)
         self.manifest = load_manifest(loop_config["dataset_uri"])
         self.model_config = self.job.model  # completed from the dataset by the driver
-        self.cadence = Cadence(self.job.train)
+        self.cadence = Cadence(self.job.train, self.manifest.has_split("valid") and not self.manifest.monolingual)
         self.accumulation = accumulation_steps(self.job, self.world)
         self.guard = DivergenceGuard(self.job.train.max_consecutive_skips)
         self.preemption_seen = False
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         RunLayout.from_dict(loop_config["layout"]).use_staging()  # checkpoint parts and downloads
 
-        self.launch_id = loop_config["launch_id"]
-        registered = ray.train.get_checkpoint()  # a restart inside this run: Ray Train's latest
-        registered_path = registered.path if registered is not None else None
-        source = ckpt.attempt_source(ckpt.ResumePlan(**loop_config["resume_plan"]), registered_path)
-        restored = registered if source == registered_path else ray.train.Checkpoint(source)
+        restored, registered = attempt_checkpoint(ckpt.ResumePlan(**loop_config["resume_plan"]))
         place = Place(self.rank, self.world, self.local_rank)
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
             # downloaded to local scratch if remote
-            self.start = start_rank(self.job, self.manifest, place, self.launch_id, loop_config["run_id"],
+            self.start = start_rank(self.job, self.manifest, place, loop_config["launch_id"], loop_config["run_id"],
                                     Path(directory) if directory is not None else None)
         self.engine, self.scheduler, self.state, self.average = (self.start.engine, self.start.scheduler,
                                                                  self.start.state, self.start.average)
         if self.start.resumed_from_step is not None:
             self.ledger.carry(self.state.goodput)
         if self.start.restarted_in_run:
-            self._charge_restart(self.state)
+            self.ledger.add_restart(self.state.step, self.state.saved_at, self.heartbeat.last_progress(),
+                                    self.began_at, placement_wait_s())
         else:  # this driver's start-up: from its start to this worker's
             self.ledger.add_start("startup", self.began_at - loop_config["started_at"], placement_wait_s())
         self.stream = ShardStream(self.manifest, "train", self.job.stream, rank=self.rank, world_size=self.world,
                                   position=self.start.position, max_length=self.model_config.max_positions)
 
         self._start_tracking(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("relay"))
-        self.peak_flops, self.peak_source = device_peak_flops(self.device, self.job.train.precision)
+        self.peak = device_peak_flops(self.device, self.job.train.precision)
         self.forward_clock = ForwardClock(self.device)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
-        self.uploads = ckpt.Uploads(self.rank, self.job.train.async_checkpoint, self.fence, self._uploaded)
-        if restored is not None and source != registered_path:  # complete, but never registered
-            self.uploads.register(posixpath.basename(source.rstrip("/")), self.state.step,
-                                  validate=self._bleu_of_checkpoint(self.state.step))
+        self.saver = Saver(self.rank, self.job.train.zero_stage, self.job.train.async_checkpoint, self.engine,
+                           self.average, self.report, self.fence)
+        if not registered:  # complete, but never registered
+            self.saver.register(posixpath.basename(restored.path.rstrip("/")), self.state.step,
+                                validate=self.cadence.bleu_of_checkpoint(self.state.step))
         self.nodes: list[str] = []  # each rank's host/node, from _announce
         # The dropout stream of this rank, set last so that nothing above can draw from it.
         if self.start.rng is not None:
@@ -110,23 +111,11 @@ class Trainer:
         import ray
 
         os.environ.update(self.job.tracking.environment())
-        self.report = RankReport.of_rank(self.rank, relay, tracking_uri, run_id, self.state.pending_metrics)
+        self.report = RankReport.of_rank(self.rank, relay, tracking_uri, run_id, self.state.pending_metrics, self.fence)
         self.system_metrics = None
         every = self.job.tracking.system_metrics_every_s
         if self.local_rank == 0 and every and (self.rank == 0 or local_store_dir(tracking_uri) is None):
             self.system_metrics = NodeSystemMetrics(run_id, tracking_uri, ray.get_runtime_context().get_node_id(), every)
-
-    # -- restore ----------------------------------------------------------------------------------
-    def _charge_restart(self, saved: ckpt.JobState) -> None:
-        """The steps the previous attempt trained after this checkpoint are trained again (their
-        time is `recomputed`), and from its last step to this attempt's start the failure was
-        detected and the workers restarted (`recovery`). A later `aiayn train` charges neither: it
-        may come days after the last one, and its own start-up is counted from its start."""
-        step, at = self.heartbeat.last_progress()
-        reached = at if step > saved.step and at > saved.saved_at else saved.saved_at
-        self.ledger.add("recomputed", reached - saved.saved_at)
-        self.ledger.recomputed_steps += max(step - saved.step, 0)
-        self.ledger.add_start("recovery", self.began_at - reached, placement_wait_s())
 
     def fence(self, what: str) -> None:
         """Raises LeaseLost once another driver holds this run: its workers must not write."""
@@ -134,43 +123,12 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, metrics: dict[str, float], wait: bool, validate: bool = False) -> None:
-        """This rank's part of a checkpoint, staged locally, then uploaded while training goes on
-        (`wait`: before returning; `validate`: then scored by Ray Train's validation task). The
-        seconds training stood still go to MLflow."""
+        """The checkpoint of this step, with the run's state as of now (`Saver.save`)."""
         self.heartbeat.beat(self.state.step, CHECKPOINT)
-        held_since = time.monotonic()
-        check_finite_weights(self.engine, self.job.train.zero_stage, self.state.step)
         self.state.pending_metrics = self.report.unsent()  # kept with the checkpoint
         self.ledger.charge("checkpoint")  # the ledger saved covers the run up to saved_at exactly
         self.state.goodput, self.state.saved_at = self.ledger.to_dict(), time.time()
-        with self.uploads.staging() as local:
-            try:
-                ckpt.save_checkpoint(
-                    self.engine, local, self.rank, self.state if self.rank == 0 else None,
-                    ckpt.RankState(self.stream.position, torch.get_rng_state()), self.average,
-                )
-            except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
-                free = shutil.disk_usage(local).free
-                raise ckpt.CheckpointError(
-                    f"step {self.state.step}: writing this rank's checkpoint part to {local} failed with "
-                    f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
-                    "set cluster.staging_dir to a local disk with room for one checkpoint shard"
-                ) from error
-            self.uploads.report(ckpt.reported_metrics(metrics, self.state.step), local, self.state.step, wait, validate)
-        self.report.log({"checkpoint/stall_s": time.monotonic() - held_since}, self.state.step)
-
-    def _bleu_due(self, step: int) -> bool:
-        return self.cadence.bleu(step) and self.manifest.has_split("valid") and not self.manifest.monolingual
-
-    def _bleu_of_checkpoint(self, step: int) -> bool:
-        """Whether the checkpoint of `step` is scored by Ray Train's validation task."""
-        return self._bleu_due(step) and self.job.train.bleu_in_background
-
-    def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
-        """This rank's part of the checkpoint of `step` is in storage."""
-        self.report.log({"checkpoint/upload_s": seconds}, step)
-        self.report.line(f"step {step}  checkpoint {ckpt.checkpoint_dir_name(step)} saved "
-                         f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")
+        self.saver.save(self.state, ckpt.RankState(self.stream.position, torch.get_rng_state()), metrics, wait, validate)
 
     # -- the loop --------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Batch]:
@@ -179,32 +137,10 @@ class Trainer:
         return iter(())  # this rank finished the epoch before the checkpoint; others had not
 
     def _announce(self) -> None:
-        """Tags (node of each rank, world size, ZeRO stage, any resume or resize) and the first
-        console line."""
         import ray
 
-        where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
-        nodes = self.nodes = all_gather(where)
-        self.report.set_tags({"world_size": self.world, "zero_stage": self.job.train.zero_stage,
-                              "peak_flops_source": self.peak_source,
-                              **{f"node.rank{r}": n for r, n in enumerate(nodes)}})
-        if self.start.resumed_from_step is not None:
-            self.report.set_tags({"resumed_from_step": self.start.resumed_from_step})
-        if self.start.resized_from is not None:
-            event = f"{self.start.resized_from} -> {self.world} workers ({self._resize_cause()})"
-            self.report.set_tags({f"resize.step{self.state.step:08d}": event})
-            self.report.line(f"step {self.state.step}  resized: {event}")
-        start = f"from step {self.start.resumed_from_step}" if self.start.resumed_from_step is not None else "from scratch"
-        node_count = len(set(nodes))
-        self.report.line(f"training {start} on {self.world} worker{'s' if self.world > 1 else ''} (ZeRO-{self.job.train.zero_stage}, "
-                         f"{node_count} node{'s' if node_count > 1 else ''}, {self.accumulation} micro-batch"
-                         f"{'es' if self.accumulation > 1 else ''} per step, peak {self.peak_flops / 1e12:.2f} "
-                         f"TFLOP/s per worker: {self.peak_source})")
-
-    def _resize_cause(self) -> str:
-        if not self.start.restarted_in_run:
-            return "resumed with another cluster.num_workers"
-        return "capacity lost: a node left or failed" if self.world < self.start.resized_from else "capacity returned"
+        self.nodes = all_gather(f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}")
+        self.report.started(self.start, self.world, self.job.train.zero_stage, self.nodes, self.accumulation, self.peak)
 
     def run(self) -> None:
         cadence = self.cadence
@@ -259,9 +195,7 @@ class Trainer:
                 if not stop:  # the last step's are the driver's: the whole run's, with its end
                     metrics.update(ledger.metrics())
             ledger.charge("tracking")
-            bleu_due = self._bleu_due(step)
-            bleu_in_loop = bleu_due and not self.job.train.bleu_in_background
-            bleu_of_checkpoint = self._bleu_of_checkpoint(step)
+            bleu_in_loop = cadence.bleu_in_loop(step)
             if cadence.validate(step, stop) or bleu_in_loop:
                 self.heartbeat.beat(step, VALIDATE)
             if cadence.validate(step, stop):
@@ -271,12 +205,11 @@ class Trainer:
             if bleu_in_loop:
                 metrics.update(valid_bleu(self.engine, self.job, self.manifest, self.rank, self.world))
             ledger.charge("validation")
-            if metrics:
-                self._publish(step, metrics)
+            self.report.publish(step, metrics, cadence, self.state.elapsed_seconds)
             ledger.charge("tracking")
             # A checkpoint at each BLEU step: the score belongs to a checkpoint that retention can keep.
-            if cadence.save(step, stop, bool(save_due) or preemption_pending or bleu_due):
-                self.save(metrics, wait=stop or preemption_pending, validate=bleu_of_checkpoint)
+            if cadence.save(step, stop, bool(save_due) or preemption_pending or cadence.bleu(step)):
+                self.save(metrics, wait=stop or preemption_pending, validate=cadence.bleu_of_checkpoint(step))
                 last_save, preemption_pending = time.monotonic(), False
             ledger.charge("checkpoint")
         if self.system_metrics is not None:
@@ -302,36 +235,11 @@ class Trainer:
 
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
-        metrics = window.summary(all_sum, self.peak_flops, self.world)
         own = all_gather(window.own_seconds_per_step())
-        metrics.update({f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own)})
-        metrics["train/rank_skew"] = skew(own)
-        if self.report.active:
-            for line in self.stragglers.observe(own, self.nodes):
-                self.report.line(f"step {self.state.step}  {line}")
-        metrics.update({"train/lr": float(self.scheduler.get_last_lr()[0]), "train/epoch": float(self.state.epoch),
-                        "train/world_size": float(self.world),
-                        "train/tokens_seen": float(self.state.tokens_seen),
-                        "train/skipped_steps": float(self.state.skipped_steps)})
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
-        return metrics
-
-    def _publish(self, step: int, metrics: dict[str, float]) -> None:
-        """Rank 0: metrics to MLflow, lines to the console."""
-        if not self.report.active:
-            return
-        self.fence(f"the metrics of step {step}")
-        self.report.log(metrics, step)
-        if "train/loss" in metrics:
-            steps_left, seconds_left = self.cadence.steps_left(step), self.cadence.seconds_left(self.state.elapsed_seconds)
-            by_steps = None if steps_left is None else steps_left * metrics["train/step_time_s"]
-            eta = min((t for t in (by_steps, seconds_left) if t is not None), default=None)
-            self.report.line(progress.window_line(step, self.job.train.max_steps, metrics, eta))
-        line = progress.validation_line(step, metrics)
-        if line:
-            self.report.line(line)
+        for line in self.stragglers.observe(own, self.nodes):
+            self.report.line(f"step {self.state.step}  {line}")
+        return {**window.summary(all_sum, self.peak[0], self.world), **rank_time_metrics(own),
+                **run_metrics(self.state, self.world, self.scheduler.get_last_lr()[0], self.engine.get_global_grad_norm())}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

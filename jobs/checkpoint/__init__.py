@@ -9,6 +9,8 @@
 - start.py:  a rank's start from that plan: the engine built fresh or restored (through the
              universal format on a resize), the moving average, data position and RNG, and which
              kind of start it is (imported by the workers only: it builds DeepSpeed engines);
+- save.py:   a rank's save: weights checked finite, its part staged locally (a full disk said
+             in one line), handed to the upload (imported by the workers only);
 - upload.py: a rank's upload of its staged part while training goes on;
 - retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU), those
              it never registered, and which the export averages.

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from data_pipeline.manifest import Manifest
 from data_pipeline.stream import StreamPosition
 from jobs.checkpoint.files import JobState, load_engine_state, load_weight_average, read_job_state, universal_copy, verify
-from jobs.checkpoint.resume import rank_start, reshard_of
+from jobs.checkpoint.resume import ResumePlan, attempt_source, rank_start, reshard_of
 from jobs.collectives import all_gather
 from jobs.config import JobConfig, public_config
 from jobs.engine import build_engine
@@ -48,6 +48,29 @@ class Start:
     resumed_from_step: int | None = None  # None: a fresh start
     resized_from: int | None = None  # the saved world size, when it differs
     restarted_in_run: bool = False  # a failure or an elastic resize inside this driver's run
+
+    def resize(self, world: int) -> str | None:
+        """The resize this start is, and why, for a person; None when the world size is the saved one."""
+        if self.resized_from is None:
+            return None
+        if not self.restarted_in_run:
+            cause = "resumed with another cluster.num_workers"
+        else:
+            cause = "capacity lost: a node left or failed" if world < self.resized_from else "capacity returned"
+        return f"{self.resized_from} -> {world} workers ({cause})"
+
+
+def attempt_checkpoint(plan: ResumePlan) -> tuple[Any, bool]:
+    """(Ray Train's checkpoint this attempt starts from, or None; whether Ray Train has it
+    registered). A restart inside the run gets Ray Train's latest; else the driver's plan chose."""
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    registered_path = registered.path if registered is not None else None
+    source = attempt_source(plan, registered_path)
+    if source == registered_path:  # also neither: a fresh start
+        return registered, True
+    return ray.train.Checkpoint(source), False
 
 
 def start_rank(job: JobConfig, manifest: Manifest, place: Place, launch_id: str, run_id: str,

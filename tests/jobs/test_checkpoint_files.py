@@ -9,6 +9,9 @@ import torch
 
 from data_pipeline.stream import StreamPosition
 from jobs import checkpoint as ckpt
+from jobs.checkpoint.save import Saver
+from jobs.engine import NonFiniteTraining
+from jobs.run_report import RankReport
 
 
 class _RunsCodeWhenUnpickled:
@@ -58,3 +61,35 @@ def test_the_weights_moving_average_is_saved_with_its_updates_and_continues_from
     average.update([("w", torch.tensor([3.0, 4.0]))])  # the same second update as if never saved
     assert torch.equal(continued.weights["w"], average.weights["w"])
     assert ckpt.saved_weight_average(tmp_path) is None  # a checkpoint from before the run kept one
+
+
+class _SavingEngine:
+    """DeepSpeed's engine where a save touches it: its weights, and its own files (or a full disk)."""
+
+    def __init__(self, weight: float, disk_full: bool = False) -> None:
+        self.module, self.disk_full = torch.nn.Linear(1, 1), disk_full
+        torch.nn.init.constant_(self.module.weight, weight)
+
+    def save_checkpoint(self, directory, tag, save_latest) -> None:
+        if self.disk_full:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nmore")
+
+
+def _saver(engine: _SavingEngine) -> Saver:
+    report = RankReport()  # another rank's: reports nothing
+    return Saver(0, zero_stage=2, asynchronous=True, engine=engine, average=None, report=report, fence=lambda what: None)
+
+
+def test_a_save_refuses_non_finite_weights_and_names_the_setting_when_staging_is_full(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    state, rank_state = ckpt.JobState(step=7), ckpt.RankState(StreamPosition(), torch.get_rng_state())
+    with pytest.raises(NonFiniteTraining, match="step 7: the weights are not finite"):
+        _saver(_SavingEngine(float("nan"))).save(state, rank_state, {}, wait=False, validate=False)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was staged
+    saver = _saver(_SavingEngine(1.0, disk_full=True))
+    with pytest.raises(ckpt.CheckpointError, match=r"step 7: writing this rank's checkpoint part to .* failed with "
+                                                   r"\d+ MiB free .*set cluster.staging_dir to a local disk"):
+        saver.save(state, rank_state, {}, wait=False, validate=False)
+    assert list(tmp_path.iterdir()) == []  # the staging of the failed save is gone
+    with saver.uploads.staging() as local:  # and the next save is not left waiting for it
+        assert local.is_dir()

@@ -43,6 +43,18 @@ def test_cadence_clock_stops_and_saves_by_time() -> None:
     assert _cadence(max_minutes=0).clock(elapsed_s=10**6, since_save_s=0.0)[0] == 0.0  # no time bound
 
 
+def test_cadence_scores_bleu_in_the_loop_or_of_the_checkpoint_and_says_when_the_run_ends() -> None:
+    loop, background = _cadence(bleu_every=5, bleu_in_background=False), _cadence(bleu_every=5, bleu_in_background=True)
+    assert [s for s in range(1, 11) if loop.bleu_in_loop(s)] == [5, 10] and not any(map(loop.bleu_of_checkpoint, range(11)))
+    assert [s for s in range(1, 11) if background.bleu_of_checkpoint(s)] == [5, 10]
+    assert not any(map(background.bleu_in_loop, range(11)))
+    no_valid_split = Cadence(TrainConfig(bleu_every=5, max_minutes=0, max_epochs=1), bleu_possible=False)
+    assert not any(no_valid_split.bleu(s) or no_valid_split.bleu_of_checkpoint(s) for s in range(11))
+    assert _cadence(max_steps=100).eta_s(60, elapsed_s=50.0, step_time_s=0.5) == 20.0  # 40 steps left
+    assert _cadence(max_steps=100, max_minutes=1).eta_s(60, elapsed_s=50.0, step_time_s=0.5) == 10.0  # time first
+    assert _cadence(max_steps=0).eta_s(60, elapsed_s=50.0, step_time_s=0.5) is None
+
+
 def test_patience_counts_validations_without_improvement() -> None:
     cadence, state = _cadence(patience=2), JobState()
     assert [cadence.patience_exhausted(state, loss) for loss in (3.0, 2.5, 2.6, 2.4, 2.4, 2.5)] == \
@@ -109,6 +121,16 @@ def test_the_ledger_charges_each_second_once_and_carries_across_checkpoints() ->
     assert GoodputLedger.from_dict({}).total() == 0  # a checkpoint older than the ledger
     table = resumed.table()
     assert table.splitlines()[1].split()[0] == "start-up" and "waiting for resources" in table
+
+
+def test_a_restart_charges_the_lost_steps_and_the_recovery_once() -> None:
+    ledger = GoodputLedger()  # saved at t=100 after step 30; the lost attempt reached step 38 at t=140
+    ledger.add_restart(30, 100.0, (38, 140.0), began_at=200.0, waited_for_resources=15.0)
+    assert ledger.seconds["recomputed"] == 40.0 and ledger.recomputed_steps == 8
+    assert (ledger.seconds["recovery"], ledger.seconds["resources"]) == (45.0, 15.0)
+    unknown = GoodputLedger()  # the monitor had no progress after the checkpoint: nothing recomputed
+    unknown.add_restart(30, 100.0, (0, 0.0), began_at=130.0, waited_for_resources=0.0)
+    assert (unknown.seconds["recomputed"], unknown.recomputed_steps, unknown.seconds["recovery"]) == (0.0, 0, 30.0)
 
 
 def test_progress_lines_say_what_a_person_needs() -> None:

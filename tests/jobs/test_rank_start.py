@@ -11,7 +11,7 @@ import torch
 
 from data_pipeline.stream import StreamPosition
 from jobs import checkpoint as ckpt
-from jobs.checkpoint.start import Place, start_rank
+from jobs.checkpoint.start import Place, Start, start_rank
 from jobs.config import load_job_config
 
 MANIFEST = SimpleNamespace(tokenizer_sha256="tok", fingerprint="data-v2")
@@ -80,3 +80,14 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused_before_loading(tmp
     with pytest.raises(ckpt.CheckpointError, match="has changed since it was written"):
         start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", directory)
     assert engine.loaded_from is None
+
+
+def test_a_resize_says_which_kind_it_is() -> None:
+    def start(resized_from, restarted_in_run):
+        return Start(None, None, ckpt.JobState(), None, StreamPosition(), None, resumed_from_step=30,
+                     resized_from=resized_from, restarted_in_run=restarted_in_run)
+
+    assert start(None, True).resize(2) is None
+    assert start(4, True).resize(2) == "4 -> 2 workers (capacity lost: a node left or failed)"
+    assert start(2, True).resize(4) == "2 -> 4 workers (capacity returned)"
+    assert start(2, False).resize(1) == "2 -> 1 workers (resumed with another cluster.num_workers)"

@@ -8,7 +8,13 @@ from mlflow.tracking import MlflowClient
 
 from cluster.config import ClusterConfig
 from cluster.services import free_port
+from data_pipeline.stream import StreamPosition
+from jobs.cadence import Cadence
+from jobs.checkpoint import JobState
+from jobs.checkpoint.start import Start
+from jobs.config import TrainConfig
 from jobs.goodput import GoodputLedger
+from jobs.lease import LeaseLost
 from jobs.run_layout import RunLayout
 from jobs.run_report import RankReport, RunReport
 from jobs.tracking import find_or_create_run
@@ -61,3 +67,43 @@ def test_rank_zero_reports_to_the_console_and_mlflow_other_ranks_to_no_one(tmp_p
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
     assert history == [(1, 5.0), (2, 4.0)]
     assert client.get_run(run_id).data.tags["world_size"] == "2"
+
+
+def test_rank_zero_announces_a_resized_restart_and_publishes_only_while_it_holds_the_lease(tmp_path, capsys) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = find_or_create_run(uri, "exp", "r1", {}, {})
+    fenced: list[str] = []
+    lease_held = True
+
+    def fence(what: str) -> None:
+        fenced.append(what)
+        if not lease_held:
+            raise LeaseLost(f"{what}: another driver holds this run")
+
+    zero, one = (RankReport.of_rank(rank, None, uri, run_id, [], fence) for rank in (0, 1))
+    start = Start(None, None, JobState(step=40), None, StreamPosition(), None, resumed_from_step=40, resized_from=4,
+                  restarted_in_run=True)
+    for report in (zero, one):
+        report.started(start, world=2, zero_stage=2, nodes=["a/1", "b/2"], accumulation=2, peak=(1.5e12, "measured"))
+    cadence = Cadence(TrainConfig(max_steps=100, max_minutes=0))
+    window = {"train/loss": 3.5, "train/ppl": 30.0, "train/lr": 1e-3, "train/tokens_per_s": 900.0,
+              "train/step_time_s": 0.5, "train/data_wait_s": 0.002}
+    for report in (zero, one):
+        report.publish(50, window, cadence, elapsed_s=25.0)
+        report.publish(51, {}, cadence, elapsed_s=26.0)  # nothing to publish: no lease check either
+    assert fenced == ["the metrics of step 50"]
+    lease_held = False
+    with pytest.raises(LeaseLost):
+        zero.publish(60, {**window, "valid/loss": 3.0, "valid/ppl": 20.0}, cadence, elapsed_s=30.0)
+    one.publish(60, window, cadence, elapsed_s=30.0)  # other ranks neither write nor check
+    zero.close(timeout_s=30)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["step 40  resized: 4 -> 2 workers (capacity lost: a node left or failed)",
+                         "training from step 40 on 2 workers (ZeRO-2, 2 nodes, 2 micro-batches per step, peak 1.50 "
+                         "TFLOP/s per worker: measured)"]
+    assert lines[2].startswith("step 50/100  loss 3.500") and lines[2].endswith("ETA 0m25s") and len(lines) == 3
+    client = MlflowClient(uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags["resize.step00000040"] == "4 -> 2 workers (capacity lost: a node left or failed)"
+    assert (tags["resumed_from_step"], tags["node.rank1"], tags["world_size"]) == ("40", "b/2", "2")
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(50, 3.5)]

@@ -1,0 +1,59 @@
+"""A rank's save: the weights checked finite, its part written to local staging (a full disk said
+in one line that names the setting to change), then handed to `Uploads`, which copies it to the
+run's storage while training goes on; the stall and each upload reported.
+
+The loop decides when to save (`jobs.cadence`) and fills in the run's state; this module owns how.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from jobs.checkpoint.files import CheckpointError, JobState, RankState, checkpoint_dir_name, save_checkpoint
+from jobs.checkpoint.retention import reported_metrics
+from jobs.checkpoint.upload import Uploads
+from jobs.engine import check_finite_weights
+from transformer.ema import WeightAverage
+
+if TYPE_CHECKING:
+    from jobs.run_report import RankReport
+
+
+class Saver:
+    def __init__(self, rank: int, zero_stage: int, asynchronous: bool, engine: Any, average: WeightAverage | None,
+                 report: RankReport, fence: Callable[[str], None]) -> None:
+        """`fence(what)` raises once this run's lease is lost (checked before each upload)."""
+        self.rank, self.zero_stage, self.engine, self.average, self.report = rank, zero_stage, engine, average, report
+        self.uploads = Uploads(rank, asynchronous, fence, self._uploaded)
+
+    def save(self, state: JobState, rank_state: RankState, metrics: dict[str, float], wait: bool,
+             validate: bool) -> None:
+        """The checkpoint of `state.step` (`wait`: in storage before returning; `validate`: then
+        scored by Ray Train's validation task). The seconds training stood still go to MLflow."""
+        held_since = time.monotonic()
+        check_finite_weights(self.engine, self.zero_stage, state.step)
+        with self.uploads.staging() as local:
+            try:
+                save_checkpoint(self.engine, local, self.rank, state if self.rank == 0 else None, rank_state,
+                                self.average)
+            except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
+                free = shutil.disk_usage(local).free
+                raise CheckpointError(
+                    f"step {state.step}: writing this rank's checkpoint part to {local} failed with "
+                    f"{free / 2**20:.0f} MiB free on that disk ({str(error).splitlines()[0][:120]}); "
+                    "set cluster.staging_dir to a local disk with room for one checkpoint shard"
+                ) from error
+            self.uploads.report(reported_metrics(metrics, state.step), local, state.step, wait, validate)
+        self.report.log({"checkpoint/stall_s": time.monotonic() - held_since}, state.step)
+
+    def register(self, name: str, step: int, validate: bool) -> None:
+        """A complete checkpoint Ray Train never registered, which this attempt resumed from."""
+        self.uploads.register(name, step, validate)
+
+    def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
+        """This rank's part of the checkpoint of `step` is in storage."""
+        self.report.log({"checkpoint/upload_s": seconds}, step)
+        self.report.line(f"step {step}  checkpoint {checkpoint_dir_name(step)} saved "
+                         f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")
