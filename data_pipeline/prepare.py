@@ -17,13 +17,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,11 +159,23 @@ def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: byte
         _encode_with_ray_data(plan.config, raw_uri, (model_proto, *encoder), out_uri)
         return
     with storage.open_random_access(raw_uri) as handle:
-        encoded = _Encoder(model_proto, *encoder)(pq.read_table(handle))
+        _write_shards([_Encoder(model_proto, *encoder)(pq.read_table(handle))], out_uri, plan.config.shard_rows)
+
+
+def _write_shards(tables: Iterable[pa.Table], out_uri: str, shard_rows: int) -> None:
+    """Write the tables' rows, in the order given, as `part-00000.parquet`, ... of exactly
+    `shard_rows` rows each (the last may be shorter): the same input always gives the same shards,
+    however the encoding was split up."""
     fs, path = storage.filesystem(out_uri)
     fs.create_dir(path, recursive=True)
-    for number, start in enumerate(range(0, encoded.num_rows, plan.config.shard_rows)):
-        pq.write_table(encoded.slice(start, plan.config.shard_rows), f"{path}/part-{number:05d}.parquet", filesystem=fs)
+    pending, number = pa.table({}), 0
+    for table in tables:
+        pending = pa.concat_tables([pending, table]) if pending.num_columns else table
+        while pending.num_rows >= shard_rows:
+            pq.write_table(pending.slice(0, shard_rows), f"{path}/part-{number:05d}.parquet", filesystem=fs)
+            pending, number = pending.slice(shard_rows), number + 1
+    if pending.num_rows:
+        pq.write_table(pending, f"{path}/part-{number:05d}.parquet", filesystem=fs)
 
 
 def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tuple, out_uri: str) -> None:
@@ -175,8 +187,8 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
     # Ray's logs (ray-data.log in the session directory).
     context.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing, read and write
-    # tasks need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
+    # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing and read tasks
+    # need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
     io_cpus = 0.1
     spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
     actor_cpus = max(0.05, min(1.0, spare / config.encode_actors))
@@ -188,24 +200,10 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
         batch_format="pyarrow", batch_size=config.encode_batch_rows, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
     )
-    fs, path = storage.filesystem(out_uri)
-    encoded.write_parquet(
-        path, filesystem=fs, min_rows_per_file=config.shard_rows, max_rows_per_file=config.shard_rows,
-        ray_remote_args={"num_cpus": io_cpus},
-    )
-    _rename_shards(out_uri)
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _rename_shards(split_uri: str) -> None:
-    """Ray Data names files by uuid, task and block; give them stable names in write order."""
-    fs, _ = storage.filesystem(split_uri)
-    for number, shard in enumerate(sorted(storage.list_files(split_uri, ".parquet"), key=_natural_key)):
-        _, source = storage.filesystem(shard)
-        fs.move(source, f"{source.rsplit('/', 1)[0]}/part-{number:05d}.parquet")
+    # This process writes the shards, in the pipeline's order: Ray Data keeps the order of blocks
+    # through map_batches (preserve_order) but its write_parquet may put a write task's blocks in a
+    # file out of order (seen in 1 of 4 runs, Ray 2.60), and makes `min_rows_per_file` only a hint.
+    _write_shards(encoded.iter_batches(batch_format="pyarrow", batch_size=None), out_uri, config.shard_rows)
 
 
 def run_prepare(plan: PreparePlan) -> dict:
