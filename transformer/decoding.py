@@ -70,12 +70,12 @@ class _Stepper:
         self.model, self.memory, self.src_mask = model, memory, src_mask
         self.caches: list[LayerCache] | None = model.new_caches(capacity) if use_cache else None
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (rows, t) -> (rows, V)
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (rows, t) -> float32 logits (rows, V)
         step = prefix.shape[1] - 1
         if self.caches is not None:
             return self.model.decode_step(prefix[:, -1:], self.memory, self.src_mask, self.caches, step)
         hidden = self.model.decode(prefix, self.memory, self.src_mask)
-        return torch.log_softmax(self.model.output(hidden[:, -1]).float(), dim=-1)
+        return self.model.output(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """Keep hypothesis `rows`; `sentences`: the sentences still searched, when some are done."""
@@ -87,18 +87,26 @@ class _Stepper:
             cache.reorder(rows, sentences)
 
 
-def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, min_len: int, pad_id: int,
-              eos_id: int) -> torch.Tensor:
-    """Never emit padding, nor EOS before `min_len` tokens (EOS included); only EOS where a
-    sentence reaches its maximum length. In place, without a host sync."""
-    log_probs[:, pad_id] = float("-inf")
+def _best_tokens(logits: torch.Tensor, count: int, step: int, max_lengths: torch.Tensor, min_len: int,
+                 pad_id: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` most probable next tokens of each row (rows, V) and their log-probabilities,
+    (rows, count) each, best first: never padding, nor EOS before `min_len` tokens (EOS included);
+    only EOS where a row reaches its maximum length (the other places -inf).
+
+    Log-probabilities only of the tokens kept (logits minus one logsumexp per row): no
+    log-softmax of the whole vocabulary, no vocabulary-wide mask, and beam search ranks K x count
+    candidates per sentence instead of K x V, the same best 2K since each is in its row's best 2K.
+    Overwrites `logits`; no host sync."""
+    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1), of every token
+    logits[:, pad_id] = float("-inf")
     if step + 1 < min_len:
-        log_probs[:, eos_id] = float("-inf")
-    at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1): broadcast, no (rows, V) mask
-    eos = log_probs[:, eos_id : eos_id + 1].clone()
-    log_probs.masked_fill_(at_limit, float("-inf"))
-    log_probs[:, eos_id : eos_id + 1] = torch.where(at_limit, eos, log_probs[:, eos_id : eos_id + 1])
-    return log_probs
+        logits[:, eos_id] = float("-inf")
+    top_logits, tokens = logits.topk(count, dim=-1)
+    log_probs = top_logits - normaliser
+    at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1)
+    only_eos = torch.full_like(log_probs, float("-inf"))
+    only_eos[:, :1] = logits[:, eos_id : eos_id + 1] - normaliser
+    return torch.where(at_limit, only_eos, log_probs), tokens.masked_fill(at_limit, eos_id)
 
 
 @torch.no_grad()
@@ -117,10 +125,10 @@ def greedy_search(
     log_prob = torch.zeros(batch, dtype=torch.float64, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(limit):
-        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, min_len, config.pad_id, config.eos_id)
-        best = log_probs.argmax(-1)
-        log_prob += log_probs.gather(1, best[:, None]).squeeze(1).double().masked_fill(finished, 0.0)
-        best = best.masked_fill(finished, config.pad_id)
+        best_log_prob, best = _best_tokens(stepper(tokens[:, : step + 1]), 1, step, max_lengths, min_len,
+                                           config.pad_id, config.eos_id)
+        log_prob += best_log_prob.squeeze(1).double().masked_fill(finished, 0.0)
+        best = best.squeeze(1).masked_fill(finished, config.pad_id)
         tokens[:, step + 1] = best
         finished |= best == config.eos_id
         if (step + 1) % every == 0 and bool(finished.all()):
@@ -207,12 +215,13 @@ def beam_search(
     every = _check_every(device)
     for step in range(limit):
         n = scores.shape[0]
-        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, min_len, config.pad_id,
-                              config.eos_id)
-        vocab = log_probs.shape[1]
-        candidates = scores[:, :, None] + log_probs.view(n, k, vocab)  # (n, K, V), fp32 as fairseq
-        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
-        top_beam, top_token = top_index // vocab, top_index % vocab
+        logits = stepper(prefix[:, : step + 1])
+        per_beam = min(2 * k, logits.shape[1])
+        log_probs, tokens = _best_tokens(logits, per_beam, step, beam_max_lengths, min_len, config.pad_id,
+                                         config.eos_id)  # (n*K, 2K)
+        candidates = scores[:, :, None] + log_probs.view(n, k, per_beam)  # (n, K, 2K), fp32 as fairseq
+        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * per_beam), dim=1)  # (n, 2K)
+        top_beam, top_token = top_index // per_beam, tokens.view(n, -1).gather(1, top_index)
         is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)
         source_rows = (torch.arange(n, device=device)[:, None] * k + top_beam[:, :k]).view(-1)
         finished.add(is_eos[:, :k], top_scores[:, :k], length_penalty(step + 1, alpha),

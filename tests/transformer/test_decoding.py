@@ -8,10 +8,11 @@ from tests.agreement import (
     beam_disagreements,
     gnmt,
     greedy_disagreements,
+    sequence_log_prob,
     teacher_forced,
 )
 from transformer import build_model, preset
-from transformer.decoding import Decoding, beam_search, greedy_search
+from transformer.decoding import Decoding, beam_search, greedy_search, length_penalty
 
 VOCAB = 40
 
@@ -89,6 +90,19 @@ def test_batched_search_equals_one_sentence_at_a_time() -> None:
         alone = [search(model, torch.tensor([row]), Decoding(max_len_b=8))[0] for row in _sentences(model, src)]
         _same_search(model, src, batched, alone, beam=search is beam_search)
         assert len({len(h.tokens) for h in batched}) > 1  # some stopped early, some did not
+
+
+def test_hypothesis_scores_are_the_models_log_probabilities() -> None:
+    """A hypothesis' log-probability is what the whole model gives its tokens and EOS (one
+    sentence, no cache, a full log-softmax), and its score that over GNMT's length penalty."""
+    model, src = _setup(2, eos_boost=5)
+    reference = teacher_forced(model)
+    for search in (greedy_search, beam_search):
+        for hyp, source in zip(search(model, src, Decoding(max_len_b=10)), _sentences(model, src)):
+            expected = sequence_log_prob(reference, source, hyp.tokens)
+            assert abs(hyp.log_prob - expected) < CLOSE
+            penalty = length_penalty(len(hyp.tokens) + 1, 0.6) if search is beam_search else 1.0
+            assert abs(hyp.score - expected / penalty) < CLOSE
 
 
 class _ScriptedStepper:
