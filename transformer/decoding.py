@@ -6,7 +6,7 @@ terminating early when possible. Each sentence stops at its own EOS (or its own 
 
 Made for accelerators: the search state (scores, finished hypotheses and their tokens) lives on
 the device, so a step never waits for the host; the host looks only every few steps
-(`_check_every`) whether sentences are done, and then drops them from the batch. The encoder's
+(`_check_every`) whether sentences are done, and drops them from the batch once enough are. The encoder's
 keys/values are computed once per sentence and shared by its beams (never copied or reordered);
 the decoder's self-attention cache is preallocated.
 """
@@ -53,6 +53,12 @@ def _max_lengths(src: torch.Tensor, config, max_len_a: float, max_len_b: int) ->
     """Per-sentence output limit (EOS included), never beyond the model's positions."""
     lengths = (src != config.pad_id).sum(1).float() * max_len_a + max_len_b
     return lengths.long().clamp(min=1, max=config.max_positions)  # (B,)
+
+
+# Finished sentences leave the batch once they are at least 1/_DROP_FRACTION of it: each drop
+# copies every layer's caches, and dropping each sentence as it finished cost about 8% of normal
+# decoding's time on a CPU (test2016, beam 4), more than stepping a few done sentences along.
+_DROP_FRACTION = 4
 
 
 def _check_every(device: torch.device) -> int:
@@ -196,7 +202,8 @@ def beam_search(
 
     Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
-    done when it has K finalised hypotheses, and is dropped from the batch at the next look.
+    done when it has K finalised hypotheses; done sentences are dropped from the batch at a look
+    where they are a quarter of it (`_DROP_FRACTION`), or all of it.
     """
     config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
     batch, k, device = src.shape[0], decoding.beam_size, src.device
@@ -239,7 +246,7 @@ def beam_search(
         done = finished.count >= k
         if step + 1 == limit:
             done = torch.ones_like(done)
-        if not bool(done.any()):
+        if int(done.sum()) < max(1, n // _DROP_FRACTION):
             continue
         gone = done.nonzero().squeeze(1)
         for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):
