@@ -6,7 +6,7 @@ terminating early when possible. Each sentence stops at its own EOS (or its own 
 
 Made for accelerators: the search state (scores, finished hypotheses and their tokens) lives on
 the device, so a step never waits for the host; the host looks only every few steps
-(`_check_every`) whether sentences are done, and drops them from the batch once enough are. The encoder's
+(`_check_every`) whether sentences are done, and then drops them from the batch. The encoder's
 keys/values are computed once per sentence and shared by its beams (never copied or reordered);
 the decoder's self-attention cache is preallocated.
 """
@@ -55,12 +55,6 @@ def _max_lengths(src: torch.Tensor, config, max_len_a: float, max_len_b: int) ->
     return lengths.long().clamp(min=1, max=config.max_positions)  # (B,)
 
 
-# Finished sentences leave the batch once they are at least 1/_DROP_FRACTION of it: each drop
-# copies every layer's caches, and dropping each sentence as it finished cost about 8% of normal
-# decoding's time on a CPU (test2016, beam 4), more than stepping a few done sentences along.
-_DROP_FRACTION = 4
-
-
 def _check_every(device: torch.device) -> int:
     """Steps between the host's looks at which sentences are done: every step on a CPU, where a
     look costs nothing; every 8 on an accelerator, where each look drains its queue of kernels."""
@@ -76,12 +70,12 @@ class _Stepper:
         self.model, self.memory, self.src_mask = model, memory, src_mask
         self.caches: list[LayerCache] | None = model.new_caches(capacity) if use_cache else None
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (rows, t) -> float32 logits (rows, V)
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:  # prefix (rows, t) -> (rows, V)
         step = prefix.shape[1] - 1
         if self.caches is not None:
             return self.model.decode_step(prefix[:, -1:], self.memory, self.src_mask, self.caches, step)
         hidden = self.model.decode(prefix, self.memory, self.src_mask)
-        return self.model.output(hidden[:, -1]).float()
+        return torch.log_softmax(self.model.output(hidden[:, -1]).float(), dim=-1)
 
     def reorder(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """Keep hypothesis `rows`; `sentences`: the sentences still searched, when some are done."""
@@ -93,26 +87,18 @@ class _Stepper:
             cache.reorder(rows, sentences)
 
 
-def _best_tokens(logits: torch.Tensor, count: int, step: int, max_lengths: torch.Tensor, min_len: int,
-                 pad_id: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `count` most probable next tokens of each row (rows, V) and their log-probabilities,
-    (rows, count) each, best first: never padding, nor EOS before `min_len` tokens (EOS included);
-    only EOS where a row reaches its maximum length (the other places -inf).
-
-    Log-probabilities only of the tokens kept (logits minus one logsumexp per row): no
-    log-softmax of the whole vocabulary, no vocabulary-wide mask, and beam search ranks K x count
-    candidates per sentence instead of K x V, the same best 2K since each is in its row's best 2K.
-    Overwrites `logits`; no host sync."""
-    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1), of every token
-    logits[:, pad_id] = float("-inf")
+def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, min_len: int, pad_id: int,
+              eos_id: int) -> torch.Tensor:
+    """Never emit padding, nor EOS before `min_len` tokens (EOS included); only EOS where a
+    sentence reaches its maximum length. In place, without a host sync."""
+    log_probs[:, pad_id] = float("-inf")
     if step + 1 < min_len:
-        logits[:, eos_id] = float("-inf")
-    top_logits, tokens = logits.topk(count, dim=-1)
-    log_probs = top_logits - normaliser
-    at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1)
-    only_eos = torch.full_like(log_probs, float("-inf"))
-    only_eos[:, :1] = logits[:, eos_id : eos_id + 1] - normaliser
-    return torch.where(at_limit, only_eos, log_probs), tokens.masked_fill(at_limit, eos_id)
+        log_probs[:, eos_id] = float("-inf")
+    at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1): broadcast, no (rows, V) mask
+    eos = log_probs[:, eos_id : eos_id + 1].clone()
+    log_probs.masked_fill_(at_limit, float("-inf"))
+    log_probs[:, eos_id : eos_id + 1] = torch.where(at_limit, eos, log_probs[:, eos_id : eos_id + 1])
+    return log_probs
 
 
 @torch.no_grad()
@@ -131,10 +117,10 @@ def greedy_search(
     log_prob = torch.zeros(batch, dtype=torch.float64, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(limit):
-        best_log_prob, best = _best_tokens(stepper(tokens[:, : step + 1]), 1, step, max_lengths, min_len,
-                                           config.pad_id, config.eos_id)
-        log_prob += best_log_prob.squeeze(1).double().masked_fill(finished, 0.0)
-        best = best.squeeze(1).masked_fill(finished, config.pad_id)
+        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, min_len, config.pad_id, config.eos_id)
+        best = log_probs.argmax(-1)
+        log_prob += log_probs.gather(1, best[:, None]).squeeze(1).double().masked_fill(finished, 0.0)
+        best = best.masked_fill(finished, config.pad_id)
         tokens[:, step + 1] = best
         finished |= best == config.eos_id
         if (step + 1) % every == 0 and bool(finished.all()):
@@ -202,8 +188,7 @@ def beam_search(
 
     Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
-    done when it has K finalised hypotheses; done sentences are dropped from the batch at a look
-    where they are a quarter of it (`_DROP_FRACTION`), or all of it.
+    done when it has K finalised hypotheses, and is dropped from the batch at the next look.
     """
     config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
     batch, k, device = src.shape[0], decoding.beam_size, src.device
@@ -222,13 +207,12 @@ def beam_search(
     every = _check_every(device)
     for step in range(limit):
         n = scores.shape[0]
-        logits = stepper(prefix[:, : step + 1])
-        per_beam = min(2 * k, logits.shape[1])
-        log_probs, tokens = _best_tokens(logits, per_beam, step, beam_max_lengths, min_len, config.pad_id,
-                                         config.eos_id)  # (n*K, 2K)
-        candidates = scores[:, :, None] + log_probs.view(n, k, per_beam)  # (n, K, 2K), fp32 as fairseq
-        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * per_beam), dim=1)  # (n, 2K)
-        top_beam, top_token = top_index // per_beam, tokens.view(n, -1).gather(1, top_index)
+        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, min_len, config.pad_id,
+                              config.eos_id)
+        vocab = log_probs.shape[1]
+        candidates = scores[:, :, None] + log_probs.view(n, k, vocab)  # (n, K, V), fp32 as fairseq
+        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
+        top_beam, top_token = top_index // vocab, top_index % vocab
         is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)
         source_rows = (torch.arange(n, device=device)[:, None] * k + top_beam[:, :k]).view(-1)
         finished.add(is_eos[:, :k], top_scores[:, :k], length_penalty(step + 1, alpha),
@@ -246,7 +230,7 @@ def beam_search(
         done = finished.count >= k
         if step + 1 == limit:
             done = torch.ones_like(done)
-        if int(done.sum()) < max(1, n // _DROP_FRACTION):
+        if not bool(done.any()):
             continue
         gone = done.nonzero().squeeze(1)
         for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):

@@ -105,20 +105,6 @@ def test_hypothesis_scores_are_the_models_log_probabilities() -> None:
             assert abs(hyp.score - expected / penalty) < CLOSE
 
 
-def test_sentences_left_in_the_batch_after_they_are_done_keep_their_translation() -> None:
-    """Twelve sentences: done ones stay in the batch until they are a quarter of it, stepped
-    along with the rest; each still gets what it gets alone."""
-    torch.manual_seed(3)
-    model = build_model(preset("tiny", vocab_size=VOCAB)).eval()
-    with torch.no_grad():
-        model.output.proj.weight[model.config.eos_id] *= 8
-    src = torch.randint(4, VOCAB, (12, 7))
-    batched = beam_search(model, src, Decoding(max_len_b=10))
-    alone = [beam_search(model, torch.tensor([row]), Decoding(max_len_b=10))[0] for row in _sentences(model, src)]
-    _same_search(model, src, batched, alone, beam=True)
-    assert len({len(h.tokens) for h in batched}) > 2  # sentences finished at several steps
-
-
 class _ScriptedStepper:
     """A decoder whose next-token distribution is written out by hand (vocab: pad unk bos eos a):
     after BOS, EOS 0.5 and `a` 0.5; after `a`, EOS 0.95; later, EOS 0.95 again."""
