@@ -117,9 +117,9 @@ class EncoderDecoderTransformer(nn.Module):
         self, last_tokens: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None,
         caches: list[LayerCache], offset: int,
     ) -> torch.Tensor:
-        """Logits (B, V), in float32, of the next token given the newest one (B, 1) and the caches."""
+        """Log-probabilities (B, V) of the next token given the newest one (B, 1) and the caches."""
         hidden = self.decode(last_tokens, memory, src_mask, caches=caches, offset=offset)
-        return self.output(hidden[:, -1]).float()
+        return F.log_softmax(self.output(hidden[:, -1]).float(), dim=-1)
 
 
 class DecoderOnlyTransformer(nn.Module):
