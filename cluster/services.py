@@ -6,6 +6,7 @@ started here, and nothing else on the machine. A Ray node can be isolated: see c
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -151,12 +152,23 @@ def wait_for_nodes(address: str, count: int, timeout: float = 90.0, process: sub
     raise ServiceError(f"fewer than {count} Ray nodes came up at {address} within {timeout:.0f} s")
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def _tracking_store_answers(url: str, login: MlflowLogin | None) -> bool:
+    """Whether the server answers a tracking request. Its /health answers before the server has
+    opened its store, which it does on the first request (0.5 s idle, over 3 s on a loaded
+    2-core machine): a client with a short timeout would see the first run's first call fail."""
+    headers = {}
+    if login is not None:
+        token = base64.b64encode(f"{login.username}:{login.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return _healthy(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers)
 
 
 def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, artifacts_destination: str = "",
@@ -181,7 +193,7 @@ def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, 
                    MLFLOW_FLASK_SERVER_SECRET_KEY=login.server_secret)
     service = _spawn("mlflow", command, log_dir, env)
     url = f"http://{LOOPBACK}:{port}"
-    _wait_until(lambda: _healthy(f"{url}/health"), 120, "mlflow server", service.process, service.log)
+    _wait_until(lambda: _tracking_store_answers(url, login), 120, "mlflow server", service.process, service.log)
     return service, url
 
 
