@@ -42,6 +42,7 @@ from data_pipeline.tokenizer import (
 )
 
 _RAW_BATCH = 8192
+_BLOCK_BYTES = 8 << 20  # Ray Data blocks of prepare's encoding pipeline: some 60,000 raw pairs
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,10 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
     # Ray Data's own progress bars for a person at a terminal; its execution-plan lines stay in
     # Ray's logs (ray-data.log in the session directory).
     context.enable_progress_bars = sys.stderr.isatty()
+    # Small blocks (Ray Data's default is 128 MiB): a block is held whole by whichever task reads,
+    # encodes or queues it, so with the default a corpus's first 128 MiB pile up in the encoder
+    # and the memory of prepare grew with the corpus up to that size (bench/prepare_encoding.py).
+    context.target_max_block_size = _BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing and read tasks
     # need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
