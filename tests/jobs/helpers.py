@@ -58,14 +58,20 @@ class TrainWorkers:
         return self.pids[0]
 
 
-# A separate Ray driver that takes every CPU of the 2-node test cluster, as another job would.
+# A separate Ray driver that takes every CPU of the 2-node test cluster, as another job would, and
+# gives them back a fixed time after another job's placement group starts waiting for them: the
+# wait is then the same however long that job's driver took before it asked.
 _HOLDER = """
 import sys, time, ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 ray.init(address=sys.argv[1], logging_level="ERROR")
 group = placement_group([{"CPU": 2}, {"CPU": 2}], strategy="STRICT_SPREAD")
 ray.get(group.ready(), timeout=60)
 print("held", flush=True)
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline and not any(
+        entry["state"] == "PENDING" for entry in placement_group_table().values()):
+    time.sleep(0.1)
 time.sleep(float(sys.argv[2]))
 remove_placement_group(group)
 """
@@ -73,13 +79,14 @@ remove_placement_group(group)
 
 @contextlib.contextmanager
 def cluster_busy_for(address: str, seconds: float):
-    """The cluster's CPUs are all taken by another job for `seconds` from entering the block."""
+    """The cluster's CPUs are all taken by another job until `seconds` after a placement group of
+    another job (the one run in the block) starts waiting for them."""
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, address, str(seconds)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held", "the holder could not take the cluster's CPUs"
         yield
     finally:
-        if holder.wait(timeout=seconds + 60) != 0:
+        if holder.wait(timeout=660) != 0:
             raise AssertionError("the holder of the cluster's CPUs failed")
 
 
