@@ -101,7 +101,12 @@ def _figures(log: Path, lost_at: float, tracking: str, run_id: str) -> str:
 
 
 def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_path) -> None:
-    env = {**os.environ, "AIAYN_HOME": str(tmp_path / "aiayn")}
+    # Shorter budgets, not a shorter test: Ray marks a node dead after 3 missed 1 s health checks
+    # (default 5 x 3 s), and Ray Train gives up on a worker group that cannot be placed after 25 s
+    # (default 60 s). A restart right after a node's loss still asks for 3 workers (Ray's resource
+    # view is refreshed every 20 s), so each loss waits out that placement budget once.
+    env = {**os.environ, "AIAYN_HOME": str(tmp_path / "aiayn"), "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_failure_threshold": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "25"}
     env.pop("RAY_ADDRESS", None)
     state = json.loads(_cluster("up", "--nodes", "3", "--cpus-per-node", "1", "--no-mlflow", "--no-object-store",
                                 env=env).stdout)
