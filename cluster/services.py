@@ -197,13 +197,23 @@ def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, 
     return service, url
 
 
+AUTH_CACHE_S = 300  # how long the MLflow server trusts a password it has verified
+
+
 def _mlflow_auth_config(store: Path, login: MlflowLogin) -> Path:
     """MLflow's auth app settings: the administrator it creates on its first start (later starts
-    find it in auth.db), and no permission for anyone else."""
+    find it in auth.db), and no permission for anyone else.
+
+    Verifying a password is a deliberately slow hash, ~0.4 s of the server's CPU per request here,
+    which every request paid (a rank's metrics, each artifact: 25 s to log the model at a run's
+    end). MLflow's own credential cache (`auth_cache_ttl_seconds`, off by default) checks it once
+    per `AUTH_CACHE_S`; its staleness (a password changed behind the server's back) cannot arise
+    here: the one user's password is set when its state directory is created and never changed."""
     path = store / "basic_auth.ini"
     write_private(path, "\n".join([
         "[mlflow]", "default_permission = NO_PERMISSIONS", f"database_uri = sqlite:///{store / 'auth.db'}",
         f"admin_username = {login.username}", f"admin_password = {login.password}",
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_S}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", "",
     ]))
     return path

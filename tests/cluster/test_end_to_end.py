@@ -173,6 +173,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
         assert _wait_for_job("e2e-train", env, workdir) == "SUCCEEDED", \
             _aiayn("jobs", "logs", "e2e-train", env=env, cwd=workdir).stdout[-3000:]
         logs = _aiayn("jobs", "logs", "e2e-train", env=env, cwd=workdir).stdout
+        (tmp_path / "train-job.log").write_text(logs)  # kept with the test's files, to read when it fails
         printed_bleu = float(re.search(r"test BLEU (\d+\.\d+)", logs).group(1))
 
         assert storage.is_file(f"{bucket}/runs/e2e/export/export.json")  # the export is in the bucket

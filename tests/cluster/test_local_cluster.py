@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
                 headers={"Authorization": "Basic " + base64.b64encode(
                     f"{login['username']}:{login['password']}".encode()).decode()}), timeout=30) as answer:
             assert answer.status == 200
+        # and its name with another password is not, though the server now caches the right one
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(urllib.request.Request(
+                f"{state['mlflow_url']}/api/2.0/mlflow/experiments/search?max_results=1",
+                headers={"Authorization": "Basic " + base64.b64encode(
+                    f"{login['username']}:{login['password']}x".encode()).decode()}), timeout=30)
         # Ray's sessions (777 inside) sit in a directory of this account's alone: another account
         # can neither list it nor reach a session's logs through it.
         ray_dir = Path(json.loads(status.stdout)["ray_temp_dir"])
