@@ -4,13 +4,16 @@ Corpora of each `--pairs` size are generated from the shipped Multi30K sentences
 and written as prepare's raw Parquet file; a tokenizer is trained on a sample. Then, per size:
 - peer: `--cpus` processes started for the job, each reading its share of the raw file's row
   groups, encoding both sides with one SentencePiece thread and writing its own Parquet shard;
-- ours: prepare's own `_encode_split` (Ray Data read -> actor-pool encode -> Parquet shards) on a
-  local Ray with `--cpus` CPUs, started before the clock (a user's cluster is already up).
+- ours: prepare's own `_encode_split` (Ray Data actor pool: each actor reads the row groups it is
+  handed and encodes them; the driver writes the shards) on a local Ray with `--cpus` CPUs, started
+  before the clock (a user's cluster is already up).
+The raw file has the row groups prepare's staging writes.
 Both are timed from the call to the last shard written, process or actor start included. The
 steady-state rate of each is the slope between the two sizes (pairs added / seconds added), which
 leaves out what either spends once; its ratio ours / peer is the figure (goal >= 0.9). The peak
-resident memory of the processes that did the work (the peer's, or Ray's daemons and workers) is
-sampled at each size: flat in corpus size is the goal.
+memory of the processes that did the work (the peer's, or Ray's daemons and workers) is sampled at
+each size as their summed proportional set size (PSS: a page shared by several processes, as Ray's
+object store is, counts once): flat in corpus size is the goal.
 
     python bench/prepare_encoding.py --pairs 1000000 4000000 --cpus 2
 """
@@ -32,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from _provenance import ROOT, provenance
+from data_pipeline.prepare import _RAW_BATCH as STAGED_ROW_GROUP
 
 CORPUS = ROOT / "data_pipeline" / "corpora" / "multi30k"
 
@@ -46,9 +50,9 @@ def generated_pairs(count: int, seed: int) -> pa.Table:
 
 
 class PeakMemory:
-    """The largest sum of resident memory over this process's descendants, sampled: the peer's two
-    processes, or Ray's daemons and workers. This process is left out: it holds the generated
-    corpus, which grows with the size by construction."""
+    """The largest sum of proportional set sizes over this process's descendants, sampled: the
+    peer's two processes, or Ray's daemons and workers. This process is left out: it holds the
+    generated corpus, which grows with the size by construction."""
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.peak, self._stop = 0, threading.Event()
@@ -60,7 +64,7 @@ class PeakMemory:
             total = 0
             for process in me.children(recursive=True):
                 try:
-                    total += process.memory_info().rss
+                    total += process.memory_full_info().pss
                 except psutil.Error:
                     pass  # exited meanwhile
             self.peak = max(self.peak, total)
@@ -129,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, nargs=2, default=[1_000_000, 4_000_000], help="the two corpus sizes")
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--batch-rows", type=int, default=32768, help="data.encode_batch_rows (also the raw row groups)")
+    parser.add_argument("--batch-rows", type=int, default=32768, help="data.encode_batch_rows")
     parser.add_argument("--actors", type=int, default=1, help="data.encode_actors")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
@@ -150,7 +154,7 @@ def main() -> None:
             for pairs in sorted(args.pairs):
                 raw = work / f"raw-{pairs}" / "train.parquet"
                 raw.parent.mkdir()
-                pq.write_table(generated_pairs(pairs, args.seed), raw, row_group_size=args.batch_rows)
+                pq.write_table(generated_pairs(pairs, args.seed), raw, row_group_size=STAGED_ROW_GROUP)
                 with PeakMemory() as peer_memory:
                     peer_s = peer(raw, work / f"peer-{pairs}", model, args.cpus)
                 with PeakMemory() as our_memory:
@@ -158,7 +162,7 @@ def main() -> None:
                 assert _rows(work / f"peer-{pairs}") == _rows(work / f"ours-{pairs}") == pairs
                 sizes[pairs] = {"peer_s": round(peer_s, 2), "ours_s": round(our_s, 2),
                                 "ratio_ours_vs_peer": round(peer_s / our_s, 3),
-                                "peak_rss_mb": {"peer": peer_memory.peak >> 20, "ours": our_memory.peak >> 20}}
+                                "peak_pss_mb": {"peer": peer_memory.peak >> 20, "ours": our_memory.peak >> 20}}
                 raw.unlink()
         finally:
             ray.shutdown()

@@ -5,10 +5,11 @@ Two phases so that bad input fails before any cluster resource is taken:
   and settings, and finds out whether an identical dataset already exists;
 - `run_prepare` (a Ray Data job on whatever Ray the caller connected to): streams and cleans the
   pairs into a raw Parquet file per split inside the new dataset version (storage that every
-  node reaches, since Ray Data's read tasks may run on any node) while sampling sentences for
+  node reaches, since the encoding actors may run on any node) while sampling sentences for
   SentencePiece, trains the tokenizer, encodes with `map_batches` over an actor pool (each actor
-  loads the tokenizer once), writes shards of `shard_rows` rows, removes the raw files, writes
-  the manifest and makes the version current (see data_pipeline/manifest.py).
+  loads the tokenizer once and reads the row groups it is handed), writes shards of `shard_rows`
+  rows, removes the raw files, writes the manifest and makes the version current (see
+  data_pipeline/manifest.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
@@ -42,7 +44,6 @@ from data_pipeline.tokenizer import (
 )
 
 _RAW_BATCH = 8192
-_BLOCK_BYTES = 8 << 20  # Ray Data blocks of prepare's encoding pipeline: some 60,000 raw pairs
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,22 @@ def _write_shards(tables: Iterable[pa.Table], out_uri: str, shard_rows: int) -> 
         pq.write_table(pending, f"{path}/part-{number:05d}.parquet", filesystem=fs)
 
 
+class _RowGroupEncoder(_Encoder):
+    """An encoding actor that reads the staged split's row groups it is handed itself, as the
+    peer loop of bench/prepare_encoding.py does: the raw text never passes through a read task
+    and the object store, and an actor holds one batch of it at a time, whatever the corpus'
+    size (Ray Data's Parquet reader held a whole 128 MiB read unit per task: prepare's memory
+    grew with the corpus)."""
+
+    def __init__(self, raw: tuple[pafs.FileSystem, str], *encoder_args):
+        super().__init__(*encoder_args)
+        raw_fs, raw_path = raw  # resolved by the driver, as Ray Data's readers are handed theirs
+        self.raw = pq.ParquetFile(raw_fs.open_input_file(raw_path))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return super().__call__(self.raw.read_row_groups(batch.column("row_group").to_pylist()))
+
+
 def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tuple, out_uri: str) -> None:
     import ray.data
 
@@ -187,22 +204,16 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
     # Ray Data's own progress bars for a person at a terminal; its execution-plan lines stay in
     # Ray's logs (ray-data.log in the session directory).
     context.enable_progress_bars = sys.stderr.isatty()
-    # Small blocks (Ray Data's default is 128 MiB): a block is held whole by whichever task reads,
-    # encodes or queues it, so with the default a corpus's first 128 MiB pile up in the encoder
-    # and the memory of prepare grew with the corpus up to that size (bench/prepare_encoding.py).
-    context.target_max_block_size = _BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # The encoders reserve all but one CPU of the cluster: Ray Data's file-listing and read tasks
-    # need a whole CPU, and a pool that reserved every CPU would starve them (a deadlock).
-    io_cpus = 0.1
-    spare = ray.cluster_resources().get("CPU", 1.0) - 1.0
-    actor_cpus = max(0.05, min(1.0, spare / config.encode_actors))
-    raw_fs, raw_path = storage.filesystem(raw_uri)
-    dataset = ray.data.read_parquet(raw_path, filesystem=raw_fs, override_num_blocks=max(1, config.encode_actors * 2),
-                                    num_cpus=io_cpus)
-    encoded = dataset.map_batches(
-        _Encoder, fn_constructor_args=encoder_args,
-        batch_format="pyarrow", batch_size=config.encode_batch_rows, num_cpus=actor_cpus,
+    with storage.open_random_access(raw_uri) as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    groups_per_batch = max(1, round(config.encode_batch_rows * metadata.num_row_groups / metadata.num_rows))
+    # The pipeline's input is the row groups' numbers, held by this process: no read task takes a
+    # CPU, so the encoders may reserve all of them.
+    actor_cpus = max(0.05, min(1.0, ray.cluster_resources().get("CPU", 1.0) / config.encode_actors))
+    encoded = ray.data.from_items([{"row_group": group} for group in range(metadata.num_row_groups)]).map_batches(
+        _RowGroupEncoder, fn_constructor_args=(storage.filesystem(raw_uri), *encoder_args),
+        batch_format="pyarrow", batch_size=groups_per_batch, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
     )
     # This process writes the shards, in the pipeline's order: Ray Data keeps the order of blocks
