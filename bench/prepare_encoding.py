@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from _provenance import ROOT, provenance
-from data_pipeline.prepare import _RAW_BATCH as STAGED_ROW_GROUP
+from data_pipeline.prepare import STAGED_ROW_GROUP_ROWS
 
 CORPUS = ROOT / "data_pipeline" / "corpora" / "multi30k"
 
@@ -154,7 +154,7 @@ def main() -> None:
             for pairs in sorted(args.pairs):
                 raw = work / f"raw-{pairs}" / "train.parquet"
                 raw.parent.mkdir()
-                pq.write_table(generated_pairs(pairs, args.seed), raw, row_group_size=STAGED_ROW_GROUP)
+                pq.write_table(generated_pairs(pairs, args.seed), raw, row_group_size=STAGED_ROW_GROUP_ROWS)
                 with PeakMemory() as peer_memory:
                     peer_s = peer(raw, work / f"peer-{pairs}", model, args.cpus)
                 with PeakMemory() as our_memory:

@@ -43,7 +43,9 @@ from data_pipeline.tokenizer import (
     ReservoirSample, load_tokenizer, tokenizer_from_bytes, train_tokenizer,
 )
 
-_RAW_BATCH = 8192
+# Rows per row group of a staged split (fewer when `encode_batch_rows` is smaller): an encoding
+# actor reads whole groups, so a group is at most one encoding batch.
+STAGED_ROW_GROUP_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
     skip_invalid = config.cleaning.invalid_utf8 == "skip"
     schema = pa.schema([("index", pa.int64()), ("src_text", pa.string()), ("tgt_text", pa.string())])
     invalid, rows = 0, {"index": [], "src_text": [], "tgt_text": []}
+    group_rows = min(STAGED_ROW_GROUP_ROWS, config.encode_batch_rows)
     fs, path = storage.filesystem(raw_uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
@@ -115,7 +118,7 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
                 sample.add(src)
                 if not monolingual:
                     sample.add(tgt)
-            if len(rows["index"]) >= _RAW_BATCH:
+            if len(rows["index"]) >= group_rows:
                 writer.write_table(pa.table(rows, schema=schema))
                 rows = {key: [] for key in rows}
         writer.write_table(pa.table(rows, schema=schema))
@@ -207,7 +210,7 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     with storage.open_random_access(raw_uri) as handle:
         metadata = pq.ParquetFile(handle).metadata
-    groups_per_batch = max(1, round(config.encode_batch_rows * metadata.num_row_groups / metadata.num_rows))
+    groups_per_batch = max(1, config.encode_batch_rows // metadata.row_group(0).num_rows)
     # The pipeline's input is the row groups' numbers, held by this process: no read task takes a
     # CPU, so the encoders may reserve all of them.
     actor_cpus = max(0.05, min(1.0, ray.cluster_resources().get("CPU", 1.0) / config.encode_actors))
