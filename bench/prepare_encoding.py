@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs=2, default=[1_000_000, 4_000_000], help="the two corpus sizes")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, default=32768, help="data.encode_batch_rows")
-    parser.add_argument("--actors", type=int, default=1, help="data.encode_actors")
+    parser.add_argument("--actors", type=int, default=0, help="data.encode_actors (0: one per CPU)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 

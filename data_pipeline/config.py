@@ -96,14 +96,16 @@ class PrepareConfig:
     output_dir: str = "data"  # local directory or a URI PyArrow can write (s3://, gs://, ...)
     name: str = ""  # dataset directory name; defaults to <format>-<src>-<tgt>
     shard_rows: int = 100_000
-    encode_actors: int = 1  # encoding actors; one per node is best (each uses every core of its node)
+    encode_actors: int = 0  # encoding actors, one SentencePiece thread each; 0: one per CPU of the cluster
     encode_batch_rows: int = 32768  # rows per encoded batch: bounds an actor's memory
     seed: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("shard_rows", "encode_actors", "encode_batch_rows"):
+        for key in ("shard_rows", "encode_batch_rows"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}")
+        if self.encode_actors < 0:
+            raise ValueError(f"data.encode_actors must be 0 (one per CPU) or positive, got {self.encode_actors}")
         check_name(self.name, "data.name")
 
     @property

@@ -129,17 +129,15 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
 
 
 class _Encoder:
-    """Encodes batches of text pairs; a Ray Data actor loads the SentencePiece model once."""
+    """Encodes batches of text pairs; a Ray Data actor loads the SentencePiece model once.
+    `threads`: SentencePiece's encoding threads, None for one per core of the machine."""
 
-    def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool):
+    def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool, threads: int | None = None):
         self.processor = tokenizer_from_bytes(model_proto)
-        self.monolingual, self.keep_text = monolingual, keep_text
+        self.monolingual, self.keep_text, self.threads = monolingual, keep_text, threads
 
     def _encode(self, texts: list[str]) -> tuple[pa.Array, pa.Array]:
-        # SentencePiece's own threads (one per core of the node) encode the batch in C++: one actor
-        # per node uses the node with a single Python process's overhead (measured in
-        # bench/prepare_encoding.py: 1 actor x 2 threads beats 2 actors x 1 thread by 1.3x).
-        ids = self.processor.encode(texts, add_eos=True)
+        ids = self.processor.encode(texts, add_eos=True, num_threads=self.threads)
         return pa.array(ids, type=pa.list_(pa.int32())), pa.array([len(i) for i in ids], type=pa.int32())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -159,9 +157,9 @@ def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: byte
     split of Multi30K is one batch). Larger splits go through Ray Data's actor pool."""
     encoder = (plan.config.source.monolingual, split != "train")
     with storage.open_random_access(raw_uri) as handle:
-        rows = pq.ParquetFile(handle).metadata.num_rows
-    if rows > plan.config.encode_batch_rows:
-        _encode_with_ray_data(plan.config, raw_uri, (model_proto, *encoder), out_uri)
+        metadata = pq.ParquetFile(handle).metadata
+    if metadata.num_rows > plan.config.encode_batch_rows:
+        _encode_with_ray_data(plan.config, raw_uri, metadata, (model_proto, *encoder), out_uri)
         return
     with storage.open_random_access(raw_uri) as handle:
         _write_shards([_Encoder(model_proto, *encoder)(pq.read_table(handle))], out_uri, plan.config.shard_rows)
@@ -191,7 +189,10 @@ class _RowGroupEncoder(_Encoder):
     grew with the corpus)."""
 
     def __init__(self, raw: tuple[pafs.FileSystem, str], *encoder_args):
-        super().__init__(*encoder_args)
+        # One SentencePiece thread on the one CPU the actor holds, as the peer loop's processes:
+        # one actor per CPU beats one per node with a thread per core (its batch's conversions to
+        # and from Python lists leave the other cores idle; bench/prepare_encoding.py, 7% at 1M).
+        super().__init__(*encoder_args, threads=1)
         raw_fs, raw_path = raw  # resolved by the driver, as Ray Data's readers are handed theirs
         self.raw = pq.ParquetFile(raw_fs.open_input_file(raw_path))
 
@@ -199,7 +200,8 @@ class _RowGroupEncoder(_Encoder):
         return super().__call__(self.raw.read_row_groups(batch.column("row_group").to_pylist()))
 
 
-def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tuple, out_uri: str) -> None:
+def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, metadata: pq.FileMetaData, encoder_args: tuple,
+                          out_uri: str) -> None:
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -208,16 +210,15 @@ def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, encoder_args: tup
     # Ray's logs (ray-data.log in the session directory).
     context.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    with storage.open_random_access(raw_uri) as handle:
-        metadata = pq.ParquetFile(handle).metadata
     groups_per_batch = max(1, config.encode_batch_rows // metadata.row_group(0).num_rows)
     # The pipeline's input is the row groups' numbers, held by this process: no read task takes a
-    # CPU, so the encoders may reserve all of them.
-    actor_cpus = max(0.05, min(1.0, ray.cluster_resources().get("CPU", 1.0) / config.encode_actors))
+    # CPU, so the encoders may reserve all of them, on every node; no more actors than batches.
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    actors = min(config.encode_actors or max(1, int(cpus)), -(-metadata.num_row_groups // groups_per_batch))
     encoded = ray.data.from_items([{"row_group": group} for group in range(metadata.num_row_groups)]).map_batches(
         _RowGroupEncoder, fn_constructor_args=(storage.filesystem(raw_uri), *encoder_args),
-        batch_format="pyarrow", batch_size=groups_per_batch, num_cpus=actor_cpus,
-        compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
+        batch_format="pyarrow", batch_size=groups_per_batch, num_cpus=max(0.05, min(1.0, cpus / actors)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
     )
     # This process writes the shards, in the pipeline's order: Ray Data keeps the order of blocks
     # through map_batches (preserve_order) but its write_parquet may put a write task's blocks in a

@@ -74,6 +74,7 @@ def test_overrides_reach_nested_sections_with_types() -> None:
     ("train.average_checkpoints=9", "train.average_checkpoints cannot exceed train.keep_checkpoints"),
     ("train.ema_decay=1", "train.ema_decay must be 0 (none) or below 1"),
     ("optim.decay_steps=-1", "optim.decay_steps must be 0 (no decay) or positive"),
+    ("data.encode_actors=-1", "data.encode_actors must be 0 (one per CPU) or positive"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
