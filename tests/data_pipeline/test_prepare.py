@@ -38,7 +38,7 @@ def _config(corpus, out, **changes) -> PrepareConfig:
     fields = dict(
         source=SourceConfig(format="text", train=train, valid=valid),
         tokenizer=TokenizerConfig(vocab_size=60, sample_sentences=500),
-        output_dir=str(out), shard_rows=500, encode_actors=2, encode_batch_rows=256,
+        output_dir=str(out), shard_rows=500, encode_batch_rows=256,  # encode_actors: one per CPU, 2
     )
     fields.update(changes)
     return PrepareConfig(**fields)
