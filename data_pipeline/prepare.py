@@ -190,8 +190,9 @@ class _RowGroupEncoder(_Encoder):
 
     def __init__(self, raw: tuple[pafs.FileSystem, str], *encoder_args):
         # One SentencePiece thread on the one CPU the actor holds, as the peer loop's processes:
-        # one actor per CPU beats one per node with a thread per core (its batch's conversions to
-        # and from Python lists leave the other cores idle; bench/prepare_encoding.py, 7% at 1M).
+        # one actor per CPU beats one per node with a thread per core, whose batch's conversions
+        # to and from Python lists leave the other cores idle (bench/prepare_encoding.py: 0.87x
+        # the peer's steady state, against 0.80x; bench/results/, 2026-12-04).
         super().__init__(*encoder_args, threads=1)
         raw_fs, raw_path = raw  # resolved by the driver, as Ray Data's readers are handed theirs
         self.raw = pq.ParquetFile(raw_fs.open_input_file(raw_path))
