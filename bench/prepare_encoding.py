@@ -4,9 +4,9 @@ Corpora of each `--pairs` size are generated from the shipped Multi30K sentences
 and written as prepare's raw Parquet file; a tokenizer is trained on a sample. Then, per size:
 - peer: `--cpus` processes started for the job, each reading its share of the raw file's row
   groups, encoding both sides with one SentencePiece thread and writing its own Parquet shard;
-- ours: prepare's own `_encode_split` (Ray Data actor pool: each actor reads the row groups it is
-  handed and encodes them; the driver writes the shards) on a local Ray with `--cpus` CPUs, started
-  before the clock (a user's cluster is already up).
+- ours: prepare's own `_encode_split` (Ray Data actor pool, one task per shard: each actor reads
+  the rows of the shard it is handed, encodes them and writes the shard) on a local Ray with
+  `--cpus` CPUs, started before the clock (a user's cluster is already up).
 The raw file has the row groups prepare's staging writes.
 Both are timed from the call to the last shard written, process or actor start included. The
 steady-state rate of each is the slope between the two sizes (pairs added / seconds added), which

@@ -6,14 +6,15 @@ Two phases so that bad input fails before any cluster resource is taken:
 - `run_prepare` (a Ray Data job on whatever Ray the caller connected to): streams and cleans the
   pairs into a raw Parquet file per split inside the new dataset version (storage that every
   node reaches, since the encoding actors may run on any node) while sampling sentences for
-  SentencePiece, trains the tokenizer, encodes with `map_batches` over an actor pool (each actor
-  loads the tokenizer once and reads the row groups it is handed), writes shards of `shard_rows`
-  rows, removes the raw files, writes the manifest and makes the version current (see
+  SentencePiece, trains the tokenizer, encodes into shards of `shard_rows` rows with `map_batches`
+  over an actor pool (each actor loads the tokenizer once, reads the rows of the shards it is
+  handed and writes them), removes the raw files, writes the manifest and makes the version current (see
   data_pipeline/manifest.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -24,9 +25,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -43,8 +45,8 @@ from data_pipeline.tokenizer import (
     ReservoirSample, load_tokenizer, tokenizer_from_bytes, train_tokenizer,
 )
 
-# Rows per row group of a staged split (fewer when `encode_batch_rows` is smaller): an encoding
-# actor reads whole groups, so a group is at most one encoding batch.
+# Rows per row group of a staged split (fewer when `encode_batch_rows` is smaller): a shard is
+# encoded in runs of whole groups, so a group is at most one run.
 STAGED_ROW_GROUP_ROWS = 8192
 
 
@@ -129,16 +131,17 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
 
 
 class _Encoder:
-    """Encodes batches of text pairs; a Ray Data actor loads the SentencePiece model once.
+    """Encodes batches of text pairs with a SentencePiece model loaded once.
     `threads`: SentencePiece's encoding threads, None for one per core of the machine."""
 
-    def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool, threads: int | None = None):
+    def __init__(self, model_proto: bytes, monolingual: bool, keep_text: bool, *, threads: int | None):
         self.processor = tokenizer_from_bytes(model_proto)
         self.monolingual, self.keep_text, self.threads = monolingual, keep_text, threads
 
     def _encode(self, texts: list[str]) -> tuple[pa.Array, pa.Array]:
         ids = self.processor.encode(texts, add_eos=True, num_threads=self.threads)
-        return pa.array(ids, type=pa.list_(pa.int32())), pa.array([len(i) for i in ids], type=pa.int32())
+        lists = pa.array(ids, type=pa.list_(pa.int32()))
+        return lists, pc.list_value_length(lists)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         src_ids, src_len = self._encode(batch.column("src_text").to_pylist())
@@ -155,76 +158,97 @@ def _encode_split(plan: PreparePlan, split: str, raw_uri: str, model_proto: byte
     batch is encoded in this process: Ray Data would hand all of it to a single actor anyway, after
     starting a pipeline and the actor's process (7-50 s for a few thousand pairs on 2 cores; every
     split of Multi30K is one batch). Larger splits go through Ray Data's actor pool."""
-    encoder = (plan.config.source.monolingual, split != "train")
+    config = plan.config
+    encoder_args = (model_proto, config.source.monolingual, split != "train")
     with storage.open_random_access(raw_uri) as handle:
-        metadata = pq.ParquetFile(handle).metadata
-    if metadata.num_rows > plan.config.encode_batch_rows:
-        _encode_with_ray_data(plan.config, raw_uri, metadata, (model_proto, *encoder), out_uri)
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    out_fs, out_path = storage.filesystem(out_uri)
+    out_fs.create_dir(out_path, recursive=True)
+    shards = -(-rows // config.shard_rows)
+    writer_args = (storage.filesystem(raw_uri), (out_fs, out_path), config.shard_rows, config.encode_batch_rows,
+                   encoder_args)
+    if rows > config.encode_batch_rows:
+        _encode_with_ray_data(config, shards, writer_args)
         return
-    with storage.open_random_access(raw_uri) as handle:
-        _write_shards([_Encoder(model_proto, *encoder)(pq.read_table(handle))], out_uri, plan.config.shard_rows)
+    writer = _ShardWriter(*writer_args, threads=None)
+    for shard in range(shards):
+        writer.write(shard)
 
 
-def _write_shards(tables: Iterable[pa.Table], out_uri: str, shard_rows: int) -> None:
-    """Write the tables' rows, in the order given, as `part-00000.parquet`, ... of exactly
-    `shard_rows` rows each (the last may be shorter): the same input always gives the same shards,
-    however the encoding was split up."""
-    fs, path = storage.filesystem(out_uri)
-    fs.create_dir(path, recursive=True)
-    pending, number = pa.table({}), 0
-    for table in tables:
-        pending = pa.concat_tables([pending, table]) if pending.num_columns else table
-        while pending.num_rows >= shard_rows:
-            pq.write_table(pending.slice(0, shard_rows), f"{path}/part-{number:05d}.parquet", filesystem=fs)
-            pending, number = pending.slice(shard_rows), number + 1
-    if pending.num_rows:
-        pq.write_table(pending, f"{path}/part-{number:05d}.parquet", filesystem=fs)
+class _ShardWriter:
+    """Encodes and writes whole shards: `part-NNNNN.parquet` holds rows [N, N + 1) x `shard_rows`
+    of the staged split, so the same input always gives the same shards, however many processes
+    wrote them. A shard is read, encoded and written in runs of whole row groups of about
+    `batch_rows` rows, so a writer holds one run at a time whatever the shard's size.
+    `threads`: SentencePiece's encoding threads, None for one per core of the machine."""
 
-
-class _RowGroupEncoder(_Encoder):
-    """An encoding actor that reads the staged split's row groups it is handed itself, as the
-    peer loop of bench/prepare_encoding.py does: the raw text never passes through a read task
-    and the object store, and an actor holds one batch of it at a time, whatever the corpus'
-    size (Ray Data's Parquet reader held a whole 128 MiB read unit per task: prepare's memory
-    grew with the corpus)."""
-
-    def __init__(self, raw: tuple[pafs.FileSystem, str], *encoder_args):
-        # One SentencePiece thread on the one CPU the actor holds, as the peer loop's processes:
-        # one actor per CPU beats one per node with a thread per core, whose batch's conversions
-        # to and from Python lists leave the other cores idle (bench/prepare_encoding.py: 0.87x
-        # the peer's steady state, against 0.80x; bench/results/, 2026-12-04).
-        super().__init__(*encoder_args, threads=1)
+    def __init__(self, raw: tuple[pafs.FileSystem, str], out: tuple[pafs.FileSystem, str], shard_rows: int,
+                 batch_rows: int, encoder_args: tuple, threads: int | None):
         raw_fs, raw_path = raw  # resolved by the driver, as Ray Data's readers are handed theirs
         self.raw = pq.ParquetFile(raw_fs.open_input_file(raw_path))
+        self.group_starts = [0]  # the first row of each row group, then the number of rows
+        for group in range(self.raw.metadata.num_row_groups):
+            self.group_starts.append(self.group_starts[-1] + self.raw.metadata.row_group(group).num_rows)
+        self.out, self.shard_rows, self.batch_rows = out, shard_rows, batch_rows
+        self.encoder = _Encoder(*encoder_args, threads=threads)
+
+    def _runs(self, first: int, stop: int) -> Iterator[pa.Table]:
+        """Rows [first, stop) of the staged split, in runs of whole row groups (cut at both ends)."""
+        starts, groups = self.group_starts, len(self.group_starts) - 1
+        group = bisect.bisect_right(starts, first) - 1
+        while starts[group] < stop:
+            last = group  # the run's last group: add groups while the run is short of batch_rows
+            while last + 1 < groups and starts[last + 1] < stop and starts[last + 1] - starts[group] < self.batch_rows:
+                last += 1
+            table = self.raw.read_row_groups(list(range(group, last + 1)))
+            begin = max(first, starts[group])
+            yield table.slice(begin - starts[group], min(stop, starts[last + 1]) - begin)
+            group = last + 1
+
+    def write(self, shard: int) -> int:
+        """Encode and write one shard; returns its rows."""
+        first = shard * self.shard_rows
+        stop = min(first + self.shard_rows, self.group_starts[-1])
+        fs, path = self.out
+        writer = None
+        try:
+            for run in self._runs(first, stop):
+                encoded = self.encoder(run)
+                writer = writer or pq.ParquetWriter(f"{path}/part-{shard:05d}.parquet", encoded.schema, filesystem=fs)
+                writer.write_table(encoded)
+        finally:
+            if writer is not None:
+                writer.close()
+        return stop - first
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return super().__call__(self.raw.read_row_groups(batch.column("row_group").to_pylist()))
+        """Ray Data's batch of shard numbers -> the rows written of each."""
+        return pa.table({"rows": [self.write(shard) for shard in batch.column("shard").to_pylist()]})
 
 
-def _encode_with_ray_data(config: PrepareConfig, raw_uri: str, metadata: pq.FileMetaData, encoder_args: tuple,
-                          out_uri: str) -> None:
+def _encode_with_ray_data(config: PrepareConfig, shards: int, writer_args: tuple) -> None:
+    """One task per shard, on a pool of single-threaded `_ShardWriter` actors: each reads its own
+    rows of the staged split and writes its own shard, so nothing but shard numbers passes
+    through this process or Ray's object store."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # same inputs, same shards
     # Ray Data's own progress bars for a person at a terminal; its execution-plan lines stay in
     # Ray's logs (ray-data.log in the session directory).
     context.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    groups_per_batch = max(1, config.encode_batch_rows // metadata.row_group(0).num_rows)
-    # The pipeline's input is the row groups' numbers, held by this process: no read task takes a
-    # CPU, so the encoders may reserve all of them, on every node; no more actors than batches.
+    # The pipeline's input is the shard numbers, held by this process: no read task takes a CPU,
+    # so the writers may reserve all of them, on every node; no more actors than shards.
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    actors = min(config.encode_actors or max(1, int(cpus)), -(-metadata.num_row_groups // groups_per_batch))
-    encoded = ray.data.from_items([{"row_group": group} for group in range(metadata.num_row_groups)]).map_batches(
-        _RowGroupEncoder, fn_constructor_args=(storage.filesystem(raw_uri), *encoder_args),
-        batch_format="pyarrow", batch_size=groups_per_batch, num_cpus=max(0.05, min(1.0, cpus / actors)),
-        compute=ray.data.ActorPoolStrategy(size=actors),
-    )
-    # This process writes the shards, in the pipeline's order: Ray Data keeps the order of blocks
-    # through map_batches (preserve_order) but its write_parquet may put a write task's blocks in a
-    # file out of order (seen in 1 of 4 runs, Ray 2.60), and makes `min_rows_per_file` only a hint.
-    _write_shards(encoded.iter_batches(batch_format="pyarrow", batch_size=None), out_uri, config.shard_rows)
+    actors = min(config.encode_actors or max(1, int(cpus)), shards)
+    # One SentencePiece thread per actor on the one CPU it holds, as the peer loop's processes:
+    # one actor per CPU beats one per node with a thread per core, whose batch's conversions to
+    # and from Python lists leave the other cores idle (bench/prepare_encoding.py: 0.87x the
+    # peer's steady state, against 0.80x; bench/results/, 2026-12-04).
+    ray.data.from_items([{"shard": shard} for shard in range(shards)]).map_batches(
+        _ShardWriter, fn_constructor_args=(*writer_args, 1), batch_format="pyarrow", batch_size=1,
+        num_cpus=max(0.05, min(1.0, cpus / actors)), compute=ray.data.ActorPoolStrategy(size=actors),
+    ).materialize()
 
 
 def run_prepare(plan: PreparePlan) -> dict:

@@ -137,7 +137,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
             "data.source.format=text", *(f"data.source.{s}={bucket}/corpus/{s}" for s in ("train", "valid", "test")),
             "data.tokenizer.vocab_size=64", "data.tokenizer.sample_sentences=2000",
             "data.shard_rows=400", "data.encode_actors=1",
-            "data.encode_batch_rows=256",  # train in 4 batches: encoded by Ray Data's actors on the cluster
+            "data.encode_batch_rows=256",  # train is 2 shards: written by Ray Data's actors on the cluster
             "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
             "optim.lr=0.003", "optim.warmup_steps=5", "optim.decay_steps=0", f"train.max_steps={STEPS}", "train.max_minutes=0",
             "train.log_every=1", "train.validate_every=20", "train.checkpoint_every_steps=10",

@@ -75,8 +75,9 @@ def test_prepare_writes_shards_manifest_and_tokenizer(local_ray, corpus, tmp_pat
 
 
 def test_a_split_of_one_batch_is_encoded_in_process_into_the_same_shards(local_ray, corpus, tmp_path) -> None:
-    """train (1,200 pairs) is one batch of 32,768 (encoded here) or five of 256 (Ray Data's actors,
-    each reading its staged row groups of 256): the same shards, row for row."""
+    """train (1,200 pairs) is one batch of 32,768 (encoded here) or three shards of 500 written by
+    Ray Data's actors, each reading its rows of the staged split in runs of 256-row groups cut at
+    the shards' edges: the same shards, row for row."""
     shards = {}
     for batch_rows in (256, 32768):
         config = _config(corpus, tmp_path / str(batch_rows), encode_batch_rows=batch_rows)
