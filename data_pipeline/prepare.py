@@ -244,7 +244,8 @@ def _encode_with_ray_data(config: PrepareConfig, shards: int, writer_args: tuple
     # One SentencePiece thread per actor on the one CPU it holds, as the peer loop's processes:
     # one actor per CPU beats one per node with a thread per core, whose batch's conversions to
     # and from Python lists leave the other cores idle (bench/prepare_encoding.py: 0.87x the
-    # peer's steady state, against 0.80x; bench/results/, 2026-12-04).
+    # peer's steady state, against 0.80x, before the actors wrote their shards; bench/results/,
+    # 2026-12-04).
     ray.data.from_items([{"shard": shard} for shard in range(shards)]).map_batches(
         _ShardWriter, fn_constructor_args=(*writer_args, 1), batch_format="pyarrow", batch_size=1,
         num_cpus=max(0.05, min(1.0, cpus / actors)), compute=ray.data.ActorPoolStrategy(size=actors),
