@@ -41,15 +41,14 @@ def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, 
     """(engine, lr scheduler) with identical initial weights on every rank."""
     import deepspeed
 
-    on_gpu = torch.cuda.is_available()
     torch.manual_seed(job.train.seed)
     model = build_model(model_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(),
-        config=deepspeed_config(job, world_size, load_universal=load_universal, on_gpu=on_gpu),
+        config=deepspeed_config(job, world_size, load_universal=load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
     )
-    if on_gpu if job.train.compile is None else job.train.compile:
+    if torch.cuda.is_available() if job.train.compile is None else job.train.compile:
         # In place (the module's state_dict keys stay those of the checkpoints). Token-budget batches
         # change shape every step: after the first recompile, dynamo marks those sizes dynamic.
         engine.compile()

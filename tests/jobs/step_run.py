@@ -55,8 +55,10 @@ def main(steps: int, overrides: list[str]) -> None:
         applied.append(engine.was_step_applied())
     weights_finite = None if job.train.zero_stage == 3 else all(  # ZeRO-3's are partitioned away
         bool(torch.isfinite(p).all()) for p in engine.module.parameters())
+    adam = getattr(engine.optimizer, "optimizer", engine.optimizer)  # torch's, inside ZeRO's wrapper if any
     print(json.dumps({"losses": losses, "applied": applied, "weights_finite": weights_finite,
-                      "dtype": str(next(engine.module.parameters()).dtype), "compiled": engine.is_compiled}))
+                      "dtype": str(next(engine.module.parameters()).dtype), "compiled": engine.is_compiled,
+                      "fused_adam": bool(adam.defaults.get("fused"))}))
 
 
 if __name__ == "__main__":
