@@ -50,7 +50,7 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
         "checkpoint": {"load_universal": load_universal},
         # The paper's Adam (§5.3), torch's fused kernel on every device: on a CPU it updates ZeRO's
         # flat fp32 partition in one pass instead of one per operation (a ZeRO-2 engine's step
-        # 1.35x faster at `small`, bench/step_levers.py). With the noam schedule the LambdaLR
+        # at `small` 20 ms against 31, bench/step_levers.py, bench/results/, 2026-12-04). With the noam schedule the LambdaLR
         # factor is the whole learning rate, so the base lr is 1.
         "optimizer": {"type": "Adam", "params": {
             "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
