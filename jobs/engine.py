@@ -21,7 +21,9 @@ from transformer import ModelConfig, build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import decay_factor, inverse_sqrt_lr, noam_lr
 
-_DUMMY = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
+# What a rank without data feeds the model, with zero weight, so that it joins the collectives
+# of every forward (ZeRO-3 gathers parameters in it) and backward.
+DUMMY_BATCH = Batch(src=torch.tensor([[EOS_ID]]), tgt_in=torch.tensor([[BOS_ID]]), tgt_out=torch.tensor([[EOS_ID]]))
 
 
 class NonFiniteTraining(RuntimeError):
@@ -81,7 +83,7 @@ def train_step(engine, micro: list[Batch | None], global_tokens: float, world_si
     for batch in micro:
         weight = 0.0 if batch is None else 1.0
         with forward_clock.timing() if forward_clock is not None else contextlib.nullcontext():
-            loss, nll = forward_loss(engine, batch or _DUMMY, epsilon)
+            loss, nll = forward_loss(engine, batch or DUMMY_BATCH, epsilon)
         engine.backward(loss * (scale * weight))
         with _skip_if_not_finite(engine):
             engine.step()

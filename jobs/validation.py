@@ -11,22 +11,29 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.stream import ShardStream
 from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig
-from jobs.engine import forward_loss
+from jobs.engine import DUMMY_BATCH, forward_loss
 from jobs.evaluation import corpus_scores, read_eval_split, translate_ids
 from data_pipeline.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
 def valid_loss(engine, job: JobConfig, manifest: Manifest, rank: int, world_size: int) -> dict[str, float]:
+    """Every rank runs as many forward passes as the rank with the most valid batches, the others'
+    on the dummy batch: under ZeRO-3 each forward gathers parameters with every rank, and a rank
+    with fewer batches (valid's windows rarely divide evenly; a small valid is one window) would
+    leave the others waiting in the gather."""
     if not manifest.has_split("valid"):
         return {}
     engine.eval()
     stream = ShardStream(manifest, "valid", job.stream, rank=rank, world_size=world_size, shuffle=False,
                          max_length=job.model.max_positions)
+    batches = list(stream.epoch_batches())
     sums = [0.0, 0.0, 0.0]
-    for batch in stream.epoch_batches():
-        loss, nll = forward_loss(engine, batch, job.model.label_smoothing)
-        sums = [sums[0] + float(loss), sums[1] + float(nll), sums[2] + batch.target_tokens]
+    for index in range(max(all_gather(len(batches)))):
+        batch = batches[index] if index < len(batches) else None
+        loss, nll = forward_loss(engine, batch or DUMMY_BATCH, job.model.label_smoothing)
+        if batch is not None:
+            sums = [sums[0] + float(loss), sums[1] + float(nll), sums[2] + batch.target_tokens]
     engine.train()
     loss, nll, tokens = all_sum(sums)
     if tokens == 0:
