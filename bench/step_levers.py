@@ -1,19 +1,20 @@
-"""What the training step's own loss kernel and its optimizer choice buy, against what torch offers
-by default for the same job, measured in one run (arms taking turns, medians over rounds, ratios
-above 1: ours faster):
+"""What the training step's own loss and dropout kernels and its optimizer choice buy, against what
+torch offers by default for the same job, measured in one run (arms taking turns, medians over
+rounds, ratios above 1: ours faster):
 
 - the label-smoothed loss, forward and backward, against `F.cross_entropy(..., label_smoothing=eps)`
   (what a user would write; it gives no NLL beside the loss), alone at the logits' shapes of a
   token-budget batch;
-- a whole training step of a preset with ours and with torch's loss;
+- dropout's CPU path (four 16-bit mask draws per 64-bit random number) against `F.dropout` (one
+  `bernoulli_` draw per element), forward and backward, alone at one sub-layer output's shape;
+- a whole training step of a preset with ours, with torch's loss, and with `F.dropout`;
 - the optimizer step: torch's fused Adam (ours) against torch's default Adam (on a CPU, one pass
   over the weights per operation), over the preset's weights as the benchmarks' loops hold them,
   and as `engine.step()` of a real single-process DeepSpeed ZeRO-2 engine built by training's
   own code, whose Adam updates one flat fp32 partition.
 
-(A CPU dropout mask drawn as `rand >= p` was measured here too, 1.34x `F.dropout` alone and 1.03x a
-step, bench/results/step_levers_cpu_2026-12-03.json; it was taken out again: the chained-resize
-test's valid loss moved 17% with its random stream, and that is not understood yet.)
+(A first CPU dropout mask, drawn as `rand >= p`, one draw per element as `bernoulli_`, gave 1.34x
+`F.dropout` alone and 1.03x a step, bench/results/step_levers_cpu_2026-12-03.json.)
 
     python bench/step_levers.py --preset small --rounds 5
 """
@@ -21,24 +22,39 @@ test's valid loss moved 17% with its random stream, and that is not understood y
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+import transformer.layers
+import transformer.model
 from _provenance import provenance
 from model_throughput import _step_fn
 from object_store import _single_process_distributed
 from transformer import ModelConfig, build_model, preset
+from transformer.dropout import dropout
 from transformer.loss import label_smoothed_loss
 
 
 def torch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, epsilon: float, pad_id: int):
     return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id,
                             label_smoothing=epsilon, reduction="sum"),)
+
+
+@contextlib.contextmanager
+def _torch_dropout() -> Iterator[None]:
+    """The model's dropouts through `F.dropout` for the duration (the arm without our CPU path)."""
+    saved = transformer.model.dropout, transformer.layers.dropout
+    transformer.model.dropout = transformer.layers.dropout = F.dropout
+    try:
+        yield
+    finally:
+        transformer.model.dropout, transformer.layers.dropout = saved
 
 
 def _forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
@@ -135,15 +151,27 @@ def main() -> None:
     tgt = torch.randint(4, config.vocab_size, (rows, length + 1), generator=generator)
 
     batch = (src, tgt[:, :-1], tgt[:, 1:])
+    hidden = torch.randn(rows, length, config.d_model, generator=generator)
+    result["dropout_alone"] = {"shape": list(hidden.shape), "p": config.dropout, **_compare(_medians({
+        "ours": _timed(_forward_backward(lambda x: dropout(x, config.dropout, True), hidden), 3),
+        "F.dropout": _timed(_forward_backward(lambda x: F.dropout(x, config.dropout, True), hidden), 3),
+    }, args.rounds))}
 
-    def step(loss_fn: Callable) -> Callable[[], float]:
+    def step(loss_fn: Callable, torch_dropout: bool = False) -> Callable[[], float]:
         torch.manual_seed(0)
-        return _timed(_step_fn(build_model(config).train(), config, batch, torch.float32, loss_fn), 2)
+        run = _step_fn(build_model(config).train(), config, batch, torch.float32, loss_fn)
+
+        def arm() -> None:
+            with _torch_dropout() if torch_dropout else contextlib.nullcontext():
+                run()
+        return _timed(arm, 2)
 
     result["training_step"] = {"preset": args.preset, "vocab_size": config.vocab_size, "batch": [rows, length],
                                **_compare(_medians({
                                    "ours": step(label_smoothed_loss),
                                    "torch_cross_entropy": step(torch_cross_entropy),
+                                   "F.dropout": step(label_smoothed_loss, torch_dropout=True),
+                                   "both_torch": step(torch_cross_entropy, torch_dropout=True),
                                }, args.rounds), unit=1.0)}
     _single_process_distributed()  # for the ZeRO-2 engines
     result["optimizer_step"] = {

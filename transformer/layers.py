@@ -16,6 +16,7 @@ from torch import nn
 
 from transformer.attention import KVCache, MultiHeadAttention
 from transformer.config import ModelConfig
+from transformer.dropout import dropout
 
 
 class FeedForward(nn.Module):
@@ -30,7 +31,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.relu(self.linear1(x))
         if self.activation_dropout:
-            hidden = F.dropout(hidden, self.activation_dropout, self.training)
+            hidden = dropout(hidden, self.activation_dropout, self.training)
         return self.linear2(hidden)
 
 
@@ -66,8 +67,8 @@ class TransformerBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
         if self.pre_norm:
-            return x + F.dropout(sublayer(norm(x)), self.dropout, self.training)
-        return norm(x + F.dropout(sublayer(x), self.dropout, self.training))
+            return x + dropout(sublayer(norm(x)), self.dropout, self.training)
+        return norm(x + dropout(sublayer(x), self.dropout, self.training))
 
     def forward(
         self,

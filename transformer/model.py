@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer.config import ModelConfig
+from transformer.dropout import dropout
 from transformer.embeddings import PositionalEncoding, ScaledEmbedding
 from transformer.attention import KVCache
 from transformer.layers import LayerCache, Stack
@@ -36,7 +37,7 @@ class _Embedder(nn.Module):
     def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         x = self.tokens(ids)  # (B, T, d_model)
         x = x + self.positions(ids.shape[1], offset).to(x.dtype)  # the fp32 table joins a bf16 model's dtype
-        return F.dropout(x, self.dropout, self.training)
+        return dropout(x, self.dropout, self.training)
 
 
 class _OutputHead(nn.Module):

@@ -6,9 +6,12 @@ import pathlib
 import pytest
 import torch
 
+import transformer.layers
+import transformer.model
 from transformer import build_model, count_parameters, preset
 from transformer.attention import MultiHeadAttention
 from transformer.config import TABLE3_PARAMETERS_M, ModelConfig
+from transformer.dropout import dropout
 from transformer.layers import FeedForward
 
 VOCAB = 50
@@ -138,13 +141,13 @@ def test_dropout_is_applied_where_the_paper_puts_it(monkeypatch, norm: str) -> N
     embeddings and positions; active in training, off in evaluation."""
     model = _model(norm=norm, dropout=0.25)
     calls: list[tuple[torch.Tensor, float, bool]] = []
-    real_dropout = torch.nn.functional.dropout
 
-    def recording_dropout(x, p=0.5, training=True, inplace=False):
+    def recording_dropout(x, p, training):
         calls.append((x, p, training))
-        return real_dropout(x, p, training, inplace)
+        return dropout(x, p, training)
 
-    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    for module in (transformer.model, transformer.layers):
+        monkeypatch.setattr(module, "dropout", recording_dropout)
     sublayer_outputs: list[torch.Tensor] = []
     for module in model.modules():
         if isinstance(module, (MultiHeadAttention, FeedForward)):
