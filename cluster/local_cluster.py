@@ -19,15 +19,14 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.account_dir import account_dir
 from cluster.credentials import mlflow_login, mlflow_login_path, read_mlflow_login
 from cluster.job_environment import named_variables
 from cluster.services import (
@@ -89,18 +88,9 @@ def read_state() -> ClusterState | None:
 def ray_temp_dir() -> Path:
     """The root of Ray's session directories for this account's cluster. Ray makes it and what is
     below it (the session, its logs, the jobs' unpacked code) mode 777, so it lies inside a
-    directory of this account's alone (0700); one there that another account owns or may enter
-    is refused rather than used. Short and under the system temp dir: Ray's Unix sockets live
-    below it, and a socket's path has at most 107 bytes."""
-    private = Path(tempfile.gettempdir()) / f"aiayn-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        private.mkdir(mode=0o700)
-    info = private.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise InputError(f"{private}: this account's directory for Ray must be its own with mode 0700 (found owner "
-                         f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); remove it and run `aiayn cluster up` "
-                         "again")
-    return private / "ray"
+    directory of this account's alone (cluster/account_dir.py). Short and under the system temp
+    dir: Ray's Unix sockets live below it, and a socket's path has at most 107 bytes."""
+    return account_dir() / "ray"
 
 
 def ray_token() -> Path:

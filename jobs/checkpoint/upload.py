@@ -10,11 +10,14 @@ resume from half of one.
 `Uploads` is this rank's side: at most one checkpoint staged at a time (the next save waits for
 the previous upload, which bounds the staging disk), the lease checked just before the copy
 starts, the staging copy removed afterwards whatever happened, and the seconds each save held
-training up.
+training up. A rank killed mid-save cannot remove its staging copy: the next rank to start on that
+node removes every staging directory whose process is gone, so restarts never fill a node's disk.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cluster.account_dir import account_dir
 from jobs.checkpoint.files import checkpoint_dir_name
 from jobs.checkpoint.retention import reported_metrics
 
@@ -35,6 +39,8 @@ class Uploads:
         self.rank, self.asynchronous, self.fence, self.uploaded = rank, asynchronous, fence, uploaded
         self._idle = threading.Event()
         self._idle.set()
+        self._root = staging_root()
+        remove_orphaned_staging(self._root)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -42,7 +48,7 @@ class Uploads:
         before its upload starts, the directory is removed here."""
         self._idle.wait()
         self._idle.clear()
-        local = Path(tempfile.mkdtemp(prefix=f"aiayn-ckpt-r{self.rank}-"))
+        local = Path(tempfile.mkdtemp(prefix=f"r{self.rank}-{_pid_namespace()}-{os.getpid()}-", dir=self._root))
         try:
             yield local
         except BaseException:
@@ -95,3 +101,39 @@ class Uploads:
     def _finished(self, local: Path) -> None:
         shutil.rmtree(local, ignore_errors=True)  # made by `staging`, for this upload only
         self._idle.set()
+
+
+def staging_root() -> Path:
+    """Where the staging directories of this account's ranks on this node lie: nothing else is
+    written there, so what is there was made by a rank."""
+    root = account_dir() / "checkpoint-staging"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def remove_orphaned_staging(root: Path) -> None:
+    """Removes the staging directories of ranks that are gone (killed mid-save). Only those of this
+    process id namespace are judged: a process id from another (a container sharing the disk)
+    says nothing about the processes seen here."""
+    namespace = _pid_namespace()
+    for child in root.iterdir():
+        named = re.fullmatch(r"r\d+-(\d+)-(\d+)-.+", child.name)
+        if named and named[1] == namespace and not _alive(int(named[2])):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _pid_namespace() -> str:
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
+    except OSError:  # no /proc (not Linux): one namespace
+        return "0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another account's process
+        return True

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 from data_pipeline.stream import StreamPosition
 from jobs import checkpoint as ckpt
 from jobs.checkpoint.save import Saver
+from jobs.checkpoint.upload import staging_root
 from jobs.engine import NonFiniteTraining
 from jobs.run_report import RankReport
 
@@ -36,9 +41,29 @@ def test_a_save_that_fails_before_its_upload_leaves_no_staging_and_does_not_bloc
         with uploads.staging() as local:
             (local / "rank_00000.pt").write_bytes(b"part")
             raise OSError("No space left on device")
-    assert list(tmp_path.iterdir()) == []
+    assert list(staging_root().iterdir()) == []
     with uploads.staging() as local:  # returns at once: no upload is in flight
         assert local.is_dir()
+
+
+def test_staging_left_by_a_killed_rank_is_removed_by_the_next_rank_to_start(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, tempfile; from jobs.checkpoint.upload import Uploads; "
+                               "u = Uploads(3, True, None, None); c = u.staging(); print(c.__enter__(), flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
+    orphan = Path(killed.stdout.readline().strip())
+    (orphan / "rank_00003.pt").write_bytes(b"part")
+    killed.kill()
+    killed.wait()
+    live = ckpt.Uploads(0, asynchronous=True, fence=lambda what: None, uploaded=lambda step, seconds, in_background: None)
+    with live.staging() as in_use:
+        other_namespace = staging_root() / "r1-1-1-x"  # process 1 of another pid namespace: not judged
+        other_namespace.mkdir()
+        (staging_root() / "not-a-rank").mkdir()
+        ckpt.Uploads(1, asynchronous=True, fence=lambda what: None, uploaded=lambda step, seconds, in_background: None)
+        assert orphan.parent == staging_root() and not orphan.exists()
+        assert in_use.is_dir() and other_namespace.is_dir() and (staging_root() / "not-a-rank").is_dir()
 
 
 def test_the_weights_moving_average_is_saved_with_its_updates_and_continues_from_them(tmp_path) -> None:
@@ -85,11 +110,11 @@ def test_a_save_refuses_non_finite_weights_and_names_the_setting_when_staging_is
     state, rank_state = ckpt.JobState(step=7), ckpt.RankState(StreamPosition(), torch.get_rng_state())
     with pytest.raises(NonFiniteTraining, match="step 7: the weights are not finite"):
         _saver(_SavingEngine(float("nan"))).save(state, rank_state, {}, wait=False, validate=False)
-    assert list(tmp_path.iterdir()) == []  # refused before anything was staged
+    assert list(staging_root().iterdir()) == []  # refused before anything was staged
     saver = _saver(_SavingEngine(1.0, disk_full=True))
     with pytest.raises(ckpt.CheckpointError, match=r"step 7: writing this rank's checkpoint part to .* failed with "
                                                    r"\d+ MiB free .*set cluster.staging_dir to a local disk"):
         saver.save(state, rank_state, {}, wait=False, validate=False)
-    assert list(tmp_path.iterdir()) == []  # the staging of the failed save is gone
+    assert list(staging_root().iterdir()) == []  # the staging of the failed save is gone
     with saver.uploads.staging() as local:  # and the next save is not left waiting for it
         assert local.is_dir()

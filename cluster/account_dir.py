@@ -1,0 +1,25 @@
+"""This account's own directory under the system temp dir, for what no other local account may
+read, replace or plant: Ray's session directories and the checkpoint parts staged for upload."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from data_pipeline.errors import InputError
+
+
+def account_dir() -> Path:
+    """`<temp dir>/aiayn-<uid>`, made mode 0700 if missing. One that another account owns or may
+    enter (or a link) is refused rather than used."""
+    private = Path(tempfile.gettempdir()) / f"aiayn-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        private.mkdir(mode=0o700)
+    info = private.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise InputError(f"{private}: this account's directory for aiayn must be its own with mode 0700 (found owner "
+                         f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); remove it and start again")
+    return private
