@@ -3,10 +3,10 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
 
 1. Fixed length (EOS suppressed in every engine, so each generates the same number of tokens):
    ours vs MarianMTModel with the same dimensions (random weights: speed only) and vs CTranslate2.
-2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours (float32, and with its
-   feed-forward and attention output layers in int8 by PyTorch's dynamic quantization) and of
-   CTranslate2; per generated token,
-   ours against its own fixed-length rate and CTranslate2 float32 against ours.
+2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours (float32, with early
+   exit, and with its feed-forward and attention output layers in int8 by PyTorch's dynamic
+   quantization) and of CTranslate2; per generated token, ours (and ours with early exit) against
+   its own fixed-length rate and CTranslate2 float32 against ours.
 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
 budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam).
@@ -149,6 +149,10 @@ def main() -> None:
         normal_decoding = Decoding(beam_size=beam)
         ours_s, ours_out = _timed(lambda: translate_ids(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
+        # Ours with early exit (a sentence ends once a step's best extension is EOS) instead of
+        # the rule of ours and CTranslate2 by default (once it has beam_size finished hypotheses).
+        early_decoding = Decoding(beam_size=beam, early_exit=True)
+        early_s, early_out = normal["ours_early_exit"] = _timed(lambda: translate_ids(model, sources, early_decoding))
         # Our model with its feed-forward and attention output layers quantized to int8 by PyTorch
         # (dynamic: weights int8, activations quantized per batch). Left in float32: the attention's
         # fused input projection, sliced per use (a quantized Linear has no weight to slice), and
@@ -169,7 +173,9 @@ def main() -> None:
         # Per generated token (EOS included, as in the fixed-length part): ours' normal rate against
         # its fixed-length rate, and the first CTranslate2 type's normal rate against ours.
         generated = sum(len(h) + 1 for h in ours_out)
-        result["normal_fixed_rate_ratio"] = round((generated / ours_s) / (tokens / ((fixed_s + ours_again_s) / 2)), 3)
+        fixed_rate = tokens / ((fixed_s + ours_again_s) / 2)
+        result["normal_fixed_rate_ratio"] = round((generated / ours_s) / fixed_rate, 3)
+        result["early_exit_normal_fixed_rate_ratio"] = round((sum(len(h) + 1 for h in early_out) / early_s) / fixed_rate, 3)
         first = args.ct2_types[0]
         ct2_seconds, ct2_out = normal[f"ctranslate2_{first}"]
         result[f"ratio_ctranslate2_{first}_vs_ours_per_generated_token"] = round(

@@ -15,6 +15,9 @@ from data_pipeline.storage import redact
 
 ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.evaluation.open_translator takes
 DECODING_HELP = "default: what the model's training run scored with (the paper's beam 4, alpha 0.6 unless set)"
+EARLY_EXIT_HELP = ("end a sentence's beam search once its best extension is EOS, not once it has beam-size "
+                   "finished hypotheses: faster, and a longer translation that would have won is missed now and "
+                   "then (torch engine only)")
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
 
 
@@ -116,12 +119,12 @@ def _summary(outcome) -> str:
 
 
 def _decoding(args: argparse.Namespace, export: Path):
-    """The export's recorded decoding, with --beam and --alpha where given."""
+    """The export's recorded decoding, with --beam, --alpha and --early-exit where given."""
     import dataclasses
 
     from jobs.export import decoding_of
 
-    given = {"beam_size": args.beam, "alpha": args.alpha}
+    given = {"beam_size": args.beam, "alpha": args.alpha, "early_exit": args.early_exit or None}
     return dataclasses.replace(decoding_of(export), **{k: v for k, v in given.items() if v is not None})
 
 
@@ -311,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
     evaluate.add_argument("--beam", type=int, help=DECODING_HELP)
     evaluate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
+    evaluate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -319,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
     translate.add_argument("--beam", type=int, help=DECODING_HELP)
     translate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
+    translate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     translate.set_defaults(handler=_translate)
 

@@ -153,6 +153,9 @@ class CTranslate2Translator:
         counts source tokens only, so it is given max_tokens / beam_size. Its maximum length is one
         for the whole call: max_len_a x the longest source + max_len_b. As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
         would otherwise fail the whole call on one long line."""
+        if decoding.early_exit:
+            raise InputError("--early-exit: CTranslate2 exits early only without a length penalty; "
+                             "use --engine torch, or drop --early-exit")
         if not sources:
             return []
         positions = self.info.get("max_positions")  # absent in models converted before it was recorded

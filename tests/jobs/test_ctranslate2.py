@@ -202,6 +202,8 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     assert ct2_lines.stdout.splitlines() == expected
     wrong = aiayn("translate", "--engine", "ctranslate2", "--model", str(trained_export), stdin=text)
     assert wrong.returncode == 2 and "not a CTranslate2 model" in wrong.stderr
+    early = aiayn("translate", "--early-exit", "--model", str(tmp_path / "ct2"), stdin=text)
+    assert early.returncode == 2 and "--early-exit: CTranslate2 exits early only without a length penalty" in early.stderr
 
 
 def _smallest_margin(model, source: list[int], hypothesis: list[int]) -> float:

@@ -107,14 +107,16 @@ def test_hypothesis_scores_are_the_models_log_probabilities() -> None:
 
 class _ScriptedStepper:
     """A decoder whose next-token distribution is written out by hand (vocab: pad unk bos eos a):
-    after BOS, EOS 0.5 and `a` 0.5; after `a`, EOS 0.95; later, EOS 0.95 again."""
+    after BOS, EOS and `a` with the probabilities `FIRST`; after that, `LATER`."""
+
+    FIRST, LATER = (0.5, 0.5), (0.95, 0.05)
 
     def __init__(self, *_args) -> None:
         pass
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         probs = torch.full((prefix.shape[0], 5), 1e-9)
-        probs[:, 3], probs[:, 4] = (0.5, 0.5) if prefix.shape[1] == 1 else (0.95, 0.05)
+        probs[:, 3], probs[:, 4] = self.FIRST if prefix.shape[1] == 1 else self.LATER
         return probs.log()
 
     def reorder(self, _index: torch.Tensor) -> None:
@@ -132,3 +134,20 @@ def test_length_normalisation_changes_the_winner(monkeypatch) -> None:
     [raw] = beam_search(model, src, Decoding(beam_size=2, alpha=0.0))
     [normalised] = beam_search(model, src, Decoding(beam_size=2))
     assert raw.tokens == [] and normalised.tokens == [4]
+
+
+def test_early_exit_stops_a_sentence_once_its_best_extension_is_eos(monkeypatch) -> None:
+    """After BOS, EOS 0.51 beats `a` 0.49, so early exit ends the search with the empty
+    translation (ln 0.51 = -0.673). Searching on (fairseq's rule) finds `a EOS`, EOS 0.999 after
+    `a`: ln(0.49 x 0.999) / 1.097 = -0.651, which wins."""
+
+    class _Scripted(_ScriptedStepper):
+        FIRST, LATER = (0.51, 0.49), (0.999, 0.001)
+
+    monkeypatch.setattr("transformer.decoding._Stepper", _Scripted)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=5)).eval()
+    src = torch.tensor([[4, 4, 3]])
+    [searched_on] = beam_search(model, src, Decoding(beam_size=2))
+    [exited] = beam_search(model, src, Decoding(beam_size=2, early_exit=True))
+    assert searched_on.tokens == [4] and exited.tokens == []
