@@ -92,13 +92,16 @@ class _Stepper:
             cache.reorder(rows, sentences)
 
 
-def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, min_len: int, pad_id: int,
-              eos_id: int) -> torch.Tensor:
+def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, shortest: int, min_len: int,
+              pad_id: int, eos_id: int) -> torch.Tensor:
     """Never emit padding, nor EOS before `min_len` tokens (EOS included); only EOS where a
-    sentence reaches its maximum length. In place, without a host sync."""
+    sentence reaches its maximum length, from step `shortest` (the smallest of `max_lengths`) on:
+    before it no row needs the pass over all its logits. In place, without a host sync."""
     log_probs[:, pad_id] = float("-inf")
     if step + 1 < min_len:
         log_probs[:, eos_id] = float("-inf")
+    if step + 1 < shortest:
+        return log_probs
     at_limit = (max_lengths <= step + 1)[:, None]  # (rows, 1): broadcast, no (rows, V) mask
     eos = log_probs[:, eos_id : eos_id + 1].clone()
     log_probs.masked_fill_(at_limit, float("-inf"))
@@ -114,7 +117,7 @@ def greedy_search(
     config, min_len = model.config, decoding.min_len
     memory, src_mask = model.encode(src)
     max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)
-    limit = int(max_lengths.max())
+    limit, shortest = int(max_lengths.max()), int(max_lengths.min())
     stepper = _Stepper(model, memory, src_mask, use_cache, limit)
     batch, device, every = src.shape[0], src.device, _check_every(src.device)
     tokens = torch.full((batch, limit + 1), config.pad_id, dtype=torch.long, device=device)
@@ -122,7 +125,8 @@ def greedy_search(
     log_prob = torch.zeros(batch, dtype=torch.float64, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(limit):
-        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, min_len, config.pad_id, config.eos_id)
+        log_probs = _restrict(stepper(tokens[:, : step + 1]), step, max_lengths, shortest, min_len, config.pad_id,
+                              config.eos_id)
         best = log_probs.argmax(-1)
         log_prob += log_probs.gather(1, best[:, None]).squeeze(1).double().masked_fill(finished, 0.0)
         best = best.masked_fill(finished, config.pad_id)
@@ -200,7 +204,7 @@ def beam_search(
     batch, k, device = src.shape[0], decoding.beam_size, src.device
     memory, src_mask = model.encode(src)
     max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)
-    limit = int(max_lengths.max())
+    limit, shortest = int(max_lengths.max()), int(max_lengths.min())
     stepper = _Stepper(model, memory, src_mask, use_cache, limit)
     beam_max_lengths = max_lengths.repeat_interleave(k)  # (n*K,)
     prefix = torch.full((batch * k, limit + 1), config.pad_id, dtype=torch.long, device=device)
@@ -214,8 +218,8 @@ def beam_search(
     every = _check_every(device)
     for step in range(limit):
         n = scores.shape[0]
-        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, min_len, config.pad_id,
-                              config.eos_id)
+        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, shortest, min_len,
+                              config.pad_id, config.eos_id)
         vocab = log_probs.shape[1]
         candidates = scores[:, :, None] + log_probs.view(n, k, vocab)  # (n, K, V), fp32 as fairseq
         top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
