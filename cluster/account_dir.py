@@ -12,10 +12,12 @@ from pathlib import Path
 from data_pipeline.errors import InputError
 
 
-def account_dir() -> Path:
-    """`<temp dir>/aiayn-<uid>`, made mode 0700 if missing. One that another account owns or may
-    enter (or a link) is refused rather than used."""
-    private = Path(tempfile.gettempdir()) / f"aiayn-{os.getuid()}"
+def account_dir(purpose: str = "") -> Path:
+    """`<temp dir>/aiayn-<uid>[-<purpose>]`, made mode 0700 if missing. One that another account
+    owns or may enter (or a link) is refused rather than used. A purpose of its own where another
+    program may make the directory first: `ray start --temp-dir` makes the parents of its temp
+    dir with the default mode, as on a node that never ran `aiayn cluster up`."""
+    private = Path(tempfile.gettempdir()) / "-".join(filter(None, ("aiayn", str(os.getuid()), purpose)))
     with contextlib.suppress(FileExistsError):
         private.mkdir(mode=0o700)
     info = private.lstat()

@@ -106,9 +106,7 @@ class Uploads:
 def staging_root() -> Path:
     """Where the staging directories of this account's ranks on this node lie: nothing else is
     written there, so what is there was made by a rank."""
-    root = account_dir() / "checkpoint-staging"
-    root.mkdir(exist_ok=True)
-    return root
+    return account_dir("checkpoint-staging")
 
 
 def remove_orphaned_staging(root: Path) -> None:
