@@ -69,24 +69,39 @@ def bare_loop(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
     return statistics.median(rates)
 
 
-def stack_run(data_dir: str, workers: int, threads: int, steps: int, max_tokens: int, scratch: Path) -> dict:
-    name = f"bench-{workers}w"
-    tracking = f"sqlite:///{scratch / 'mlflow.db'}"
-    command = [
+def train_command(name: str, data_dir: str, workers: int, threads: int, steps: int, max_tokens: int,
+                  scratch: Path) -> list[str]:
+    """`aiayn train` for throughput alone: no validation, one checkpoint at the end, log every
+    WINDOW steps to an MLflow store in `scratch`."""
+    return [
         sys.executable, "-m", "jobs.cli", "train", f"--name={name}", f"data.output_dir={data_dir}",
         f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={threads // workers}",
         f"train.threads_per_worker={threads // workers}", f"train.max_steps={steps}", "train.max_minutes=0",
         f"train.log_every={WINDOW}", "train.validate_every=0", "optim.decay_steps=0",
         f"train.checkpoint_every_steps={steps}", "train.average_checkpoints=1", "train.keep_checkpoints=1",
-        f"stream.max_tokens={max_tokens}", f"cluster.storage_path={scratch / 'runs'}", f"tracking.uri={tracking}",
-        "train.beam_size=1",
+        f"stream.max_tokens={max_tokens}", f"cluster.storage_path={scratch / 'runs'}",
+        f"tracking.uri={tracking_uri(scratch)}", "train.beam_size=1",
     ]
-    started = time.time()
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    client = MlflowClient(tracking)
+
+
+def tracking_uri(scratch: Path) -> str:
+    return f"sqlite:///{scratch / 'mlflow.db'}"
+
+
+def tokens_per_s_history(scratch: Path, name: str) -> list:
+    """The finished run's `train/tokens_per_s` metrics by step."""
+    client = MlflowClient(tracking_uri(scratch))
     run = client.search_runs([e.experiment_id for e in client.search_experiments()],
                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")[0]
-    history = sorted(client.get_metric_history(run.info.run_id, "train/tokens_per_s"), key=lambda m: m.step)
+    return sorted(client.get_metric_history(run.info.run_id, "train/tokens_per_s"), key=lambda m: m.step)
+
+
+def stack_run(data_dir: str, workers: int, threads: int, steps: int, max_tokens: int, scratch: Path) -> dict:
+    name = f"bench-{workers}w"
+    started = time.time()
+    subprocess.run(train_command(name, data_dir, workers, threads, steps, max_tokens, scratch), check=True,
+                   capture_output=True, text=True)
+    history = tokens_per_s_history(scratch, name)
     first_step = min(history, key=lambda m: m.step)
     return {
         "target_tokens_per_s": statistics.median(m.value for m in history if m.step > WINDOW),
