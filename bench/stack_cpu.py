@@ -25,15 +25,15 @@ from training_stack import train_command
 
 TICKS = os.sysconf("SC_CLK_TCK")
 STEP_LINE = re.compile(r"^step (\d+)/")
-# process title (Ray names an actor's process ray::<Class>, truncated to 15 characters) -> group
-OURS = ("ray::ProgressMon", "ray::Relay")
+# process title (Ray names an actor's process ray::<Class>, truncated to 15 characters) -> group;
+# the first group with a matching marker wins, so Ray's own agents come before the `ray::` of any
+# other actor (Ray Train's controller, synchronisation, placement and dataset actors)
 GROUPS = (
     ("training workers", ("ray::RayTrainWo",)),
-    ("aiayn's actors (hang watchdog, console relay)", OURS),
-    ("Ray Train's actors", ("ray::TrainContr", "ray::Synchroniz", "ray::Placement", "ray::_Autoscali",
-                            "ray::DatasetMan", "ray::Preemption", "ray::")),
+    ("aiayn's actors (hang watchdog, console relay)", ("ray::ProgressMon", "ray::Relay")),
     ("Ray's daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "ray::DashboardA", "ray::RuntimeEn",
                        "runtime_env", "monitor.py")),
+    ("Ray Train's and other actors", ("ray::",)),
     ("the driver (aiayn train)", ("jobs.cli",)),
 )
 
