@@ -87,7 +87,7 @@ def main() -> None:
         finally:
             run.send_signal(signal.SIGINT)  # as a person's Ctrl-C: the driver stops the run and its Ray
             try:
-                run.wait(timeout=120)
+                run.communicate(timeout=120)  # drains its output: a full pipe would block its shutdown
             except subprocess.TimeoutExpired:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
