@@ -28,8 +28,8 @@ def _commit() -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git names its commit
+        return os.environ.get("AIAYN_COMMIT", "unknown")
     return head.stdout.strip() + ("+uncommitted" if dirty else "")
 
 

@@ -1,32 +1,64 @@
 #!/usr/bin/env bash
 # The first look at a GPU, in one call (issue 23): on a machine with one NVIDIA GPU, in under
-# 8 minutes (the timeouts below add up to 480 s), with nothing installed beyond the project's own
+# 10 minutes (the timeouts below add up to 580 s), with nothing installed beyond the project's own
 # set-up (`python3 -m jobs.bootstrap`):
 #   1. the `gpu` tests (bf16 autocast against fp32, the flash-attention paths, DeepSpeed over NCCL);
-#   2. bf16 training of `base` and `big`, compiled, against a dropout-matched compiled bf16
-#      torch.nn.Transformer, with MFU against the device's datasheet peak (jobs/metrics.py),
-#      at a token budget like the paper's (~25k target tokens per step);
+#   2. bf16 training of `base` and `big` at a token budget like the paper's (~25k target tokens per
+#      step, its 37k vocabulary), eager, and compiled last (compiling takes the longest), against a dropout-matched bf16
+#      torch.nn.Transformer, with MFU against the device's datasheet peak (jobs/metrics.py) and
+#      beside it a bf16 8192^3 matrix multiply's rate on this device;
 #   3. translation at fixed length, `base` with random weights and the shipped Multi30K's tokenizer
-#      and test sources (`aiayn prepare` first): ours in bf16 against CTranslate2 float16 and bfloat16.
+#      and test sources (`aiayn prepare` first, unless data/multi30k-en-de is there): ours in bf16
+#      against CTranslate2 float16 and bfloat16.
+# Each step runs under its own timeout and a failed one does not stop the next.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default: $OUT if set, else bench/results/gpu-<date>
-set -euo pipefail
+#   AIAYN_PYTHON=python3 bash bench/gpu_check.sh   # an environment that already holds torch with
+#                                                  # CUDA and the project's dependencies (no set-up)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
 mkdir -p "$out"
-run() { python3 -m jobs.bootstrap -- "$@"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/nvidia-smi.csv"
-run python -c "import torch; assert torch.cuda.is_available(), 'this torch build has no CUDA'; print(torch.__version__, torch.version.cuda)"
-timeout 110 python3 -m jobs.bootstrap -- pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt" || true
-peak=$(run python -c "import torch; from jobs.metrics import device_peak_flops; print(device_peak_flops(torch.device('cuda'), 'bf16')[0] / 1e12)")
-echo "bf16 dense peak: $peak TFLOP/s"
-for model in base big; do
-  timeout 110 python3 -m jobs.bootstrap -- python bench/model_throughput.py --preset "$model" --device cuda \
-    --dtype bfloat16 --compile --peak-tflops "$peak" --batch 1000 --src-len 25 --tgt-len 25 --steps 10 --rounds 3 \
-    | tee "$out/model_throughput_${model}_bf16_compiled.json" || echo "$model: failed or ran out of time"
-done
-timeout 90 python3 -m jobs.bootstrap -- aiayn prepare > "$out/prepare.txt" 2>&1 || echo "prepare failed: $out/prepare.txt"
-timeout 60 python3 -m jobs.bootstrap -- python bench/translation_speed.py --random-preset base \
-  --data data/multi30k-en-de --device cuda --dtype bfloat16 --ct2-types float16 bfloat16 --threads 4 \
+export PYTHONUNBUFFERED=1
+py() {  # timeout SECONDS, then a python command line
+  local seconds=$1; shift
+  if [[ -n ${AIAYN_PYTHON:-} ]]; then
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout "$seconds" "$AIAYN_PYTHON" "$@"
+  else
+    timeout "$seconds" python3 -m jobs.bootstrap -- python "$@"
+  fi
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+[[ -n ${AIAYN_PYTHON:-} ]] || python3 -m jobs.bootstrap || exit 1
+py 30 -c "import torch; assert torch.cuda.is_available(), 'this torch build has no CUDA'; print(torch.__version__, torch.version.cuda)" || exit 1
+py 90 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
+peak=$(py 30 -c "import torch; from jobs.metrics import device_peak_flops; print(device_peak_flops(torch.device('cuda'), 'bf16')[0] / 1e12)")
+py 30 -c "
+import json, torch
+a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+for _ in range(3): a @ b
+rates = []
+for _ in range(5):
+    start.record(); [a @ b for _ in range(10)]; end.record(); torch.cuda.synchronize()
+    rates.append(10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12)
+print(json.dumps({'datasheet_bf16_tflops': $peak, 'matmul_8192_bf16_tflops_best_of_5': round(max(rates), 1)}))
+" | tee "$out/matmul_peak.json"
+throughput() {  # PRESET SECONDS [--compile]
+  local name=$1 seconds=$2; shift 2
+  py "$seconds" bench/model_throughput.py --preset "$name" --device cuda --dtype bfloat16 --peak-tflops "$peak" \
+    --vocab-size 37000 --batch 1000 --src-len 25 --tgt-len 25 --steps 10 --rounds 3 --no-marian "$@" \
+    > "$out/model_throughput_${name}_bf16${1:+_compiled}.json" || echo "$name $*: failed or ran out of time"
+  cat "$out/model_throughput_${name}_bf16${1:+_compiled}.json"
+}
+throughput base 40
+throughput big 40
+if [[ ! -d data/multi30k-en-de ]]; then
+  py 90 -m jobs.cli prepare > "$out/prepare.txt" 2>&1 || echo "prepare failed: $out/prepare.txt"
+fi
+py 60 bench/translation_speed.py --random-preset base --data data/multi30k-en-de --device cuda \
+  --dtype bfloat16 --ct2-types float16 bfloat16 --max-tokens 32768 \
   | tee "$out/translation_speed_base_random_cuda.json" || echo "translation: failed or ran out of time"
+throughput big 130 --compile
+throughput base 130 --compile
 echo "results in $out"

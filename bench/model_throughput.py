@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: not printed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
+    parser.add_argument("--no-marian", action="store_true", help="leave MarianMTModel out (its compile is slow)")
     args = parser.parse_args()
 
     config = preset(args.preset, vocab_size=args.vocab_size)
@@ -170,7 +171,7 @@ def main() -> None:
     candidates["aiayn (residual dropout only)"] = build_model(config)
     torch.manual_seed(0)
     candidates["torch.nn.Transformer"] = TorchTransformerSeq2Seq(config)
-    marian = _marian(config)
+    marian = None if args.no_marian else _marian(config)
     if marian is not None:
         candidates["MarianMTModel"] = marian
     if args.compile:
@@ -212,7 +213,7 @@ def main() -> None:
     result["spread_across_rounds"] = {name: [round(min(v) / statistics.median(v), 3), round(max(v) / statistics.median(v), 3)]
                                       for name, v in rates.items()}
     if marian is None:
-        result["note"] = "transformers is not installed: MarianMTModel not measured"
+        result["note"] = "MarianMTModel not measured: " + ("--no-marian" if args.no_marian else "transformers is not installed")
     print(json.dumps(result, indent=2))
 
 

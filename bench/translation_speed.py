@@ -23,6 +23,7 @@ dataset's tokenizer: the fixed-length part only (BLEU needs a trained model).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -40,15 +41,22 @@ from transformer import build_model, preset
 from transformer.decoding import Decoding
 
 
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(run) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     out = run()
     return time.perf_counter() - start, out
 
 
-def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int) -> float | None:
+def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int,
+                        device: str, dtype: torch.dtype) -> float | None:
     """Seconds for MarianMTModel.generate to produce `length` tokens per sentence, in the same
-    length-sorted token-budget batches as ours; None without `transformers` (pip install -e .[bench])."""
+    length-sorted token-budget batches as ours, on the same device in the same dtype (after one
+    untimed batch, as ours); None without `transformers` (pip install -e .[bench])."""
     try:
         from transformers import MarianConfig, MarianMTModel
     except ImportError:
@@ -61,18 +69,26 @@ def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int
         decoder_attention_heads=config.n_heads, encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.d_ff,
         activation_function="relu", pad_token_id=PAD_ID, eos_token_id=config.eos_id,
         decoder_start_token_id=config.bos_id, max_position_embeddings=config.max_positions, scale_embedding=True,
-    )).eval()
-    start, produced = time.perf_counter(), 0
+    )).eval().to(device=device, dtype=dtype)
+
+    def generate(rows: list[list[int]]) -> int:
+        batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+        for i, row in enumerate(rows):
+            batch[i, : len(row)] = torch.tensor(row)
+        batch = batch.to(device)
+        out = marian.generate(input_ids=batch, attention_mask=batch != PAD_ID, num_beams=beam,
+                              min_new_tokens=length, max_new_tokens=length, length_penalty=0.6,
+                              early_stopping=True, do_sample=False)
+        return (out.shape[1] - 1) * len(rows)  # without the decoder start token
+
+    batches = [[sources[i] for i in indices]
+               for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam)]
     with torch.no_grad():
-        for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam):
-            rows = [sources[i] for i in indices]
-            batch = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
-            for i, row in enumerate(rows):
-                batch[i, : len(row)] = torch.tensor(row)
-            out = marian.generate(input_ids=batch, attention_mask=batch != PAD_ID, num_beams=beam,
-                                  min_new_tokens=length, max_new_tokens=length, length_penalty=0.6,
-                                  early_stopping=True, do_sample=False)
-            produced += (out.shape[1] - 1) * len(rows)  # without the decoder start token
+        generate(batches[0])
+        _synchronize(device)
+        start = time.perf_counter()
+        produced = sum(generate(rows) for rows in batches)
+        _synchronize(device)
     seconds = time.perf_counter() - start
     assert produced == length * len(sources), (produced, length * len(sources))
     return seconds
@@ -94,8 +110,10 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="the prepared dataset it was trained on")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="ours")
-    parser.add_argument("--ct2-types", nargs="+", default=["float32", "int8"],
+    parser.add_argument("--ct2-types", nargs="*", default=["float32", "int8"],
                         help="CTranslate2 quantizations (float32, int8, float16, bfloat16, int8_float16)")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="every engine's batch budget: rows x longest x beam tokens")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--length", type=int, default=24, help="tokens per sentence in the fixed-length part")
     parser.add_argument("--limit", type=int, default=0, help="first N test sentences (0: all)")
@@ -113,23 +131,32 @@ def main() -> None:
         model, config, _ = load_export(export)
         model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
         tokenizer = load_tokenizer(str(export / TOKENIZER))
+        fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
         engines = {}
         for quantization in args.ct2_types:
             convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
-            engines[quantization] = CTranslate2Translator(Path(f"{scratch}/{quantization}"), device=args.device,
-                                                          threads=args.threads)
+            try:
+                engine = CTranslate2Translator(Path(f"{scratch}/{quantization}"), device=args.device,
+                                               threads=args.threads)
+                engine.translate_ids(sources[:8], fixed)  # loads its kernels and libraries untimed, as ours below
+                engines[quantization] = engine
+            except (RuntimeError, ValueError) as error:  # a build without this device or type, a missing cuBLAS
+                result.setdefault("ctranslate2_not_run", {})[quantization] = str(error)
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
-        fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
-        fixed_s, ours_out = _timed(lambda: translate_ids(model, sources, fixed))
+        ours = functools.partial(translate_ids, max_tokens=args.max_tokens)
+        ours(model, sources[:8], fixed)
+        _synchronize(args.device)
+        fixed_s, ours_out = _timed(lambda: ours(model, sources, fixed))
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
-        marian_s = marian_fixed_length(config, sources, beam, length, 4096)
+        marian_s = marian_fixed_length(config, sources, beam, length, args.max_tokens, args.device,
+                                       getattr(torch, args.dtype))
         ct2_fixed = {}
         for name, engine in engines.items():
-            seconds, out = _timed(lambda: engine.translate_ids(sources, fixed))
+            seconds, out = _timed(lambda: engine.translate_ids(sources, fixed, max_tokens=args.max_tokens))
             ct2_fixed[name] = seconds
             result[f"ctranslate2_{name}_fixed_tokens_per_sentence"] = sorted({len(h) for h in out})
-        ours_again_s, _ = _timed(lambda: translate_ids(model, sources, fixed))
+        ours_again_s, _ = _timed(lambda: ours(model, sources, fixed))
         tokens = length * len(sources)
         result["fixed_length"] = {
             "tokens_per_sentence": length,
@@ -147,12 +174,12 @@ def main() -> None:
         # 2. Normal decoding with BLEU.
         normal = {}
         normal_decoding = Decoding(beam_size=beam)
-        ours_s, ours_out = _timed(lambda: translate_ids(model, sources, normal_decoding))
+        ours_s, ours_out = _timed(lambda: ours(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
         # Ours with early exit (a sentence ends once a step's best extension is EOS) instead of
         # the rule of ours and CTranslate2 by default (once it has beam_size finished hypotheses).
         early_decoding = Decoding(beam_size=beam, early_exit=True)
-        early_s, early_out = normal["ours_early_exit"] = _timed(lambda: translate_ids(model, sources, early_decoding))
+        early_s, early_out = normal["ours_early_exit"] = _timed(lambda: ours(model, sources, early_decoding))
         # Our model with its feed-forward and attention output layers quantized to int8 by PyTorch
         # (dynamic: weights int8, activations quantized per batch). Left in float32: the attention's
         # fused input projection, sliced per use (a quantized Linear has no weight to slice), and
@@ -161,9 +188,10 @@ def main() -> None:
             layers = {name for name, module in model.named_modules()
                       if isinstance(module, torch.nn.Linear) and (".ffn." in name or name.endswith("out_proj"))}
             int8 = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
-            normal["ours_int8_dynamic"] = _timed(lambda: translate_ids(int8, sources, normal_decoding))
+            normal["ours_int8_dynamic"] = _timed(lambda: ours(int8, sources, normal_decoding))
         for name, engine in engines.items():
-            normal[f"ctranslate2_{name}"] = _timed(lambda: engine.translate_ids(sources, normal_decoding))
+            normal[f"ctranslate2_{name}"] = _timed(
+                lambda: engine.translate_ids(sources, normal_decoding, max_tokens=args.max_tokens))
         result["normal"] = {
             name: {"sentences_per_s": round(len(sources) / seconds, 1),
                    "bleu": round(corpus_scores(tokenizer.decode(out), split.references).bleu, 2),
@@ -176,10 +204,11 @@ def main() -> None:
         fixed_rate = tokens / ((fixed_s + ours_again_s) / 2)
         result["normal_fixed_rate_ratio"] = round((generated / ours_s) / fixed_rate, 3)
         result["early_exit_normal_fixed_rate_ratio"] = round((sum(len(h) + 1 for h in early_out) / early_s) / fixed_rate, 3)
-        first = args.ct2_types[0]
-        ct2_seconds, ct2_out = normal[f"ctranslate2_{first}"]
-        result[f"ratio_ctranslate2_{first}_vs_ours_per_generated_token"] = round(
-            (sum(len(h) + 1 for h in ct2_out) / ct2_seconds) / (generated / ours_s), 3)
+        if engines:
+            first = next(iter(engines))
+            ct2_seconds, ct2_out = normal[f"ctranslate2_{first}"]
+            result[f"ratio_ctranslate2_{first}_vs_ours_per_generated_token"] = round(
+                (sum(len(h) + 1 for h in ct2_out) / ct2_seconds) / (generated / ours_s), 3)
     print(json.dumps(result, indent=2))
 
 
