@@ -114,10 +114,11 @@ GEMMS = {"aten::mm": (torch.mm, 2), "aten::addmm": (torch.addmm, 3), "aten::bmm"
          "aten::baddbmm": (torch.baddbmm, 3)}  # each with its number of matrix operands
 
 
-def _gemm_replay(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+def _gemm_replay(step: Callable[[], None], device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
     """The matrix multiplies one training step runs (forward and backward, as the profiler records
     them with their shapes and dtypes), replayed alone on fresh contiguous tensors: the time the
-    step would take if it were nothing but its GEMMs."""
+    step would take if it were nothing but its GEMMs. Where this torch's profiler records no
+    dtypes (2.11 does not), they are the step's autocast `dtype`, in which autocast runs GEMMs."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as recorded:
@@ -126,8 +127,9 @@ def _gemm_replay(step: Callable[[], None], device: torch.device) -> Callable[[],
     for event in recorded.events():
         if event.name in GEMMS:
             gemm, operands = GEMMS[event.name]
-            shapes = [(shape, name) for shape, name in zip(event.input_shapes, event.input_dtypes) if shape]
-            tensors = [torch.randn(shape, device=device).to(DTYPES.get(name, torch.float32))
+            names = getattr(event, "input_dtypes", None) or [None] * len(event.input_shapes)
+            shapes = [(shape, name) for shape, name in zip(event.input_shapes, names) if shape]
+            tensors = [torch.randn(shape, device=device).to(DTYPES.get(name, dtype))
                        for shape, name in shapes[:operands]]  # not alpha, beta, nor a compiled graph's out=
             calls.append((gemm, tensors))
     assert calls, "the profiler recorded no matrix multiply"
@@ -188,7 +190,7 @@ def main() -> None:
             step()
     sync()
     # The same GEMMs as the model as trained, alone: how much of its step is anything else.
-    steps["GEMMs of aiayn (residual dropout only), replayed"] = _gemm_replay(steps["aiayn (residual dropout only)"], device)
+    steps["GEMMs of aiayn (residual dropout only), replayed"] = _gemm_replay(steps["aiayn (residual dropout only)"], device, dtype)
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():

@@ -53,10 +53,11 @@ def _timed(run) -> tuple[float, list[list[int]]]:
 
 
 def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int, max_tokens: int,
-                        device: str, dtype: torch.dtype) -> float | None:
+                        device: str, dtype: torch.dtype, warm_up: bool) -> float | None:
     """Seconds for MarianMTModel.generate to produce `length` tokens per sentence, in the same
-    length-sorted token-budget batches as ours, on the same device in the same dtype (after one
-    untimed batch, as ours); None without `transformers` (pip install -e .[bench])."""
+    length-sorted token-budget batches as ours, on the same device in the same dtype, after one
+    untimed batch (or, with `warm_up`, one untimed pass over all, as ours on a GPU); None without
+    `transformers` (pip install -e .[bench])."""
     try:
         from transformers import MarianConfig, MarianMTModel
     except ImportError:
@@ -84,7 +85,8 @@ def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int
     batches = [[sources[i] for i in indices]
                for indices in length_sorted_batches([len(s) for s in sources], max_tokens, beam)]
     with torch.no_grad():
-        generate(batches[0])
+        for rows in batches if warm_up else batches[:1]:
+            generate(rows)
         _synchronize(device)
         start = time.perf_counter()
         produced = sum(generate(rows) for rows in batches)
@@ -132,25 +134,27 @@ def main() -> None:
         model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
         tokenizer = load_tokenizer(str(export / TOKENIZER))
         fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
+        # Untimed first: on a GPU every batch shape costs its first call (kernel choice, allocation).
+        warm_up = sources if torch.device(args.device).type == "cuda" else sources[:8]
         engines = {}
         for quantization in args.ct2_types:
             convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
             try:
                 engine = CTranslate2Translator(Path(f"{scratch}/{quantization}"), device=args.device,
                                                threads=args.threads)
-                engine.translate_ids(sources[:8], fixed)  # loads its kernels and libraries untimed, as ours below
+                engine.translate_ids(warm_up, fixed, max_tokens=args.max_tokens)
                 engines[quantization] = engine
             except (RuntimeError, ValueError) as error:  # a build without this device or type, a missing cuBLAS
                 result.setdefault("ctranslate2_not_run", {})[quantization] = str(error)
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
         ours = functools.partial(translate_ids, max_tokens=args.max_tokens)
-        ours(model, sources[:8], fixed)
+        ours(model, warm_up, fixed)
         _synchronize(args.device)
         fixed_s, ours_out = _timed(lambda: ours(model, sources, fixed))
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
         marian_s = marian_fixed_length(config, sources, beam, length, args.max_tokens, args.device,
-                                       getattr(torch, args.dtype))
+                                       getattr(torch, args.dtype), warm_up=len(warm_up) == len(sources))
         ct2_fixed = {}
         for name, engine in engines.items():
             seconds, out = _timed(lambda: engine.translate_ids(sources, fixed, max_tokens=args.max_tokens))
