@@ -24,12 +24,17 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    """git's HEAD, marked if the tree differs from it; AIAYN_COMMIT instead where it is set, for a
+    copy of the tree whose .git is missing or stale (a device machine's copy read 3ad6751+uncommitted
+    for b91265a's tree)."""
+    if named := os.environ.get("AIAYN_COMMIT"):
+        return named
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git names its commit
-        return os.environ.get("AIAYN_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
     return head.stdout.strip() + ("+uncommitted" if dirty else "")
 
 

@@ -4,17 +4,20 @@
 # set-up (`python3 -m jobs.bootstrap`):
 #   1. the `gpu` tests (bf16 autocast against fp32, the flash-attention paths, DeepSpeed over NCCL);
 #   2. bf16 training of `base` and `big` at a token budget like the paper's (~25k target tokens per
-#      step, its 37k vocabulary), eager, and compiled last (compiling takes the longest), against a dropout-matched bf16
-#      torch.nn.Transformer, with MFU against the device's datasheet peak (jobs/metrics.py) and
-#      beside it a bf16 8192^3 matrix multiply's rate on this device;
+#      step, its 37k vocabulary), eager, and compiled last (compiling takes the longest), against
+#      a dropout-matched bf16 torch.nn.Transformer, with MFU against the device's datasheet peak
+#      (jobs/metrics.py), beside it a bf16 8192^3 matrix multiply's rate on this device, and the
+#      15 kernels that take most of one step's time;
 #   3. translation at fixed length, `base` with random weights and the shipped Multi30K's tokenizer
 #      and test sources (`aiayn prepare` first, unless data/multi30k-en-de is there): ours in bf16
 #      against CTranslate2 float16 and bfloat16.
-# Each step runs under its own timeout and a failed one does not stop the next.
+# Each step runs under its own timeout and a failed one does not stop the next. On an H200 (torch
+# 2.11, 16 cores) the whole took 397 s, 251 of them in the two compiled runs (bench/results/gpu-2026-12-04/).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default: $OUT if set, else bench/results/gpu-<date>
 #   AIAYN_PYTHON=python3 bash bench/gpu_check.sh   # an environment that already holds torch with
 #                                                  # CUDA and the project's dependencies (no set-up)
+# AIAYN_COMMIT names the commit in the results where the tree's .git is missing or stale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
@@ -50,7 +53,7 @@ print(json.dumps({'datasheet_bf16_tflops': $peak, 'matmul_8192_bf16_tflops_best_
 throughput() {  # PRESET SECONDS [--compile]
   local name=$1 seconds=$2; shift 2
   py "$seconds" bench/model_throughput.py --preset "$name" --device cuda --dtype bfloat16 --peak-tflops "$peak" \
-    --vocab-size 37000 --batch 1000 --src-len 25 --tgt-len 25 --steps 10 --rounds 3 --no-marian "$@" \
+    --vocab-size 37000 --batch 1000 --src-len 25 --tgt-len 25 --steps 10 --rounds 3 --no-marian --top-ops 15 "$@" \
     > "$out/model_throughput_${name}_bf16${1:+_compiled}.json" || echo "$name $*: failed or ran out of time"
   cat "$out/model_throughput_${name}_bf16${1:+_compiled}.json"
 }

@@ -141,6 +141,25 @@ def _gemm_replay(step: Callable[[], None], device: torch.device, dtype: torch.dt
     return replay
 
 
+def _top_ops(step: Callable[[], None], device: torch.device, count: int) -> list[dict]:
+    """Where one step's time goes: the `count` operators (kernels, on a GPU) with the most self
+    time over one profiled step, with their share of the step's total. Compiled graphs show their
+    generated kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as recorded:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in recorded.key_averages() if getattr(event, field) > 0]
+    total = sum(getattr(event, field) for event in events)
+    ranked = sorted(events, key=lambda event: getattr(event, field), reverse=True)[:count]
+    return [{"op": event.key[:120], "ms": round(getattr(event, field) / 1e3, 3), "calls": event.count,
+             "share": round(getattr(event, field) / total, 4)} for event in ranked]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
@@ -155,6 +174,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0: not printed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     parser.add_argument("--no-marian", action="store_true", help="leave MarianMTModel out (its compile is slow)")
+    parser.add_argument("--top-ops", type=int, default=0,
+                        help="also profile one step of ours as trained and list its N costliest operators")
     args = parser.parse_args()
 
     config = preset(args.preset, vocab_size=args.vocab_size)
@@ -214,6 +235,8 @@ def main() -> None:
     result["share_of_step_in_its_gemms"] = round(statistics.median(rates["aiayn (residual dropout only)"]) / gemms, 3)
     result["spread_across_rounds"] = {name: [round(min(v) / statistics.median(v), 3), round(max(v) / statistics.median(v), 3)]
                                       for name, v in rates.items()}
+    if args.top_ops:
+        result["top_ops_of_aiayn_as_trained"] = _top_ops(steps["aiayn (residual dropout only)"], device, args.top_ops)
     if marian is None:
         result["note"] = "MarianMTModel not measured: " + ("--no-marian" if args.no_marian else "transformers is not installed")
     print(json.dumps(result, indent=2))
