@@ -12,7 +12,8 @@
 #      and test sources (`aiayn prepare` first, unless data/multi30k-en-de is there): ours in bf16
 #      against CTranslate2 float16 and bfloat16.
 # Each step runs under its own timeout and a failed one does not stop the next. On an H200 (torch
-# 2.11, 16 cores) the whole took 397 s, 251 of them in the two compiled runs (bench/results/gpu-2026-12-04/).
+# 2.11, 16 cores) the whole took 397 s, 251 of them in the two compiled runs
+# (bench/results/gpu-2026-12-04/).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default: $OUT if set, else bench/results/gpu-<date>
 #   AIAYN_PYTHON=python3 bash bench/gpu_check.sh   # an environment that already holds torch with
