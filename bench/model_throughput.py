@@ -1,8 +1,9 @@
 """Training tokens/s of our Transformer against torch.nn.Transformer (and MarianMTModel if installed).
 
-Same sizes, same batch, same optimizer (the paper's Adam), same label-smoothed loss, same machine,
-one run: the models take turns, and each figure is the median over rounds so that machine noise
-hits all of them alike. Printed as ratios to torch.nn.Transformer.
+Same sizes, same batch, same optimizer (the paper's Adam), same label-smoothed loss (compiled with
+the models under --compile, as training compiles it with the model), same machine, one run: the
+models take turns, and each figure is the median over rounds so that machine noise hits all of
+them alike. Printed as ratios to torch.nn.Transformer.
 
 The step's share in its own matrix multiplies: the GEMMs one step of the model as trained runs
 (forward and backward, recorded by the profiler with their shapes) are replayed alone in the same
@@ -21,6 +22,7 @@ model as the recipes train it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -200,7 +202,9 @@ def main() -> None:
     if args.compile:
         for model in candidates.values():
             model.compile()  # in place, as `train.compile` does
-    steps = {name: _step_fn(model.to(device).train(), config, batch, dtype) for name, model in candidates.items()}
+    loss_fn = functools.partial(label_smoothed_loss, compiled=args.compile)  # as training pairs them
+    steps = {name: _step_fn(model.to(device).train(), config, batch, dtype, loss_fn)
+             for name, model in candidates.items()}
 
     def sync() -> None:
         if device.type == "cuda":

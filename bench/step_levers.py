@@ -4,7 +4,8 @@ rounds, ratios above 1: ours faster):
 
 - the label-smoothed loss, forward and backward, against `F.cross_entropy(..., label_smoothing=eps)`
   (what a user would write; it gives no NLL beside the loss), alone at the logits' shapes of a
-  token-budget batch;
+  token-budget batch, eager and compiled (`ours_compiled`: the path training takes with a
+  compiled model);
 - dropout's CPU path (four 16-bit mask draws per 64-bit random number) against `F.dropout` (one
   `bernoulli_` draw per element), forward and backward, alone at one sub-layer output's shape;
 - a whole training step of a preset with ours, with torch's loss, and with `F.dropout`;
@@ -142,6 +143,7 @@ def main() -> None:
         logits = torch.randn(args.tokens, vocab, generator=generator)
         targets = torch.randint(0, vocab, (args.tokens,), generator=generator)
         losses = {"ours": lambda x: label_smoothed_loss(x, targets, 0.1, 0)[0],
+                  "ours_compiled": lambda x: label_smoothed_loss(x, targets, 0.1, 0, compiled=True)[0],
                   "torch_cross_entropy": lambda x: torch_cross_entropy(x, targets, 0.1, 0)[0]}
         result["loss_alone"][f"{args.tokens}x{vocab}"] = _compare(_medians(
             {name: _timed(_forward_backward(loss, logits), 3) for name, loss in losses.items()}, args.rounds))

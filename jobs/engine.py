@@ -69,7 +69,7 @@ def forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, to
     positions, targets = positions.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     batch = batch.to(device)
     inputs = (batch.tgt_in, positions) if batch.src is None else (batch.src, batch.tgt_in, positions)
-    return label_smoothed_loss(engine(*inputs, **kwargs), targets, epsilon, PAD_ID)
+    return label_smoothed_loss(engine(*inputs, **kwargs), targets, epsilon, PAD_ID, compiled=engine.is_compiled)
 
 
 def train_step(engine, micro: list[Batch | None], global_tokens: float, world_size: int,

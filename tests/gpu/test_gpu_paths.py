@@ -1,5 +1,6 @@
 """What only a GPU can run: bf16 autocast and fp16 training steps (with fused Adam and the compiled
-model), the flash attention kernel, NCCL. Skipped, and listed as skipped, on machines without CUDA."""
+model), the compiled loss's Triton kernels, the flash attention kernel, NCCL. Skipped, and listed
+as skipped, on machines without CUDA."""
 
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def test_flash_attention_kernel_runs_a_whole_unpadded_batch() -> None:
         logits = model(src, tgt_in, src_padded=False)
         logits.float().sum().backward()
     assert torch.isfinite(logits).all()
+
+
+def test_the_compiled_loss_follows_the_eager_one_in_bf16() -> None:
+    """Training's loss with a compiled model (inductor's Triton kernels here): the figures and the
+    bf16 gradient of the paper's vocabulary size within bf16 rounding of the eager path's."""
+    generator = torch.Generator().manual_seed(2)
+    logits = (3 * torch.randn(4096, 37000, generator=generator)).cuda().bfloat16()
+    targets = torch.randint(0, 37000, (4096,), generator=generator).cuda()
+    targets[:300] = 0  # padding
+    figures, gradients = [], []
+    for compiled in (False, True):
+        leaf = logits.clone().requires_grad_()
+        loss, nll = label_smoothed_loss(leaf, targets, 0.1, 0, compiled=compiled)
+        loss.backward()
+        figures.append(torch.stack([loss.detach(), nll]))
+        gradients.append(leaf.grad.float())
+    torch.testing.assert_close(figures[1], figures[0], rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-2, atol=1e-9)
 
 
 def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:

@@ -52,13 +52,15 @@ def test_label_smoothed_loss_hand_values() -> None:
     assert loss.item() == pytest.approx(0.9 * nll_expected + 0.1 * uniform)
 
 
-def test_label_smoothed_loss_and_its_gradient_match_torch_cross_entropy() -> None:
-    """One log_softmax for both figures gives torch's label-smoothed cross entropy, gradients too."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_label_smoothed_loss_and_its_gradient_match_torch_cross_entropy(compiled: bool) -> None:
+    """Both paths (eager: one log_softmax; compiled: log-sum-exp reductions and one fused gradient
+    pass) give torch's label-smoothed cross entropy, gradients too."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 11, generator=generator, requires_grad=True)
     targets = torch.randint(1, 11, (3, 5), generator=generator)
     targets[1, 3:] = 0  # padding
-    loss, nll = label_smoothed_loss(logits, targets, epsilon=0.1, pad_id=0)
+    loss, nll = label_smoothed_loss(logits, targets, epsilon=0.1, pad_id=0, compiled=compiled)
     flat, flat_targets = logits.reshape(-1, 11), targets.reshape(-1)
     reference = torch.nn.functional.cross_entropy(flat, flat_targets, ignore_index=0, label_smoothing=0.1,
                                                   reduction="sum")
@@ -70,7 +72,8 @@ def test_label_smoothed_loss_and_its_gradient_match_torch_cross_entropy() -> Non
     torch.testing.assert_close(ours, theirs)
 
 
-def test_label_smoothed_loss_gradient_in_bfloat16_follows_float32() -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_label_smoothed_loss_gradient_in_bfloat16_follows_float32(compiled: bool) -> None:
     """bf16 logits (autocast's output layer) get a bf16 gradient computed in fp32: it stays within
     bf16's rounding of the fp32 one, and the figures are fp32."""
     generator = torch.Generator().manual_seed(1)
@@ -78,7 +81,7 @@ def test_label_smoothed_loss_gradient_in_bfloat16_follows_float32() -> None:
     targets = torch.randint(0, 50, (16,), generator=generator)
     half = logits.bfloat16().requires_grad_()
     full = half.detach().float().requires_grad_()
-    loss_half, _ = label_smoothed_loss(half, targets, epsilon=0.1, pad_id=0)
+    loss_half, _ = label_smoothed_loss(half, targets, epsilon=0.1, pad_id=0, compiled=compiled)
     loss_full, _ = label_smoothed_loss(full, targets, epsilon=0.1, pad_id=0)
     assert loss_half.dtype == torch.float32
     torch.testing.assert_close(loss_half, loss_full)
