@@ -18,6 +18,7 @@ DECODING_HELP = "default: what the model's training run scored with (the paper's
 EARLY_EXIT_HELP = ("end a sentence's beam search once its best extension is EOS, not once it has beam-size "
                    "finished hypotheses: faster, and a longer translation that would have won is missed now and "
                    "then (torch engine only)")
+DEVICE_HELP = "cpu, or cuda (the first GPU; the torch engine decodes in float32 there); auto: cuda where torch sees one"
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
 
 
@@ -130,12 +131,13 @@ def _decoding(args: argparse.Namespace, export: Path):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
-    from jobs.evaluation import open_translator, score_split
+    from jobs.evaluation import inference_device, open_translator, score_split
     from jobs.export import local_export
 
+    device = inference_device(args.device)
     manifest = load_manifest(args.data)
     with local_export(args.model) as directory:
-        translate, info = open_translator(directory, args.engine, _decoding(args, directory),
+        translate, info = open_translator(directory, args.engine, _decoding(args, directory), device=device,
                                           progress=sys.stderr.isatty())
         check_tokenizer_matches(manifest, info["tokenizer_sha256"], args.model)
         score = score_split(translate, manifest, args.split, limit=args.limit)
@@ -148,11 +150,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _translate(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import load_tokenizer
-    from jobs.evaluation import open_translator
+    from jobs.evaluation import inference_device, open_translator
     from jobs.export import TOKENIZER, local_export
 
+    device = inference_device(args.device)
     with local_export(args.model) as directory:
-        translate, _ = open_translator(directory, args.engine, _decoding(args, directory),
+        translate, _ = open_translator(directory, args.engine, _decoding(args, directory), device=device,
                                        progress=sys.stderr.isatty())
         tokenizer = load_tokenizer(str(directory / TOKENIZER))
         lines = [line.rstrip("\n") for line in sys.stdin]
@@ -316,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     evaluate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
@@ -325,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     translate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
+    translate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
     translate.set_defaults(handler=_translate)
 
     export = commands.add_parser("export", help="convert an export for a fast inference engine (CTranslate2)")

@@ -16,6 +16,7 @@ import sacrebleu
 import torch
 
 from data_pipeline import storage
+from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
 from transformer.decoding import PAPER, Decoding, search
@@ -25,11 +26,21 @@ from transformer.model import EncoderDecoderTransformer
 Translate = Callable[[list[list[int]]], list[list[int]]]  # source ids (ending with EOS) -> hypothesis ids
 
 
-def open_translator(directory: Path, engine: str, decoding: Decoding | None = None, *,
+def inference_device(requested: str) -> str:
+    """"cpu" or "cuda" for `--device`: auto is the GPU where torch sees one; cuda without one is a
+    mistake to say before any model is read."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
+    return requested
+
+
+def open_translator(directory: Path, engine: str, decoding: Decoding | None = None, *, device: str = "cpu",
                     progress: bool = False) -> tuple[Translate, dict]:
     """(translate, the export's info) for a local export: ours (PyTorch beam search) or one made by
     `aiayn export --format ctranslate2`; "auto" goes by what the directory holds. `decoding`:
-    None for the one the export's run decoded with."""
+    None for the one the export's run decoded with. `device`: "cpu" or "cuda" (the first GPU)."""
     from jobs.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
     from jobs.export import decoding_of, load_export
 
@@ -38,10 +49,17 @@ def open_translator(directory: Path, engine: str, decoding: Decoding | None = No
     if engine == "auto":
         engine = "ctranslate2" if (directory / CT2_WEIGHTS).is_file() else "torch"
     if engine == "ctranslate2":
-        translator = CTranslate2Translator(directory)
+        try:
+            translator = CTranslate2Translator(directory, device=device)
+        except (RuntimeError, ValueError) as error:  # a CPU-only build, a missing CUDA library
+            if device == "cpu" or isinstance(error, InputError):
+                raise
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(f"--device {device}: CTranslate2 cannot run there ({message}); use --device cpu "
+                             "or --engine torch") from error
         return functools.partial(translator.translate_ids, decoding=decoding), translator.info
     model, _, info = load_export(directory)
-    return functools.partial(translate_ids, model, decoding=decoding, progress=progress), info
+    return functools.partial(translate_ids, model.to(device), decoding=decoding, progress=progress), info
 
 
 @dataclass(frozen=True)

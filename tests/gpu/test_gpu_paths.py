@@ -1,13 +1,15 @@
 """What only a GPU can run: bf16 autocast and fp16 training steps (with fused Adam and the compiled
-model), the compiled loss's Triton kernels, the flash attention kernel, NCCL. Skipped, and listed
-as skipped, on machines without CUDA."""
+model), the compiled loss's Triton kernels, the flash attention kernel, NCCL, translation on the GPU.
+Skipped, and listed as skipped, on machines without CUDA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.jobs.tiny_model import trained_export  # noqa: F401 - a fixture: one tiny trained export
 from transformer import build_model, preset
+from transformer.decoding import Decoding
 from transformer.loss import label_smoothed_loss
 
 pytestmark = pytest.mark.gpu
@@ -84,6 +86,22 @@ def test_the_compiled_loss_follows_the_eager_one_in_bf16() -> None:
         gradients.append(leaf.grad.float())
     torch.testing.assert_close(figures[1], figures[0], rtol=1e-5, atol=0.0)
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-2, atol=1e-9)
+
+
+def test_translation_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
+    """`aiayn translate --device auto` picks the GPU; its greedy output parts from the CPU's only where
+    the decision was within float rounding."""
+    from jobs.evaluation import inference_device, open_translator
+    from jobs.export import load_export
+    from tests.agreement import greedy_disagreements, teacher_forced
+    from tests.jobs.tiny_model import sources_of
+
+    assert inference_device("auto") == "cuda"
+    sources = sources_of(trained_export, 100)
+    on_gpu, _ = open_translator(trained_export, "torch", Decoding(beam_size=1), device="cuda")
+    on_cpu, _ = open_translator(trained_export, "torch", Decoding(beam_size=1), device="cpu")
+    model, _, _ = load_export(trained_export)
+    assert greedy_disagreements(teacher_forced(model), sources, on_cpu(sources), on_gpu(sources), 1e-2) == []
 
 
 def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:

@@ -206,6 +206,29 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     assert early.returncode == 2 and "--early-exit: CTranslate2 exits early only without a length penalty" in early.stderr
 
 
+def test_a_gpu_that_is_not_there_is_refused_in_one_line(trained_export: Path, tmp_path: Path) -> None:
+    """--device cuda where torch sees no GPU (hidden here from both libraries, so that this holds on
+    machines with one), and CTranslate2 asked for a device it cannot open: one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    convert_export(trained_export, str(tmp_path / "ct2"))
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[2]
+    for model in (trained_export, tmp_path / "ct2"):
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "translate", "--device", "cuda", "--model", str(model)],
+                              input="a sentence\n", capture_output=True, text=True, timeout=120, cwd=root, env=no_gpu)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "--device cuda: torch sees no CUDA device" in lines[0], done.stderr
+    opened = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from jobs.evaluation import open_translator; "
+                             "open_translator(Path(sys.argv[1]), 'ctranslate2', device='cuda')", str(tmp_path / "ct2")],
+                            capture_output=True, text=True, timeout=120, cwd=root, env=no_gpu)
+    assert opened.returncode != 0 and "InputError: --device cuda: CTranslate2 cannot run there (" in opened.stderr, \
+        opened.stderr[-2000:]
+
+
 def _smallest_margin(model, source: list[int], hypothesis: list[int]) -> float:
     """How far, in nats, each greedy choice of `hypothesis` (EOS included) beat the runner-up."""
     top2 = teacher_forced(model)(source, hypothesis).topk(2, dim=-1).values
