@@ -12,7 +12,8 @@ rounds; `share_of_step_in_its_gemms` is its tokens/s over theirs (1.0: nothing b
 Dropout is matched: torch.nn.Transformer(dropout=p) also drops attention probabilities and the FFN
 hidden layer, so `aiayn` here sets `attention_dropout` and `activation_dropout` to p as well (the
 same work, and both off any dropout-free fast path alike); `aiayn (residual dropout only)` is the
-model as the recipes train it.
+model as the recipes train it. Under --compile, `aiayn (residual dropout only), its loss not
+compiled` is that compiled model with the eager loss: what compiling the loss buys.
 
     python bench/model_throughput.py --preset small            # CPU, the ANCHORS.md size
     python bench/model_throughput.py --preset small --compile  # every model torch.compile'd
@@ -111,6 +112,7 @@ def _step_fn(model: nn.Module, config: ModelConfig, batch, dtype: torch.dtype,
     return step
 
 
+EAGER_LOSS = "aiayn (residual dropout only), its loss not compiled"
 DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}
 GEMMS = {"aten::mm": (torch.mm, 2), "aten::addmm": (torch.addmm, 3), "aten::bmm": (torch.bmm, 2),
          "aten::baddbmm": (torch.baddbmm, 3)}  # each with its number of matrix operands
@@ -205,6 +207,8 @@ def main() -> None:
     loss_fn = functools.partial(label_smoothed_loss, compiled=args.compile)  # as training pairs them
     steps = {name: _step_fn(model.to(device).train(), config, batch, dtype, loss_fn)
              for name, model in candidates.items()}
+    if args.compile:  # what compiling the loss with the model buys, in the same run
+        steps[EAGER_LOSS] = _step_fn(candidates["aiayn (residual dropout only)"], config, batch, dtype)
 
     def sync() -> None:
         if device.type == "cuda":
