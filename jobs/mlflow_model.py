@@ -6,6 +6,7 @@ every other model in the Model Registry. Its signature comes from `predict`'s ty
 It is a model from code (MLflow's recommended form): this file is the model's code, the export
 (weights in safetensors, config, tokenizer) its one artifact, so loading it unpickles nothing. The
 export keeps its own decoding settings (beam size and length penalty of the run that made it).
+It translates on the first GPU where the server has one, as `aiayn translate --device auto` does.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ class Translator(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from data_pipeline.tokenizer import load_tokenizer
-        from jobs.evaluation import open_translator
+        from jobs.evaluation import inference_device, open_translator
 
         directory = Path(context.artifacts[EXPORT])
-        self.translate, _ = open_translator(directory, "auto")  # as the run decoded
+        # As the run decoded, on the GPU where the server has one.
+        self.translate, _ = open_translator(directory, "auto", device=inference_device("auto"))
         self.tokenizer = load_tokenizer(str(directory / "tokenizer.model"))
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:
