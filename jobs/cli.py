@@ -18,6 +18,7 @@ DECODING_HELP = "default: what the model's training run scored with (the paper's
 EARLY_EXIT_HELP = ("end a sentence's beam search once its best extension is EOS, not once it has beam-size "
                    "finished hypotheses: faster, and a longer translation that would have won is missed now and "
                    "then (torch engine only)")
+DEVICES = ("auto", "cpu", "cuda")  # what jobs.evaluation.inference_device takes
 DEVICE_HELP = "cpu, or cuda (the first GPU; the torch engine decodes in float32 there); auto: cuda where torch sees one"
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
 
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     evaluate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    evaluate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
     translate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
     translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    translate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=DEVICE_HELP)
+    translate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     translate.set_defaults(handler=_translate)
 
     export = commands.add_parser("export", help="convert an export for a fast inference engine (CTranslate2)")
