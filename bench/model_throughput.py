@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from _provenance import provenance
+from jobs.cpu_allocator import keep_freed_memory
 from transformer import ModelConfig, build_model, preset
 from transformer.flops import training_flops_per_token
 from transformer.loss import label_smoothed_loss
@@ -184,6 +185,8 @@ def main() -> None:
 
     config = preset(args.preset, vocab_size=args.vocab_size)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        keep_freed_memory()  # as CPU training workers do, for every model alike
     generator = torch.Generator().manual_seed(0)
     src = torch.randint(4, args.vocab_size, (args.batch, args.src_len), generator=generator).to(device)
     tgt = torch.randint(4, args.vocab_size, (args.batch, args.tgt_len + 1), generator=generator).to(device)

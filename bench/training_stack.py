@@ -34,6 +34,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import PAD_ID
 from jobs.config import JobConfig
+from jobs.cpu_allocator import keep_freed_memory
 from _provenance import provenance
 from jobs.tracking import RUN_NAME_TAG
 from transformer import build_model
@@ -46,6 +47,7 @@ WINDOW = 10  # steps per log window, in both
 
 def bare_loop(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as a CPU worker's process is set up
     manifest = load_manifest(dataset)
     config = JobConfig().model.replace(vocab_size=manifest.vocab_size)
     torch.manual_seed(0)
