@@ -1,11 +1,12 @@
 """What keeping freed memory in glibc's heap (jobs/cpu_allocator.py, as CPU training workers do)
 buys a CPU training step, and what it costs in resident memory.
 
-Each measurement is a fresh process (the setting is for a whole process): the same model, the
-paper's Adam, and batches of about `--tokens` target tokens whose shapes change every step, as a
-token-budget stream's do, with and without the setting, alternating over rounds. Printed per
-preset: tokens/s, peak resident size and minor page faults of each, medians over rounds, and the
-ratios (kept / default).
+Each measurement is a fresh process, started with glibc's defaults or with the environment the
+driver gives Ray Train's CPU workers, training in a thread as Ray Train runs the training function:
+the same model, the paper's Adam, and batches of about `--tokens` target tokens whose shapes change
+every step, as a token-budget stream's do; the two alternate over rounds. Printed per preset:
+tokens/s, peak resident size and minor page faults of each, medians over rounds, and the ratios
+(kept / default).
 
     python bench/cpu_allocator.py --presets tiny small --steps 60 --rounds 3
 """
@@ -14,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 from _provenance import provenance
-from jobs.cpu_allocator import keep_freed_memory
+from jobs.cpu_allocator import keep_freed_memory_environment
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import paper_adam
@@ -32,10 +35,8 @@ from transformer.schedule import paper_adam
 MODES = ("default", "kept")
 
 
-def measure(preset_name: str, steps: int, tokens: int, threads: int, keep: bool) -> dict:
+def measure(preset_name: str, steps: int, tokens: int, threads: int) -> dict:
     """One process's training loop; the first fifth of the steps warm up untimed."""
-    if keep:
-        assert keep_freed_memory(), "this libc has no mallopt"
     torch.set_num_threads(threads)
     config = preset(preset_name, vocab_size=8000)
     torch.manual_seed(0)
@@ -72,7 +73,12 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.presets[0], args.steps, args.tokens, args.threads, args.child == "kept")))
+        measured: list[dict] = []
+        thread = threading.Thread(target=lambda: measured.append(
+            measure(args.presets[0], args.steps, args.tokens, args.threads)))
+        thread.start()
+        thread.join()
+        print(json.dumps(measured[0]))
         return
     result: dict = {"config": vars(args), "provenance": provenance(), "presets": {}}
     for name in args.presets:
@@ -81,8 +87,9 @@ def main() -> None:
             for mode in MODES:
                 child = [sys.executable, __file__, "--child", mode, "--presets", name, "--steps", str(args.steps),
                          "--tokens", str(args.tokens), "--threads", str(args.threads)]
-                runs[mode].append(json.loads(subprocess.run(child, capture_output=True, text=True,
-                                                            check=True).stdout.splitlines()[-1]))
+                environment = {**os.environ, **(keep_freed_memory_environment() if mode == "kept" else {})}
+                runs[mode].append(json.loads(subprocess.run(child, capture_output=True, text=True, check=True,
+                                                            env=environment).stdout.splitlines()[-1]))
         medians = {mode: {key: round(statistics.median(run[key] for run in runs[mode]), 1) for key in runs[mode][0]}
                    for mode in MODES}
         result["presets"][name] = {**medians, "ratio_kept_vs_default": {

@@ -31,7 +31,6 @@ from jobs.checkpoint.save import Saver
 from jobs.checkpoint.start import Place, attempt_checkpoint, start_rank
 from jobs.collectives import all_gather, all_sum
 from jobs.config import JobConfig, build_section
-from jobs.cpu_allocator import keep_freed_memory
 from jobs.deepspeed_config import accumulation_steps
 from jobs.engine import DivergenceGuard, train_step
 from jobs.goodput import GoodputLedger
@@ -70,8 +69,6 @@ class Trainer:
         self.guard = DivergenceGuard(self.job.train.max_consecutive_skips)
         self.preemption_seen = False
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cpu":  # every step's tensors are host memory: reuse it, page faults cost
-            keep_freed_memory()
         RunLayout.from_dict(loop_config["layout"]).use_staging()  # checkpoint parts and downloads
 
         restored, registered = attempt_checkpoint(ckpt.ResumePlan(**loop_config["resume_plan"]))
