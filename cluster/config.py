@@ -19,6 +19,10 @@ class ClusterConfig:
     resize_check_s: float = 60.0  # how often an elastic run looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # CPU workers keep the memory each step frees for the next one (glibc's malloc settings,
+    # jobs/cpu_allocator.py): steps 1.07-1.39x faster for a peak resident size 7-14% higher.
+    # false: glibc's defaults, for a host whose memory is tighter than its time. GPU workers: no effect.
+    keep_freed_memory: bool = True
     placement_strategy: Placement = "PACK"
     storage_path: str = "runs"  # local dir, NFS path, or s3:// / gs:// URI seen by every node
     # Node-local scratch where each worker writes its checkpoint part before Ray Train uploads it

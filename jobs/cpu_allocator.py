@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from cluster.config import ClusterConfig
+
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
 NEVER = 2**31 - 1  # the largest trim threshold mallopt's int takes
 # Each setting: its mallopt parameter, the environment variable glibc reads for it at start, its value.
@@ -28,6 +30,12 @@ def keep_freed_memory_environment() -> dict[str, str]:
     workers): glibc applies them before any thread has an arena of its own, and Ray Train runs
     the training function in a thread of the worker."""
     return {name: str(value) for _, name, value in SETTINGS}
+
+
+def worker_environment(cluster: ClusterConfig) -> dict[str, str]:
+    """What Ray Train's workers get in their environment: the settings for CPU workers unless
+    `cluster.keep_freed_memory` is off; nothing for GPU workers, whose steps live on the device."""
+    return keep_freed_memory_environment() if cluster.keep_freed_memory and not cluster.use_gpu else {}
 
 
 def keep_freed_memory() -> bool:

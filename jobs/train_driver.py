@@ -116,7 +116,7 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.checkpoint_bleu import validation_config
-    from jobs.cpu_allocator import keep_freed_memory_environment
+    from jobs.cpu_allocator import worker_environment
     from jobs.worker import train_loop_per_worker
 
     cluster = job.cluster
@@ -131,8 +131,7 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
         callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
-        # A CPU worker's steps live in host memory: its process keeps what each step frees.
-        worker_runtime_env={} if cluster.use_gpu else {"env_vars": keep_freed_memory_environment()},
+        worker_runtime_env={"env_vars": worker_environment(cluster)},
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,

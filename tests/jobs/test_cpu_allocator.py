@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from jobs.cpu_allocator import keep_freed_memory_environment
+from jobs.config import load_job_config
+from jobs.cpu_allocator import worker_environment
 
 # A fresh process (the settings hold for a whole process) trains a small model in a thread, as Ray
 # Train runs the training function, and reports the minor page faults of five steps after the heap
@@ -43,8 +44,10 @@ print(json.dumps({"applied": applied, "faults": faults[0]}))
 """
 
 
-def _five_steps(mode: str) -> dict:
-    environment = {**os.environ, **(keep_freed_memory_environment() if mode == "environment" else {})}
+def _five_steps(mode: str, overrides: tuple[str, ...] = ()) -> dict:
+    """`environment`: what the driver gives Ray Train's workers for a job with `overrides`."""
+    worker = worker_environment(load_job_config(None, list(overrides)).cluster) if mode == "environment" else {}
+    environment = {**os.environ, **worker}
     done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=120,
                           env=environment)
     assert done.returncode == 0, done.stderr
@@ -61,3 +64,13 @@ def test_a_training_step_reuses_the_memory_the_last_one_freed(mode: str) -> None
     assert default["faults"] > 5 * logits_pages, default
     assert kept["faults"] < default["faults"] / 4, (kept, default)  # one late growth of the heap at most
     assert kept["applied"] is (True if mode == "mallopt" else None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_job_can_keep_glibcs_defaults() -> None:
+    """`cluster.keep_freed_memory=false` gives CPU workers glibc's defaults back (memory before
+    speed), and GPU workers never get the settings: their steps live on the device."""
+    default = _five_steps("default")
+    opted_out = _five_steps("environment", ("cluster.keep_freed_memory=false",))
+    assert opted_out["faults"] > default["faults"] / 2, (opted_out, default)
+    assert worker_environment(load_job_config(None, ["cluster.use_gpu=true"]).cluster) == {}
