@@ -74,3 +74,33 @@ def test_a_job_can_keep_glibcs_defaults() -> None:
     opted_out = _five_steps("environment", ("cluster.keep_freed_memory=false",))
     assert opted_out["faults"] > default["faults"] / 2, (opted_out, default)
     assert worker_environment(load_job_config(None, ["cluster.use_gpu=true"]).cluster) == {}
+
+# A 64 MB buffer, then a 48 MB one, allocated, filled and freed in turn: glibc maps each afresh by
+# default; a process that keeps freed memory fills the second into pages it already has.
+SECOND_BUFFER = """
+import argparse, json, resource, sys, torch
+from jobs.cli import _inference_device
+if sys.argv[1] == "cli":
+    assert _inference_device(argparse.Namespace(device="cpu")) == "cpu"
+faults = []
+for mib in (64, 48):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(mib * 2**18).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_translating_on_the_cpu_keeps_freed_memory() -> None:
+    """`aiayn evaluate|translate --device cpu` set the process up before decoding, whose steps
+    free and reallocate their caches' copies and logits."""
+    def second_buffer(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", SECOND_BUFFER, mode], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)[1]
+
+    pages = 48 * 2**20 // 4096
+    assert second_buffer("default") > pages / 2
+    assert second_buffer("cli") < pages / 8
