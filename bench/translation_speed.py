@@ -6,10 +6,14 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
 2. Normal decoding (beam 4, alpha 0.6): sentences/s and sacreBLEU of ours (float32, with early
    exit, and with its feed-forward and attention output layers in int8 by PyTorch's dynamic
    quantization) and of CTranslate2; per generated token, ours (and ours with early exit) against
-   its own fixed-length rate and CTranslate2 float32 against ours.
+   its own fixed-length rate and CTranslate2 float32 against ours; and ours per decoder row-step
+   (one live beam, one step) against its fixed-length rate, which leaves out the search's own
+   extra steps per returned token.
 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
-budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam).
+budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam). CTranslate2 runs
+in a process of its own: in one process with torch both engines share one OpenMP runtime, which
+slows each (`ctranslate2_timings`).
 
 On a GPU (`--device cuda`): ours in `--dtype` against CTranslate2 in each of `--ct2-types`.
 Without a trained export, `--random-preset base` gives random weights of that preset with the
@@ -23,16 +27,21 @@ dataset's tokenizer: the fixed-length part only (BLEU needs a trained model).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import functools
 import json
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
+from jobs.cpu_allocator import keep_freed_memory
 from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
 from jobs.evaluation import corpus_scores, length_sorted_batches, read_eval_split, translate_ids
 from jobs.export import TOKENIZER, load_export, write_export
@@ -96,6 +105,39 @@ def marian_fixed_length(config, sources: list[list[int]], beam: int, length: int
     return seconds
 
 
+@contextlib.contextmanager
+def counting_decoder_rows(model) -> Iterator[list[int]]:
+    """Counts the hypothesis rows each decoder step computes (one per live beam of each sentence
+    still searched): the decoder's work, which differs from the tokens the search returns."""
+    rows = [0]
+    step = model.decode_step
+
+    def counted(last_tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows[0] += last_tokens.shape[0]
+        return step(last_tokens, *args, **kwargs)
+
+    model.decode_step = counted
+    try:
+        yield rows
+    finally:
+        del model.decode_step
+
+
+def ctranslate2_timings(directory: str, device: str, threads: int, decodings: dict[str, Decoding],
+                        sources: list[list[int]], warm_up: list[list[int]], max_tokens: int) -> dict:
+    """{decoding's name: (seconds, outputs)} of a CTranslate2 model, run in a process of its own.
+    CTranslate2 binds its OpenMP calls to torch's libgomp (loaded first, into the global scope), so
+    in one process both engines' thread teams belong to one libgomp; with more of its threads than
+    CPUs it cuts its spin-waits short, and each engine ran ~1.3x slower while the other's team
+    existed, even idle. Users run one engine per process; so does this."""
+    if device == "cpu":
+        keep_freed_memory()
+    engine = CTranslate2Translator(Path(directory), device=device, threads=threads)
+    engine.translate_ids(warm_up, decodings["fixed"], max_tokens=max_tokens)
+    return {name: _timed(lambda: engine.translate_ids(sources, decoding, max_tokens=max_tokens))
+            for name, decoding in decodings.items()}
+
+
 def random_export(preset_name: str, dataset: str, destination: Path) -> Path:
     """An export of random weights of `preset_name`, with the dataset's tokenizer (speed only)."""
     manifest = load_manifest(dataset)
@@ -123,6 +165,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        keep_freed_memory()  # as `aiayn evaluate|translate` on a CPU, for every engine alike
     split = read_eval_split(load_manifest(args.data), "test", args.limit)
     sources, beam, length = split.src_ids, args.beam, args.length
     result: dict = {"config": vars(args), "sentences": len(sources), "torch_threads": torch.get_num_threads(),
@@ -134,18 +178,20 @@ def main() -> None:
         model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
         tokenizer = load_tokenizer(str(export / TOKENIZER))
         fixed = Decoding(beam_size=beam, min_len=length, max_len_a=0.0, max_len_b=length)
+        normal_decoding = Decoding(beam_size=beam)
         # Untimed first: on a GPU every batch shape costs its first call (kernel choice, allocation).
         warm_up = sources if torch.device(args.device).type == "cuda" else sources[:8]
-        engines = {}
-        for quantization in args.ct2_types:
-            convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
-            try:
-                engine = CTranslate2Translator(Path(f"{scratch}/{quantization}"), device=args.device,
-                                               threads=args.threads)
-                engine.translate_ids(warm_up, fixed, max_tokens=args.max_tokens)
-                engines[quantization] = engine
-            except (RuntimeError, ValueError) as error:  # a build without this device or type, a missing cuBLAS
-                result.setdefault("ctranslate2_not_run", {})[quantization] = str(error)
+        ct2 = {}  # quantization: {"fixed" | "normal": (seconds, outputs)}
+        decodings = {"fixed": fixed} if args.random_preset else {"fixed": fixed, "normal": normal_decoding}
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as alone:
+            for quantization in args.ct2_types:
+                convert_export(export, f"{scratch}/{quantization}", None if quantization == "float32" else quantization)
+                try:
+                    ct2[quantization] = alone.submit(
+                        ctranslate2_timings, f"{scratch}/{quantization}", args.device, args.threads, decodings,
+                        sources, warm_up, args.max_tokens).result()
+                except (RuntimeError, ValueError) as error:  # a build without this device or type, a missing cuBLAS
+                    result.setdefault("ctranslate2_not_run", {})[quantization] = str(error)
 
         # 1. Fixed length: `length` tokens per sentence, EOS included, in every engine.
         ours = functools.partial(translate_ids, max_tokens=args.max_tokens)
@@ -155,11 +201,9 @@ def main() -> None:
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
         marian_s = marian_fixed_length(config, sources, beam, length, args.max_tokens, args.device,
                                        getattr(torch, args.dtype), warm_up=len(warm_up) == len(sources))
-        ct2_fixed = {}
-        for name, engine in engines.items():
-            seconds, out = _timed(lambda: engine.translate_ids(sources, fixed, max_tokens=args.max_tokens))
-            ct2_fixed[name] = seconds
-            result[f"ctranslate2_{name}_fixed_tokens_per_sentence"] = sorted({len(h) for h in out})
+        ct2_fixed = {name: timings["fixed"][0] for name, timings in ct2.items()}
+        for name, timings in ct2.items():
+            result[f"ctranslate2_{name}_fixed_tokens_per_sentence"] = sorted({len(h) for h in timings["fixed"][1]})
         ours_again_s, _ = _timed(lambda: ours(model, sources, fixed))
         tokens = length * len(sources)
         result["fixed_length"] = {
@@ -177,13 +221,14 @@ def main() -> None:
             return
         # 2. Normal decoding with BLEU.
         normal = {}
-        normal_decoding = Decoding(beam_size=beam)
-        ours_s, ours_out = _timed(lambda: ours(model, sources, normal_decoding))
+        with counting_decoder_rows(model) as normal_rows:
+            ours_s, ours_out = _timed(lambda: ours(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
         # Ours with early exit (a sentence ends once a step's best extension is EOS) instead of
         # the rule of ours and CTranslate2 by default (once it has beam_size finished hypotheses).
         early_decoding = Decoding(beam_size=beam, early_exit=True)
-        early_s, early_out = normal["ours_early_exit"] = _timed(lambda: ours(model, sources, early_decoding))
+        with counting_decoder_rows(model) as early_rows:
+            early_s, early_out = normal["ours_early_exit"] = _timed(lambda: ours(model, sources, early_decoding))
         # Our model with its feed-forward and attention output layers quantized to int8 by PyTorch
         # (dynamic: weights int8, activations quantized per batch). Left in float32: the attention's
         # fused input projection, sliced per use (a quantized Linear has no weight to slice), and
@@ -193,9 +238,8 @@ def main() -> None:
                       if isinstance(module, torch.nn.Linear) and (".ffn." in name or name.endswith("out_proj"))}
             int8 = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
             normal["ours_int8_dynamic"] = _timed(lambda: ours(int8, sources, normal_decoding))
-        for name, engine in engines.items():
-            normal[f"ctranslate2_{name}"] = _timed(
-                lambda: engine.translate_ids(sources, normal_decoding, max_tokens=args.max_tokens))
+        for name, timings in ct2.items():
+            normal[f"ctranslate2_{name}"] = timings["normal"]
         result["normal"] = {
             name: {"sentences_per_s": round(len(sources) / seconds, 1),
                    "bleu": round(corpus_scores(tokenizer.decode(out), split.references).bleu, 2),
@@ -208,8 +252,18 @@ def main() -> None:
         fixed_rate = tokens / ((fixed_s + ours_again_s) / 2)
         result["normal_fixed_rate_ratio"] = round((generated / ours_s) / fixed_rate, 3)
         result["early_exit_normal_fixed_rate_ratio"] = round((sum(len(h) + 1 for h in early_out) / early_s) / fixed_rate, 3)
-        if engines:
-            first = next(iter(engines))
+        # The same per decoder row-step (a live beam of a sentence, one step): at fixed length every
+        # sentence keeps its beam rows for `length` steps; normal decoding keeps a sentence until
+        # its search ends, past its best hypothesis's EOS, on batches that shrink as sentences end.
+        # What separates the implementation's cost (smaller batches, dropping sentences) from the
+        # search's extra steps per returned token.
+        fixed_row_rate = beam * tokens / ((fixed_s + ours_again_s) / 2)
+        result["decoder_rows_per_generated_token"] = {"fixed_length": beam, "normal": round(normal_rows[0] / generated, 3),
+                                                      "early_exit": round(early_rows[0] / sum(len(h) + 1 for h in early_out), 3)}
+        result["normal_fixed_row_rate_ratio"] = round((normal_rows[0] / ours_s) / fixed_row_rate, 3)
+        result["early_exit_normal_fixed_row_rate_ratio"] = round((early_rows[0] / early_s) / fixed_row_rate, 3)
+        if ct2:
+            first = next(iter(ct2))
             ct2_seconds, ct2_out = normal[f"ctranslate2_{first}"]
             result[f"ratio_ctranslate2_{first}_vs_ours_per_generated_token"] = round(
                 (sum(len(h) + 1 for h in ct2_out) / ct2_seconds) / (generated / ours_s), 3)
