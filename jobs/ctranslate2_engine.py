@@ -147,10 +147,12 @@ class CTranslate2Translator:
         self.ids = {piece: index for index, piece in enumerate(self.pieces)}
 
     def translate_ids(self, sources: list[list[int]], decoding: Decoding = PAPER, *,
-                      max_tokens: int = 4096) -> list[list[int]]:
+                      max_tokens: int = 16384) -> list[list[int]]:
         """Hypotheses without EOS; batches by a token budget, sorted by length inside CTranslate2.
         The budget counts beams as the torch path's does (rows x longest x beam): CTranslate2's
-        counts source tokens only, so it is given max_tokens / beam_size. Its maximum length is one
+        counts source tokens only, so it is given max_tokens / beam_size. 16384 decodes test2016
+        1.25-1.37x faster than 4096 on a 2-core CPU (peak resident size 0.63 GB against 0.51);
+        CTranslate2 gains from larger batches than our engine does (its default is 8192). Its maximum length is one
         for the whole call: max_len_a x the longest source + max_len_b. As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
         would otherwise fail the whole call on one long line."""
         if decoding.early_exit:

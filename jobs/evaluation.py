@@ -101,9 +101,12 @@ def length_sorted_batches(lengths: list[int], max_tokens: int, beam_size: int) -
 
 def translate_ids(
     model: EncoderDecoderTransformer, sources: list[list[int]], decoding: Decoding = PAPER, *,
-    max_tokens: int = 4096, progress: bool = False,
+    max_tokens: int = 8192, progress: bool = False,
 ) -> list[list[int]]:
     """Hypothesis token ids in input order; sentences are batched by length for speed.
+    `max_tokens`: rows x longest x beam per batch; 8192 decodes test2016 1.05x faster than 4096 on
+    a 2-core CPU (fewer batches, so fewer steps spent on a batch's last few sentences) for a peak
+    resident size of 0.9 GB against 0.7 (`small`); 16384 gains nothing more there.
     `progress`: a progress bar on stderr (for a person at a terminal)."""
     from tqdm import tqdm
 
