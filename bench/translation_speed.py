@@ -13,7 +13,7 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
 budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam). CTranslate2 runs
 in a process of its own: in one process with torch both engines share one OpenMP runtime, which
-slows each (`ctranslate2_timings`).
+slowed ours (`ctranslate2_timings`).
 
 On a GPU (`--device cuda`): ours in `--dtype` against CTranslate2 in each of `--ct2-types`.
 Without a trained export, `--random-preset base` gives random weights of that preset with the
@@ -128,8 +128,9 @@ def ctranslate2_timings(directory: str, device: str, threads: int, decodings: di
     """{decoding's name: (seconds, outputs)} of a CTranslate2 model, run in a process of its own.
     CTranslate2 binds its OpenMP calls to torch's libgomp (loaded first, into the global scope), so
     in one process both engines' thread teams belong to one libgomp; with more of its threads than
-    CPUs it cuts its spin-waits short, and each engine ran ~1.3x slower while the other's team
-    existed, even idle. Users run one engine per process; so does this."""
+    CPUs it cuts its spin-waits short, and ours ran 1.34x slower once CTranslate2's team existed,
+    even idle (CTranslate2 itself was not measurably slowed). Users run one engine per process;
+    so does this."""
     if device == "cpu":
         keep_freed_memory()
     engine = CTranslate2Translator(Path(directory), device=device, threads=threads)
