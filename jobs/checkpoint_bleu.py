@@ -52,15 +52,18 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
 
 
 def validation_config(loop_config: dict, job: JobConfig):
-    """The TorchTrainer's `validation_config`: one task at a time, with one CPU, on the driver's
-    node when the tracking store is a file there (no other node can write it)."""
+    """The TorchTrainer's `validation_config`: one task at a time, with one CPU (and no GPU), in a
+    process that keeps freed memory as CPU training workers do, on the driver's node when the
+    tracking store is a file there (no other node can write it)."""
     import ray
     from ray.train import ValidationConfig, ValidationTaskConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from jobs.cpu_allocator import worker_environment
     from jobs.tracking import local_store_dir
 
-    options: dict = {"num_cpus": 1, "max_retries": 1}
+    options: dict = {"num_cpus": 1, "max_retries": 1,
+                     "runtime_env": {"env_vars": worker_environment(job.cluster, uses_gpu=False)}}
     if local_store_dir(loop_config["tracking_uri"]) is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=False)

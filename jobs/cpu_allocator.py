@@ -32,10 +32,12 @@ def keep_freed_memory_environment() -> dict[str, str]:
     return {name: str(value) for _, name, value in SETTINGS}
 
 
-def worker_environment(cluster: ClusterConfig) -> dict[str, str]:
-    """What Ray Train's workers get in their environment: the settings for CPU workers unless
-    `cluster.keep_freed_memory` is off; nothing for GPU workers, whose steps live on the device."""
-    return keep_freed_memory_environment() if cluster.keep_freed_memory and not cluster.use_gpu else {}
+def worker_environment(cluster: ClusterConfig, *, uses_gpu: bool) -> dict[str, str]:
+    """What a process the driver starts on the cluster gets in its environment: the settings for
+    one that computes on the CPU (Ray Train's CPU workers, the background valid-BLEU task, whose
+    beam search frees and reallocates its caches' copies and logits every step) unless
+    `cluster.keep_freed_memory` is off; nothing for a GPU worker, whose steps live on the device."""
+    return keep_freed_memory_environment() if cluster.keep_freed_memory and not uses_gpu else {}
 
 
 def keep_freed_memory() -> bool:

@@ -131,7 +131,7 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
         callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
-        worker_runtime_env={"env_vars": worker_environment(cluster)},
+        worker_runtime_env={"env_vars": worker_environment(cluster, uses_gpu=cluster.use_gpu)},
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,

@@ -46,7 +46,8 @@ print(json.dumps({"applied": applied, "faults": faults[0]}))
 
 def _five_steps(mode: str, overrides: tuple[str, ...] = ()) -> dict:
     """`environment`: what the driver gives Ray Train's workers for a job with `overrides`."""
-    worker = worker_environment(load_job_config(None, list(overrides)).cluster) if mode == "environment" else {}
+    cluster = load_job_config(None, list(overrides)).cluster
+    worker = worker_environment(cluster, uses_gpu=cluster.use_gpu) if mode == "environment" else {}
     environment = {**os.environ, **worker}
     done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=120,
                           env=environment)
@@ -73,22 +74,33 @@ def test_a_job_can_keep_glibcs_defaults() -> None:
     default = _five_steps("default")
     opted_out = _five_steps("environment", ("cluster.keep_freed_memory=false",))
     assert opted_out["faults"] > default["faults"] / 2, (opted_out, default)
-    assert worker_environment(load_job_config(None, ["cluster.use_gpu=true"]).cluster) == {}
+    assert worker_environment(load_job_config(None, ["cluster.use_gpu=true"]).cluster, uses_gpu=True) == {}
 
 # A 64 MB buffer, then a 48 MB one, allocated, filled and freed in turn: glibc maps each afresh by
 # default; a process that keeps freed memory fills the second into pages it already has.
+def second_buffer_faults() -> int:
+    """Page faults of the second buffer."""
+    import resource
+
+    import torch
+
+    faults = []
+    for mib in (64, 48):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(mib * 2**18).fill_(1.0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults[1]
+
+
 SECOND_BUFFER = """
-import argparse, json, resource, sys, torch
+import argparse, sys
 from jobs.cli import _inference_device
+from tests.jobs.test_cpu_allocator import second_buffer_faults
 if sys.argv[1] == "cli":
     assert _inference_device(argparse.Namespace(device="cpu")) == "cpu"
-faults = []
-for mib in (64, 48):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(mib * 2**18).fill_(1.0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(faults))
+print(second_buffer_faults())
 """
+PAGES = 48 * 2**20 // 4096
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -99,8 +111,25 @@ def test_translating_on_the_cpu_keeps_freed_memory() -> None:
         done = subprocess.run([sys.executable, "-c", SECOND_BUFFER, mode], capture_output=True, text=True,
                               timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)[1]
+        return int(done.stdout)
 
-    pages = 48 * 2**20 // 4096
-    assert second_buffer("default") > pages / 2
-    assert second_buffer("cli") < pages / 8
+    assert second_buffer("default") > PAGES / 2
+    assert second_buffer("cli") < PAGES / 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_background_bleu_task_keeps_freed_memory(local_ray) -> None:
+    """The valid-BLEU task runs with the options training gives Ray Train's validation (a process
+    of its own, set up at its start) unless the job opts out, and on the CPU even when training
+    is on GPUs."""
+    from jobs.checkpoint_bleu import validation_config
+
+    def faults_in_the_task(*overrides: str) -> int:
+        job = load_job_config(None, ["tracking.uri=http://127.0.0.1:1", *overrides])
+        loop_config = {"job": {}, "dataset_uri": "", "tracking_uri": job.tracking.uri, "run_id": "", "relay": None}
+        options = validation_config(loop_config, job).ray_remote_kwargs
+        return local_ray.get(local_ray.remote(second_buffer_faults).options(**options).remote(), timeout=120)
+
+    assert faults_in_the_task("cluster.use_gpu=true") < PAGES / 8
+    assert faults_in_the_task("cluster.keep_freed_memory=false") > PAGES / 2
