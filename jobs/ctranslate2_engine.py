@@ -52,8 +52,8 @@ def _set_attention(spec, attention, *, self_attention: bool) -> None:
         _set_linear(spec.linear[0], weight, bias)
     else:  # queries from the decoder; [W^K; W^V] from the encoder output
         rows = attention.n_heads * attention.d_k
-        _set_linear(spec.linear[0], weight[:rows], bias[:rows])
-        _set_linear(spec.linear[1], weight[rows:], bias[rows:])
+        _set_linear(spec.linear[0], weight[:rows], None if bias is None else bias[:rows])
+        _set_linear(spec.linear[1], weight[rows:], None if bias is None else bias[rows:])
     _set_linear(spec.linear[-1], attention.out_proj.weight, attention.out_proj.bias)
 
 

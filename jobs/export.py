@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from jobs import checkpoint as ckpt
 from transformer import ModelConfig, build_model
+from transformer.config import saved_model_section
 from transformer.averaging import average_state_dicts
 from transformer.decoding import PAPER, Decoding
 
@@ -103,7 +104,7 @@ def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
         from data_pipeline.errors import InputError
 
         raise InputError(f"{path}: not a complete export (no {INFO} or {WEIGHTS}); give the export/ of a run")
-    config = build_section(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
+    config = build_section(ModelConfig, saved_model_section(json.loads((path / CONFIG).read_text())), "model")
     model = build_model(config)
     load_model(model, str(path / WEIGHTS))
     return model.eval(), config, json.loads((path / INFO).read_text())

@@ -30,6 +30,9 @@ class ModelConfig:
     d_k: int | None = None  # defaults to d_model / h
     d_v: int | None = None  # defaults to d_model / h
     dropout: float = 0.1  # P_drop: residual and embedding dropout (§5.4)
+    # The paper's projections W^Q, W^K, W^V and W^O are plain matrices (§3.2.2); true adds biases,
+    # as torch's and fairseq's attention do (and as aiayn did before 2026-12-05, see SAVED_BEFORE).
+    attention_bias: bool = False
     attention_dropout: float = 0.0  # not in the paper; tensor2tensor's option
     activation_dropout: float = 0.0  # not in the paper; fairseq's "relu_dropout"
     label_smoothing: float = 0.1  # epsilon_ls (§5.4)
@@ -73,6 +76,16 @@ class ModelConfig:
 
 
 _BASE = ModelConfig()
+
+# Keys added after models were first saved, each with the value the models saved before it were
+# built with: a saved config (an export's config.json, a checkpoint's job config) that lacks one
+# was written before the key existed, and must be read with that value to fit its weights.
+SAVED_BEFORE: dict[str, object] = {"attention_bias": True}
+
+
+def saved_model_section(data: dict) -> dict:
+    """A saved model section as the model it was written with."""
+    return {**SAVED_BEFORE, **data}
 
 # Table 3 of the paper. Rows (A)-(E) change the base model; "big" is the last row.
 PRESETS: dict[str, ModelConfig] = {

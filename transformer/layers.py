@@ -54,7 +54,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, *, cross_attention: bool):
         super().__init__()
         attn = lambda: MultiHeadAttention(  # noqa: E731 - two identical constructions
-            config.d_model, config.n_heads, config.head_dim_k, config.head_dim_v, config.attention_dropout
+            config.d_model, config.n_heads, config.head_dim_k, config.head_dim_v, config.attention_dropout,
+            bias=config.attention_bias,
         )
         self.pre_norm = config.norm == "pre"
         self.dropout = config.dropout

@@ -29,12 +29,13 @@ from jobs.checkpoint.files import (
     step_of,
     verify,
 )
+from transformer.config import saved_model_section
 
 # dotted key (or section) -> why it cannot change between a checkpoint and the run resuming it
 FIXED_ON_RESUME: dict[str, str] = {
     **{f"model.{key}": "the saved weights have this shape" for key in (
         "architecture", "n_layers", "n_decoder_layers", "d_model", "d_ff", "n_heads", "d_k", "d_v", "positional",
-        "max_positions", "norm", "share_embeddings")},
+        "max_positions", "norm", "share_embeddings", "attention_bias")},
     **{f"stream.{key}": "the saved data position indexes the batches these settings make (every example exactly "
                         "once per epoch)" for key in (
         "max_tokens", "max_sentences", "window_rows", "unit_rows", "seed", "packed_length", "sampling_alpha")},
@@ -100,7 +101,9 @@ def _changed(saved: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
 
 
 def check_compatible(saved_config: dict, new_config: dict, where: str) -> None:
-    """Refuse (InputError, one line) a config that changes a key fixed on resume."""
+    """Refuse (InputError, one line) a config that changes a key fixed on resume. `saved_config`:
+    as the checkpoint holds it (its model section read as the model it was written with)."""
+    saved_config = {**saved_config, "model": saved_model_section(saved_config.get("model", {}))}
     for key, (old, new) in sorted(_changed(saved_config, new_config).items()):
         fixed = next((rule for rule in FIXED_ON_RESUME if key == rule or key.startswith(rule + ".")), None)
         if fixed is not None:

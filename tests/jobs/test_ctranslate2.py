@@ -72,6 +72,37 @@ def test_ctranslate2_scores_every_token_as_our_model_does(trained_export: Path, 
     assert _score_gap(model, tmp_path / "ct2", sources, translate_ids(model, sources)) < CLOSE
 
 
+def test_an_export_from_before_attention_bias_loads_and_converts_with_its_biases(trained_export: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Exports written before `model.attention_bias` existed have attention biases and no such key
+    in their config.json: they load with their biases, and CTranslate2 gets them too."""
+    from jobs.export import CONFIG, load_export, write_export
+    from transformer import build_model
+    from transformer.attention import MultiHeadAttention
+
+    model, config, info = load_export(trained_export)
+    biased = build_model(config.replace(attention_bias=True)).eval()
+    biased.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for attention in (m for m in biased.modules() if isinstance(m, MultiHeadAttention)):
+            attention.in_proj.bias.normal_(0.0, 0.2), attention.out_proj.bias.normal_(0.0, 0.2)
+    old = write_export(biased, (trained_export / "tokenizer.model").read_bytes(), info, tmp_path / "old")
+    saved = json.loads((old / CONFIG).read_text())
+    del saved["attention_bias"]
+    (old / CONFIG).write_text(json.dumps(saved))
+
+    loaded, loaded_config, _ = load_export(old)
+    assert loaded_config.attention_bias
+    sources = _sources(old, 40)
+    references = load_tokenizer(str(old / "tokenizer.model")).encode([t for _, t in _pairs(40, seed=999)])
+    with torch.no_grad():
+        ours = [teacher_forced(m)(sources[0], references[0]) for m in (loaded, biased, model)]
+    assert torch.equal(ours[0], ours[1]) and not torch.allclose(ours[0], ours[2], atol=1e-2)  # the biases count
+    convert_export(old, str(tmp_path / "ct2"))
+    assert _score_gap(loaded, tmp_path / "ct2", sources, references) < CLOSE
+
+
 @pytest.mark.parametrize("beam", [1, 4])
 def test_ctranslate2_searches_as_ours_does(trained_export: Path, tmp_path: Path, beam: int) -> None:
     from jobs.export import load_export
@@ -104,7 +135,8 @@ def _cross_attention_keys_and_values_swapped(original):
             fused = layer.attention.linear[1]
             half = fused.weight.shape[0] // 2
             fused.weight = np.concatenate([fused.weight[half:], fused.weight[:half]])
-            fused.bias = np.concatenate([fused.bias[half:], fused.bias[:half]])
+            if fused.has_bias():
+                fused.bias = np.concatenate([fused.bias[half:], fused.bias[:half]])
     return set_stack
 
 

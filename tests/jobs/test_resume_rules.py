@@ -37,6 +37,16 @@ def test_settings_fixed_on_resume_are_refused_with_the_key(override: str, key: s
     assert message.startswith(key) and "\n" not in message and "--name" in message
 
 
+def test_a_checkpoint_written_before_a_model_key_existed_resumes_as_it_was_built() -> None:
+    """A checkpoint's config without `model.attention_bias` was written by a model with attention
+    biases: resuming it needs them, and says so; asking for them resumes."""
+    saved = _config()
+    del saved["model"]["attention_bias"]
+    with pytest.raises(InputError, match=r"^model.attention_bias: ckpt was written with True, .* set model.attention_bias=True"):
+        check_compatible(saved, _config(), "ckpt")
+    check_compatible(saved, _config("model.attention_bias=true"), "ckpt")
+
+
 def test_a_checkpoint_is_resharded_only_at_another_world_size_under_zero_1_to_3() -> None:
     """What the worker asks before loading (`reshard_of`), and what the driver's plan says."""
     assert ckpt.reshard_of(ckpt.JobState(world_size=1, zero_stage=2), 3)

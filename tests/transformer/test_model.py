@@ -108,7 +108,7 @@ def test_attention_with_d_k_unequal_d_v_matches_a_reference_computation() -> Non
     """softmax(Q K^T / sqrt(d_k)) V per head, concatenated, times W^O (§3.2), written out here."""
     torch.manual_seed(3)
     heads, d_model, d_k, d_v = 3, 12, 5, 7
-    attention = MultiHeadAttention(d_model, heads, d_k, d_v).eval()
+    attention = MultiHeadAttention(d_model, heads, d_k, d_v, bias=True).eval()
     query, memory = torch.randn(2, 4, d_model), torch.randn(2, 6, d_model)
     key_mask = torch.ones(2, 6, dtype=torch.bool)
     key_mask[1, 4:] = False
@@ -122,6 +122,12 @@ def test_attention_with_d_k_unequal_d_v_matches_a_reference_computation() -> Non
     expected = attention.out_proj(heads_out)
     with torch.no_grad():
         assert torch.allclose(attention(query, memory, key_mask=key_mask), expected, atol=1e-5)
+        attention.in_proj.bias.zero_(), attention.out_proj.bias.zero_()
+        without = MultiHeadAttention(d_model, heads, d_k, d_v).eval()  # the paper's: plain matrices
+        without.load_state_dict(attention.state_dict(), strict=False)
+        assert without.in_proj.bias is None and without.out_proj.bias is None
+        assert torch.allclose(without(query, memory, key_mask=key_mask), attention(query, memory, key_mask=key_mask),
+                              atol=1e-6)
 
 
 def test_embeddings_are_scaled_by_sqrt_d_model() -> None:

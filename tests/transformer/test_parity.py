@@ -44,7 +44,8 @@ def _inputs():
 @torch.no_grad()
 def test_pre_ln_model_matches_nn_transformer() -> None:
     torch.manual_seed(0)
-    ours = build_model(preset("tiny", d_model=D, n_heads=HEADS, d_ff=FF, n_layers=LAYERS, norm="pre")).eval()
+    ours = build_model(preset("tiny", d_model=D, n_heads=HEADS, d_ff=FF, n_layers=LAYERS, norm="pre",
+                                attention_bias=True)).eval()
     theirs = nn.Transformer(D, HEADS, LAYERS, LAYERS, FF, dropout=0.0, batch_first=True, norm_first=True).eval()
     for mine, other in zip(ours.encoder.layers, theirs.encoder.layers):
         _copy_layer(mine, other)
@@ -66,7 +67,8 @@ def test_pre_ln_model_matches_nn_transformer() -> None:
 @torch.no_grad()
 def test_post_ln_stacks_match_nn_layers(cross: bool) -> None:
     torch.manual_seed(1)
-    ours = build_model(preset("tiny", d_model=D, n_heads=HEADS, d_ff=FF, n_layers=LAYERS, norm="post")).eval()
+    ours = build_model(preset("tiny", d_model=D, n_heads=HEADS, d_ff=FF, n_layers=LAYERS, norm="post",
+                                attention_bias=True)).eval()
     src, tgt, src_mask = _inputs()
     if not cross:
         layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, batch_first=True)
