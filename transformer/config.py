@@ -87,6 +87,7 @@ def saved_model_section(data: dict) -> dict:
     """A saved model section as the model it was written with."""
     return {**SAVED_BEFORE, **data}
 
+
 # Table 3 of the paper. Rows (A)-(E) change the base model; "big" is the last row.
 PRESETS: dict[str, ModelConfig] = {
     "base": _BASE,
