@@ -152,7 +152,7 @@ class CTranslate2Translator:
         The budget counts beams as the torch path's does (rows x longest x beam): CTranslate2's
         counts source tokens only, so it is given max_tokens / beam_size. 16384 decodes test2016
         1.25-1.37x faster than 4096 on a 2-core CPU (peak resident size 0.63 GB against 0.51);
-        CTranslate2 gains from larger batches than our engine does (its default is 8192). Its maximum length is one
+        CTranslate2 gains from larger batches than our engine does (whose default is 8192). Its maximum length is one
         for the whole call: max_len_a x the longest source + max_len_b. As in the torch path, sources and outputs are cut to the model's positions: CTranslate2
         would otherwise fail the whole call on one long line."""
         if decoding.early_exit:

@@ -76,6 +76,7 @@ def test_a_job_can_keep_glibcs_defaults() -> None:
     assert opted_out["faults"] > default["faults"] / 2, (opted_out, default)
     assert worker_environment(load_job_config(None, ["cluster.use_gpu=true"]).cluster, uses_gpu=True) == {}
 
+
 # A 64 MB buffer, then a 48 MB one, allocated, filled and freed in turn: glibc maps each afresh by
 # default; a process that keeps freed memory fills the second into pages it already has.
 def second_buffer_faults() -> int:
