@@ -30,8 +30,8 @@ from cluster.account_dir import account_dir
 from cluster.credentials import mlflow_login, mlflow_login_path, read_mlflow_login
 from cluster.job_environment import named_variables
 from cluster.services import (
-    Isolation, Service, ServiceError, alive_nodes, object_store_env, start_mlflow_server, start_object_store,
-    start_ray_head, start_ray_worker, wait_for_nodes,
+    Isolation, Service, ServiceError, alive_nodes, live_processes_in_group, object_store_env, start_mlflow_server,
+    start_object_store, start_ray_head, start_ray_worker, wait_for_nodes,
 )
 from data_pipeline.errors import InputError
 
@@ -358,20 +358,6 @@ def forget_current_cluster(ray_address: str) -> None:
             record.unlink()
     except OSError:
         pass
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes of a process group that are still running (zombies, already dead and only
-    waiting for a parent to reap them, do not count)."""
-    alive = []
-    for record in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = record.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            alive.append(int(record.parent.name))
-    return alive
 
 
 def _alive_group(group: int) -> bool:

@@ -69,7 +69,14 @@ class Service:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the service's process group, then SIGKILL whatever is left after `timeout`
-        seconds (a Ray node takes about 30 s to leave on SIGTERM and keeps nothing worth it)."""
+        seconds (a Ray node takes about 30 s to leave on SIGTERM and keeps nothing worth it), then
+        whatever is left of its session.
+
+        The session is needed because Ray starts each worker in a process group of its own: one
+        that hangs while exiting once its raylet is gone (seen: a `ray::TrainController` on a
+        futex) outlives the group. A service leads its session (`start_new_session`) and what it
+        starts stays in it; Linux does not reuse a session's id while any process carries it, so
+        every process found in it was started here."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -81,6 +88,36 @@ class Service:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while (left := live_processes_in_session(self.process.pid)) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)  # SIGKILL is sent, not yet done
+
+
+def _live_processes(field: int, value: int) -> list[int]:
+    """Running processes (zombies, already dead and only waiting to be reaped, do not count) whose
+    /proc/<pid>/stat `field`, counted after the command name, equals `value`."""
+    alive = []
+    for record in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = record.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        if int(fields[field]) == value and fields[0] != "Z":
+            alive.append(int(record.parent.name))
+    return alive
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    return _live_processes(2, group)
+
+
+def live_processes_in_session(session: int) -> list[int]:
+    return _live_processes(3, session)
 
 
 # Ray 2.60 turns token authentication on for clusters started with `ray start --head`; processes

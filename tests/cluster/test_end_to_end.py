@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.local_cluster import live_processes_in_group
+from cluster.services import live_processes_in_group
 from data_pipeline import storage
 from jobs.tracking import RUN_NAME_TAG
 from tests.data_pipeline.synthetic import write_parallel_corpus
