@@ -38,7 +38,7 @@ from _provenance import provenance
 from model_throughput import _step_fn
 from object_store import _single_process_distributed
 from transformer import ModelConfig, build_model, preset
-from transformer.dropout import dropout
+from transformer.elementwise import dropout
 from transformer.loss import label_smoothed_loss
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transformer.attention import KVCache, MultiHeadAttention
 from transformer.config import ModelConfig
-from transformer.dropout import dropout
+from transformer.elementwise import dropout, relu
 
 
 class FeedForward(nn.Module):
@@ -29,7 +28,7 @@ class FeedForward(nn.Module):
         self.activation_dropout = activation_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(self.linear1(x))
+        hidden = relu(self.linear1(x))
         if self.activation_dropout:
             hidden = dropout(hidden, self.activation_dropout, self.training)
         return self.linear2(hidden)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer.config import ModelConfig
-from transformer.dropout import dropout
+from transformer.elementwise import dropout
 from transformer.embeddings import PositionalEncoding, ScaledEmbedding
 from transformer.attention import KVCache
 from transformer.layers import LayerCache, Stack

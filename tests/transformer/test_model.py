@@ -11,7 +11,7 @@ import transformer.model
 from transformer import build_model, count_parameters, preset
 from transformer.attention import MultiHeadAttention
 from transformer.config import TABLE3_PARAMETERS_M, ModelConfig
-from transformer.dropout import dropout
+from transformer.elementwise import dropout
 from transformer.layers import FeedForward
 
 VOCAB = 50
