@@ -2,13 +2,16 @@
 
 - bare: one process with as many threads as cores, the same model, batches (the same worker
   stream), Adam and gradient clipping;
+- bare in Ray Train: that loop as the training function of a 1-worker TorchTrainer on a local Ray
+  started as `aiayn train` starts it, its worker given the same environment: what Ray and Ray
+  Train cost the loop, so that the stack's gap splits into theirs and aiayn's own;
 - stack-1: `aiayn train` with 1 worker x the same threads (Ray Train + DeepSpeed ZeRO-2 + the stream);
 - stack-2: the same with 2 workers sharing those threads;
 - seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of the
   metrics the worker logs after step 1).
 One statistic for all three: target tokens/s of each 10-step window after step 10 (window wall
-time, as jobs/metrics.py measures the stack's), median over windows. The three are measured in
-interleaved rounds (bare, 1, 2, bare, 1, 2, ...) and the ratios are of per-configuration medians,
+time, as jobs/metrics.py measures the stack's), median over windows. The four are measured in
+interleaved rounds (bare, bare in Ray Train, 1, 2, bare, ...) and the ratios are of per-configuration medians,
 so that a noisy minute does not decide a ratio alone.
 
     python bench/training_stack.py --data-dir data --steps 70 --rounds 2
@@ -71,6 +74,45 @@ def bare_loop(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
     return statistics.median(rates)
 
 
+def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
+    """`bare_loop` run by one Ray Train worker with `threads` CPUs, on a local Ray and with the
+    worker environment and health-check interval that `aiayn train` gives its own."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_connection import connect
+    from jobs.cpu_allocator import keep_freed_memory_environment
+
+    def loop(config: dict) -> None:  # Ray Train 2.60 keeps no metrics without a checkpoint: a file (one node)
+        out = Path(config.pop("out"))
+        out.write_text(str(bare_loop(**config)))
+
+    connect(num_cpus=threads)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(JobConfig().cluster.poll_interval_s)
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            TorchTrainer(
+                loop, train_loop_config={"dataset": dataset, "steps": steps, "max_tokens": max_tokens, "threads": threads,
+                                         "out": f"{storage}/tokens_per_s"},
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+                run_config=RunConfig(storage_path=storage, worker_runtime_env={"env_vars": keep_freed_memory_environment()}),
+            ).fit()
+            return float(Path(storage, "tokens_per_s").read_text())
+    finally:
+        ray.shutdown()
+
+
+def in_own_process(function, *args) -> float:
+    """`function(*args)` in a fresh Python (Ray's daemons and state leave with it); its float result.
+    The processes Ray starts inherit the path that imports this module."""
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", f"import training_stack; print(training_stack.{function.__name__}(*{args!r}))"],
+                          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def train_command(name: str, data_dir: str, workers: int, threads: int, steps: int, max_tokens: int,
                   scratch: Path) -> list[str]:
     """`aiayn train` for throughput alone: no validation, one checkpoint at the end, log every
@@ -124,9 +166,11 @@ def main() -> None:
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as scratch:
             bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens, args.threads)
+            in_ray_train = in_own_process(bare_loop_in_ray_train, f"{data_dir}/multi30k-en-de", args.steps,
+                                          args.max_tokens, args.threads)
             one = stack_run(data_dir, 1, args.threads, args.steps, args.max_tokens, Path(scratch))
             two = stack_run(data_dir, 2, args.threads, args.steps, args.max_tokens, Path(scratch))
-        rounds.append({"bare": round(bare), "stack_1": round(one["target_tokens_per_s"]),
+        rounds.append({"bare": round(bare), "bare_in_ray_train": round(in_ray_train), "stack_1": round(one["target_tokens_per_s"]),
                        "stack_2": round(two["target_tokens_per_s"]),
                        "first_step_s_1": one["seconds_to_first_step"], "first_step_s_2": two["seconds_to_first_step"]})
         print(f"round {index + 1}: {rounds[-1]}", file=sys.stderr)
@@ -134,9 +178,12 @@ def main() -> None:
     print(json.dumps({
         "threads": args.threads, "provenance": provenance(),
         "bare_loop_tokens_per_s": median["bare"],
+        "bare_loop_in_ray_train_tokens_per_s": median["bare_in_ray_train"],
         "stack_1_worker_tokens_per_s": median["stack_1"],
         "stack_2_workers_tokens_per_s": median["stack_2"],
         "ratio_stack_1_worker_vs_bare": round(median["stack_1"] / median["bare"], 3),
+        "ratio_bare_in_ray_train_vs_bare": round(median["bare_in_ray_train"] / median["bare"], 3),
+        "ratio_stack_1_worker_vs_bare_in_ray_train": round(median["stack_1"] / median["bare_in_ray_train"], 3),
         "ratio_2_workers_vs_1_worker": round(median["stack_2"] / median["stack_1"], 3),
         "seconds_to_first_step_1_worker": median["first_step_s_1"],
         "seconds_to_first_step_2_workers": median["first_step_s_2"],
