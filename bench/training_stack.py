@@ -9,7 +9,7 @@
 - stack-2: the same with 2 workers sharing those threads;
 - seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of the
   metrics the worker logs after step 1).
-One statistic for all three: target tokens/s of each 10-step window after step 10 (window wall
+One statistic for all four: target tokens/s of each 10-step window after step 10 (window wall
 time, as jobs/metrics.py measures the stack's), median over windows. The four are measured in
 interleaved rounds (bare, bare in Ray Train, 1, 2, bare, ...) and the ratios are of per-configuration medians,
 so that a noisy minute does not decide a ratio alone.
