@@ -90,6 +90,9 @@ def cluster_busy_for(address: str, seconds: float):
             raise AssertionError("the holder of the cluster's CPUs failed")
 
 
+CHECKPOINT_EVERY = 5  # steps between the tiny job's checkpoints
+
+
 def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tracking: str = "") -> list[str]:
     overrides = [
         f"name={name}",
@@ -101,7 +104,7 @@ def tiny_overrides(corpus: dict, root: Path, name: str, *, address: str = "", tr
         "stream.max_tokens=300", "stream.window_rows=256", "stream.unit_rows=64",
         "optim.lr=0.003", "optim.warmup_steps=5", "optim.decay_steps=0",
         "train.max_steps=30", "train.max_minutes=0", "train.log_every=1", "train.validate_every=10",
-        "train.checkpoint_every_steps=5", "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3",
+        f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3",
         "train.average_checkpoints=1", "train.beam_size=2",
         "cluster.num_workers=2", f"cluster.storage_path={root / 'runs'}", "cluster.max_failures=2",
         f"tracking.uri={tracking or 'sqlite:///' + str(root / 'mlflow.db')}",
