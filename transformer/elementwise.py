@@ -4,7 +4,10 @@ Eager, on a CPU, `F.dropout` draws one random number per element (`bernoulli_`),
 cost of the multiply that applies the mask: 8% of a `small` training step (torch's profiler). Here
 each 64-bit draw of the same generator gives four 16-bit uniform integers, each element kept when
 its integer is at or above round(p x 65536): dropout with probability p rounded to 1/65536 (0.1
-becomes 0.1000061), the rest scaled by exactly 1 / (1 - that).
+becomes 0.1000061), the rest scaled by exactly 1 / (1 - that). The mask is kept as those float
+scales, not as bools: a float tensor times a bool one converts element by element, 2.4x a float
+product (a `small` step 1.03x faster, `base` 1.007x, for 4 bytes saved per element instead of 1:
+13% more saved activations at `small`).
 
 Compiled (inductor), on a CPU, a kernel that writes a bool tensor runs some 20x slower than eager
 (torch 2.13: `h <= 0` over 2560 x 1024 floats, 17.9 ms against 0.9 ms), and AOTAutograd saves
@@ -24,25 +27,26 @@ import torch.nn.functional as F
 _LEVELS = 1 << 16  # the values of one 16-bit integer
 
 
-def _keep_mask(shape: torch.Size, drop_levels: int) -> torch.Tensor:
-    """True with probability 1 - drop_levels / 65536, one element per 16 bits of a 64-bit draw."""
-    count = shape.numel()
+def _kept_scales(x: torch.Tensor, drop_levels: int) -> torch.Tensor:
+    """1 / (1 - p) with probability 1 - p (p = drop_levels / 65536), else 0, in `x`'s shape and
+    dtype: one element per 16 bits of a 64-bit draw, compared as floats so no bool is made."""
+    count = x.numel()
     bits = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-count // 4),), dtype=torch.int64)
-    return (bits.view(torch.int16)[:count] >= drop_levels - _LEVELS // 2).view(shape)
+    kept = bits.view(torch.int16)[:count].float().ge_(drop_levels - _LEVELS // 2)  # fp32: exact integers
+    return kept.mul_(_LEVELS / (_LEVELS - drop_levels)).view(x.shape).to(x.dtype)
 
 
 class _PackedMaskDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop_levels: int) -> torch.Tensor:
-        keep = _keep_mask(x.shape, drop_levels)
-        ctx.save_for_backward(keep)
-        ctx.scale = _LEVELS / (_LEVELS - drop_levels)
-        return x.mul(keep).mul_(ctx.scale)
+        scales = _kept_scales(x, drop_levels)
+        ctx.save_for_backward(scales)
+        return x * scales
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        keep, = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        scales, = ctx.saved_tensors
+        return grad * scales, None
 
 
 class _ReLUFromOutput(torch.autograd.Function):

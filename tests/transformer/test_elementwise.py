@@ -17,6 +17,13 @@ def test_drops_with_probability_p_and_scales_the_rest(p: float) -> None:
     torch.testing.assert_close(out[kept], x[kept] / (1 - p), rtol=1e-4, atol=0.0)
 
 
+def test_bfloat16_activations_keep_their_dtype_and_p() -> None:
+    x = torch.rand(1000, 1000, dtype=torch.bfloat16) + 0.5  # as CPU autocast hands dropout
+    out = dropout(x, 0.1, training=True)
+    assert out.dtype == torch.bfloat16
+    assert abs((out != 0).float().mean().item() - 0.9) < 0.003
+
+
 def test_gradient_passes_only_where_the_forward_kept() -> None:
     x = (torch.rand(300, 200) + 0.5).requires_grad_()
     out = dropout(x, 0.2, training=True)
