@@ -227,7 +227,8 @@ def main() -> None:
             ours_s, ours_out = _timed(lambda: ours(model, sources, normal_decoding))
         normal["ours"] = (ours_s, ours_out)
         # Ours with early exit (a sentence ends once a step's best extension is EOS) instead of
-        # the rule of ours and CTranslate2 by default (once it has beam_size finished hypotheses).
+        # ours by default (once it has beam_size finished hypotheses, CTranslate2's rule, or once no
+        # live beam can beat its best finished one).
         early_decoding = Decoding(beam_size=beam, early_exit=True)
         with counting_decoder_rows(model) as early_rows:
             early_s, early_out = normal["ours_early_exit"] = _timed(lambda: ours(model, sources, early_decoding))

@@ -49,7 +49,7 @@ class Hypothesis:
     score: float  # log_prob / length penalty; equals log_prob for greedy search
 
 
-def length_penalty(length: int, alpha: float) -> float:
+def length_penalty(length, alpha: float):  # int -> float, tensor -> tensor
     """GNMT's lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al., 2016), which the paper's alpha refers to."""
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -175,6 +175,18 @@ class _Finished:
         self.count += take.sum(1)
         self.score[:, k] = float("-inf")
 
+    def unbeatable(self, live_scores: torch.Tensor, step: int, max_lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+        """(n,) sentences whose best finished hypothesis no live beam can beat, so that searching on
+        cannot change the result (tensor2tensor's reading of the paper's "terminating early when
+        possible"): a beam's log-probability `live_scores` (n, K) only falls as it grows, so its final
+        score is at most that over the largest length penalty it can still reach, at length step + 2
+        (its earliest EOS) or at its sentence's `max_lengths` (n,). Exact, unlike `early_exit`."""
+        k = self.score.shape[1] - 1
+        ends = torch.stack([torch.full_like(max_lengths, step + 2), max_lengths.clamp(min=step + 2)])
+        largest_penalty = length_penalty(ends.float(), alpha).amax(0)  # either end: alpha may be < 0
+        best_live = live_scores.max(1).values / largest_penalty
+        return self.score[:, :k].max(1).values > best_live
+
     def select(self, sentences: torch.Tensor) -> None:
         for name in ("score", "log_prob", "length", "tokens", "count"):
             setattr(self, name, getattr(self, name).index_select(0, sentences))
@@ -197,8 +209,8 @@ def beam_search(
 
     Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
-    done when it has K finalised hypotheses or, with `early_exit`, when the best extension of a
-    step is EOS; it is dropped from the batch at the next look.
+    done when it has K finalised hypotheses, when no live beam can beat its best finalised one
+    (`_Finished.unbeatable`) or, with `early_exit`, when the best extension of a step is EOS; it is dropped from the batch at the next look.
     """
     config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
     batch, k, device = src.shape[0], decoding.beam_size, src.device
@@ -239,7 +251,9 @@ def beam_search(
         prefix[:, step + 1] = top_token.gather(1, keep).view(-1)
         if step + 1 < limit and (step + 1) % every:
             continue
-        done = (finished.count >= k) | best_ended if decoding.early_exit else finished.count >= k
+        done = (finished.count >= k) | finished.unbeatable(scores, step, beam_max_lengths[::k], alpha)
+        if decoding.early_exit:
+            done |= best_ended
         if step + 1 == limit:
             done = torch.ones_like(done)
         if not bool(done.any()):

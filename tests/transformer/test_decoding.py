@@ -151,3 +151,25 @@ def test_early_exit_stops_a_sentence_once_its_best_extension_is_eos(monkeypatch)
     [searched_on] = beam_search(model, src, Decoding(beam_size=2))
     [exited] = beam_search(model, src, Decoding(beam_size=2, early_exit=True))
     assert searched_on.tokens == [4] and exited.tokens == []
+
+
+def test_search_ends_once_no_live_beam_can_beat_the_best_finished(monkeypatch) -> None:
+    """After BOS, EOS 0.9 and `a` 0.1; after `a`, `a` again. The empty translation scores
+    ln 0.9 = -0.105; a live beam's log-probability (ln 0.1 = -2.30 at best) can only fall, and
+    over the largest length penalty it can reach (length 3 + 50: ((5 + 53) / 6) ** 0.6 = 3.90) it
+    scores at most -0.59. So the search ends after its first step, where waiting for a second
+    finished hypothesis (fairseq's rule alone) would run to the length limit."""
+    steps = []
+
+    class _Scripted(_ScriptedStepper):
+        FIRST, LATER = (0.9, 0.1), (1e-9, 1.0)
+
+        def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+            steps.append(prefix.shape[1])
+            return super().__call__(prefix)
+
+    monkeypatch.setattr("transformer.decoding._Stepper", _Scripted)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", vocab_size=5)).eval()
+    [best] = beam_search(model, torch.tensor([[4, 4, 3]]), Decoding(beam_size=2))
+    assert best.tokens == [] and len(steps) == 1
