@@ -109,6 +109,29 @@ def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, sho
     return log_probs
 
 
+_BLOCK = 64  # columns per block of `_row_topk`'s first stage
+
+
+def _row_topk(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(count, dim=1)` (values, columns) in two stages: the `count` largest entries of a row
+    all lie in the `count` blocks of 64 columns with the largest maxima (an entry among them is at
+    most its block's maximum, and at most `count` maxima can be among them), so the sort-based
+    top-k runs over count x 64 columns instead of the whole vocabulary. On a CPU torch's top-k
+    costs ~1 ns an entry: 2.5 ms a step for 272 beams of 8000 tokens, 0.9 ms in two stages."""
+    rows, columns = x.shape
+    full = columns - columns % _BLOCK
+    if full < 4 * count * _BLOCK:  # a short row: nothing to gain
+        return x.topk(count, dim=1)
+    block_maxima = x[:, :full].view(rows, full // _BLOCK, _BLOCK).amax(2)
+    blocks = block_maxima.topk(count, dim=1).indices  # (rows, count)
+    offsets = torch.arange(_BLOCK, device=x.device)
+    candidates = (blocks[:, :, None] * _BLOCK + offsets).flatten(1)  # (rows, count x 64)
+    if full < columns:  # the last, partial block always competes
+        candidates = torch.cat([candidates, torch.arange(full, columns, device=x.device).expand(rows, -1)], 1)
+    values, picked = x.gather(1, candidates).topk(count, dim=1)
+    return values, candidates.gather(1, picked)
+
+
 @torch.no_grad()
 def greedy_search(
     model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER, *, use_cache: bool = True,
@@ -232,10 +255,12 @@ def beam_search(
         n = scores.shape[0]
         log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, shortest, min_len,
                               config.pad_id, config.eos_id)
-        vocab = log_probs.shape[1]
-        candidates = scores[:, :, None] + log_probs.view(n, k, vocab)  # (n, K, V), fp32 as fairseq
-        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
-        top_beam, top_token = top_index // vocab, top_index % vocab
+        # The 2K best extensions of a sentence are among the 2K best of each of its beams.
+        beam_best, beam_tokens = _row_topk(log_probs, min(2 * k, log_probs.shape[1]))  # (n*K, c)
+        width = beam_best.shape[1]
+        candidates = scores[:, :, None] + beam_best.view(n, k, width)  # (n, K, c), fp32 as fairseq
+        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * width), dim=1)  # (n, 2K)
+        top_beam, top_token = top_index // width, beam_tokens.view(n, -1).gather(1, top_index)
         is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)
         best_ended |= is_eos[:, 0]
         source_rows = (torch.arange(n, device=device)[:, None] * k + top_beam[:, :k]).view(-1)

@@ -173,3 +173,22 @@ def test_search_ends_once_no_live_beam_can_beat_the_best_finished(monkeypatch) -
     model = build_model(preset("tiny", vocab_size=5)).eval()
     [best] = beam_search(model, torch.tensor([[4, 4, 3]]), Decoding(beam_size=2))
     assert best.tokens == [] and len(steps) == 1
+
+
+def test_two_stage_top_k_equals_torch_top_k() -> None:
+    """Rows as long as a vocabulary (one with a partial last block of 64), with their best entries
+    crowded into one block, and a row of -inf but one entry (a sentence at its length limit)."""
+    from transformer.decoding import _row_topk
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 8000 + 37).log_softmax(-1)
+    x[3, 640:648] += 20.0  # the 8 best of row 3 in one block
+    x[5, -5:] += 20.0  # the best of row 5 in the partial block
+    x[7] = float("-inf")
+    x[7, 3] = 0.0
+    values, columns = _row_topk(x, 8)
+    expected, _ = x.topk(8, dim=1)
+    assert torch.equal(values, expected)
+    assert torch.equal(x.gather(1, columns), values)
+    assert columns[3].sort().values.tolist() == list(range(640, 648))
+    assert columns[7, 0] == 3 and all(len(set(row)) == 8 for row in columns.tolist())  # no column twice
