@@ -6,9 +6,9 @@ terminating early when possible. Each sentence stops at its own EOS (or its own 
 
 Made for accelerators: the search state (scores, finished hypotheses and their tokens) lives on
 the device, so a step never waits for the host; the host looks only every few steps
-(`_check_every`) whether sentences are done, and then drops them from the batch. The encoder's
-keys/values are computed once per sentence and shared by its beams (never copied or reordered);
-the decoder's self-attention cache is preallocated.
+(`_check_every`) whether sentences are done, takes their results, and drops them from the batch
+once a quarter of it is done. The encoder's keys/values are computed once per sentence and shared
+by its beams (never copied or reordered); the decoder's self-attention cache is preallocated.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ def _restrict(log_probs: torch.Tensor, step: int, max_lengths: torch.Tensor, sho
     return log_probs
 
 
+# Done sentences' rows are dropped from the batch once this share of its sentences is done: each
+# drop copies every cache of the live rows, while a done sentence left in costs its K rows' step.
+# test2016, the main job's export, against dropping at once: 1/8 1.02x, 1/4 1.03-1.04x, 1/2 1.02x.
+_DROP_AT_DONE_SHARE = 0.25
 _BLOCK = 64  # columns per block of `_row_topk`'s first stage
 
 
@@ -233,7 +237,9 @@ def beam_search(
     Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
     the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
     done when it has K finalised hypotheses, when no live beam can beat its best finalised one
-    (`_Finished.unbeatable`) or, with `early_exit`, when the best extension of a step is EOS; it is dropped from the batch at the next look.
+    (`_Finished.unbeatable`) or, with `early_exit`, when the best extension of a step is EOS; its
+    result is taken at the next look, and its rows are dropped once `_DROP_AT_DONE_SHARE` of the
+    batch's sentences are done.
     """
     config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
     batch, k, device = src.shape[0], decoding.beam_size, src.device
@@ -250,6 +256,7 @@ def beam_search(
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
     best_ended = torch.zeros(batch, dtype=torch.bool, device=device)  # a step's best extension was EOS
     results: list[Hypothesis | None] = [None] * batch
+    collected = torch.zeros(batch, dtype=torch.bool, device=device)  # result taken; rows not yet dropped
     every = _check_every(device)
     for step in range(limit):
         n = scores.shape[0]
@@ -281,18 +288,23 @@ def beam_search(
             done |= best_ended
         if step + 1 == limit:
             done = torch.ones_like(done)
-        if not bool(done.any()):
+        fresh = done & ~collected
+        if not bool(fresh.any()):
             continue
-        gone = done.nonzero().squeeze(1)
+        gone = fresh.nonzero().squeeze(1)
         for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):
             results[index] = hypothesis
-        if bool(done.all()):
+        collected |= fresh
+        if bool(collected.all()):
             break
-        live = (~done).nonzero().squeeze(1)
+        if int(collected.sum()) < _DROP_AT_DONE_SHARE * collected.shape[0]:
+            continue
+        live = (~collected).nonzero().squeeze(1)
         live_rows = (live[:, None] * k + torch.arange(k, device=device)).view(-1)
         stepper.reorder(live_rows, sentences=live)
         finished.select(live)
         scores, sentence, best_ended = (t.index_select(0, live) for t in (scores, sentence, best_ended))
+        collected = torch.zeros_like(sentence, dtype=torch.bool)
         prefix, beam_max_lengths = prefix.index_select(0, live_rows), beam_max_lengths.index_select(0, live_rows)
     return results  # type: ignore[return-value]  # every sentence was collected by the last step
 

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from tests.agreement import (
@@ -17,13 +18,13 @@ from transformer.decoding import Decoding, beam_search, greedy_search, length_pe
 VOCAB = 40
 
 
-def _setup(seed: int = 0, eos_boost: float = 1.0):
+def _setup(seed: int = 0, eos_boost: float = 1.0, sentences: int = 4):
     """A random tiny model; eos_boost > 1 makes some sentences end early and others not."""
     torch.manual_seed(seed)
     model = build_model(preset("tiny", vocab_size=VOCAB)).eval()
     with torch.no_grad():
         model.output.proj.weight[model.config.eos_id] *= eos_boost
-    src = torch.randint(4, VOCAB, (4, 9))
+    src = torch.randint(4, VOCAB, (sentences, 9))
     src[1, 6:] = model.config.pad_id
     src[3, 3:] = model.config.pad_id
     return model, src
@@ -82,9 +83,11 @@ def test_each_sentence_respects_its_own_maximum_length() -> None:
             assert model.config.eos_id not in hyp.tokens and model.config.pad_id not in hyp.tokens
 
 
-def test_batched_search_equals_one_sentence_at_a_time() -> None:
-    """Each sentence stops at its own EOS: batching changes no output."""
-    model, src = _setup(0, eos_boost=20)
+@pytest.mark.parametrize("sentences", [4, 12])
+def test_batched_search_equals_one_sentence_at_a_time(sentences: int) -> None:
+    """Each sentence stops at its own EOS: batching changes no output. With 12 sentences, the first
+    ones done stay in the batch (their rows searched on, their results taken) until a quarter are."""
+    model, src = _setup(0, eos_boost=20, sentences=sentences)
     for search in (greedy_search, beam_search):
         batched = search(model, src, Decoding(max_len_b=8))
         alone = [search(model, torch.tensor([row]), Decoding(max_len_b=8))[0] for row in _sentences(model, src)]
