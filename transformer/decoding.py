@@ -49,7 +49,7 @@ class Hypothesis:
     score: float  # log_prob / length penalty; equals log_prob for greedy search
 
 
-def length_penalty(length, alpha: float):  # int -> float, tensor -> tensor
+def length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
     """GNMT's lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al., 2016), which the paper's alpha refers to."""
     return ((5.0 + length) / 6.0) ** alpha
 
