@@ -132,3 +132,14 @@ def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     finally:
         dist.destroy_process_group()
+
+
+def test_beam_search_two_stage_top_k_on_the_gpu() -> None:
+    """Beam search's top-k (blocks of 64 columns, then the best blocks' columns) on the device
+    tensors a GPU search holds: the values torch's own top-k gives, and their columns."""
+    from transformer.decoding import _row_topk
+
+    x = torch.randn(272, 37000, device="cuda").log_softmax(-1)
+    values, columns = _row_topk(x, 8)
+    torch.testing.assert_close(values, x.topk(8, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(x.gather(1, columns), values, rtol=0, atol=0)
