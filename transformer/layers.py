@@ -15,7 +15,7 @@ from torch import nn
 
 from transformer.attention import KVCache, MultiHeadAttention
 from transformer.config import ModelConfig
-from transformer.elementwise import dropout, relu
+from transformer.elementwise import dropout, dropout_add, relu
 
 
 class FeedForward(nn.Module):
@@ -67,8 +67,8 @@ class TransformerBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
         if self.pre_norm:
-            return x + dropout(sublayer(norm(x)), self.dropout, self.training)
-        return norm(x + dropout(sublayer(x), self.dropout, self.training))
+            return dropout_add(x, sublayer(norm(x)), self.dropout, self.training)
+        return norm(dropout_add(x, sublayer(x), self.dropout, self.training))
 
     def forward(
         self,
