@@ -11,7 +11,7 @@ import transformer.model
 from transformer import build_model, count_parameters, preset
 from transformer.attention import MultiHeadAttention
 from transformer.config import TABLE3_PARAMETERS_M, ModelConfig
-from transformer.elementwise import dropout
+from transformer.elementwise import dropout, dropout_add
 from transformer.layers import FeedForward
 
 VOCAB = 50
@@ -152,8 +152,13 @@ def test_dropout_is_applied_where_the_paper_puts_it(monkeypatch, norm: str) -> N
         calls.append((x, p, training))
         return dropout(x, p, training)
 
+    def recording_dropout_add(residual, x, p, training):  # a residual connection's dropout
+        calls.append((x, p, training))
+        return dropout_add(residual, x, p, training)
+
     for module in (transformer.model, transformer.layers):
         monkeypatch.setattr(module, "dropout", recording_dropout)
+    monkeypatch.setattr(transformer.layers, "dropout_add", recording_dropout_add)
     sublayer_outputs: list[torch.Tensor] = []
     for module in model.modules():
         if isinstance(module, (MultiHeadAttention, FeedForward)):
