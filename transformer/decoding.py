@@ -9,6 +9,9 @@ the device, so a step never waits for the host; the host looks only every few st
 (`_check_every`) whether sentences are done, takes their results, and drops them from the batch
 once a quarter of it is done. The encoder's keys/values are computed once per sentence and shared
 by its beams (never copied or reordered); the decoder's self-attention cache is preallocated.
+Search runs in inference mode, not merely without gradients: its tensors carry no version counter
+and its views no autograd metadata, which a step of ~350 small tensor operations feels (test2016,
+the main job's export: 1.05x, the same translations).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def _row_topk(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, candidates.gather(1, picked)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_search(
     model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER, *, use_cache: bool = True,
 ) -> list[Hypothesis]:
@@ -228,7 +231,7 @@ class _Finished:
         return [Hypothesis(row[:n], lp, s) for row, n, lp, s in zip(tokens, length, log_prob, score)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: EncoderDecoderTransformer, src: torch.Tensor, decoding: Decoding = PAPER, *, use_cache: bool = True,
 ) -> list[Hypothesis]:

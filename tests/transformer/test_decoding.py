@@ -95,6 +95,19 @@ def test_batched_search_equals_one_sentence_at_a_time(sentences: int) -> None:
         assert len({len(h.tokens) for h in batched}) > 1  # some stopped early, some did not
 
 
+def test_the_model_trains_on_after_a_search() -> None:
+    """Search runs under inference mode, whose tensors autograd refuses: none may stay in the model
+    (a lazily built table, a cache kept on a module), as validation BLEU searches mid-training."""
+    model, src = _setup(0, eos_boost=20)
+    for search in (greedy_search, beam_search):
+        search(model, src, Decoding(max_len_b=4))
+    model.train()
+    logits = model(src, src[:, :5])
+    logits.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+               for p in model.parameters() if p is not model.src_embed.positions.learned)
+
+
 def test_hypothesis_scores_are_the_models_log_probabilities() -> None:
     """A hypothesis' log-probability is what the whole model gives its tokens and EOS (one
     sentence, no cache, a full log-softmax), and its score that over GNMT's length penalty."""
