@@ -104,7 +104,7 @@ def relu(x: torch.Tensor) -> torch.Tensor:
 def _packed_mask_levels(x: torch.Tensor, p: float) -> int | None:
     """round(p x 65536) where the eager CPU path drops `x`, else None (torch's or inductor's)."""
     drop_levels = round(p * _LEVELS)
-    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    eager_cpu = x.device.type == "cpu" and not _compiled_on_cpu(x)
     return drop_levels if eager_cpu and drop_levels < _LEVELS else None
 
 
