@@ -199,7 +199,8 @@ def main() -> None:
         ours = functools.partial(translate_ids, max_tokens=args.max_tokens)
         ours(model, warm_up, fixed)
         _synchronize(args.device)
-        fixed_s, ours_out = _timed(lambda: ours(model, sources, fixed))
+        with counting_decoder_rows(model) as fixed_rows:
+            fixed_s, ours_out = _timed(lambda: ours(model, sources, fixed))
         assert all(len(h) == length - 1 for h in ours_out)  # + EOS, forced at the limit
         marian_s = marian_fixed_length(config, sources, beam, length, args.max_tokens, args.device,
                                        getattr(torch, args.dtype), warm_up=len(warm_up) == len(sources))
@@ -255,13 +256,14 @@ def main() -> None:
         fixed_rate = tokens / ((fixed_s + ours_again_s) / 2)
         result["normal_fixed_rate_ratio"] = round((generated / ours_s) / fixed_rate, 3)
         result["early_exit_normal_fixed_rate_ratio"] = round((sum(len(h) + 1 for h in early_out) / early_s) / fixed_rate, 3)
-        # The same per decoder row-step (a live beam of a sentence, one step): at fixed length every
-        # sentence keeps its beam rows for `length` steps; normal decoding keeps a sentence until
-        # its search ends, past its best hypothesis's EOS, on batches that shrink as sentences end.
-        # What separates the implementation's cost (smaller batches, dropping sentences) from the
-        # search's extra steps per returned token.
-        fixed_row_rate = beam * tokens / ((fixed_s + ours_again_s) / 2)
-        result["decoder_rows_per_generated_token"] = {"fixed_length": beam, "normal": round(normal_rows[0] / generated, 3),
+        # The same per decoder row-step (a live beam of a sentence, one step; the first step has one
+        # row per sentence): at fixed length every sentence keeps its beam rows for `length` steps;
+        # normal decoding keeps a sentence until its search ends, past its best hypothesis's EOS, on
+        # batches that shrink as sentences end. What separates the implementation's cost (smaller
+        # batches, dropping sentences) from the search's extra steps per returned token.
+        fixed_row_rate = fixed_rows[0] / ((fixed_s + ours_again_s) / 2)
+        result["decoder_rows_per_generated_token"] = {"fixed_length": round(fixed_rows[0] / tokens, 3),
+                                                      "normal": round(normal_rows[0] / generated, 3),
                                                       "early_exit": round(early_rows[0] / sum(len(h) + 1 for h in early_out), 3)}
         result["normal_fixed_row_rate_ratio"] = round((normal_rows[0] / ours_s) / fixed_row_rate, 3)
         result["early_exit_normal_fixed_row_rate_ratio"] = round((early_rows[0] / early_s) / fixed_row_rate, 3)

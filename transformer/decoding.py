@@ -237,24 +237,24 @@ def beam_search(
 ) -> list[Hypothesis]:
     """Best hypothesis per sentence by length-penalised score.
 
-    Every step keeps the 2K best extensions of the K live beams: EOS extensions ranked within
-    the top K are finalised, the K best non-EOS ones continue (as fairseq does). A sentence is
-    done when it has K finalised hypotheses, when no live beam can beat its best finalised one
-    (`_Finished.unbeatable`) or, with `early_exit`, when the best extension of a step is EOS; its
-    result is taken at the next look, and its rows are dropped once `_DROP_AT_DONE_SHARE` of the
-    batch's sentences are done.
+    Every step keeps the 2K best extensions of the live beams: EOS extensions ranked within the
+    top K are finalised, the K best non-EOS ones continue (as fairseq does). The first step runs
+    one row per sentence (its K beams would all be the same BOS) and its K best extensions become
+    the beams. A sentence is done when it has K finalised hypotheses, when no live beam can beat
+    its best finalised one (`_Finished.unbeatable`) or, with `early_exit`, when the best extension
+    of a step is EOS; its result is taken at the next look, and its rows are dropped once
+    `_DROP_AT_DONE_SHARE` of the batch's sentences are done, by the reorder that every step makes.
     """
     config, alpha, min_len = model.config, decoding.alpha, decoding.min_len
     batch, k, device = src.shape[0], decoding.beam_size, src.device
     memory, src_mask = model.encode(src)
-    max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)
+    max_lengths = _max_lengths(src, config, decoding.max_len_a, decoding.max_len_b)  # per live sentence
     limit, shortest = int(max_lengths.max()), int(max_lengths.min())
     stepper = _Stepper(model, memory, src_mask, use_cache, limit)
-    beam_max_lengths = max_lengths.repeat_interleave(k)  # (n*K,)
-    prefix = torch.full((batch * k, limit + 1), config.pad_id, dtype=torch.long, device=device)
+    row_max_lengths = max_lengths  # per row: one row per sentence until the first step's reorder
+    prefix = torch.full((batch, limit + 1), config.pad_id, dtype=torch.long, device=device)
     prefix[:, 0] = config.bos_id
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: keep only the first alive
+    scores = torch.zeros(batch, 1, device=device)  # (sentences, live beams)
     finished = _Finished.empty(batch, k, limit, config.pad_id, device)
     sentence = torch.arange(batch, device=device)  # original index of each live sentence
     best_ended = torch.zeros(batch, dtype=torch.bool, device=device)  # a step's best extension was EOS
@@ -262,53 +262,55 @@ def beam_search(
     collected = torch.zeros(batch, dtype=torch.bool, device=device)  # result taken; rows not yet dropped
     every = _check_every(device)
     for step in range(limit):
-        n = scores.shape[0]
-        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, beam_max_lengths, shortest, min_len,
+        n, beams = scores.shape
+        log_probs = _restrict(stepper(prefix[:, : step + 1]), step, row_max_lengths, shortest, min_len,
                               config.pad_id, config.eos_id)
         # The 2K best extensions of a sentence are among the 2K best of each of its beams.
-        beam_best, beam_tokens = _row_topk(log_probs, min(2 * k, log_probs.shape[1]))  # (n*K, c)
+        beam_best, beam_tokens = _row_topk(log_probs, min(2 * k, log_probs.shape[1]))  # (n*beams, c)
         width = beam_best.shape[1]
-        candidates = scores[:, :, None] + beam_best.view(n, k, width)  # (n, K, c), fp32 as fairseq
-        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, k * width), dim=1)  # (n, 2K)
+        candidates = scores[:, :, None] + beam_best.view(n, beams, width)  # (n, beams, c), fp32 as fairseq
+        top_scores, top_index = candidates.view(n, -1).topk(min(2 * k, beams * width), dim=1)  # (n, 2K)
         top_beam, top_token = top_index // width, beam_tokens.view(n, -1).gather(1, top_index)
         is_eos = (top_token == config.eos_id) & torch.isfinite(top_scores)
         best_ended |= is_eos[:, 0]
-        source_rows = (torch.arange(n, device=device)[:, None] * k + top_beam[:, :k]).view(-1)
+        first_row = torch.arange(n, device=device)[:, None] * beams
         finished.add(is_eos[:, :k], top_scores[:, :k], length_penalty(step + 1, alpha),
-                     prefix[:, 1 : step + 1].index_select(0, source_rows).view(n, k, step))
+                     prefix[:, 1 : step + 1].index_select(0, (first_row + top_beam[:, :k]).view(-1)).view(n, k, step))
         # The K best non-EOS extensions continue: rank EOS candidates after every other one.
         position = torch.arange(top_token.shape[1], device=device).expand_as(top_token)
         keep = torch.where(is_eos, position + top_token.shape[1], position).topk(k, dim=1, largest=False).indices
         scores = top_scores.gather(1, keep)
-        rows = (torch.arange(n, device=device)[:, None] * k + top_beam.gather(1, keep)).view(-1)
-        stepper.reorder(rows)
-        prefix[:, : step + 1] = prefix[:, : step + 1].index_select(0, rows)
-        prefix[:, step + 1] = top_token.gather(1, keep).view(-1)
-        if step + 1 < limit and (step + 1) % every:
-            continue
-        done = (finished.count >= k) | finished.unbeatable(scores, step, beam_max_lengths[::k], alpha)
-        if decoding.early_exit:
-            done |= best_ended
-        if step + 1 == limit:
-            done = torch.ones_like(done)
-        fresh = done & ~collected
-        if not bool(fresh.any()):
-            continue
-        gone = fresh.nonzero().squeeze(1)
-        for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):
-            results[index] = hypothesis
-        collected |= fresh
-        if bool(collected.all()):
-            break
-        if int(collected.sum()) < _DROP_AT_DONE_SHARE * collected.shape[0]:
-            continue
-        live = (~collected).nonzero().squeeze(1)
-        live_rows = (live[:, None] * k + torch.arange(k, device=device)).view(-1)
-        stepper.reorder(live_rows, sentences=live)
-        finished.select(live)
-        scores, sentence, best_ended = (t.index_select(0, live) for t in (scores, sentence, best_ended))
-        collected = torch.zeros_like(sentence, dtype=torch.bool)
-        prefix, beam_max_lengths = prefix.index_select(0, live_rows), beam_max_lengths.index_select(0, live_rows)
+        rows, tokens = first_row + top_beam.gather(1, keep), top_token.gather(1, keep)  # (n, K)
+        live = None  # the sentences that stay, when done ones are dropped at this step
+        if step + 1 == limit or (step + 1) % every == 0:
+            done = (finished.count >= k) | finished.unbeatable(scores, step, max_lengths, alpha)
+            if decoding.early_exit:
+                done |= best_ended
+            if step + 1 == limit:
+                done = torch.ones_like(done)
+            fresh = done & ~collected
+            if bool(fresh.any()):
+                gone = fresh.nonzero().squeeze(1)
+                for index, hypothesis in zip(sentence[gone].tolist(), finished.best(gone)):
+                    results[index] = hypothesis
+                collected |= fresh
+                if bool(collected.all()):
+                    break
+                if int(collected.sum()) >= _DROP_AT_DONE_SHARE * n:
+                    live = (~collected).nonzero().squeeze(1)
+        if live is not None:
+            rows, tokens, scores = (t.index_select(0, live) for t in (rows, tokens, scores))
+            sentence, best_ended, max_lengths = (t.index_select(0, live) for t in (sentence, best_ended, max_lengths))
+            finished.select(live)
+            collected = torch.zeros_like(sentence, dtype=torch.bool)
+        rows = rows.view(-1)
+        stepper.reorder(rows, sentences=live)
+        if live is None and beams == k:
+            prefix[:, : step + 1] = prefix[:, : step + 1].index_select(0, rows)
+        else:  # the first step's beams or a drop: a new prefix, with more or fewer rows
+            prefix = prefix.index_select(0, rows)
+            row_max_lengths = max_lengths.repeat_interleave(k)
+        prefix[:, step + 1] = tokens.view(-1)
     return results  # type: ignore[return-value]  # every sentence was collected by the last step
 
 

@@ -135,7 +135,7 @@ class _ScriptedStepper:
         probs[:, 3], probs[:, 4] = self.FIRST if prefix.shape[1] == 1 else self.LATER
         return probs.log()
 
-    def reorder(self, _index: torch.Tensor) -> None:
+    def reorder(self, _rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         pass
 
 
