@@ -104,6 +104,23 @@ def test_translation_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     assert greedy_disagreements(teacher_forced(model), sources, on_cpu(sources), on_gpu(sources), 1e-2) == []
 
 
+
+def test_beam_search_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
+    """The paper's beam search on the GPU (the host looks every 8 steps, caches are gathered into
+    new buffers by row, sentences leave the batch as they end) chooses as on the CPU wherever the
+    decision was not within float rounding."""
+    from jobs.evaluation import open_translator
+    from jobs.export import load_export
+    from tests.agreement import beam_disagreements, gnmt, teacher_forced
+    from tests.jobs.tiny_model import sources_of
+
+    sources = sources_of(trained_export, 100)
+    on_gpu, _ = open_translator(trained_export, "torch", Decoding(), device="cuda")
+    on_cpu, _ = open_translator(trained_export, "torch", Decoding(), device="cpu")
+    model, _, _ = load_export(trained_export)
+    assert beam_disagreements(teacher_forced(model), sources, on_cpu(sources), on_gpu(sources), 1e-2,
+                              our_criterion=gnmt(0.6), their_criterion=gnmt(0.6)) == []
+
 def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
     """A one-rank NCCL process group, DeepSpeed fp16 with dynamic loss scaling, through the same
     engine builder and DeepSpeed config the workers use."""
