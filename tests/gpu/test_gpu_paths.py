@@ -104,7 +104,6 @@ def test_translation_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     assert greedy_disagreements(teacher_forced(model), sources, on_cpu(sources), on_gpu(sources), 1e-2) == []
 
 
-
 def test_beam_search_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     """The paper's beam search on the GPU (the host looks every 8 steps, caches are gathered into
     new buffers by row, sentences leave the batch as they end) chooses as on the CPU wherever the
@@ -120,6 +119,7 @@ def test_beam_search_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     model, _, _ = load_export(trained_export)
     assert beam_disagreements(teacher_forced(model), sources, on_cpu(sources), on_gpu(sources), 1e-2,
                               our_criterion=gnmt(0.6), their_criterion=gnmt(0.6)) == []
+
 
 def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
     """A one-rank NCCL process group, DeepSpeed fp16 with dynamic loss scaling, through the same
