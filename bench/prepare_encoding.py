@@ -14,6 +14,9 @@ leaves out what either spends once; its ratio ours / peer is the figure (goal >=
 memory of the processes that did the work (the peer's, or Ray's daemons and workers) is sampled at
 each size as their summed proportional set size (PSS: a page shared by several processes, as Ray's
 object store is, counts once): flat in corpus size is the goal.
+To split the gap into the code and where it runs, both encoders' code is also timed alone, in this
+process on one thread, on a corpus of `--code-pairs` (the peer's loop over all row groups, and
+prepare's `_ShardWriter` over all shards; alternating, medians): `ratio_code_alone_ours_vs_peer`.
 
     python bench/prepare_encoding.py --pairs 1000000 4000000 --cpus 2
 """
@@ -24,6 +27,7 @@ import argparse
 import gzip
 import json
 import multiprocessing
+import statistics
 import tempfile
 import threading
 import time
@@ -125,6 +129,32 @@ def ours(raw: Path, out: Path, model: bytes, batch_rows: int, actors: int) -> fl
     return time.perf_counter() - start
 
 
+def code_alone(raw: Path, out: Path, model: bytes, batch_rows: int, rounds: int = 3) -> dict:
+    """Seconds of each encoder's own code over all of `raw`, in this process, one thread, no Ray."""
+    import pyarrow.fs as pafs
+
+    from data_pipeline.config import PrepareConfig
+    from data_pipeline.prepare import _ShardWriter
+
+    groups, rows = pq.ParquetFile(raw).metadata.num_row_groups, pq.ParquetFile(raw).metadata.num_rows
+    shard_rows, local = PrepareConfig().shard_rows, pafs.LocalFileSystem()
+    times: dict[str, list[float]] = {"peer": [], "ours": []}
+    for index in range(rounds):
+        start = time.perf_counter()
+        _peer_process(str(raw), model, list(range(groups)), str(out / f"peer-{index}.parquet"))
+        times["peer"].append(time.perf_counter() - start)
+        (out / f"ours-{index}").mkdir()
+        start = time.perf_counter()
+        writer = _ShardWriter((local, str(raw)), (local, str(out / f"ours-{index}")), shard_rows, batch_rows,
+                              (model, False, False), threads=1)
+        for shard in range(-(-rows // shard_rows)):
+            writer.write(shard)
+        times["ours"].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"pairs": rows, "seconds": {name: round(s, 2) for name, s in median.items()},
+            "ratio_code_alone_ours_vs_peer": round(median["peer"] / median["ours"], 3)}
+
+
 def _rows(directory: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in directory.rglob("*.parquet"))
 
@@ -136,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=32768, help="data.encode_batch_rows")
     parser.add_argument("--actors", type=int, default=0, help="data.encode_actors (0: one per CPU)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--code-pairs", type=int, default=200_000, help="corpus of the code-alone comparison")
     args = parser.parse_args()
 
     import ray
@@ -149,6 +180,10 @@ def main() -> None:
         sample = generated_pairs(50_000, args.seed)
         model = train_tokenizer(sample.column("src_text").to_pylist() + sample.column("tgt_text").to_pylist(),
                                 TokenizerConfig(vocab_size=8000), work / "tokenizer").read_bytes()
+        code_raw = work / "raw-code" / "train.parquet"
+        code_raw.parent.mkdir()
+        pq.write_table(generated_pairs(args.code_pairs, args.seed), code_raw, row_group_size=STAGED_ROW_GROUP_ROWS)
+        code = code_alone(code_raw, code_raw.parent, model, args.batch_rows)
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         try:
             for pairs in sorted(args.pairs):
@@ -175,7 +210,7 @@ def main() -> None:
     print(json.dumps({
         "steady_state_pairs_per_s": {"peer": round(slope("peer_s")), "ours": round(slope("ours_s"))},
         "ratio_steady_state_ours_vs_peer": round(slope("ours_s") / slope("peer_s"), 3),
-        "sizes": sizes, "cpus": args.cpus, "batch_rows": args.batch_rows, "actors": args.actors,
+        "code_alone": code, "sizes": sizes, "cpus": args.cpus, "batch_rows": args.batch_rows, "actors": args.actors,
         "provenance": provenance(),
     }, indent=2))
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.batching import Batch
 from data_pipeline.config import StreamConfig
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
@@ -48,24 +49,33 @@ from transformer.schedule import paper_adam
 WINDOW = 10  # steps per log window, in both
 
 
+def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One step of the bare loop: the model, the label-smoothed loss, Adam and gradient clipping."""
+    at = batch.target_positions()
+    loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at, src_padded=batch.src_padded),
+                                  batch.tgt_out.flatten()[at], 0.1, PAD_ID)
+    optimizer.zero_grad(set_to_none=True)
+    (loss / len(at)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def bare_model(vocab_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The recipe's model (seed 0) and the paper's Adam, as the bare loop holds them."""
+    torch.manual_seed(0)
+    model = build_model(JobConfig().model.replace(vocab_size=vocab_size))
+    return model, paper_adam(model.parameters(), lr=1e-4)
+
+
 def bare_loop(dataset: str, steps: int, max_tokens: int, threads: int) -> float:
     torch.set_num_threads(threads)
     keep_freed_memory()  # as a CPU worker's process is set up
     manifest = load_manifest(dataset)
-    config = JobConfig().model.replace(vocab_size=manifest.vocab_size)
-    torch.manual_seed(0)
-    model = build_model(config)
-    optimizer = paper_adam(model.parameters(), lr=1e-4)
+    model, optimizer = bare_model(manifest.vocab_size)
     batches = ShardStream(manifest, "train", StreamConfig(max_tokens=max_tokens)).epoch_batches()
     rates, tokens, start = [], 0, time.perf_counter()
     for step, batch in zip(range(1, steps + 1), batches):
-        at = batch.target_positions()
-        loss, _ = label_smoothed_loss(model(batch.src, batch.tgt_in, at, src_padded=batch.src_padded),
-                                      batch.tgt_out.flatten()[at], 0.1, PAD_ID)
-        optimizer.zero_grad(set_to_none=True)
-        (loss / len(at)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        bare_step(model, optimizer, batch)
         tokens += batch.target_tokens
         if step % WINDOW == 0:
             if step > WINDOW:

@@ -1,0 +1,90 @@
+"""What DeepSpeed's ZeRO engine costs one rank's training step, against the bare loop, in one run.
+
+`aiayn train` on one worker runs its step inside a DeepSpeed engine (ZeRO-2 by default), where
+`bench/training_stack.py`'s bare loop steps the model with torch's Adam directly. Here both run in
+this one process on the same token-budget batches of the prepared stream, taking turns:
+- bare: `training_stack.bare_step` (the model, the label-smoothed loss, fused Adam, clipping);
+- zero-S: training's own `build_engine` and `train_step` at `train.zero_stage=S`, world size 1
+  (gloo), as a 1-worker run builds them.
+Each round times every arm over the same `--steps` batches; medians over rounds; a ratio is the
+bare loop's time over the arm's (below 1: the engine is slower). One profiled pass per arm gives
+the time per step in `aten::copy_`, where ZeRO's flat buffers cost a rank that has nothing to share.
+
+    python bench/zero_single_rank.py --data data/multi30k-en-de --stages 0 2 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+import torch
+
+from _provenance import provenance
+from data_pipeline.config import StreamConfig
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import ShardStream
+from jobs.config import load_job_config
+from jobs.cpu_allocator import keep_freed_memory
+from jobs.engine import build_engine, train_step
+from object_store import _single_process_distributed
+from step_levers import _medians, _timed
+from training_stack import bare_model, bare_step
+
+
+def _engine_arm(stage: int, vocab_size: int, batches: list) -> Callable[[], None]:
+    job = load_job_config(None, ["cluster.num_workers=1", f"train.zero_stage={stage}"])
+    engine, scheduler = build_engine(job, job.model.replace(vocab_size=vocab_size), 1, load_universal=False)
+
+    def run() -> None:
+        for batch in batches:
+            train_step(engine, [batch], float(batch.target_tokens), 1, job.model.label_smoothing)
+            scheduler.step()
+    return run
+
+
+def _copy_ms_per_step(run: Callable[[], None], steps: int) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        run()
+    copies = sum(event.self_cpu_time_total for event in recorded.key_averages() if event.key == "aten::copy_")
+    return round(copies / 1e3 / steps, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="data/multi30k-en-de", help="a prepared dataset")
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--steps", type=int, default=10, help="batches per timed pass")
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a CPU worker's process is set up
+    manifest = load_manifest(args.data)
+    stream = ShardStream(manifest, "train", StreamConfig(max_tokens=args.max_tokens)).epoch_batches()
+    batches = [batch for _, batch in zip(range(args.steps), stream)]
+
+    model, optimizer = bare_model(manifest.vocab_size)
+
+    def bare() -> None:
+        for batch in batches:
+            bare_step(model, optimizer, batch)
+
+    _single_process_distributed()
+    arms = {"bare": bare, **{f"zero-{stage}": _engine_arm(stage, manifest.vocab_size, batches) for stage in args.stages}}
+    seconds = _medians({name: _timed(run, 1) for name, run in arms.items()}, args.rounds)
+    print(json.dumps({
+        "seconds_per_pass": {name: round(s, 3) for name, s in seconds.items()},
+        "ratio_vs_bare": {name: round(seconds["bare"] / s, 3) for name, s in seconds.items() if name != "bare"},
+        "copy_ms_per_step": {name: _copy_ms_per_step(run, args.steps) for name, run in arms.items()},
+        "target_tokens_per_pass": sum(batch.target_tokens for batch in batches),
+        "config": vars(args), "torch_threads": torch.get_num_threads(), "provenance": provenance(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
