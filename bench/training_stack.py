@@ -1,7 +1,7 @@
 """The full training stack against a bare PyTorch loop, and 2 workers against 1, in one run.
 
-- bare: one process with as many threads as cores, the same model, batches (the same worker
-  stream), Adam and gradient clipping;
+- bare: one fresh process with as many threads as cores, started as a CPU worker is (its memory
+  and OpenMP settings), the same model, batches (the same worker stream), Adam and gradient clipping;
 - bare in Ray Train: that loop as the training function of a 1-worker TorchTrainer on a local Ray
   started as `aiayn train` starts it, its worker given the same environment: what Ray and Ray
   Train cost the loop, so that the stack's gap splits into theirs and aiayn's own;
@@ -39,6 +39,7 @@ from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import PAD_ID
 from jobs.config import JobConfig
 from jobs.cpu_allocator import keep_freed_memory
+from jobs.openmp_spin import spin_environment
 from _provenance import provenance
 from jobs.tracking import RUN_NAME_TAG
 from transformer import build_model
@@ -92,7 +93,7 @@ def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: i
     from ray.train.torch import TorchTrainer
 
     from cluster.ray_connection import connect
-    from jobs.cpu_allocator import keep_freed_memory_environment
+    from jobs.cpu_allocator import worker_environment
 
     def loop(config: dict) -> None:  # Ray Train 2.60 keeps no metrics without a checkpoint: a file (one node)
         out = Path(config.pop("out"))
@@ -106,7 +107,7 @@ def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: i
                 loop, train_loop_config={"dataset": dataset, "steps": steps, "max_tokens": max_tokens, "threads": threads,
                                          "out": f"{storage}/tokens_per_s"},
                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
-                run_config=RunConfig(storage_path=storage, worker_runtime_env={"env_vars": keep_freed_memory_environment()}),
+                run_config=RunConfig(storage_path=storage, worker_runtime_env={"env_vars": worker_environment(JobConfig().cluster, uses_gpu=False)}),
             ).fit()
             return float(Path(storage, "tokens_per_s").read_text())
     finally:
@@ -115,11 +116,13 @@ def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: i
 
 def in_own_process(function, *args) -> float:
     """`function(*args)` in a fresh Python (Ray's daemons and state leave with it); its float result.
-    The processes Ray starts inherit the path that imports this module."""
+    It starts as a CPU worker's process does (jobs/openmp_spin.py), and the processes Ray starts
+    inherit the path that imports this module."""
     here = Path(__file__).resolve().parent
     path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", f"import training_stack; print(training_stack.{function.__name__}(*{args!r}))"],
-                          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+                          check=True, capture_output=True, text=True,
+                          env={**os.environ, **spin_environment(), "PYTHONPATH": path})
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -175,7 +178,7 @@ def main() -> None:
     rounds: list[dict] = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as scratch:
-            bare = bare_loop(f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens, args.threads)
+            bare = in_own_process(bare_loop, f"{data_dir}/multi30k-en-de", args.steps, args.max_tokens, args.threads)
             in_ray_train = in_own_process(bare_loop_in_ray_train, f"{data_dir}/multi30k-en-de", args.steps,
                                           args.max_tokens, args.threads)
             one = stack_run(data_dir, 1, args.threads, args.steps, args.max_tokens, Path(scratch))

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 
 from cluster.config import ClusterConfig
+from jobs.openmp_spin import spin_environment
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
 NEVER = 2**31 - 1  # the largest trim threshold mallopt's int takes
@@ -33,11 +34,15 @@ def keep_freed_memory_environment() -> dict[str, str]:
 
 
 def worker_environment(cluster: ClusterConfig, *, uses_gpu: bool) -> dict[str, str]:
-    """What a process the driver starts on the cluster gets in its environment: the settings for
-    one that computes on the CPU (Ray Train's CPU workers, the background valid-BLEU task, whose
-    beam search frees and reallocates its caches' copies and logits every step) unless
-    `cluster.keep_freed_memory` is off; nothing for a GPU worker, whose steps live on the device."""
-    return keep_freed_memory_environment() if cluster.keep_freed_memory and not uses_gpu else {}
+    """What a process the driver starts on the cluster gets in its environment, where it computes
+    on the CPU (Ray Train's CPU workers, the background valid-BLEU task, whose beam search frees
+    and reallocates its caches' copies and logits every step): these settings unless
+    `cluster.keep_freed_memory` is off, and OpenMP threads that spin through a step
+    (jobs/openmp_spin.py). Nothing for a GPU worker, whose steps live on the device."""
+    if uses_gpu:
+        return {}
+    memory = keep_freed_memory_environment() if cluster.keep_freed_memory else {}
+    return {**memory, **spin_environment()}
 
 
 def keep_freed_memory() -> bool:
