@@ -51,7 +51,8 @@ def _checkpoint(preset: str, vocab_size: int, directory: Path) -> int:
     engine.backward(loss)
     engine.step()
     state = ckpt.JobState(step=1, world_size=1, zero_stage=job.train.zero_stage, config={})
-    ckpt.save_checkpoint(engine, directory, 0, state, ckpt.RankState(StreamPosition(), torch.get_rng_state()))
+    ckpt.save_checkpoint(engine, directory, directory.name, 0, state, ckpt.RankState(StreamPosition(), torch.get_rng_state()),
+                         ckpt.Signer.of_account())
     return count_parameters(model)
 
 

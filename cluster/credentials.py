@@ -9,6 +9,7 @@ database there, so records written under one `up` stay readable after the next.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,26 +36,33 @@ class MlflowLogin:
 
 
 def private_dir(path: Path) -> Path:
-    """`path`, made mode 0700 if missing; one that another account owns or may enter is refused."""
+    """`path`, made mode 0700 if missing, or made 0700 if it is this account's (an older release
+    made it with the umask); one that another account owns (or a link) is refused."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise InputError(f"{path}: the cluster's secrets must lie in a directory of this account's with mode 0700 "
-                         f"(found owner {info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); fix or remove it")
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise InputError(f"{path}: aiayn's state and secrets must lie in a directory of this account's (found owner "
+                         f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); fix or remove it")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
     return path
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a file of mode 0600 atomically (created 0600, never readable by others meanwhile)."""
+def write_private(path: Path, text: str, replace: bool = True) -> None:
+    """Write a file of mode 0600 atomically (created 0600, never readable by others meanwhile).
+    `replace=False`: an existing file stays (FileExistsError), so that a secret made twice at once
+    never changes under whoever read the first."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(descriptor, "w") as handle:
             handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
+    finally:
         temp.unlink(missing_ok=True)
-        raise
 
 
 def mlflow_login_path(directory: Path) -> Path:
@@ -79,3 +87,32 @@ def read_mlflow_login(path: Path) -> MlflowLogin:
     except (ValueError, TypeError) as error:
         raise InputError(f"{path}: not a login aiayn wrote ({type(error).__name__}); remove it and run "
                          "`aiayn cluster up` again") from None
+
+
+SIGNING_KEY_ENV = "AIAYN_SIGNING_KEY"
+SIGNING_KEY_FILE = "signing.key"
+
+
+def aiayn_home() -> Path:
+    """This account's aiayn state (`~/.aiayn`, or $AIAYN_HOME)."""
+    return Path(os.environ.get("AIAYN_HOME", Path.home() / ".aiayn"))
+
+
+def signing_key() -> bytes:
+    """The key that signs this account's checkpoints and exports: $AIAYN_SIGNING_KEY where the user
+    gives one (the same key on every machine that writes or reads the run's storage), else the one
+    kept in ~/.aiayn/credentials/signing.key, made at random the first time. It never enters the
+    run's storage: whoever can write there but lacks the key cannot make a checkpoint aiayn loads."""
+    given = os.environ.get(SIGNING_KEY_ENV, "")
+    if given:
+        if len(given) < 32:
+            raise InputError(f"{SIGNING_KEY_ENV}: a signing key needs at least 32 characters (it is an HMAC key; "
+                             "`python -c 'import secrets; print(secrets.token_hex(32))'` makes one)")
+        return given.encode()
+    path = private_dir(aiayn_home() / "credentials") / SIGNING_KEY_FILE
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # two first uses at once: the first one's key stays
+            write_private(path, secrets.token_hex(32), replace=False)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077 or path.stat().st_uid != os.getuid():
+        raise InputError(f"{path}: the signing key must be this account's with mode 0600; `chmod 600 {path}`")
+    return path.read_text().strip().encode()

@@ -12,6 +12,7 @@ step's BLEU is logged once.
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     manifest = load_manifest(dataset_uri)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
+    signer = ckpt.Signer.of_account(config.train.accept_unsigned_checkpoints)  # the driver's key
     with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory(prefix="aiayn-bleu-") as scratch:
-        ckpt.verify(directory)  # before DeepSpeed's files are unpickled
+        ckpt.verify(directory, signer, posixpath.basename(checkpoint.path.rstrip("/")))  # before DeepSpeed unpickles
         export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export",
                               moving_average=bool(config.train.ema_decay))
         translate, _ = open_translator(export, "torch", config.train.decoding)
@@ -51,7 +53,7 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     return metrics
 
 
-def validation_config(loop_config: dict, job: JobConfig):
+def validation_config(loop_config: dict, job: JobConfig, signer: ckpt.Signer):
     """The TorchTrainer's `validation_config`: one task at a time, with one CPU (and no GPU), in a
     process that keeps freed memory as CPU training workers do, on the driver's node when the
     tracking store is a file there (no other node can write it)."""
@@ -63,7 +65,8 @@ def validation_config(loop_config: dict, job: JobConfig):
     from jobs.tracking import local_store_dir
 
     options: dict = {"num_cpus": 1, "max_retries": 1,
-                     "runtime_env": {"env_vars": worker_environment(job.cluster, uses_gpu=False)}}
+                     "runtime_env": {"env_vars": {**worker_environment(job.cluster, uses_gpu=False),
+                                                  **signer.environment()}}}
     if local_store_dir(loop_config["tracking_uri"]) is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=False)

@@ -112,6 +112,10 @@ class TrainConfig:
     # A rank whose own time per step (forward passes, data wait) is this many times the other
     # ranks' for 3 log windows in a row is named on the console as a straggler.
     straggler_factor: float = 1.5
+    # Load checkpoints that carry no signature (written by aiayn before it signed them) if they
+    # are complete and unchanged. Only for checkpoints you wrote yourself, for this release; a
+    # checkpoint signed with another key is refused whatever this says (jobs/checkpoint/signing.py).
+    accept_unsigned_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

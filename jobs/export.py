@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from data_pipeline import storage
 from jobs import checkpoint as ckpt
+from jobs.checkpoint.signing import Signer
 from transformer import ModelConfig, build_model
 from transformer.config import saved_model_section
 from transformer.averaging import average_state_dicts
@@ -59,7 +61,7 @@ def checkpoint_weights(checkpoint_dir: Path, moving_average: bool) -> dict[str, 
 
 
 def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_model: bytes, info: dict,
-                 destination: Path, moving_average: bool = False) -> Path:
+                 destination: Path, moving_average: bool = False, signer: Signer | None = None) -> Path:
     """Average the local checkpoints' weights (each one's moving average of the weights, with
     `moving_average`) into a new local directory `destination`; publishing it where users find it
     (atomically) is `data_pipeline.storage.publish_directory`'s job."""
@@ -76,17 +78,40 @@ def export_model(checkpoints: list[Path], model_config: ModelConfig, tokenizer_m
         raise ckpt.CheckpointError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
     return write_export(model, tokenizer_model, {**info, "averaged_checkpoints": [c.name for c in checkpoints],
                                                  "weights": "moving average" if moving_average else "as trained"},
-                        destination)
+                        destination, signer)
 
 
-def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, destination: Path) -> Path:
-    """The export's files in a new local directory, INFO last (it marks the export complete)."""
+def write_export(model: torch.nn.Module, tokenizer_model: bytes, info: dict, destination: Path,
+                 signer: Signer | None = None) -> Path:
+    """The export's files in a new local directory, INFO last (it marks the export complete);
+    with `signer`, INFO records each file's sha256 under its author's signature."""
     destination.mkdir(parents=True)
     save_model(model, str(destination / WEIGHTS))
     (destination / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
     (destination / TOKENIZER).write_bytes(tokenizer_model)
+    if signer is not None:
+        record = _signed_record(destination, info)
+        info = {**info, SIGNED: {"files": record["files"], **signer.sign("export", "", record)}}
     (destination / INFO).write_text(json.dumps(info, indent=2))
     return destination
+
+
+SIGNED = "signed"  # INFO's key for the files' sha256 and their author's signature
+
+
+def _signed_record(directory: Path, info: dict) -> dict:
+    """What an export's signature covers: its files' sha256 and the rest of its INFO."""
+    files = {name: storage.sha256_of(str(directory / name)) for name in (WEIGHTS, CONFIG, TOKENIZER)}
+    return {"files": files, "info": {key: value for key, value in info.items() if key != SIGNED}}
+
+
+def verify_export(directory: Path, signer: Signer) -> None:
+    """Refuse (SignatureError, one line) an export that `signer`'s key did not sign, or whose
+    files changed since."""
+    info = json.loads((directory / INFO).read_text())
+    signed = info.get(SIGNED)
+    signature = {key: value for key, value in signed.items() if key != "files"} if isinstance(signed, dict) else None
+    signer.check("export", "", _signed_record(directory, info), signature, str(directory))
 
 
 def decoding_of(path: Path) -> Decoding:
@@ -115,8 +140,6 @@ def local_export(reference: str) -> Iterator[Path]:
     """An export as a local directory for as long as it is needed: a local path as it is; an
     MLflow URI (runs:/<id>/export, or a model of aiayn's: models:/NAME/VERSION) or an object-store
     URI downloaded into a temporary directory that is removed afterwards."""
-    from data_pipeline import storage
-
     if storage.is_local(reference) and ":/" not in reference:
         yield Path(reference)
         return

@@ -111,7 +111,7 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
     return plan, manifest
 
 
-def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
+def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict, signer: ckpt.Signer):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -131,11 +131,13 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
         callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
-        worker_runtime_env={"env_vars": worker_environment(cluster, uses_gpu=cluster.use_gpu)},
+        # The signing key reaches the workers as it reaches the BLEU task: in the environment Ray
+        # keeps with them, never in the loop's config (which Ray Train may write to storage).
+        worker_runtime_env={"env_vars": {**worker_environment(cluster, uses_gpu=cluster.use_gpu), **signer.environment()}},
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
-        validation_config=(validation_config(loop_config, job)
+        validation_config=(validation_config(loop_config, job, signer)
                            if job.train.bleu_every and job.train.bleu_in_background else None),
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
                                  timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
@@ -191,7 +193,8 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     from cluster.ray_connection import connect
     from jobs.tracking import find_or_create_run, git_commit
 
-    source = ckpt.resume_source(layout.uri, resume_from)
+    signer = ckpt.Signer.of_account(job.train.accept_unsigned_checkpoints)
+    source = ckpt.resume_source(layout.uri, resume_from, signer, console)
     resume = _plan_resume(job, source, manifest) if manifest is not None else None
     connect(job.cluster.address)
     check_reaches_every_node(shared_locations(job, tracking_uri))
@@ -223,23 +226,24 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
                        "started_at": started_at, "layout": layout.to_dict()}
-        result = _fit(_trainer(job, layout, loop_config))
+        result = _fit(_trainer(job, layout, loop_config, signer))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
-    _delete_untracked(layout.uri, result, console)
+    _delete_untracked(layout.uri, result, signer, console)
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
-    outcome = _finish(job, layout, report, manifest, started_at, scores)
+    outcome = _finish(job, layout, report, manifest, started_at, scores, signer)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
 
-def _delete_untracked(run_uri: str, result, console: Callable[[str], None]) -> None:
+def _delete_untracked(run_uri: str, result, signer: ckpt.Signer, console: Callable[[str], None]) -> None:
     """Retention for the checkpoints Ray Train never registered (`ckpt.untracked`): what its own
-    retention would have done had it known them."""
+    retention would have done had it known them. Only this account's (signed): never delete what
+    aiayn did not write."""
     kept = {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
-    complete = [uri for uri in ckpt.list_checkpoints(run_uri) if ckpt.is_complete(uri)]
+    complete, _ = ckpt.signed_checkpoints(run_uri, signer)
     for uri in ckpt.untracked(complete, kept):
         storage.delete_dir(uri)
         console(f"deleted {posixpath.basename(uri)}: finished after its run's driver was gone, so Ray Train's "
@@ -265,7 +269,7 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
 
 
 def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Manifest, started_at: float,
-            scores: dict[str, float]) -> TrainOutcome:
+            scores: dict[str, float], signer: ckpt.Signer) -> TrainOutcome:
     """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
     train.average=best) next to them, score it on test, log it all, with the run's time ledger:
     the newest checkpoint's, and the time since it was saved as `finish`.
@@ -274,8 +278,8 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
     directory (under cluster.staging_dir if set) that is removed afterwards."""
     from jobs.export import INFO, export_model
 
-    chosen = ckpt.to_average(layout.uri, job.train, scores)
-    newest = ckpt.latest_complete_checkpoint(layout.uri)
+    chosen = ckpt.to_average(layout.uri, job.train, scores, signer)
+    newest = ckpt.signed_checkpoints(layout.uri, signer)[0][-1]
     final_state = ckpt.read_job_state(newest)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
@@ -283,13 +287,13 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
     with layout.scratch("aiayn-finish-") as scratch:
         local = [ckpt.local_copy(c, scratch) for c in chosen]
         for directory in local:
-            ckpt.verify(str(directory))  # the export unpickles DeepSpeed's files
+            ckpt.verify(str(directory), signer)  # the export unpickles DeepSpeed's files
         local_export = export_model(
             local, job.model, tokenizer_bytes,
             {"run_name": layout.name, "mlflow_run_id": report.run_id, "step": final_state.step,
              "tokenizer_sha256": manifest.tokenizer_sha256, "dataset": storage.redact(manifest.uri),
              "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
-            scratch / "export", moving_average=bool(job.train.ema_decay),
+            scratch / "export", moving_average=bool(job.train.ema_decay), signer=signer,
         )
         storage.publish_directory(local_export, export_uri, INFO)
         best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None

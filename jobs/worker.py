@@ -71,12 +71,15 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         RunLayout.from_dict(loop_config["layout"]).use_staging()  # checkpoint parts and downloads
 
+        self.signer = ckpt.Signer.of_account(self.job.train.accept_unsigned_checkpoints)  # the driver's key
         restored, registered = attempt_checkpoint(ckpt.ResumePlan(**loop_config["resume_plan"]))
         place = Place(self.rank, self.world, self.local_rank)
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
             # downloaded to local scratch if remote
             self.start = start_rank(self.job, self.manifest, place, loop_config["launch_id"], loop_config["run_id"],
-                                    Path(directory) if directory is not None else None)
+                                    Path(directory) if directory is not None else None,
+                                    posixpath.basename(restored.path.rstrip("/")) if restored is not None else "",
+                                    self.signer)
         self.engine, self.scheduler, self.state, self.average = (self.start.engine, self.start.scheduler,
                                                                  self.start.state, self.start.average)
         if self.start.resumed_from_step is not None:
@@ -94,7 +97,7 @@ class Trainer:
         self.forward_clock = ForwardClock(self.device)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
         self.saver = Saver(self.rank, self.job.train.zero_stage, self.job.train.async_checkpoint, self.engine,
-                           self.average, self.report, self.fence)
+                           self.average, self.report, self.fence, self.signer)
         if not registered:  # complete, but never registered
             self.saver.register(posixpath.basename(restored.path.rstrip("/")), self.state.step,
                                 validate=self.cadence.bleu_of_checkpoint(self.state.step))

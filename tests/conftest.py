@@ -27,6 +27,19 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def aiayn_home(tmp_path_factory):
+    """The tests' own ~/.aiayn (the signing key, a cluster's state): never the account's."""
+    home = tmp_path_factory.mktemp("aiayn-home")
+    saved = os.environ.get("AIAYN_HOME")
+    os.environ["AIAYN_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("AIAYN_HOME", None)
+    else:
+        os.environ["AIAYN_HOME"] = saved
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded single-node Ray for tests of Ray Data jobs; shut down after the module."""

@@ -1,8 +1,9 @@
 """The checkpoint component: it owns the format and every rule about checkpoints.
 
 - files.py:  the format (each rank's DeepSpeed shard, data position and RNG state, completion
-             markers with sha256), saving, completeness, verification before anything is
+             markers with sha256, signed), saving, completeness, verification before anything is
              unpickled, listing, download and conversion to DeepSpeed's universal format;
+- signing.py: who wrote a checkpoint or export (an HMAC under the account's key);
 - resume.py: the resume plan the driver computes once before the cluster starts (which
              checkpoint, resize, compatibility of the saved config with the new one) and the
              rules the workers follow to restore from it;
@@ -18,9 +19,10 @@
 
 from jobs.checkpoint.files import (
     AVERAGE, DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
-    latest_complete_checkpoint, list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
-    read_job_state, save_checkpoint, saved_weight_average, step_of, universal_copy, verify,
+    list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
+    read_job_state, save_checkpoint, saved_weight_average, signed_checkpoints, step_of, universal_copy, verify,
 )
+from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
     FIXED_ON_RESUME, ResumePlan, attempt_source, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
@@ -30,7 +32,7 @@ from jobs.checkpoint.retention import checkpoint_config, reported_metrics, score
 
 __all__ = [
     "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
-    "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete", "latest_complete_checkpoint",
+    "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete",
     "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "Signer", "signed_checkpoints", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify",
 ]

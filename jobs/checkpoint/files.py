@@ -5,11 +5,13 @@ A checkpoint directory (Ray Train merges every rank's files into one):
     job_state.json               rank 0: step, epoch, tokens, elapsed time, MLflow run id, config...
     ema.safetensors              rank 0, with train.ema_decay: the moving average of the weights
     rank_00001.pt                each rank: its data position and RNG state
-    rank_00001.complete          each rank, written last: size and sha256 of every file it wrote
+    rank_00001.complete          each rank, written last: size and sha256 of every file it wrote,
+                                 signed with the author's key (signing.py)
 A checkpoint is complete only if job_state.json exists and every rank's marker matches the sizes
 on disk; anything else (a write that was interrupted) is never loaded. Before anything in it is
-deserialized (DeepSpeed's loaders unpickle), `verify` checks every file against the sha256 in the
-markers and refuses a changed file or one that no rank wrote. Resuming at another world size
+deserialized (DeepSpeed's loaders unpickle), `verify` checks each marker's signature (who wrote
+it) and every file against the sha256 in the markers, and refuses a changed file or one that no
+rank wrote. Resuming at another world size
 converts the ZeRO shards to DeepSpeed's universal format in node-local scratch, never beside them.
 
 Checkpoints live wherever `cluster.storage_path` points (a shared path or an object store): the
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from safetensors.torch import save_file
 
 from data_pipeline import storage
 from data_pipeline.stream import StreamPosition
+from jobs.checkpoint.signing import SignatureError, Signer
 from transformer.ema import WeightAverage
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
@@ -89,10 +93,11 @@ def _rank_files(rank: int) -> tuple[str, str]:
     return f"rank_{rank:05d}.pt", f"rank_{rank:05d}.complete"
 
 
-def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | None, rank_state: RankState,
-                    average: WeightAverage | None = None) -> None:
-    """Write this rank's part of a checkpoint into a local directory (collective: all ranks call
-    it). Rank 0 also writes the job state and the weights' moving average, if the run keeps one."""
+def save_checkpoint(engine, directory: Path, name: str, rank: int, job_state: JobState | None, rank_state: RankState,
+                    signer: Signer, average: WeightAverage | None = None) -> None:
+    """Write this rank's part of checkpoint `name` into a local directory (collective: all ranks
+    call it), its marker signed by `signer`. Rank 0 also writes the job state and the weights'
+    moving average, if the run keeps one."""
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     state_file, marker = _rank_files(rank)
@@ -106,7 +111,8 @@ def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | No
         path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": storage.sha256_of(str(path))}
         for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".complete")
     }
-    (directory / marker).write_text(json.dumps(files, indent=1))
+    signature = signer.sign(_KIND, _signed_name(name, rank), files)
+    (directory / marker).write_text(json.dumps({_FILES: files, _SIGNATURE: signature}, indent=1))
 
 
 def read_job_state(directory: str) -> JobState:
@@ -116,17 +122,28 @@ def read_job_state(directory: str) -> JobState:
     return JobState(**data)
 
 
-def _markers(directory: str, world_size: int) -> list[dict] | None:
-    """Each rank's marker ({file: {size, sha256}}), or None if one is missing or unreadable."""
+_KIND, _FILES, _SIGNATURE = "checkpoint", "files", "signature"
+
+
+def _signed_name(name: str, rank: int) -> str:
+    return f"{name}/rank {rank}"
+
+
+def _markers(directory: str, world_size: int) -> list[tuple[dict, dict | None]] | None:
+    """Each rank's marker: ({file: {size, sha256}}, its signature or None for an older release's
+    unsigned marker), or None if one is missing or unreadable."""
     markers = []
     for rank in range(world_size):
         try:
             marker = storage.read_json(storage.join(directory, _rank_files(rank)[1]))
         except ValueError:
             return None
-        if not isinstance(marker, dict) or not all(isinstance(entry, dict) for entry in marker.values()):
+        if not isinstance(marker, dict):
             return None
-        markers.append(marker)
+        files, signature = (marker.get(_FILES), marker.get(_SIGNATURE)) if _SIGNATURE in marker else (marker, None)
+        if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
+            return None
+        markers.append((files, signature))
     return markers
 
 
@@ -141,19 +158,34 @@ def is_complete(directory: str) -> bool:
     if markers is None:
         return False
     on_disk = storage.file_sizes(directory)
-    return all(on_disk.get(name) == entry.get("size") for marker in markers for name, entry in marker.items())
+    return all(on_disk.get(name) == entry.get("size") for files, _ in markers for name, entry in files.items())
 
 
-def verify(directory: str) -> None:
-    """Refuse (CheckpointError) a checkpoint any of whose files differs from what its ranks
-    recorded, or that holds a file no rank wrote: its files are unpickled when loaded."""
+def check_signed(directory: str, signer: Signer, name: str = "") -> None:
+    """Refuse (CheckpointError) a checkpoint that is incomplete or whose markers `signer`'s key did
+    not sign for its name (`name`: the checkpoint's, where `directory` is a copy under another).
+    Reads the markers only: cheap enough to sort a run's checkpoints."""
     directory = str(directory)
+    name = name or posixpath.basename(directory.rstrip("/"))
     if not is_complete(directory):
         raise CheckpointError(f"{directory} is incomplete (interrupted while being written, or not aiayn's); "
                               "not loading it")
+    for rank, (files, signature) in enumerate(_markers(directory, read_job_state(directory).world_size) or []):
+        try:
+            signer.check(_KIND, _signed_name(name, rank), files, signature, storage.join(directory, _rank_files(rank)[1]))
+        except SignatureError as error:
+            raise CheckpointError(str(error)) from None
+
+
+def verify(directory: str, signer: Signer, name: str = "") -> None:
+    """Refuse (CheckpointError) a checkpoint its author's key did not sign (`check_signed`), any of
+    whose files differs from what its ranks recorded, or that holds a file no rank wrote: its
+    files are unpickled when loaded."""
+    directory = str(directory)
+    check_signed(directory, signer, name)
     recorded: dict[str, str] = {}
-    for marker in _markers(directory, read_job_state(directory).world_size) or []:
-        recorded.update({name: entry["sha256"] for name, entry in marker.items()})
+    for files, _ in _markers(directory, read_job_state(directory).world_size) or []:
+        recorded.update({name: entry["sha256"] for name, entry in files.items()})
     for name in storage.file_sizes(directory):
         if name.endswith(".complete"):
             continue
@@ -214,11 +246,19 @@ def list_checkpoints(run_uri: str) -> list[str]:
     return [storage.join(run_uri, name) for _, name in sorted(found)]
 
 
-def latest_complete_checkpoint(run_uri: str) -> str | None:
-    for candidate in reversed(list_checkpoints(run_uri)):
-        if is_complete(candidate):
-            return candidate
-    return None
+def signed_checkpoints(run_uri: str, signer: Signer) -> tuple[list[str], dict[str, str]]:
+    """The run's complete checkpoints signed with `signer`'s key, oldest first, and the other
+    complete ones with why each is refused (planted, or from before signing)."""
+    signed, refused = [], {}
+    for candidate in list_checkpoints(run_uri):
+        if not is_complete(candidate):
+            continue
+        try:
+            check_signed(candidate, signer)
+            signed.append(candidate)
+        except CheckpointError as error:
+            refused[candidate] = str(error)
+    return signed, refused
 
 
 def local_copy(directory: str, scratch: Path) -> Path:

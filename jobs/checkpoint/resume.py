@@ -11,8 +11,10 @@ break "every example exactly once" for that epoch, so aiayn refuses rather than 
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,12 +25,13 @@ from data_pipeline.stream import StreamPosition, redistribute
 from jobs.checkpoint.files import (
     CheckpointError,
     JobState,
-    latest_complete_checkpoint,
     load_rank_state,
     read_job_state,
+    signed_checkpoints,
     step_of,
     verify,
 )
+from jobs.checkpoint.signing import Signer
 from transformer.config import saved_model_section
 
 # dotted key (or section) -> why it cannot change between a checkpoint and the run resuming it
@@ -113,22 +116,35 @@ def check_compatible(saved_config: dict, new_config: dict, where: str) -> None:
             )
 
 
-def resume_source(run_uri: str, resume_from: str) -> str | None:
+def resume_source(run_uri: str, resume_from: str, signer: Signer, say: Callable[[str], None]) -> str | None:
     """The checkpoint a run starts from, verified, or None. A run that has checkpoints continues
-    from its latest complete one (as Ray Train restores it); `resume_from` starts a new run from
-    another run's checkpoint."""
-    existing = latest_complete_checkpoint(run_uri)
-    if existing and resume_from:
+    from its newest one that verifies (as Ray Train restores it), saying why it passed over any
+    newer one (planted by someone without the key, changed, or unsigned); `resume_from` starts a
+    new run from another run's checkpoint."""
+    signed, refused = signed_checkpoints(run_uri, signer)
+    if (signed or refused) and resume_from:
+        newest = max([*signed, *refused], key=step_of)
         raise InputError(f"--resume {resume_from}: run {run_uri} has checkpoints already and continues from "
-                         f"{existing}; drop --resume to continue it, or give a new --name")
-    source = existing or resume_from
-    if not source:
-        return None
-    try:
-        verify(source)
-    except CheckpointError as error:
-        raise InputError(f"{source}: not a complete, unchanged aiayn checkpoint ({error})") from None
-    return source
+                         f"{newest}; drop --resume to continue it, or give a new --name")
+    if resume_from:
+        try:
+            verify(resume_from, signer)
+        except CheckpointError as error:
+            raise InputError(f"{resume_from}: not a complete, unchanged aiayn checkpoint of yours ({error})") from None
+        return resume_from
+    for candidate in reversed(signed):
+        try:
+            verify(candidate, signer)
+        except CheckpointError as error:
+            refused[candidate] = str(error)
+            continue
+        for newer in sorted((uri for uri in refused if step_of(uri) > step_of(candidate)), key=step_of):
+            say(f"passing over {posixpath.basename(newer)}: {refused[newer]}")
+        return candidate
+    if refused:  # the newest's reason names the option that loads an older release's (signing.py)
+        raise InputError(f"run {run_uri}: none of its {len(refused)} complete checkpoints verifies; "
+                         f"{refused[max(refused, key=step_of)]}")
+    return None
 
 
 def plan_resume(source: str | None, config: dict, manifest: Manifest, world_size: int, zero_stage: int) -> ResumePlan:

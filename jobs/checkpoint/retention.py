@@ -13,7 +13,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from jobs.checkpoint.files import CheckpointError, is_complete, list_checkpoints
+from jobs.checkpoint.files import CheckpointError, signed_checkpoints
+from jobs.checkpoint.signing import Signer
 
 SCORE = "valid/bleu"
 # What a checkpoint reports until its BLEU is known: below every BLEU, so Ray Train drops those
@@ -55,12 +56,13 @@ def untracked(complete: list[str], kept: set[str]) -> list[str]:
     return [uri for uri in complete[:-1] if posixpath.basename(uri.rstrip("/")) not in kept]
 
 
-def to_average(run_uri: str, train, scores: dict[str, float]) -> list[str]:
-    """The complete checkpoints the export averages, oldest first. `scores`: see `scores_of`;
-    with `average=best` and no checkpoint scored, the newest (said by the caller)."""
-    complete = [uri for uri in list_checkpoints(run_uri) if is_complete(uri)]
+def to_average(run_uri: str, train, scores: dict[str, float], signer: Signer) -> list[str]:
+    """The complete checkpoints signed with `signer`'s key that the export averages, oldest
+    first. `scores`: see `scores_of`; with `average=best` and no checkpoint scored, the newest
+    (said by the caller)."""
+    complete, _ = signed_checkpoints(run_uri, signer)
     if not complete:
-        raise CheckpointError(f"{run_uri}: training produced no complete checkpoint")
+        raise CheckpointError(f"{run_uri}: training produced no complete checkpoint signed with this account's key")
     if train.average == "last":
         return complete[-train.average_checkpoints:]
     scored = [uri for uri in complete if posixpath.basename(uri) in scores]

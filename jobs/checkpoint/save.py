@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from jobs.checkpoint.files import CheckpointError, JobState, RankState, checkpoint_dir_name, save_checkpoint
 from jobs.checkpoint.retention import reported_metrics
+from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
 from jobs.engine import check_finite_weights
 from transformer.ema import WeightAverage
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
 
 class Saver:
     def __init__(self, rank: int, zero_stage: int, asynchronous: bool, engine: Any, average: WeightAverage | None,
-                 report: RankReport, fence: Callable[[str], None]) -> None:
-        """`fence(what)` raises once this run's lease is lost (checked before each upload)."""
+                 report: RankReport, fence: Callable[[str], None], signer: Signer) -> None:
+        """`fence(what)` raises once this run's lease is lost (checked before each upload);
+        `signer` signs this rank's part."""
         self.rank, self.zero_stage, self.engine, self.average, self.report = rank, zero_stage, engine, average, report
+        self.signer = signer
         self.uploads = Uploads(rank, asynchronous, fence, self._uploaded)
 
     def save(self, state: JobState, rank_state: RankState, metrics: dict[str, float], wait: bool,
@@ -36,8 +39,8 @@ class Saver:
         check_finite_weights(self.engine, self.zero_stage, state.step)
         with self.uploads.staging() as local:
             try:
-                save_checkpoint(self.engine, local, self.rank, state if self.rank == 0 else None, rank_state,
-                                self.average)
+                save_checkpoint(self.engine, local, checkpoint_dir_name(state.step), self.rank,
+                                state if self.rank == 0 else None, rank_state, self.signer, self.average)
             except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
                 free = shutil.disk_usage(local).free
                 raise CheckpointError(

@@ -23,6 +23,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.stream import StreamPosition
 from jobs.checkpoint.files import JobState, load_engine_state, load_weight_average, read_job_state, universal_copy, verify
 from jobs.checkpoint.resume import ResumePlan, attempt_source, rank_start, reshard_of
+from jobs.checkpoint.signing import Signer
 from jobs.collectives import all_gather
 from jobs.config import JobConfig, public_config
 from jobs.engine import build_engine
@@ -74,16 +75,17 @@ def attempt_checkpoint(plan: ResumePlan) -> tuple[Any, bool]:
 
 
 def start_rank(job: JobConfig, manifest: Manifest, place: Place, launch_id: str, run_id: str,
-               checkpoint: Path | None) -> Start:
+               checkpoint: Path | None, name: str, signer: Signer) -> Start:
     """The engine and state this rank trains on: fresh when `checkpoint` is None, else restored
-    from that local copy (verified before DeepSpeed unpickles anything in it)."""
+    from that local copy of checkpoint `name` (verified, its signature included, before DeepSpeed
+    unpickles anything in it)."""
     if checkpoint is None:
         engine, scheduler = build_engine(job, job.model, place.world, load_universal=False)
         state = JobState(mlflow_run_id=run_id, launch_id=launch_id, world_size=place.world,
                          zero_stage=job.train.zero_stage, tokenizer_sha256=manifest.tokenizer_sha256,
                          dataset_fingerprint=manifest.fingerprint, config=public_config(job))
         return Start(engine, scheduler, state, _weight_average(job, place, engine, None), StreamPosition(), None)
-    verify(str(checkpoint))
+    verify(str(checkpoint), signer, name)
     saved = read_job_state(str(checkpoint))
     resharded = reshard_of(saved, place.world)
     with _universal_copy(checkpoint, place) if resharded else contextlib.nullcontext() as universal:

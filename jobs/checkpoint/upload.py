@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cluster.account_dir import account_dir
+from cluster.processes import pid_namespace
 from jobs.checkpoint.files import checkpoint_dir_name
 from jobs.checkpoint.retention import reported_metrics
 
@@ -48,7 +49,7 @@ class Uploads:
         before its upload starts, the directory is removed here."""
         self._idle.wait()
         self._idle.clear()
-        local = Path(tempfile.mkdtemp(prefix=f"r{self.rank}-{_pid_namespace()}-{os.getpid()}-", dir=self._root))
+        local = Path(tempfile.mkdtemp(prefix=f"r{self.rank}-{pid_namespace()}-{os.getpid()}-", dir=self._root))
         try:
             yield local
         except BaseException:
@@ -113,18 +114,11 @@ def remove_orphaned_staging(root: Path) -> None:
     """Removes the staging directories of ranks that are gone (killed mid-save). Only those of this
     process id namespace are judged: a process id from another (a container sharing the disk)
     says nothing about the processes seen here."""
-    namespace = _pid_namespace()
+    namespace = pid_namespace()
     for child in root.iterdir():
         named = re.fullmatch(r"r\d+-(\d+)-(\d+)-.+", child.name)
         if named and named[1] == namespace and not _alive(int(named[2])):
             shutil.rmtree(child, ignore_errors=True)
-
-
-def _pid_namespace() -> str:
-    try:
-        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
-    except OSError:  # no /proc (not Linux): one namespace
-        return "0"
 
 
 def _alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt
-from tests.jobs.helpers import runs_named, steps, time_ledger, tiny_overrides
+from tests.jobs.helpers import newest_complete, runs_named, steps, time_ledger, tiny_overrides
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _cluster(*args: str, env: dict, timeout: float = 240) -> subprocess.Complete
 
 def _latest_world_size(run_dir: Path) -> tuple[int, int]:
     """(world size, step) of the run's latest complete checkpoint; (0, 0) before there is one."""
-    latest = ckpt.latest_complete_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    latest = newest_complete(str(run_dir)) if run_dir.is_dir() else None
     if latest is None:
         return 0, 0
     state = ckpt.read_job_state(latest)
@@ -144,7 +144,7 @@ def test_an_elastic_run_rides_through_node_loss_and_grows_back(tiny_corpus, tmp_
         assert "preemption notice" in text, text[-3000:]
         manifest = load_manifest(str(tiny_corpus["root"] / "prepared" / "text-en-de"))
         epoch_tokens = manifest.data["splits"]["train"]["tgt_tokens"]
-        final = ckpt.read_job_state(ckpt.latest_complete_checkpoint(str(run_dir)))
+        final = ckpt.read_job_state(newest_complete(str(run_dir)))
         assert final.epoch == EPOCHS and final.tokens_seen == EPOCHS * epoch_tokens  # every example once an epoch
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         [run] = runs_named(tracking, "elastic")

@@ -15,6 +15,7 @@ from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import CURRENT, MANIFEST, VERSIONS, commit_version, load_manifest, new_version_uri
 from jobs import checkpoint as ckpt
+from tests.jobs.helpers import newest_complete
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,8 +58,13 @@ def test_publish_replaces_only_what_aiayn_wrote(root, tmp_path) -> None:
     assert storage.read_text(storage.join(foreign, "notes.txt")) == "keep"
 
 
+# The fake checkpoints below carry an older release's unsigned markers (signing: tests/jobs)
+_OLDER_RELEASE = ckpt.Signer(b"k" * 32, accept_unsigned=True)
+
+
 def _fake_checkpoint(directory: str, world_size: int) -> None:
-    """The layout save_checkpoint writes: files, then each rank's marker with their size and sha256."""
+    """The layout save_checkpoint wrote before signing: files, then each rank's marker with their
+    size and sha256."""
     def entry(name: str) -> dict:
         uri = storage.join(directory, name)
         return {"size": storage.file_sizes(directory)[name], "sha256": storage.sha256_of(uri)}
@@ -79,13 +85,13 @@ def test_checkpoint_completeness_and_listing_through_uris(root, tmp_path) -> Non
     storage.write_bytes_atomic(storage.join(newest, "deepspeed/state/shard_1.pt"), b"cut short")
     assert [u.rsplit("/", 1)[1] for u in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in (5, 10, 15)]
     assert not ckpt.is_complete(newest)
-    assert ckpt.latest_complete_checkpoint(run) == storage.join(run, ckpt.checkpoint_dir_name(10))
-    local = ckpt.local_copy(ckpt.latest_complete_checkpoint(run), tmp_path / "scratch")
+    assert newest_complete(run) == storage.join(run, ckpt.checkpoint_dir_name(10))
+    local = ckpt.local_copy(newest_complete(run), tmp_path / "scratch")
     assert ckpt.read_job_state(str(local)).step == 5 and (local / "deepspeed" / "state" / "shard_1.pt").stat().st_size == 101
-    ckpt.verify(str(local))  # the download is byte for byte what the ranks recorded
+    ckpt.verify(str(local), _OLDER_RELEASE)  # the download is byte for byte what the ranks recorded
     storage.write_bytes_atomic(storage.join(run, ckpt.checkpoint_dir_name(10), "deepspeed/state/shard_0.pt"), bytes([1]) * 100)
     with pytest.raises(ckpt.CheckpointError, match="has changed"):  # same size, other bytes: checked remotely too
-        ckpt.verify(storage.join(run, ckpt.checkpoint_dir_name(10)))
+        ckpt.verify(storage.join(run, ckpt.checkpoint_dir_name(10)), _OLDER_RELEASE)
 
 
 def _write_version(dataset: str, fingerprint: str, complete: bool = True) -> str:

@@ -30,6 +30,7 @@ from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
 from tests.jobs.helpers import (
+    newest_complete,
     runs_named,
     steps,
     time_ledger,
@@ -160,7 +161,7 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
                         handle.flush()
                 except OSError:
                     pass
-            at_fill.append(ckpt.latest_complete_checkpoint(run_dir))
+            at_fill.append(newest_complete(run_dir))
 
         # As soon as step 5's checkpoint is complete in storage (its registration by Ray Train lags
         # by seconds, which a short run can outlast): the saves after it find the disk full.
@@ -168,12 +169,12 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         with pytest.raises(Exception, match=r"checkpoint part to .* failed with 0 MiB free on that disk"):
             train(job, log=_quiet)
         watcher.join(timeout=30)
-        last = ckpt.latest_complete_checkpoint(run_dir)
+        last = newest_complete(run_dir)
         resumed, complete_at_fill = ckpt.read_job_state(last).step, ckpt.read_job_state(at_fill[0]).step
         # Nothing was saved once the disk was full, but for the one save whose part was staged
         # before and whose upload (one is in flight at a time) ended after it...
         assert complete_at_fill <= resumed <= complete_at_fill + 5
-        ckpt.verify(last)  # ...and what was saved before is intact
+        ckpt.verify(last, ckpt.Signer.of_account())  # ...and what was saved before is intact
         filler.unlink()
         outcome = train(job, log=_quiet)  # room again: the same command continues
         assert outcome.steps == STEPS
@@ -199,7 +200,7 @@ def test_a_run_that_diverges_to_nan(ray_cluster, tiny_corpus, tmp_path, fault_ro
     with pytest.raises(Exception, match=r"the last 3 updates had non-finite gradients and were skipped; the run "
                                         r"has diverged"):
         train(job, log=_quiet)
-    assert ckpt.latest_complete_checkpoint(tmp_path / "runs" / "diverged") is None
+    assert newest_complete(tmp_path / "runs" / "diverged") is None
     assert not (tmp_path / "runs" / "diverged" / "export").exists()
     fault_row(fault="the loss becomes NaN (optim.lr=1e30)", injected="divergence after step 1", at_step="2",
               outcome="3 updates skipped on every rank, then the run stopped naming the divergence; nothing saved",

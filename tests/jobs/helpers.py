@@ -170,3 +170,9 @@ def when_checkpoint_upload_begins(run_dir: Path, step: int, action) -> threading
     """Run `action` as soon as the checkpoint of `step` has a directory in the storage: its upload
     has begun, and Ray Train has usually not registered it yet."""
     return when(lambda: (run_dir / ckpt.checkpoint_dir_name(step)).exists(), action)
+
+
+def newest_complete(run_dir) -> str | None:
+    """The run's newest complete checkpoint, signed or not (what a test planted included)."""
+    complete = [uri for uri in ckpt.list_checkpoints(run_dir) if ckpt.is_complete(uri)]
+    return complete[-1] if complete else None

@@ -76,9 +76,10 @@ def test_the_weights_moving_average_is_saved_with_its_updates_and_continues_from
     average = WeightAverage(0.9, {"w": torch.tensor([1.0, 2.0])})
     average.update([("w", torch.tensor([3.0, 4.0]))])
     position = StreamPosition(epoch=0, window=0, batch=1, plan=(), plan_window_units=0)
-    ckpt.save_checkpoint(_Engine(), tmp_path / "part", 0, ckpt.JobState(), ckpt.RankState(position, torch.get_rng_state()),
-                         average)
-    ckpt.verify(str(tmp_path / "part"))  # the average is one of rank 0's recorded files
+    signer = ckpt.Signer(b"the account's own signing key, 32+ bytes")
+    ckpt.save_checkpoint(_Engine(), tmp_path / "part", "part", 0, ckpt.JobState(),
+                         ckpt.RankState(position, torch.get_rng_state()), signer, average)
+    ckpt.verify(str(tmp_path / "part"), signer)  # the average is one of rank 0's recorded files
     weights, updates = ckpt.saved_weight_average(tmp_path / "part")
     assert updates == 1 and torch.equal(weights["w"], average.weights["w"])
     continued = ckpt.load_weight_average(tmp_path / "part", 0.9)
@@ -102,7 +103,8 @@ class _SavingEngine:
 
 def _saver(engine: _SavingEngine) -> Saver:
     report = RankReport()  # another rank's: reports nothing
-    return Saver(0, zero_stage=2, asynchronous=True, engine=engine, average=None, report=report, fence=lambda what: None)
+    return Saver(0, zero_stage=2, asynchronous=True, engine=engine, average=None, report=report, fence=lambda what: None,
+                 signer=ckpt.Signer(b"the account's own signing key, 32+ bytes"))
 
 
 def test_a_save_refuses_non_finite_weights_and_names_the_setting_when_staging_is_full(tmp_path, monkeypatch) -> None:

@@ -3,6 +3,8 @@ is and the state it continues, with a stand-in engine (the real one: tests/jobs/
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ from jobs.config import load_job_config
 
 MANIFEST = SimpleNamespace(tokenizer_sha256="tok", fingerprint="data-v2")
 ONE_RANK = Place(rank=0, world=1, local_rank=0)
+SIGNER = ckpt.Signer(b"the account's own signing key, 32+ bytes")
 
 
 class _Engine:
@@ -42,12 +45,12 @@ def engine(monkeypatch) -> _Engine:
 def _checkpoint(tmp_path, position: StreamPosition, rng: torch.Tensor):
     saved = ckpt.JobState(step=30, epoch=1, world_size=1, launch_id="launch-1", mlflow_run_id="run-1",
                           pending_metrics=[{"key": "train/loss", "value": 3.0, "step": 30}], dataset_fingerprint="data-v1")
-    ckpt.save_checkpoint(_Engine(), tmp_path / "checkpoint", 0, saved, ckpt.RankState(position, rng), None)
+    ckpt.save_checkpoint(_Engine(), tmp_path / "checkpoint", "checkpoint", 0, saved, ckpt.RankState(position, rng), SIGNER)
     return tmp_path / "checkpoint"
 
 
 def test_a_fresh_start(engine) -> None:
-    start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", None)
+    start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", None, "", SIGNER)
     assert (start.resumed_from_step, start.resized_from, start.restarted_in_run, start.rng) == (None, None, False, None)
     assert start.position == StreamPosition() and start.state.step == 0 and start.state.mlflow_run_id == "run-1"
     assert engine.loaded_from is None
@@ -57,7 +60,7 @@ def test_a_restart_inside_the_same_run_continues_its_state(tmp_path, engine) -> 
     position = StreamPosition(epoch=1, window=2, batch=3, plan=((4, 5),), plan_window_units=6)
     rng = torch.random.manual_seed(5).get_state()
     start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1",
-                       _checkpoint(tmp_path, position, rng))
+                       _checkpoint(tmp_path, position, rng), "checkpoint", SIGNER)
     assert (start.resumed_from_step, start.resized_from, start.restarted_in_run) == (30, None, True)
     assert start.position == position and torch.equal(start.rng, rng)
     assert engine.loaded_from.startswith(str(tmp_path / "checkpoint"))
@@ -66,7 +69,7 @@ def test_a_restart_inside_the_same_run_continues_its_state(tmp_path, engine) -> 
 
 def test_a_later_train_into_a_new_mlflow_run_drops_the_old_runs_unsent_metrics(tmp_path, engine) -> None:
     start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-2", "run-2",
-                       _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state()))
+                       _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state()), "checkpoint", SIGNER)
     assert (start.resumed_from_step, start.restarted_in_run) == (30, False)
     assert (start.state.launch_id, start.state.mlflow_run_id, start.state.pending_metrics) == ("launch-2", "run-2", [])
 
@@ -78,8 +81,46 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused_before_loading(tmp
     data[len(data) // 2] ^= 0xFF  # the same size: only its sha256 tells
     part.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="has changed since it was written"):
-        start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", directory)
+        start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint", SIGNER)
     assert engine.loaded_from is None
+
+
+def _rewrite_marker(directory, change) -> None:
+    """What someone with write access to the storage but not the key can do: change the marker."""
+    marker = directory / "rank_00000.complete"
+    record = json.loads(marker.read_text())
+    change(record)
+    marker.write_text(json.dumps(record))
+
+
+def test_only_a_checkpoint_signed_with_the_accounts_key_for_its_own_name_is_loaded(tmp_path, engine) -> None:
+    directory = _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state())
+    job = load_job_config(None, [])
+    with pytest.raises(ckpt.CheckpointError, match="signed with another key"):
+        start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint",
+                   ckpt.Signer(b"another account's signing key, 32+ bytes"))
+    with pytest.raises(ckpt.CheckpointError, match="does not match what it records .*renamed"):  # replayed as a later step
+        start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint_step00000099", SIGNER)
+    # a planted payload with its sha256 and size rewritten in the marker: integrity holds, authorship not
+    part = directory / "rank_00000.pt"
+    part.write_bytes(b"a pickle of someone else's" + part.read_bytes()[26:])
+    forged = {"size": part.stat().st_size, "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}
+    _rewrite_marker(directory, lambda record: record["files"].update({"rank_00000.pt": forged}))
+    with pytest.raises(ckpt.CheckpointError, match="signature does not match"):
+        start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint", SIGNER)
+    # an older release's unsigned marker: refused, naming the one option that loads it
+    _rewrite_marker(directory, lambda record: (record.clear(), record.update({"rank_00000.pt": forged})))
+    with pytest.raises(ckpt.CheckpointError, match="is not signed .*train.accept_unsigned_checkpoints=true"):
+        start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint", SIGNER)
+    assert engine.loaded_from is None
+
+
+def test_an_older_releases_unsigned_checkpoint_loads_with_the_option(tmp_path, engine) -> None:
+    directory = _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state())
+    _rewrite_marker(directory, lambda record: (record.update(record.pop("files")), record.pop("signature")))
+    start = start_rank(load_job_config(None, ["train.accept_unsigned_checkpoints=true"]), MANIFEST, ONE_RANK,
+                       "launch-1", "run-1", directory, "checkpoint", ckpt.Signer(SIGNER.key, accept_unsigned=True))
+    assert start.resumed_from_step == 30 and engine.loaded_from is not None
 
 
 def test_a_resize_says_which_kind_it_is() -> None:

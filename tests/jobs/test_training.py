@@ -36,7 +36,7 @@ from jobs.export import INFO
 from jobs.goodput import CATEGORIES
 from jobs.train_driver import train
 from tests.jobs.helpers import (
-    CHECKPOINT_EVERY, cluster_busy_for, registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
+    CHECKPOINT_EVERY, cluster_busy_for, newest_complete, registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
     when_checkpoint_exists, when_checkpoint_upload_begins,
 )
 
@@ -329,17 +329,18 @@ def test_stopping_the_driver_and_rerunning_resumes(ray_cluster, tiny_corpus, tmp
 
 
 def test_the_export_averages_the_checkpoints_retention_keeps(reference_run) -> None:
+    signer = ckpt.Signer.of_account()
     root, _ = reference_run
     run_dir = root / "runs" / "reference"
     names = [Path(uri).name for uri in ckpt.list_checkpoints(run_dir)]
     assert names == [ckpt.checkpoint_dir_name(step) for step in (20, 25, 30)]
     last = TrainConfig(max_steps=MAX_STEPS, keep_checkpoints=3, average_checkpoints=2)
-    assert [Path(uri).name for uri in ckpt.to_average(run_dir, last, {})] == names[1:]
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, last, {}, signer)] == names[1:]
     best = dataclasses.replace(last, average="best", bleu_every=5)
     scores = {names[0]: 9.0, names[1]: 1.0, names[2]: 4.0}
-    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, scores)] == [names[0], names[2]]  # oldest first
-    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {names[1]: 2.0})] == [names[1]]
-    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {})] == [names[2]]  # none scored: the newest
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, scores, signer)] == [names[0], names[2]]  # oldest first
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {names[1]: 2.0}, signer)] == [names[1]]
+    assert [Path(uri).name for uri in ckpt.to_average(run_dir, best, {}, signer)] == [names[2]]  # none scored: the newest
 
 
 def test_a_second_driver_of_a_running_run_is_refused_and_the_first_is_unharmed(
@@ -398,14 +399,14 @@ def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> N
     root, _ = reference_run
     run_dir = tmp_path / "run"
     shutil.copytree(root / "runs" / "reference", run_dir)
-    last = ckpt.latest_complete_checkpoint(run_dir)
+    last = newest_complete(run_dir)
     assert last is not None and Path(last).name == ckpt.checkpoint_dir_name(MAX_STEPS)
     broken = run_dir / ckpt.checkpoint_dir_name(MAX_STEPS + 5)
     shutil.copytree(last, broken)
     optimizer_shard = next(broken.rglob("zero_pp_rank_1_*optim_states.pt"))
     optimizer_shard.write_bytes(optimizer_shard.read_bytes()[:100])  # the write was cut short
     assert not ckpt.is_complete(broken)
-    assert ckpt.latest_complete_checkpoint(run_dir) == last
+    assert newest_complete(run_dir) == last
     (broken / "rank_00001.complete").unlink()  # or the rank never finished at all
     assert not ckpt.is_complete(broken)
     with pytest.raises(InputError, match="not a complete, unchanged aiayn checkpoint"):
@@ -415,7 +416,7 @@ def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> N
 
 def test_a_changed_or_foreign_checkpoint_file_is_refused_before_loading(reference_run, tmp_path) -> None:
     root, _ = reference_run
-    source = ckpt.latest_complete_checkpoint(root / "runs" / "reference")
+    source = newest_complete(root / "runs" / "reference")
     changed = tmp_path / "changed"
     shutil.copytree(source, changed)
     shard = next(changed.rglob("zero_pp_rank_1_*optim_states.pt"))
@@ -424,12 +425,12 @@ def test_a_changed_or_foreign_checkpoint_file_is_refused_before_loading(referenc
     shard.write_bytes(bytes(data))
     assert ckpt.is_complete(changed)  # sizes alone cannot tell
     with pytest.raises(ckpt.CheckpointError, match="has changed"):
-        ckpt.verify(str(changed))
+        ckpt.verify(str(changed), ckpt.Signer.of_account())
     foreign = tmp_path / "foreign"
     shutil.copytree(source, foreign)
     (foreign / "deepspeed" / "state" / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"not ours")
     with pytest.raises(ckpt.CheckpointError, match="not written by aiayn"):
-        ckpt.verify(str(foreign))
+        ckpt.verify(str(foreign), ckpt.Signer.of_account())
     started = time.monotonic()
     with pytest.raises(InputError, match="has changed"):
         train(tiny_job({"train": "", "valid": "", "test": "", "root": tmp_path}, tmp_path, "x",
@@ -460,7 +461,7 @@ def test_resuming_at_another_world_size(reference_run, ray_cluster, tiny_corpus,
     [run] = runs_named(outcome.tracking_uri, "resized")
     assert int(run.data.tags["resumed_from_step"]) == 20 and run.data.tags["world_size"] == "1"
     assert steps(outcome.tracking_uri, outcome.run_id) == list(range(21, MAX_STEPS + 1))
-    assert ckpt.read_job_state(ckpt.latest_complete_checkpoint(tmp_path / "runs" / "resized")).world_size == 1
+    assert ckpt.read_job_state(newest_complete(tmp_path / "runs" / "resized")).world_size == 1
     client = MlflowClient(outcome.tracking_uri)
 
     def first(run_id: str, key: str, step: int) -> float:
