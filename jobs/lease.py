@@ -4,9 +4,11 @@ Two drivers of one run (a driver believed dead and the same command run again, a
 would both train, and one's checkpoint retention would delete what the other resumes from. So:
 
 - `acquire` (on the driver, before any cluster resource is taken) writes `<run>/driver.lease`
-  naming this driver. A lease renewed within `cluster.lease_ttl_s` is someone else's run: refused
-  in one line naming its holder. A lease not renewed for that long, or one whose holder is a
-  process of this host that has exited, is taken over.
+  naming this driver and its TTL, and reads it back after a pause: of two drivers started
+  together, the one whose write came last trains, the other is refused. A lease renewed within
+  its holder's TTL (`cluster.lease_ttl_s` of the driver that holds it) is someone else's run:
+  refused in one line naming its holder. A lease not renewed for that long, or one whose holder is
+  a process of this host and PID namespace that has exited, is taken over.
 - `LeaseKeeper` renews it every quarter of the TTL. A keeper that finds another holder, or that
   could not renew for three quarters of the TTL (so before anyone may take over), declares the
   lease lost: the driver then stops without writing.
@@ -16,7 +18,8 @@ would both train, and one's checkpoint retention would delete what the other res
 Freshness is judged by the store's own clock: the lease's modification time against that of a
 probe just written next to it, so no two machines' clocks are compared. PyArrow's filesystems
 have no conditional write; two drivers that take over an expired lease at the same moment are
-told apart by reading it back after a pause (the later writer keeps it).
+told apart by reading it back after a pause (the later writer keeps it), and the keeper reads it
+before every renewal, so a driver whose write was overtaken stops within a quarter of its TTL.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from cluster.processes import pid_namespace, process_started
 from data_pipeline import storage
 from data_pipeline.errors import InputError
 
@@ -49,17 +53,11 @@ class Lease:
     pid: int
     pid_started: str  # the process' start time, so that a reused pid is not taken for the holder
     since: str  # when this driver took the lease, for people
+    ttl_s: float = 0.0  # the holder's TTL: how long a contender must see it unrenewed (0: an older release's)
+    pid_namespace: str = ""  # the pid means something only inside this namespace (a container)
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid}, since {self.since}"
-
-
-def _process_started(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
 
 
 def _read(uri: str) -> Lease | None:
@@ -73,8 +71,10 @@ def _age_s(uri: str) -> float:
 
 
 def _exited_here(lease: Lease) -> bool:
-    """The holder was a process of this host that is no longer running."""
-    return lease.host == socket.gethostname() and _process_started(lease.pid) != lease.pid_started
+    """The holder was a process of this host and PID namespace that is no longer running (the same
+    host name in another container says nothing about processes seen here)."""
+    return (lease.host == socket.gethostname() and lease.pid_namespace == pid_namespace()
+            and process_started(lease.pid) != lease.pid_started)
 
 
 def lease_uri(run_uri: str) -> str:
@@ -86,21 +86,20 @@ def acquire(run_uri: str, run_name: str, ttl_s: float) -> Lease:
     uri = lease_uri(run_uri)
     current = _read(uri)
     if current is not None and not _exited_here(current):
-        age = _age_s(uri)
-        if age < ttl_s:
+        age, holders_ttl = _age_s(uri), current.ttl_s or ttl_s
+        if age < holders_ttl:
             raise InputError(
                 f"run {run_name} is being trained by another driver ({current.describe()}; lease renewed "
                 f"{max(age, 0):.0f} s ago): stop that one first, or, if it is gone, run this again once its lease "
-                f"has gone {ttl_s:.0f} s without renewal")
-    mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), _process_started(os.getpid()),
-                 time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                f"has gone {holders_ttl:.0f} s without renewal")
+    mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), process_started(os.getpid()),
+                 time.strftime("%Y-%m-%d %H:%M:%S %Z"), ttl_s, pid_namespace())
     _write(uri, mine)
-    if current is not None:  # a takeover: another driver may be taking it over at the same moment
-        time.sleep(SETTLE_S)
-        now = _read(uri)
-        if now is None or now.holder != mine.holder:
-            raise InputError(f"run {run_name} was just taken over by another driver "
-                             f"({now.describe() if now else 'unknown'}); stop that one first")
+    time.sleep(SETTLE_S)  # another driver may be writing its own at the same moment: the later write stands
+    now = _read(uri)
+    if now is None or now.holder != mine.holder:
+        raise InputError(f"run {run_name} was just taken by another driver "
+                         f"({now.describe() if now else 'unknown'}); stop that one first")
     return mine
 
 
@@ -142,6 +141,12 @@ class LeaseKeeper:
             storage.delete_file(self.uri)
 
     def _keep(self) -> None:
+        try:
+            self._renew_until_done()
+        except BaseException as error:  # noqa: BLE001 - a keeper that died would leave the lease to lapse unseen
+            self._lose(f"its keeper failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+
+    def _renew_until_done(self) -> None:
         renewed = time.monotonic()
         while not self.done.wait(self.ttl_s / 4):
             try:

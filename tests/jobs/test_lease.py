@@ -15,6 +15,7 @@ import pytest
 
 from data_pipeline import storage
 from data_pipeline.errors import InputError
+from cluster.processes import pid_namespace
 from jobs import lease as lease_module
 from jobs.lease import LeaseKeeper, LeaseLost, acquire, check_holds, lease_uri
 
@@ -26,9 +27,12 @@ def run_uri(request, tmp_path) -> str:
     return f"{request.getfixturevalue('object_store')}/{uuid.uuid4().hex[:8]}/r"
 
 
-def _someone_else(run_uri: str, host: str = "elsewhere", pid: int = 1, started: str = "1") -> None:
+def _someone_else(run_uri: str, host: str = "elsewhere", pid: int = 1, started: str = "1", ttl_s: float = 0.0,
+                  namespace: str | None = None) -> None:
+    """A lease of another driver's (ttl_s 0 and no namespace: as an older release wrote it)."""
     storage.write_bytes_atomic(lease_uri(run_uri), json.dumps(
-        {"holder": "theirs", "host": host, "pid": pid, "pid_started": started, "since": "earlier"}).encode())
+        {"holder": "theirs", "host": host, "pid": pid, "pid_started": started, "since": "earlier", "ttl_s": ttl_s,
+         "pid_namespace": pid_namespace() if namespace is None else namespace}).encode())
 
 
 def test_a_run_held_by_a_live_driver_is_refused_naming_it(run_uri: str) -> None:
@@ -59,8 +63,57 @@ def test_the_lease_of_a_driver_that_exited_on_this_host_is_taken_over_at_once(tm
     run_uri = str(tmp_path / "runs" / "r")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    _someone_else(run_uri, host=socket.gethostname(), pid=gone.pid, started="12345", namespace="4026531111")
+    with pytest.raises(InputError, match="being trained by another driver"):  # the same host name, another container
+        acquire(run_uri, "r", ttl_s=600)
     _someone_else(run_uri, host=socket.gethostname(), pid=gone.pid, started="12345")
     assert acquire(run_uri, "r", ttl_s=600).pid == os.getpid()
+
+
+def test_a_contender_waits_out_the_holders_ttl_not_its_own(run_uri: str, monkeypatch) -> None:
+    monkeypatch.setattr(lease_module, "SETTLE_S", 0.0)
+    _someone_else(run_uri, ttl_s=600)  # renewed every 150 s
+    time.sleep(2.5)
+    with pytest.raises(InputError, match="once its lease has gone 600 s without renewal"):
+        acquire(run_uri, "r", ttl_s=1)
+
+
+def test_of_two_drivers_started_in_the_same_moment_exactly_one_holds_the_run(tmp_path) -> None:
+    run_uri = str(tmp_path / "runs" / "r")
+    outcomes: list[object] = []
+    start = threading.Barrier(2)
+
+    def contend() -> None:
+        start.wait()
+        try:
+            outcomes.append(acquire(run_uri, "r", ttl_s=60))
+        except InputError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=contend) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    held = [outcome for outcome in outcomes if isinstance(outcome, lease_module.Lease)]
+    assert len(outcomes) == 2 and len(held) == 1, outcomes
+    assert json.loads(storage.read_text(lease_uri(run_uri)))["holder"] == held[0].holder
+
+
+def test_a_keeper_that_fails_says_so_and_stops_the_driver(tmp_path, monkeypatch, python_sigint_handler) -> None:
+    run_uri = str(tmp_path / "runs" / "r")
+    said: list[str] = []
+    mine = acquire(run_uri, "r", ttl_s=2)
+
+    def broken_write(uri, lease) -> None:
+        raise ValueError("an unexpected answer from the store")
+
+    monkeypatch.setattr(lease_module, "_write", broken_write)
+    with pytest.raises(KeyboardInterrupt):
+        with LeaseKeeper(run_uri, mine, 2, said.append) as keeper:
+            time.sleep(5)
+    assert keeper.lost == "its keeper failed (ValueError: an unexpected answer from the store)"
+    assert said and "lost its lease" in said[0]
 
 
 @pytest.fixture
