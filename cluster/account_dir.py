@@ -25,3 +25,12 @@ def account_dir(purpose: str = "") -> Path:
         raise InputError(f"{private}: this account's directory for aiayn must be its own with mode 0700 (found owner "
                          f"{info.st_uid}, mode {oct(stat.S_IMODE(info.st_mode))}); remove it and start again")
     return private
+
+
+def ray_temp_dir() -> Path:
+    """The root of Ray's session directories for this account (`aiayn cluster up`'s nodes and the
+    embedded Ray of `aiayn train`). Ray makes it and what is below it (the session, its logs, the
+    jobs' unpacked code) mode 777, so it lies inside a directory of this account's alone. Short
+    and under the system temp dir: Ray's Unix sockets live below it, and a socket's path has at
+    most 107 bytes."""
+    return account_dir() / "ray"

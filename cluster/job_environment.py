@@ -73,7 +73,8 @@ def runtime_env(named: list[str], tracking_uri: str = "", cluster_storage: str =
     if tracking_uri and redact(tracking_uri) != tracking_uri:
         raise InputError("the tracking URI holds credentials, which Ray would keep in the job's record: put them in "
                          "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or a token) and pass those with --env")
-    env_vars = {name: os.environ[name] for name in NOT_SECRET if os.environ.get(name)}
+    env_vars = {name: os.environ[name] for name in NOT_SECRET if os.environ.get(name)
+                and redact(os.environ[name]) == os.environ[name]}  # an index URL with a login stays here
     env_vars.update(chosen)
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri

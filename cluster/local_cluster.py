@@ -26,8 +26,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.account_dir import account_dir
-from cluster.credentials import mlflow_login, mlflow_login_path, read_mlflow_login
+from cluster.account_dir import ray_temp_dir
+from cluster.credentials import (
+    SIGNING_KEY_ENV, aiayn_home, mlflow_login, mlflow_login_path, private_dir, read_mlflow_login, signing_key,
+    write_private,
+)
 from cluster.job_environment import named_variables
 from cluster.services import (
     Isolation, Service, ServiceError, alive_nodes, live_processes_in_group, object_store_env, start_mlflow_server,
@@ -39,7 +42,8 @@ BUCKET = "aiayn"
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("AIAYN_HOME", Path.home() / ".aiayn"))
+    """Made private (0700) by whoever writes into it first (`_exclusive`)."""
+    return aiayn_home()
 
 
 def state_file() -> Path:
@@ -85,14 +89,6 @@ def read_state() -> ClusterState | None:
                          "of yours is running") from None
 
 
-def ray_temp_dir() -> Path:
-    """The root of Ray's session directories for this account's cluster. Ray makes it and what is
-    below it (the session, its logs, the jobs' unpacked code) mode 777, so it lies inside a
-    directory of this account's alone (cluster/account_dir.py). Short and under the system temp
-    dir: Ray's Unix sockets live below it, and a socket's path has at most 107 bytes."""
-    return account_dir() / "ray"
-
-
 def ray_token() -> Path:
     """Ray's token file (~/.ray/auth_token), created if this account has none, readable by its
     owner only. Ray's own generator makes it; its output (the token) is discarded, never shown."""
@@ -119,8 +115,9 @@ CLUSTER_ID = "AIAYN_CLUSTER_ID"
 
 @contextlib.contextmanager
 def _exclusive():
-    """One `up` or `down` at a time per state directory."""
-    state_dir().mkdir(parents=True, exist_ok=True)
+    """One `up` or `down` at a time per state directory (made private: it holds the cluster's
+    secrets, MLflow's store and every service's log)."""
+    private_dir(state_dir())
     with open(state_dir() / "cluster.lock", "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,8 +161,10 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
         isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
         login = mlflow_login(credentials_dir()) if with_mlflow else None
-        # Jobs inherit what the nodes carry: the store's endpoint and MLflow's login of this cluster.
-        node_env = {**named, **store_env, **(login.client_environment() if login else {}), **marker}
+        # Jobs inherit what the nodes carry: the store's endpoint, MLflow's login of this cluster and
+        # the key that signs this account's checkpoints (an isolated node has a home of its own).
+        node_env = {**named, **store_env, **(login.client_environment() if login else {}), **_signing_environment(),
+                    **marker}
         temp_dir = ray_temp_dir()
         head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, temp_dir=temp_dir, env=node_env,
                                                   isolation=isolation)
@@ -186,16 +185,13 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
                          object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private, list(named),
                          str(temp_dir), {"mlflow_login": str(mlflow_login_path(credentials_dir()))} if login else {})
-    state_dir().mkdir(parents=True, exist_ok=True)
     write_state(state)
     return state
 
 
 def write_state(state: ClusterState) -> None:
-    """Temp file + rename: a reader never sees half a state file."""
-    temp = state_file().with_name(f".{state_file().name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(asdict(state), indent=2))
-    os.replace(temp, state_file())
+    """Temp file + rename: a reader never sees half a state file; mode 0600."""
+    write_private(state_file(), json.dumps(asdict(state), indent=2))
 
 
 def _join(logs: Path, address: str, cpus: int, index: int, env: dict, isolation: Isolation | None,
@@ -221,7 +217,7 @@ def add_node() -> str:
         index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
         env = {**named_variables(state.named_env), **state.object_store.get("env", {}), **_login_environment(state),
-               CLUSTER_ID: state.cluster_id}
+               **_signing_environment(), CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
                         expected_nodes=alive_nodes(state.ray_address) + 1)
         state.worker_nodes[service.name] = service.process.pid
@@ -260,6 +256,10 @@ def remove_node(name: str, grace_s: float = 30.0) -> str:
         state.nodes -= 1
         write_state(state)
         return node_id
+
+
+def _signing_environment() -> dict[str, str]:
+    return {SIGNING_KEY_ENV: signing_key().decode()}
 
 
 def _login_environment(state: ClusterState) -> dict[str, str]:

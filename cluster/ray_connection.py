@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from cluster.account_dir import ray_temp_dir
+
 
 def use_token_auth_if_available() -> None:
     """Clusters started by Ray 2.60's `ray start` require the token (~/.ray/auth_token) from every
@@ -35,7 +37,10 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's controller polls.
         # address="local" always starts a new instance; without it Ray joins whatever cluster
         # /tmp/ray/ray_current_cluster names, even one that has been stopped.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+        # Its sessions, logs and sockets (which Ray makes mode 777) lie inside this account's own
+        # directory, as `aiayn cluster up`'s do; every address it listens on is the loopback's.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", _temp_dir=str(ray_temp_dir()), **quiet)
 
 
 def cluster_cpus() -> float:

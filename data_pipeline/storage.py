@@ -12,13 +12,14 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pyarrow.fs as pafs
+
+from data_pipeline.redaction import redact, redact_tree  # noqa: F401 - where callers find them
 
 
 def is_local(uri: str) -> bool:
@@ -36,29 +37,6 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_local(uri):
         return pafs.LocalFileSystem(), str(local_path(uri))
     return pafs.FileSystem.from_uri(uri)
-
-
-# `sig` alone: the signature of an Azure shared-access URL (...?sv=...&sig=...).
-_SECRET_QUERY = re.compile(
-    r"([?&](?:[^=&]*(?:token|secret|password|passwd|key|signature|credential)[^=&]*|sig)=)[^&]*", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """A URI (or any string) safe to print or log: credentials in its user-info part
-    (scheme://user:password@host) and secret-looking query parameters are replaced by ***."""
-    text = re.sub(r"(\w[\w+.-]*://)[^/@\s]+@", r"\1***@", text)
-    return _SECRET_QUERY.sub(r"\1***", text)
-
-
-def redact_tree(value: Any) -> Any:
-    """A JSON-like tree (a manifest, a config) with every string redacted."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: redact_tree(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [redact_tree(item) for item in value]
-    return value
 
 
 def is_within(uri: str, directory: str) -> bool:

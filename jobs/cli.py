@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What aiayn and the processes it starts (Ray, MLflow, the object store) make is this
+    # account's alone: runs, data, logs, stores. A location the user made keeps its own mode.
+    os.umask(os.umask(0o077) | 0o077)
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from cluster.services import ServiceError

@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,6 +48,7 @@ def _as_another_account(*command: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
 
 
+_READABLE = "import sys\nfor path in sys.argv[1:]:\n    try:\n        open(path, 'rb').close()\n        print(path)\n    except OSError:\n        pass"
 _HTTP_STATUS = ("import sys, urllib.request, urllib.error\ntry:\n    print(urllib.request.urlopen(sys.argv[1], "
                 "timeout=30).status)\nexcept urllib.error.HTTPError as error:\n    print(error.code)")
 
@@ -53,6 +56,9 @@ _HTTP_STATUS = ("import sys, urllib.request, urllib.error\ntry:\n    print(urlli
 @pytest.mark.slow
 def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tmp_path) -> None:
     env = _env(tmp_path)
+    enterable = Path(tempfile.mkdtemp(prefix="aiayn-test-"))  # pytest's own temp dir is closed to others
+    enterable.chmod(0o755)
+    env["AIAYN_HOME"] = str(enterable / "aiayn")
     token = tmp_path / "home" / ".ray" / "auth_token"
     up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", "--no-object-store", env=env)
     try:
@@ -95,8 +101,15 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
         for target in (ray_dir, sessions[0] / "logs"):
             other = _as_another_account("ls", str(target))
             assert other.returncode != 0 and "Permission denied" in other.stderr, (target, other)
+        # The cluster's state (its file, the services' logs, MLflow's databases), in a directory
+        # others can enter: another account reads none of it.
+        files = [str(path) for path in Path(env["AIAYN_HOME"]).rglob("*") if path.is_file()]
+        assert any(name.endswith("cluster.json") for name in files) and any("logs" in name for name in files)
+        readable = _as_another_account(sys.executable, "-c", _READABLE, *files)
+        assert readable.returncode == 0 and readable.stdout.split() == [], readable.stdout
     finally:
         down = _aiayn("down", env=env)
+        shutil.rmtree(enterable, ignore_errors=True)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert f"kept in {tmp_path / 'aiayn' / 'mlflow'}" in down.stdout
 
