@@ -22,6 +22,8 @@ import sys
 import venv
 from pathlib import Path
 
+from data_pipeline.redaction import redact  # standard library only, like this script
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("AIAYN_VENV", ROOT / ".venv"))
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -55,7 +57,7 @@ def install_torch() -> None:
     if _torch_installed():
         return
     if spec := os.environ.get("AIAYN_TORCH_SPEC"):
-        _say(f"installing {spec} (AIAYN_TORCH_SPEC)")
+        _say(f"installing {redact(spec)} (AIAYN_TORCH_SPEC)")  # an index URL may carry a login
         _pip(*shlex.split(spec))
         return
     if has_nvidia_gpu():

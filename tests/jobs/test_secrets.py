@@ -27,6 +27,8 @@ def test_a_job_gets_no_secret_unless_it_is_named(monkeypatch) -> None:
         runtime_env(["NOT_SET_ANYWHERE"])
     with pytest.raises(InputError, match="holds credentials"):
         runtime_env([], "https://alice:hunter2@mlflow.example.com")
+    monkeypatch.setenv("AIAYN_TORCH_SPEC", "torch --index-url https://alice:hunter2@pypi.example.com/simple")
+    assert "AIAYN_TORCH_SPEC" not in runtime_env([])["env_vars"]  # configuration, unless it carries a login
 
 
 def test_credentials_in_uris_are_redacted() -> None:
@@ -39,6 +41,10 @@ def test_credentials_in_uris_are_redacted() -> None:
     assert redact("s3://AKIAEXAMPLE:wJalrXUtn@bucket/runs") == "s3://***@bucket/runs"
     assert redact("s3://bucket/runs") == "s3://bucket/runs" and redact("data/corpus") == "data/corpus"
     assert redact("https://example.com/design?signoff=yes") == "https://example.com/design?signoff=yes"
+    assert redact("https://alice:p@ss@mlflow.example.com/x") == "https://***@mlflow.example.com/x"  # `@` in it
+    assert redact("https://app.example.com/cb#access_token=abc123&state=s") == \
+        "https://app.example.com/cb#access_token=***&state=s"
+    assert redact("http://host/x?auth=abc123&pwd=hunter2&page=2") == "http://host/x?auth=***&pwd=***&page=2"
 
 
 def test_a_job_command_holding_a_credential_is_refused_before_any_cluster_contact() -> None:
