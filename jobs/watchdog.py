@@ -40,10 +40,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-START, STEP, VALIDATE, CHECKPOINT, TRACKING, DONE = "start", "step", "validate", "checkpoint", "tracking", "done"
+from cluster.processes import process_started
+
+START, STEP, VALIDATE, CHECKPOINT, TRACKING, COMPILE, DONE = (
+    "start", "step", "validate", "checkpoint", "tracking", "compile", "done")
 # Legitimately long, with their own allowance. START lasts until an attempt's first step is done:
-# building, restoring, the first collectives, and torch.compile's compilation of the first step.
-LONG_PHASES = (START, VALIDATE, CHECKPOINT, TRACKING)
+# building, restoring, the first collectives. COMPILE is torch.compile compiling or recompiling,
+# wherever it happens (a new batch shape at step 2, the epoch end's dummy batch): told by Dynamo.
+LONG_PHASES = (START, VALIDATE, CHECKPOINT, TRACKING, COMPILE)
 BEAT_INTERVAL_S = 1.0
 STEP_FLOOR_S = 45.0  # a step may always take this long (an attempt's first step counts as start)
 STEP_FACTOR = 10.0  # ... or this many times the median step time observed
@@ -84,6 +88,7 @@ class RankProgress:
     stack_file: str
     phase_since: float  # monitor's clock
     last_beat: float  # monitor's clock
+    started: str = ""  # the process's start time: a signal never reaches a later process given the same pid
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,11 @@ class ProgressMonitor:
         self.longest: dict[str, float] = {}
         self.progress: tuple[int, float] = (0, 0.0)  # rank 0's last completed step, and when (wall clock)
 
-    def beat(self, rank: int, step: int, phase: str, where: tuple[str, str, int, str]) -> None:
+    def beat(self, rank: int, step: int, phase: str, where: tuple[str, str, int, str, str], world: int) -> None:
         now = time.monotonic()
-        node_id, host, pid, stack_file = where
+        node_id, host, pid, stack_file, started = where
+        if any(other >= world for other in self.ranks):  # the run shrank: ranks that left are no one's to watch
+            self.ranks = {other: progress for other, progress in self.ranks.items() if other < world}
         if rank == 0 and phase != START:  # a step beat names the step it begins
             self.progress = (step - 1 if phase == STEP else step, time.time())
         previous = self.ranks.get(rank)
@@ -142,7 +149,7 @@ class ProgressMonitor:
             since = previous.phase_since if phase == previous.phase else now
         else:  # a new worker for this rank (a restart): its history starts now
             since = now
-        self.ranks[rank] = RankProgress(rank, step, phase, node_id, host, pid, stack_file, since, now)
+        self.ranks[rank] = RankProgress(rank, step, phase, node_id, host, pid, stack_file, since, now, started)
 
     def last_progress(self) -> tuple[int, float]:
         """(step, wall time) of the last step rank 0 completed, in any attempt; (0, 0.0) if none."""
@@ -159,23 +166,35 @@ class ProgressMonitor:
 class Heartbeat:
     """A rank's side: `beat(step, phase)` wherever the loop changes what it does."""
 
-    def __init__(self, monitor, rank: int) -> None:
+    def __init__(self, monitor, rank: int, world: int) -> None:
         import ray
 
-        self.monitor, self.rank = monitor, rank
+        self.monitor, self.rank, self.world = monitor, rank, world
         self.phase, self.sent = "", 0.0
         # an unlinked file, read through /proc: nothing is left behind by a rank that is killed
         self._stacks = tempfile.TemporaryFile("w+", prefix="aiayn-stacks-")
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True)
         stack_file = f"/proc/{os.getpid()}/fd/{self._stacks.fileno()}"
-        self.where = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(), stack_file)
+        self.where = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(), stack_file,
+                      process_started(os.getpid()))
+        self.step, self._resume_phase = 0, ""
+        _dynamo_callbacks(self._compiling, self._compiled)
+
+    def _compiling(self, *_args) -> None:
+        """Dynamo starts compiling (in this rank's own thread): a long phase of its own."""
+        self._resume_phase = self.phase
+        self.beat(self.step, COMPILE)
+
+    def _compiled(self, *_args) -> None:
+        if self._resume_phase:
+            self.beat(self.step, self._resume_phase)
 
     def beat(self, step: int, phase: str) -> None:
         now = time.monotonic()
         if self.monitor is None or (self.rank and phase == self.phase and now - self.sent < BEAT_INTERVAL_S):
             return
-        self.phase, self.sent = phase, now
-        self.monitor.beat.remote(self.rank, step, phase, self.where)
+        self.phase, self.sent, self.step = phase, now, step
+        self.monitor.beat.remote(self.rank, step, phase, self.where, self.world)
 
     def last_progress(self) -> tuple[int, float]:
         """The monitor's `last_progress` (asked at a restart, before this attempt's first step)."""
@@ -191,31 +210,64 @@ class Heartbeat:
     def close(self, step: int) -> None:
         """The rank is done: never a hang."""
         self.beat(step, DONE)
+        _dynamo_callbacks(self._compiling, self._compiled, remove=True)
         faulthandler.unregister(signal.SIGUSR1)
         self._stacks.close()
+
+
+def _dynamo_callbacks(start: Callable, end: Callable, remove: bool = False) -> None:
+    """Registers (or removes) Dynamo's compile start and end callbacks; torch imports Dynamo lazily,
+    and a torch without these hooks leaves a compile inside the step's limit."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return
+    if remove:  # torch._dynamo.reset() may have cleared them already
+        with contextlib.suppress(ValueError):
+            callback_handler.remove_start_callback(start)
+            callback_handler.remove_end_callback(end)
+    else:
+        callback_handler.register_start_callback(start)
+        callback_handler.register_end_callback(end)
 
 
 _SIGNALS = {"stacks": signal.SIGUSR1, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT, "kill": signal.SIGKILL}
 
 
-def on_node(actions: list[tuple[int, str, str]]) -> dict[int, str]:
-    """Runs on a worker's node: (pid, action, stack file) in order. "state" answers the process
-    state ("gone" once it has exited), "read" the stacks its faulthandler wrote, the others send
-    a signal ("stacks": dump them, "freeze", "thaw", "kill")."""
+def on_node(actions: list[tuple[int, str, str, str]]) -> dict[int, str]:
+    """Runs on a worker's node: (pid, action, stack file, process start time) in order. "state"
+    answers the process state ("gone" once it has exited, or when its pid now names another
+    process), "read" the stacks its faulthandler wrote, the others send a signal ("stacks": dump
+    them, "freeze", "thaw", "kill") through a pidfd opened on that very process, so that a pid
+    reused meanwhile is never signalled."""
     answers: dict[int, str] = {}
-    for pid, action, stack_file in actions:
+    for pid, action, stack_file, started in actions:
         try:
             if action == "state":
                 with open(f"/proc/{pid}/stat") as stat:
-                    answers[pid] = stat.read().rsplit(")", 1)[1].split()[0]
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                answers[pid] = fields[0] if not started or fields[19] == started else "gone"
             elif action == "read":
                 with open(stack_file) as handle:
                     answers[pid] = handle.read().strip() or "(nothing written: it did not run its signal handler)"
             else:
-                os.kill(pid, _SIGNALS[action])
+                _signal_exactly(pid, started, _SIGNALS[action])
         except (OSError, IndexError) as error:
             answers[pid] = "gone" if action == "state" else f"({action}: {error})"
     return answers
+
+
+def _signal_exactly(pid: int, started: str, signum: int) -> None:
+    """`signum` to the process `pid` that started at `started`, or ProcessLookupError: the pidfd
+    holds on to the process it was opened on, so the check and the signal cannot be split by a
+    reuse of the pid."""
+    descriptor = os.pidfd_open(pid)
+    try:
+        if started and process_started(pid) != started:
+            raise ProcessLookupError(f"process {pid} has exited (its pid now names another process)")
+        signal.pidfd_send_signal(descriptor, signum)
+    finally:
+        os.close(descriptor)
 
 
 class Watchdog:
@@ -257,7 +309,8 @@ class Watchdog:
             task = ray.remote(num_cpus=0, max_retries=0)(on_node).options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
             try:
-                answers.update(ray.get(task.remote([(r.pid, action, r.stack_file) for r in here]), timeout=60))
+                answers.update(ray.get(task.remote([(r.pid, action, r.stack_file, r.started) for r in here]),
+                                       timeout=60))
             except Exception:  # noqa: BLE001 - its node is gone, and so are its workers
                 answers.update({r.pid: "gone" if action == "state" else "(its node did not answer)" for r in here})
         return answers

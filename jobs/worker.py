@@ -57,7 +57,7 @@ class Trainer:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
-        self.heartbeat = Heartbeat(loop_config.get("monitor"), self.rank)
+        self.heartbeat = Heartbeat(loop_config.get("monitor"), self.rank, self.world)
         self.heartbeat.beat(0, START)  # building, restoring and the first collectives take long
         self.lease = loop_config["lease"]  # the driver's: checked before every write
         self.fence("anything")  # a restarted worker of a driver that lost the run stops at once

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_job_config
-from jobs.watchdog import (CHECKPOINT, DONE, START, STEP, STEP_FLOOR_S, HangPolicy, ProgressMonitor, RankProgress,
-                           Snapshot, collective_timeout_s, find_hang, on_node, quiet_past_a_step)
+from cluster.processes import process_started
+from jobs.watchdog import (CHECKPOINT, COMPILE, DONE, START, STEP, STEP_FLOOR_S, HangPolicy, ProgressMonitor,
+                           RankProgress, Snapshot, collective_timeout_s, find_hang, on_node, quiet_past_a_step)
 
 POLICY = HangPolicy(step_timeout_s=None, long_phase_timeout_s=900)
 
@@ -71,12 +72,12 @@ def test_the_monitor_times_steps_and_phases_and_forgets_replaced_workers(monkeyp
     clock = iter([0.0, 1.0, 3.0, 4.0, 34.0, 35.0, 36.0])
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     monitor = ProgressMonitor()
-    where = ("node", "host", 100, "")
-    monitor.beat(0, 0, START, where)  # t=0
-    monitor.beat(0, 1, STEP, where)  # t=1: start took 1 s
-    monitor.beat(0, 3, STEP, where)  # t=3: two steps in 2 s
-    monitor.beat(0, 3, CHECKPOINT, where)  # t=4
-    monitor.beat(0, 4, STEP, where)  # t=34: the checkpoint took 30 s
+    where = ("node", "host", 100, "", "")
+    monitor.beat(0, 0, START, where, 1)  # t=0
+    monitor.beat(0, 1, STEP, where, 1)  # t=1: start took 1 s
+    monitor.beat(0, 3, STEP, where, 1)  # t=3: two steps in 2 s
+    monitor.beat(0, 3, CHECKPOINT, where, 1)  # t=4
+    monitor.beat(0, 4, STEP, where, 1)  # t=34: the checkpoint took 30 s
     snapshot = monitor.snapshot()  # t=35
     assert snapshot.step_times == [1.0]  # the checkpoint's 30 s are not a step time
     assert snapshot.longest == {START: 1.0, CHECKPOINT: 30.0}
@@ -85,18 +86,62 @@ def test_the_monitor_times_steps_and_phases_and_forgets_replaced_workers(monkeyp
     assert monitor.snapshot().ranks == {}
 
 
+def test_a_recompile_is_a_long_phase_wherever_it_happens() -> None:
+    """A new batch shape at step 2 (or the epoch end's dummy batch) recompiles for longer than a
+    step may take: the rank is in its own phase, with the long allowance, not hung."""
+    waiting = _rank(1, STEP, quiet_s=200)  # in the step's collective, waiting for rank 0
+    assert POLICY.limit(COMPILE, [0.5], {}) == 900
+    assert find_hang(_snapshot(_rank(0, COMPILE, quiet_s=200), waiting, step_times=[0.5]), POLICY) == []
+    assert find_hang(_snapshot(_rank(0, COMPILE, quiet_s=1000), waiting, step_times=[0.5]), POLICY)
+
+
+def test_ranks_that_left_with_a_downsize_are_forgotten(monkeypatch) -> None:
+    monitor = ProgressMonitor()
+    for rank in range(4):
+        monitor.beat(rank, 10, STEP, ("node", "host", 100 + rank, "", ""), 4)
+    monitor.beat(0, 10, START, ("node", "host", 200, "", ""), 2)  # the restart after a node left: 2 ranks
+    assert sorted(monitor.snapshot().ranks) == [0, 1]
+
+
+def test_a_compile_reported_by_dynamo_beats_the_compile_phase_and_then_the_step_again(monkeypatch) -> None:
+    import torch
+
+    from jobs import watchdog
+
+    class _Monitor:
+        def __init__(self) -> None:
+            self.beats: list[str] = []
+            self.beat = self  # monitor.beat.remote(...)
+
+        def remote(self, rank, step, phase, where, world) -> None:
+            self.beats.append(phase)
+
+    monkeypatch.setattr(watchdog, "process_started", lambda pid: "1")
+    monkeypatch.setitem(sys.modules, "ray", type(sys)("ray"))
+    sys.modules["ray"].get_runtime_context = lambda: type("C", (), {"get_node_id": lambda self: "node"})()
+    monitor = _Monitor()
+    torch._dynamo.reset()  # (it clears Dynamo's callbacks too)
+    heartbeat = watchdog.Heartbeat(monitor, 0, 1)
+    try:
+        heartbeat.beat(2, STEP)
+        torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    finally:
+        heartbeat.close(2)
+    assert monitor.beats[:3] == [STEP, COMPILE, STEP] and monitor.beats[-1] == DONE, monitor.beats
+
+
 def test_the_monitor_knows_how_far_rank_0_got_for_the_restart_that_follows() -> None:
     monitor = ProgressMonitor()
     assert monitor.last_progress() == (0, 0.0)
-    monitor.beat(0, 0, START, ("node", "host", 100, ""))
+    monitor.beat(0, 0, START, ("node", "host", 100, "", ""), 2)
     assert monitor.last_progress() == (0, 0.0)  # building is no progress
-    monitor.beat(0, 13, STEP, ("node", "host", 100, ""))  # step 13 begins: 12 are done
-    monitor.beat(1, 20, STEP, ("node", "host", 101, ""))  # another rank's beats are throttled: not used
+    monitor.beat(0, 13, STEP, ("node", "host", 100, "", ""), 2)  # step 13 begins: 12 are done
+    monitor.beat(1, 20, STEP, ("node", "host", 101, "", ""), 2)  # another rank's beats are throttled: not used
     assert monitor.last_progress()[0] == 12
-    monitor.beat(0, 15, CHECKPOINT, ("node", "host", 100, ""))  # saving step 15: it is done
+    monitor.beat(0, 15, CHECKPOINT, ("node", "host", 100, "", ""), 2)  # saving step 15: it is done
     step, at = monitor.last_progress()
     assert step == 15 and abs(at - time.time()) < 60
-    monitor.beat(0, 15, START, ("node", "host", 200, ""))  # the restarted rank 0 builds: the old figure stays
+    monitor.beat(0, 15, START, ("node", "host", 200, "", ""), 2)  # the restarted rank 0 builds: the old figure stays
     assert monitor.last_progress()[0] == 15
 
 
@@ -115,19 +160,29 @@ def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path)
     pid = process.pid
     try:
         assert process.stdout.readline().strip() == "ready"
+        started = process_started(pid)
         os.kill(pid, signal.SIGSTOP)
         deadline = time.monotonic() + 30
-        while on_node([(pid, "state", stack_file)]) != {pid: "T"}:
+        while on_node([(pid, "state", stack_file, started)]) != {pid: "T"}:
             assert time.monotonic() < deadline, "the process did not stop"
             time.sleep(0.1)
-        on_node([(pid, "stacks", stack_file), (pid, "thaw", stack_file)])
+        # the same pid with another start time is another process (the pid reused): never signalled
+        assert on_node([(pid, "state", stack_file, "1")]) == {pid: "gone"}
+        assert "has exited" in on_node([(pid, "kill", stack_file, "1")])[pid]
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGSTOP)
         deadline = time.monotonic() + 30
-        while "waiting_for_a_collective" not in on_node([(pid, "read", stack_file)])[pid]:
+        while on_node([(pid, "state", stack_file, started)]) != {pid: "T"}:
+            assert time.monotonic() < deadline, "the process did not stop"
+            time.sleep(0.1)
+        on_node([(pid, "stacks", stack_file, started), (pid, "thaw", stack_file, started)])
+        deadline = time.monotonic() + 30
+        while "waiting_for_a_collective" not in on_node([(pid, "read", stack_file, started)])[pid]:
             assert time.monotonic() < deadline, "no stacks written"
             time.sleep(0.1)
-        on_node([(pid, "kill", stack_file)])
+        on_node([(pid, "kill", stack_file, started)])
         assert process.wait(timeout=10) == -signal.SIGKILL
-        assert on_node([(pid, "state", stack_file)]) == {pid: "gone"}
+        assert on_node([(pid, "state", stack_file, started)]) == {pid: "gone"}
     finally:
         process.kill()
         process.wait()
