@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -24,7 +25,16 @@ def _backend_device() -> torch.device:
 
 
 def all_gather(value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order."""
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
+    """Every rank's `value` (JSON-able: tuples come back as lists), in rank order. It travels as
+    JSON in byte tensors, never as a pickle (`all_gather_object`), so nothing a peer sends can run
+    code here: first each rank's length, then every rank's bytes padded to the longest."""
+    device = _backend_device()
+    data = json.dumps(value, default=lambda item: item.tolist()).encode()  # numpy and torch numbers as plain ones
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    longest = max(int(size.item()) for size in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(parts, mine.to(device))
+    return [json.loads(part[:int(size.item())].cpu().numpy().tobytes()) for part, size in zip(parts, sizes)]
