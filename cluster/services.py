@@ -2,6 +2,11 @@
 tracking server and an S3-compatible object store (moto's server mode). Each is started in the
 foreground (`ray start --block`) in its own process group, so stopping it stops exactly what was
 started here, and nothing else on the machine. A Ray node can be isolated: see cluster/isolation.py.
+
+A service's port is chosen free, then bound by the service seconds later: another account may
+bind it first. A service counts as up only once every socket listening on its ports is held by
+the service's own processes (`_serves`); any other listener is refused before a request, a token
+or a login is sent to it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from cluster.credentials import MlflowLogin, write_private
 from cluster.job_environment import inherited_environment
+from cluster.processes import listening_sockets, socket_holders
 
 LOOPBACK = "127.0.0.1"
 
@@ -37,20 +43,37 @@ class ServiceError(RuntimeError):
     """A service failed to start; the message names its log."""
 
 
-def _wait_until(check, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServiceError(f"{what} exited with {process.returncode}; see {log}")
-        if check():
-            return
-        time.sleep(0.3)
-    raise ServiceError(f"{what} did not come up within {timeout:.0f} s; see {log}")
+def _wait_until(check, timeout: float, what: str, service: "Service") -> None:
+    """Until `check()` holds; a service that exits, fails the check or stays silent is stopped."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise ServiceError(f"{what} exited with {service.process.returncode}; see {service.log}")
+            if check():
+                return
+            time.sleep(0.3)
+        raise ServiceError(f"{what} did not come up within {timeout:.0f} s; see {service.log}")
+    except BaseException:
+        service.stop()
+        raise
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex((LOOPBACK, port)) == 0
+def _serves(service: "Service", port: int) -> bool:
+    """Whether `port` is listened on, by `service`'s processes alone (its session: what it
+    started stays in it). A listener held by anything else, one of another account's included
+    (whose holder this account cannot see), raises ServiceError."""
+    holders = socket_holders(listening_sockets(port))
+    if not holders:
+        return False
+    ours = set(live_processes_in_session(service.process.pid))
+    strangers = {inode: pids for inode, pids in holders.items() if not pids or pids - ours}
+    if strangers:
+        seen = sorted(pid for pids in strangers.values() for pid in pids)
+        raise ServiceError(f"port {port} on {LOOPBACK}, chosen for the {service.name}, is held by "
+                           f"{'process ' + ', '.join(map(str, seen)) if seen else 'another account'}, not by the "
+                           f"{service.name}; nothing was sent to it: start again (another port is chosen)")
+    return True
 
 
 @dataclass(frozen=True)
@@ -155,7 +178,7 @@ def start_ray_head(log_dir: Path, *, num_cpus: int, port: int | None = None, das
     if temp_dir is not None:
         command.append(f"--temp-dir={temp_dir}")
     service = _spawn("ray-head", command, log_dir, {**(env or {}), **RAY_TOKEN_AUTH}, isolation)
-    _wait_until(lambda: _port_open(port) and _port_open(dashboard_port), 90, "ray head", service.process, service.log)
+    _wait_until(lambda: _serves(service, port) and _serves(service, dashboard_port), 90, "ray head", service)
     return service, f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}"
 
 
@@ -230,7 +253,7 @@ def start_mlflow_server(log_dir: Path, store: Path, *, port: int | None = None, 
                    MLFLOW_FLASK_SERVER_SECRET_KEY=login.server_secret)
     service = _spawn("mlflow", command, log_dir, env)
     url = f"http://{LOOPBACK}:{port}"
-    _wait_until(lambda: _tracking_store_answers(url, login), 120, "mlflow server", service.process, service.log)
+    _wait_until(lambda: _serves(service, port) and _tracking_store_answers(url, login), 120, "mlflow server", service)
     return service, url
 
 
@@ -274,8 +297,13 @@ def start_object_store(log_dir: Path, bucket: str, *, port: int | None = None,
     port = port or free_port()
     service = _spawn("object-store", [_bin("moto_server"), "-H", LOOPBACK, "-p", str(port)], log_dir, env)
     endpoint = f"http://{LOOPBACK}:{port}"
-    _wait_until(lambda: _healthy(f"{endpoint}/moto-api/"), 60, "object store", service.process, service.log)
-    pafs.S3FileSystem(endpoint_override=endpoint, access_key=LOCAL_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                      secret_key=LOCAL_STORE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                      region=LOCAL_STORE_CREDENTIALS["AWS_DEFAULT_REGION"], allow_bucket_creation=True).create_dir(bucket)
+    _wait_until(lambda: _serves(service, port) and _healthy(f"{endpoint}/moto-api/"), 60, "object store", service)
+    try:
+        pafs.S3FileSystem(endpoint_override=endpoint, access_key=LOCAL_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          secret_key=LOCAL_STORE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                          region=LOCAL_STORE_CREDENTIALS["AWS_DEFAULT_REGION"],
+                          allow_bucket_creation=True).create_dir(bucket)
+    except BaseException:
+        service.stop()
+        raise
     return service, endpoint

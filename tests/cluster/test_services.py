@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -54,3 +55,55 @@ def test_stopping_a_service_stops_a_process_that_left_its_group_and_ignores_sigt
     finally:
         if _running(stray):
             os.kill(stray, signal.SIGKILL)
+
+
+# Another account's program that binds a port first and records whatever reaches it.
+SQUATTER = textwrap.dedent("""
+    import socket, sys, threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    print(server.getsockname()[1], flush=True)
+    def record(connection):
+        data = connection.recv(65536)
+        sys.stdout.write(data.decode(errors="replace").replace("\\n", " ") + "\\n")
+        sys.stdout.flush()
+    while True:
+        connection, _ = server.accept()
+        threading.Thread(target=record, args=(connection,), daemon=True).start()
+""")
+
+
+def test_a_port_taken_first_by_another_account_gets_no_login_and_the_start_fails(tmp_path) -> None:
+    import pytest
+
+    from cluster.credentials import mlflow_login
+    from cluster.services import ServiceError, start_mlflow_server, start_object_store
+
+    squatter = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env",
+                                 "python3", "-c", SQUATTER], stdout=subprocess.PIPE, text=True,
+                                env={"PATH": "/usr/bin:/bin"})
+    try:
+        port = int(squatter.stdout.readline())
+        login = mlflow_login(tmp_path / "credentials")
+        with pytest.raises(ServiceError, match=f"port {port} on 127.0.0.1, chosen for the mlflow, is held by"):
+            start_mlflow_server(tmp_path / "logs", tmp_path / "store", port=port, login=login)
+        with pytest.raises(ServiceError, match=f"port {port} .* is held by .* not by the object-store"):
+            start_object_store(tmp_path / "logs", "bucket", port=port)
+    finally:
+        squatter.kill()
+        received, _ = squatter.communicate(timeout=10)
+    assert "Authorization" not in received and received.strip() == "", received  # nothing was sent to it
+    assert not [pid for pid in _spawned_services(tmp_path)], "a refused service was left running"
+
+
+def _spawned_services(tmp_path: Path) -> list[int]:
+    """Processes still running from this test's services (their command names its store)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(tmp_path) in cmdline.read_bytes().decode(errors="replace") and _running(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
