@@ -37,14 +37,16 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     job_state = ckpt.read_job_state(str(checkpoint_dir))
     deepspeed_dir = checkpoint_dir / ckpt.DEEPSPEED_DIR
     if job_state.zero_stage == 0:
-        states = torch.load(deepspeed_dir / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+        with ckpt.weights_only_loads(checkpoint_dir):
+            states = torch.load(deepspeed_dir / ckpt.DEEPSPEED_TAG / "mp_rank_00_model_states.pt")
         return {k: v.float() for k, v in states["module"].items()}
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would guess, without its warning
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     narration = io.StringIO()  # zero_to_fp32 narrates every shard it reads; its errors are raised
-    with contextlib.redirect_stdout(narration), contextlib.redirect_stderr(narration):
+    with contextlib.redirect_stdout(narration), contextlib.redirect_stderr(narration), \
+            ckpt.weights_only_loads(checkpoint_dir):
         return get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=ckpt.DEEPSPEED_TAG)
 
 

@@ -21,6 +21,7 @@ from jobs.checkpoint.files import (
     AVERAGE, DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
     list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
     read_job_state, save_checkpoint, saved_weight_average, signed_checkpoints, step_of, universal_copy, verify,
+    weights_only_loads,
 )
 from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
@@ -34,5 +35,5 @@ __all__ = [
     "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
     "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete",
     "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "Signer", "signed_checkpoints", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify",
+    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "Signer", "signed_checkpoints", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify", "weights_only_loads",
 ]

@@ -22,12 +22,17 @@ directory (`cluster.staging_dir`) from which Ray Train uploads it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
+import os
+import pickle
 import math
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -228,13 +233,48 @@ def universal_copy(directory: Path, target: Path) -> None:
     ))
 
 
+# What DeepSpeed's own files hold besides tensors and plain data (ZeRO's optimizer state, stages
+# 1-3 in fp32 and bf16; fp16's dynamic loss scaler): allowed by name, and nothing else unpickles.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loads(directory: Path) -> Iterator[None]:
+    """Every torch.load inside reads tensors, plain data and `DEEPSPEED_GLOBALS` only, DeepSpeed's
+    own loads too (they pass weights_only=False; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides
+    that): a checkpoint that names anything else is refused in one line, never run. A second wall
+    behind the signature (`verify`)."""
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, name in (qualified.rsplit(".", 1) for qualified in DEEPSPEED_GLOBALS)]
+    saved = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{directory}: DeepSpeed's files hold an object that is not plain data "
+                              f"({str(error).splitlines()[0][:200]}); not loading it") from None
+    finally:
+        if saved is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = saved
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
 def load_engine_state(engine, directory: Path, universal: Path | None) -> None:
     """Load DeepSpeed's state: from `universal` (a universal-format copy, for another world size
-    under ZeRO 1-3) or from the checkpoint's own files."""
-    load_path, _ = engine.load_checkpoint(
-        str(universal if universal is not None else directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    under ZeRO 1-3) or from the checkpoint's own files, reading plain data only."""
+    with weights_only_loads(directory):
+        load_path, _ = engine.load_checkpoint(
+            str(universal if universal is not None else directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
     if load_path is None:
         raise CheckpointError(f"{directory}: DeepSpeed found no checkpoint to load")
 

@@ -120,3 +120,41 @@ def test_a_save_refuses_non_finite_weights_and_names_the_setting_when_staging_is
     assert list(staging_root().iterdir()) == []  # the staging of the failed save is gone
     with saver.uploads.staging() as local:  # and the next save is not left waiting for it
         assert local.is_dir()
+
+
+_DEEPSPEED_LOAD = """
+import os, pickle, sys, tempfile
+from pathlib import Path
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+from jobs import checkpoint as ckpt
+from jobs.config import load_job_config
+from jobs.engine import build_engine
+job = load_job_config(None, ["model.preset=tiny", "train.zero_stage=2", "data.tokenizer.vocab_size=64"])
+engine, _ = build_engine(job, job.model.replace(vocab_size=64), 1, load_universal=False)
+directory = Path(tempfile.mkdtemp())
+engine.save_checkpoint(str(directory / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, save_latest=False)
+ckpt.load_engine_state(engine, directory, None)  # DeepSpeed's own files: their types are allowed
+print("genuine loaded", flush=True)
+
+class Payload:
+    def __reduce__(self):
+        return (eval, (f"open({sys.argv[1]!r}, 'w').write('ran')",))
+
+optimizer = next((directory / ckpt.DEEPSPEED_DIR / ckpt.DEEPSPEED_TAG).glob("*optim_states.pt"))
+optimizer.write_bytes(pickle.dumps({"optimizer_state_dict": Payload()}))
+try:
+    ckpt.load_engine_state(engine, directory, None)
+except ckpt.CheckpointError as error:
+    print("refused:", error)
+"""
+
+
+def test_deepspeeds_own_loads_read_plain_data_and_its_allowed_types_only(tmp_path) -> None:
+    """Behind the signature: even a signed checkpoint's DeepSpeed files are read weights-only."""
+    sentinel = tmp_path / "sentinel"
+    loaded = subprocess.run([sys.executable, "-c", _DEEPSPEED_LOAD, str(sentinel), str(29500 + os.getpid() % 500)],
+                            capture_output=True, text=True, timeout=300)
+    assert "genuine loaded" in loaded.stdout, loaded.stderr[-3000:]
+    assert "refused:" in loaded.stdout and "not plain data" in loaded.stdout, loaded.stdout + loaded.stderr[-3000:]
+    assert not sentinel.exists()
