@@ -1,7 +1,7 @@
 """Who wrote a checkpoint or an export: the account's signing key and what it signs.
 
 The checkpoint side with a stand-in engine: tests/jobs/test_rank_start.py; planted by another
-account into a real run: tests/jobs/test_trust.py."""
+account into a real run: tests/faults/test_planted_checkpoint.py."""
 
 from __future__ import annotations
 

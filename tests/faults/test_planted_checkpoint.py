@@ -62,7 +62,7 @@ def _plant_as_another_account(run_dir: Path, source: str, sentinel: Path) -> Non
     assert recorded[payload]["sha256"] == hashlib.sha256((run_dir / PLANTED / payload).read_bytes()).hexdigest()
 
 
-def test_a_checkpoint_planted_by_another_account_is_never_loaded(ray_cluster, tiny_corpus) -> None:
+def test_a_checkpoint_planted_by_another_account_is_never_loaded(ray_cluster, tiny_corpus, fault_row) -> None:
     shared = Path(tempfile.mkdtemp(prefix="aiayn-shared-"))  # outside pytest's private temp: others can enter
     shared.chmod(0o755)
     sentinel = shared / "sentinel"
@@ -92,5 +92,9 @@ def test_a_checkpoint_planted_by_another_account_is_never_loaded(ray_cluster, ti
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         assert [p for p in (session / "logs").rglob("*") if p.is_file() and signer.key in p.read_bytes()] == []
         assert [p for p in run_dir.rglob("*") if p.is_file() and signer.key in p.read_bytes()] == []
+        fault_row(fault="another account plants a checkpoint (pickle payload, sha256 markers rewritten)",
+                  injected="checkpoint_step99 beside a running run, kept for the rerun", at_step="10",
+                  outcome="never unpickled; the run and its rerun use the newest signed checkpoint and say why",
+                  steps_lost="0", data_lost="none")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
