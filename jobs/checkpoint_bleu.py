@@ -23,7 +23,7 @@ from jobs.config import JobConfig, build_section
 
 
 def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str, relay,
-                     step: int) -> dict[str, float]:
+                     signing_key, step: int) -> dict[str, float]:
     """Ray Train's validation function: `checkpoint` is the committed one of `step`. Its lines
     reach the console through the driver's relay, as rank 0's do."""
     from jobs.evaluation import open_translator, score_split
@@ -37,7 +37,9 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     manifest = load_manifest(dataset_uri)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
-    signer = ckpt.Signer.of_account(config.train.accept_unsigned_checkpoints)  # the driver's key
+    import ray
+
+    signer = ckpt.Signer(ray.get(signing_key), config.train.accept_unsigned_checkpoints)  # the driver's key
     with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory(prefix="aiayn-bleu-") as scratch:
         ckpt.verify(directory, signer, posixpath.basename(checkpoint.path.rstrip("/")))  # before DeepSpeed unpickles
         export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export",
@@ -53,7 +55,7 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     return metrics
 
 
-def validation_config(loop_config: dict, job: JobConfig, signer: ckpt.Signer):
+def validation_config(loop_config: dict, job: JobConfig):
     """The TorchTrainer's `validation_config`: one task at a time, with one CPU (and no GPU), in a
     process that keeps freed memory as CPU training workers do, on the driver's node when the
     tracking store is a file there (no other node can write it)."""
@@ -65,12 +67,13 @@ def validation_config(loop_config: dict, job: JobConfig, signer: ckpt.Signer):
     from jobs.tracking import local_store_dir
 
     options: dict = {"num_cpus": 1, "max_retries": 1,
-                     "runtime_env": {"env_vars": {**worker_environment(job.cluster, uses_gpu=False),
-                                                  **signer.environment()}}}
+                     "runtime_env": {"env_vars": worker_environment(job.cluster, uses_gpu=False)}}
     if local_store_dir(loop_config["tracking_uri"]) is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=False)
-    fixed = {key: loop_config.get(key) for key in ("job", "dataset_uri", "tracking_uri", "run_id", "relay")}
+    # Ray Train keeps these defaults in memory; only the per-checkpoint `step` goes to its snapshot.
+    fixed = {key: loop_config.get(key) for key in ("job", "dataset_uri", "tracking_uri", "run_id", "relay",
+                                                   "signing_key")}
     return ValidationConfig(score_checkpoint, task_config=ValidationTaskConfig(fn_kwargs=fixed,
                                                                                timeout_s=job.train.long_phase_timeout_s),
                             ray_remote_kwargs=options)

@@ -111,7 +111,7 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
     return plan, manifest
 
 
-def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict, signer: ckpt.Signer):
+def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -131,13 +131,11 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict, signer: ckpt.
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
         callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
-        # The signing key reaches the workers as it reaches the BLEU task: in the environment Ray
-        # keeps with them, never in the loop's config (which Ray Train may write to storage).
-        worker_runtime_env={"env_vars": {**worker_environment(cluster, uses_gpu=cluster.use_gpu), **signer.environment()}},
+        worker_runtime_env={"env_vars": worker_environment(cluster, uses_gpu=cluster.use_gpu)},
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
-        validation_config=(validation_config(loop_config, job, signer)
+        validation_config=(validation_config(loop_config, job)
                            if job.train.bleu_every and job.train.bleu_in_background else None),
         torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
                                  timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
@@ -225,8 +223,8 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
         loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
                        "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
-                       "started_at": started_at, "layout": layout.to_dict()}
-        result = _fit(_trainer(job, layout, loop_config, signer))
+                       "started_at": started_at, "layout": layout.to_dict(), "signing_key": signing_key_for_workers(signer)}
+        result = _fit(_trainer(job, layout, loop_config))
     keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     _delete_untracked(layout.uri, result, signer, console)
@@ -236,6 +234,16 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     outcome = _finish(job, layout, report, manifest, started_at, scores, signer)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
+
+
+def signing_key_for_workers(signer: ckpt.Signer):
+    """The signing key as the workers and the BLEU task receive it: a Ray object owned by this
+    driver (64 bytes: kept in its own memory, never spilled), of which the loop's config holds only
+    the reference. Ray logs a runtime environment's variables verbatim, and records the loop's
+    config in Ray Train's run state: neither may hold the key."""
+    import ray
+
+    return ray.put(signer.key)
 
 
 def _delete_untracked(run_uri: str, result, signer: ckpt.Signer, console: Callable[[str], None]) -> None:

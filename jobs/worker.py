@@ -71,7 +71,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         RunLayout.from_dict(loop_config["layout"]).use_staging()  # checkpoint parts and downloads
 
-        self.signer = ckpt.Signer.of_account(self.job.train.accept_unsigned_checkpoints)  # the driver's key
+        self.signer = ckpt.Signer(ray.get(loop_config["signing_key"]), self.job.train.accept_unsigned_checkpoints)
         restored, registered = attempt_checkpoint(ckpt.ResumePlan(**loop_config["resume_plan"]))
         place = Place(self.rank, self.world, self.local_rank)
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:

@@ -15,7 +15,7 @@ import hmac
 import json
 from dataclasses import dataclass, field
 
-from cluster.credentials import SIGNING_KEY_ENV, signing_key
+from cluster.credentials import signing_key
 
 KEY_ID, MAC = "key_id", "hmac_sha256"
 ACCEPT_UNSIGNED = "train.accept_unsigned_checkpoints"  # the one option that loads checkpoints made before signing
@@ -34,11 +34,6 @@ class Signer:
     def of_account(cls, accept_unsigned: bool = False) -> Signer:
         """This account's signer: $AIAYN_SIGNING_KEY, else the key file (cluster/credentials.py)."""
         return cls(signing_key(), accept_unsigned)
-
-    def environment(self) -> dict[str, str]:
-        """What hands the key to the run's workers and tasks: Ray keeps it with the worker group
-        (behind the cluster's token), never in the run's storage, a log or MLflow."""
-        return {SIGNING_KEY_ENV: self.key.decode()}
 
     @property
     def key_id(self) -> str:

@@ -111,7 +111,7 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
         down = _aiayn("down", env=env)
         shutil.rmtree(enterable, ignore_errors=True)
     assert down.returncode == 0 and "stopped" in down.stdout
-    assert f"kept in {tmp_path / 'aiayn' / 'mlflow'}" in down.stdout
+    assert f"kept in {enterable / 'aiayn' / 'mlflow'}" in down.stdout
 
 
 def test_bad_use_and_a_broken_state_file_are_one_line(tmp_path) -> None:
