@@ -98,9 +98,9 @@ def _rank_files(rank: int) -> tuple[str, str]:
     return f"rank_{rank:05d}.pt", f"rank_{rank:05d}.complete"
 
 
-def save_checkpoint(engine, directory: Path, name: str, rank: int, job_state: JobState | None, rank_state: RankState,
+def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | None, rank_state: RankState,
                     signer: Signer, average: WeightAverage | None = None) -> None:
-    """Write this rank's part of checkpoint `name` into a local directory (collective: all ranks
+    """Write this rank's part of a checkpoint into a local directory (collective: all ranks
     call it), its marker signed by `signer`. Rank 0 also writes the job state and the weights'
     moving average, if the run keeps one."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def save_checkpoint(engine, directory: Path, name: str, rank: int, job_state: Jo
         path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": storage.sha256_of(str(path))}
         for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".complete")
     }
-    signature = signer.sign(_KIND, _signed_name(name, rank), files)
+    signature = signer.sign(_KIND, _signed_part(rank), files)
     (directory / marker).write_text(json.dumps({_FILES: files, _SIGNATURE: signature}, indent=1))
 
 
@@ -130,8 +130,8 @@ def read_job_state(directory: str) -> JobState:
 _KIND, _FILES, _SIGNATURE = "checkpoint", "files", "signature"
 
 
-def _signed_name(name: str, rank: int) -> str:
-    return f"{name}/rank {rank}"
+def _signed_part(rank: int) -> str:
+    return f"rank {rank}"
 
 
 def _markers(directory: str, world_size: int) -> list[tuple[dict, dict | None]] | None:
@@ -167,19 +167,33 @@ def is_complete(directory: str) -> bool:
 
 
 def check_signed(directory: str, signer: Signer, name: str = "") -> None:
-    """Refuse (CheckpointError) a checkpoint that is incomplete or whose markers `signer`'s key did
-    not sign for its name (`name`: the checkpoint's, where `directory` is a copy under another).
-    Reads the markers only: cheap enough to sort a run's checkpoints."""
+    """Refuse (CheckpointError) a checkpoint that is incomplete, whose markers `signer`'s key did
+    not sign, or whose signed job state holds another step than its name (`name`: the
+    checkpoint's, where `directory` is a local copy; a name that is not a step's is not compared).
+    Reads the markers and the job state only: cheap enough to sort a run's checkpoints."""
     directory = str(directory)
-    name = name or posixpath.basename(directory.rstrip("/"))
     if not is_complete(directory):
         raise CheckpointError(f"{directory} is incomplete (interrupted while being written, or not aiayn's); "
                               "not loading it")
-    for rank, (files, signature) in enumerate(_markers(directory, read_job_state(directory).world_size) or []):
+    job_state = read_job_state(directory)
+    markers = _markers(directory, job_state.world_size) or []
+    for rank, (files, signature) in enumerate(markers):
         try:
-            signer.check(_KIND, _signed_name(name, rank), files, signature, storage.join(directory, _rank_files(rank)[1]))
+            signer.check(_KIND, _signed_part(rank), files, signature, storage.join(directory, _rank_files(rank)[1]))
         except SignatureError as error:
             raise CheckpointError(str(error)) from None
+    _check_file(directory, JOB_STATE, markers[0][0].get(JOB_STATE, {}).get("sha256"))
+    named = _STEP_NAME.search(name or posixpath.basename(directory.rstrip("/")))
+    if named and int(named.group(1)) != job_state.step:
+        raise CheckpointError(f"{directory} holds step {job_state.step}, not the step its name says "
+                              "(renamed after it was written); not loading it")
+
+
+def _check_file(directory: str, name: str, recorded: str | None) -> None:
+    if recorded is None:
+        raise CheckpointError(f"{directory}/{name} was not written by aiayn with this checkpoint; not loading it")
+    if storage.sha256_of(storage.join(directory, name)) != recorded:
+        raise CheckpointError(f"{directory}/{name} has changed since it was written (sha256 differs); not loading it")
 
 
 def verify(directory: str, signer: Signer, name: str = "") -> None:
@@ -192,12 +206,8 @@ def verify(directory: str, signer: Signer, name: str = "") -> None:
     for files, _ in _markers(directory, read_job_state(directory).world_size) or []:
         recorded.update({name: entry["sha256"] for name, entry in files.items()})
     for name in storage.file_sizes(directory):
-        if name.endswith(".complete"):
-            continue
-        if name not in recorded:
-            raise CheckpointError(f"{directory}/{name} was not written by aiayn with this checkpoint; not loading it")
-        if storage.sha256_of(storage.join(directory, name)) != recorded[name]:
-            raise CheckpointError(f"{directory}/{name} has changed since it was written (sha256 differs); not loading it")
+        if not name.endswith(".complete"):
+            _check_file(directory, name, recorded.get(name))
 
 
 def saved_weight_average(directory: Path) -> tuple[dict[str, torch.Tensor], int] | None:

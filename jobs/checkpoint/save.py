@@ -39,7 +39,7 @@ class Saver:
         check_finite_weights(self.engine, self.zero_stage, state.step)
         with self.uploads.staging() as local:
             try:
-                save_checkpoint(self.engine, local, checkpoint_dir_name(state.step), self.rank,
+                save_checkpoint(self.engine, local, self.rank,
                                 state if self.rank == 0 else None, rank_state, self.signer, self.average)
             except (OSError, RuntimeError) as error:  # torch reports a full disk as an iostream error
                 free = shutil.disk_usage(local).free

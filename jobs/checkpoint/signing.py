@@ -1,11 +1,12 @@
 """Who wrote a checkpoint or an export: an HMAC-SHA256 (RFC 2104, Python's `hmac`) under the
 account's signing key (cluster/credentials.py) over what its markers record (each file's size and
-sha256) and the name it was written under.
+sha256) and which part it is (a checkpoint's rank).
 
 The sha256 markers alone prove integrity, not authorship: whoever can write the run's storage can
 rewrite them too. The key never enters the storage, so a checkpoint that verifies was written by
-a process that holds it, and only then is anything in it unpickled. Binding the name stops a
-genuine checkpoint from being replayed under another step's name.
+a process that holds it, and only then is anything in it unpickled. A checkpoint's step is in
+its signed job state, so a genuine checkpoint replayed under a later step's name is caught by
+comparing the two (checkpoint/files.py), while a copy under any other name still loads.
 """
 
 from __future__ import annotations
@@ -63,4 +64,4 @@ class Signer:
                                  "not loading it: give the key that wrote it as AIAYN_SIGNING_KEY")
         if not hmac.compare_digest(str(signature.get(MAC, "")), self._mac(kind, name, record)):
             raise SignatureError(f"{where}: its signature does not match what it records (changed or forged after "
-                                 "it was written, or renamed); not loading it")
+                                 "it was written); not loading it")

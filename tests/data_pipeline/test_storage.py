@@ -62,14 +62,14 @@ def test_publish_replaces_only_what_aiayn_wrote(root, tmp_path) -> None:
 _OLDER_RELEASE = ckpt.Signer(b"k" * 32, accept_unsigned=True)
 
 
-def _fake_checkpoint(directory: str, world_size: int) -> None:
+def _fake_checkpoint(directory: str, step: int, world_size: int) -> None:
     """The layout save_checkpoint wrote before signing: files, then each rank's marker with their
     size and sha256."""
     def entry(name: str) -> dict:
         uri = storage.join(directory, name)
         return {"size": storage.file_sizes(directory)[name], "sha256": storage.sha256_of(uri)}
 
-    storage.write_bytes_atomic(storage.join(directory, ckpt.JOB_STATE), json.dumps({"step": 5, "world_size": world_size}).encode())
+    storage.write_bytes_atomic(storage.join(directory, ckpt.JOB_STATE), json.dumps({"step": step, "world_size": world_size}).encode())
     for rank in range(world_size):
         shard = f"deepspeed/state/shard_{rank}.pt"
         storage.write_bytes_atomic(storage.join(directory, shard), bytes(100 + rank))
@@ -80,14 +80,14 @@ def _fake_checkpoint(directory: str, world_size: int) -> None:
 def test_checkpoint_completeness_and_listing_through_uris(root, tmp_path) -> None:
     run = storage.join(root, "run")
     for step in (5, 10, 15):
-        _fake_checkpoint(storage.join(run, ckpt.checkpoint_dir_name(step)), world_size=2)
+        _fake_checkpoint(storage.join(run, ckpt.checkpoint_dir_name(step)), step, world_size=2)
     newest = storage.join(run, ckpt.checkpoint_dir_name(15))
     storage.write_bytes_atomic(storage.join(newest, "deepspeed/state/shard_1.pt"), b"cut short")
     assert [u.rsplit("/", 1)[1] for u in ckpt.list_checkpoints(run)] == [ckpt.checkpoint_dir_name(s) for s in (5, 10, 15)]
     assert not ckpt.is_complete(newest)
     assert newest_complete(run) == storage.join(run, ckpt.checkpoint_dir_name(10))
     local = ckpt.local_copy(newest_complete(run), tmp_path / "scratch")
-    assert ckpt.read_job_state(str(local)).step == 5 and (local / "deepspeed" / "state" / "shard_1.pt").stat().st_size == 101
+    assert ckpt.read_job_state(str(local)).step == 10 and (local / "deepspeed" / "state" / "shard_1.pt").stat().st_size == 101
     ckpt.verify(str(local), _OLDER_RELEASE)  # the download is byte for byte what the ranks recorded
     storage.write_bytes_atomic(storage.join(run, ckpt.checkpoint_dir_name(10), "deepspeed/state/shard_0.pt"), bytes([1]) * 100)
     with pytest.raises(ckpt.CheckpointError, match="has changed"):  # same size, other bytes: checked remotely too

@@ -1,7 +1,8 @@
 """Storage that others can write: a checkpoint planted by another account is never unpickled.
 
 Another local account (nobody, uid 65534, through `setpriv`) with write access to the run's
-storage plants a copy of a genuine checkpoint as a later step, its DeepSpeed model file replaced
+storage (not to what aiayn wrote in it: that stays private) plants a copy of a genuine checkpoint
+(one shared with them, say) as a later step, its DeepSpeed model file replaced
 by a pickle that writes a file when loaded, and every size and sha256 in its markers rewritten to
 match: integrity checks pass, only authorship fails. It is planted while the run trains and is
 still there when the same command runs again.
@@ -17,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 
 from jobs import checkpoint as ckpt
 from jobs.train_driver import train
@@ -35,7 +35,7 @@ class Payload:
         return (eval, (f"open({sentinel!r}, 'w').write('unpickled')",))
 
 target = os.path.join(run, planted)
-shutil.copytree(os.path.join(run, source), target)
+shutil.copytree(source, target)
 with open(os.path.join(target, "deepspeed", "state", "mp_rank_00_model_states.pt"), "wb") as handle:
     pickle.dump(Payload(), handle)
 for name in os.listdir(target):
@@ -50,10 +50,14 @@ print("planted")
 """
 
 
-def _plant_as_another_account(run_dir: Path, source: str, sentinel: Path) -> None:
+def _plant_as_another_account(run_dir: Path, source: Path, sentinel: Path) -> None:
+    shared_copy = run_dir.parent.parent / "shared-copy"
+    shutil.copytree(source, shared_copy)
+    subprocess.run(["chmod", "-R", "a+rX", str(shared_copy)], check=True)
+    run_dir.parent.chmod(0o755)
     run_dir.chmod(0o777)  # the run's storage is writable by others, as a shared bucket may be
     planted = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env", "python3",
-                              "-c", _FORGER, str(run_dir), source, PLANTED, str(sentinel)],
+                              "-c", _FORGER, str(run_dir), str(shared_copy), PLANTED, str(sentinel)],
                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
     assert planted.returncode == 0 and (run_dir / PLANTED).is_dir(), planted.stderr[-2000:]
     assert ckpt.is_complete(run_dir / PLANTED)  # sizes match; and so do the sha256s:
@@ -71,7 +75,7 @@ def test_a_checkpoint_planted_by_another_account_is_never_loaded(ray_cluster, ti
         run_dir = shared / "runs" / "shared"
         lines: list[str] = []
         # planted while the run trains: its end (the export, retention) must pass over it
-        when_checkpoint_exists(run_dir, 10, lambda: _plant_as_another_account(run_dir, ckpt.checkpoint_dir_name(10),
+        when_checkpoint_exists(run_dir, 10, lambda: _plant_as_another_account(run_dir, run_dir / ckpt.checkpoint_dir_name(10),
                                                                               sentinel))
         first = train(job, log=lines.append)
         assert (run_dir / PLANTED).is_dir(), "the plant never happened"
@@ -89,6 +93,8 @@ def test_a_checkpoint_planted_by_another_account_is_never_loaded(ray_cluster, ti
         signed, refused = ckpt.signed_checkpoints(str(run_dir), signer)
         assert list(refused) == [str(run_dir / PLANTED)] and signed
         # the key reached the workers, and nothing of it the run's storage or Ray's logs
+        import ray
+
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         assert [p for p in (session / "logs").rglob("*") if p.is_file() and signer.key in p.read_bytes()] == []
         assert [p for p in run_dir.rglob("*") if p.is_file() and signer.key in p.read_bytes()] == []

@@ -77,7 +77,7 @@ def test_the_weights_moving_average_is_saved_with_its_updates_and_continues_from
     average.update([("w", torch.tensor([3.0, 4.0]))])
     position = StreamPosition(epoch=0, window=0, batch=1, plan=(), plan_window_units=0)
     signer = ckpt.Signer(b"the account's own signing key, 32+ bytes")
-    ckpt.save_checkpoint(_Engine(), tmp_path / "part", "part", 0, ckpt.JobState(),
+    ckpt.save_checkpoint(_Engine(), tmp_path / "part", 0, ckpt.JobState(),
                          ckpt.RankState(position, torch.get_rng_state()), signer, average)
     ckpt.verify(str(tmp_path / "part"), signer)  # the average is one of rank 0's recorded files
     weights, updates = ckpt.saved_weight_average(tmp_path / "part")

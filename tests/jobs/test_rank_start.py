@@ -45,7 +45,7 @@ def engine(monkeypatch) -> _Engine:
 def _checkpoint(tmp_path, position: StreamPosition, rng: torch.Tensor):
     saved = ckpt.JobState(step=30, epoch=1, world_size=1, launch_id="launch-1", mlflow_run_id="run-1",
                           pending_metrics=[{"key": "train/loss", "value": 3.0, "step": 30}], dataset_fingerprint="data-v1")
-    ckpt.save_checkpoint(_Engine(), tmp_path / "checkpoint", "checkpoint", 0, saved, ckpt.RankState(position, rng), SIGNER)
+    ckpt.save_checkpoint(_Engine(), tmp_path / "checkpoint", 0, saved, ckpt.RankState(position, rng), SIGNER)
     return tmp_path / "checkpoint"
 
 
@@ -69,7 +69,8 @@ def test_a_restart_inside_the_same_run_continues_its_state(tmp_path, engine) -> 
 
 def test_a_later_train_into_a_new_mlflow_run_drops_the_old_runs_unsent_metrics(tmp_path, engine) -> None:
     start = start_rank(load_job_config(None, []), MANIFEST, ONE_RANK, "launch-2", "run-2",
-                       _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state()), "checkpoint", SIGNER)
+                       _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state()), ckpt.checkpoint_dir_name(30),
+                       SIGNER)
     assert (start.resumed_from_step, start.restarted_in_run) == (30, False)
     assert (start.state.launch_id, start.state.mlflow_run_id, start.state.pending_metrics) == ("launch-2", "run-2", [])
 
@@ -93,14 +94,15 @@ def _rewrite_marker(directory, change) -> None:
     marker.write_text(json.dumps(record))
 
 
-def test_only_a_checkpoint_signed_with_the_accounts_key_for_its_own_name_is_loaded(tmp_path, engine) -> None:
+def test_only_a_checkpoint_signed_with_the_accounts_key_under_its_own_step_is_loaded(tmp_path, engine) -> None:
     directory = _checkpoint(tmp_path, StreamPosition(), torch.get_rng_state())
     job = load_job_config(None, [])
     with pytest.raises(ckpt.CheckpointError, match="signed with another key"):
         start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint",
                    ckpt.Signer(b"another account's signing key, 32+ bytes"))
-    with pytest.raises(ckpt.CheckpointError, match="does not match what it records .*renamed"):  # replayed as a later step
+    with pytest.raises(ckpt.CheckpointError, match="holds step 30, not the step its name says"):  # replayed later
         start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint_step00000099", SIGNER)
+    assert engine.loaded_from is None
     # a planted payload with its sha256 and size rewritten in the marker: integrity holds, authorship not
     part = directory / "rank_00000.pt"
     part.write_bytes(b"a pickle of someone else's" + part.read_bytes()[26:])
