@@ -1,7 +1,9 @@
-"""`aiayn cluster up|status|down`: a real multi-node Ray cluster, an MLflow server and an
-S3-compatible object store on this machine, on 127.0.0.1. With `isolated`, every Ray node runs in
-its own mount namespace (cluster/isolation.py) so that nodes share only the network, the object
-store and the Python environment, as on a cluster of separate machines.
+"""`aiayn cluster up|status|down`: a real multi-node Ray cluster and an MLflow server on this
+machine, on 127.0.0.1. Its nodes share this disk, so jobs keep their relative locations in a
+directory of this account's alone (`store_dir`), kept across `down` and `up`. With `isolated`,
+every Ray node runs in its own mount namespace (cluster/isolation.py) so that nodes share only the
+network, an S3-compatible object store and the Python environment, as on a cluster of separate
+machines.
 
 The addresses and the process groups started are written to a state file (default
 ~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them. Every process
@@ -59,6 +61,12 @@ def mlflow_dir() -> Path:
     return state_dir() / "mlflow"
 
 
+def store_dir() -> Path:
+    """Where jobs on a cluster whose nodes share this disk keep their relative locations (datasets,
+    runs): a directory of this account's alone, kept across `down` and `up`."""
+    return state_dir() / "store"
+
+
 @dataclass
 class ClusterState:
     ray_address: str  # GCS address, for `ray.init` / `--address`
@@ -76,6 +84,8 @@ class ClusterState:
     named_env: list = field(default_factory=list)  # `up --env NAME`: names only; a node added later reads them again
     ray_temp_dir: str = ""  # Ray's sessions, logs and the jobs' unpacked code, inside a directory of this account's
     credentials: dict = field(default_factory=dict)  # what -> the file (mode 0600) that holds it; never the secret
+    storage: str = ""  # the root of jobs' relative locations: store_dir(), or the bucket of an isolated cluster
+    storage_kept: str = ""  # what becomes of it at `down`, in words
 
 
 def read_state() -> ClusterState | None:
@@ -153,11 +163,15 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
     try:
         token = ray_token()
         store_env, object_store = {}, {}
-        if with_object_store:
-            service, endpoint = start_object_store(logs, BUCKET, env=marker)
-            started.append(service)
-            store_env = object_store_env(endpoint)
-            object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
+        storage, kept = str(private_dir(store_dir())), "a directory of your account's alone; kept across `down`"
+        if isolated:  # nodes that share no disk share the object store instead
+            storage, kept = "", "nowhere: relative locations are refused; give every job an s3:// location"
+            if with_object_store:
+                service, endpoint = start_object_store(logs, BUCKET, env=marker)
+                started.append(service)
+                store_env = object_store_env(endpoint)
+                object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
+                storage, kept = f"s3://{BUCKET}", "the local object store, in its memory: lost at `down`"
         private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
         isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
         login = mlflow_login(credentials_dir()) if with_mlflow else None
@@ -184,7 +198,8 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
                          object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private, list(named),
-                         str(temp_dir), {"mlflow_login": str(mlflow_login_path(credentials_dir()))} if login else {})
+                         str(temp_dir), {"mlflow_login": str(mlflow_login_path(credentials_dir()))} if login else {},
+                         storage, kept)
     write_state(state)
     return state
 

@@ -228,12 +228,17 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "down":
         stopped = local_cluster.down()
         print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
+        if local_cluster.store_dir().is_dir():
+            print(f"jobs' datasets and runs are kept in {local_cluster.store_dir()} for the next `up`")
         if local_cluster.mlflow_dir().is_dir():
             print(f"MLflow's runs, artifacts and users are kept in {local_cluster.mlflow_dir()} for the next `up`")
     else:
         info = local_cluster.status()
         ray_status = info.pop("ray_status", "")
         print(json.dumps(info, indent=2))
+        if info["up"] and not args.json:
+            print(f"jobs' relative locations (data, runs) are kept in {info['storage'] or 'no place'}: "
+                  f"{info['storage_kept']}")
         if ray_status and not args.json:
             print(ray_status)
     return 0
@@ -243,7 +248,8 @@ def _cluster_summary(state) -> dict:
     from cluster import local_cluster
 
     return {"ray_address": state.ray_address, "dashboard_and_jobs_api": state.dashboard_url,
-            "mlflow": state.mlflow_url, "object_store": state.object_store, "nodes": state.nodes,
+            "mlflow": state.mlflow_url, "storage": state.storage, "storage_kept": state.storage_kept,
+            "object_store": state.object_store, "nodes": state.nodes,
             "isolated": state.isolated, "logs": state.log_dir, "ray_temp_dir": state.ray_temp_dir,
             "process_groups": state.process_groups,
             "worker_nodes": sorted(state.worker_nodes),
@@ -261,7 +267,7 @@ def _submit(args: argparse.Namespace) -> int:
     command = [c for c in args.command if c != "--"]
     state = None if args.address else read_state()  # submitting to the local cluster: its services
     tracking = args.tracking_uri or (state.mlflow_url if state else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
-    cluster_storage = state.object_store.get("bucket_uri", "") if state else ""
+    cluster_storage = state.storage if state else ""
     job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking, named_env=args.env,
                            cluster_storage=cluster_storage)
     print(job_id)
@@ -366,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--cpus-per-node", type=int, default=2)
     cluster.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
-    cluster.add_argument("--no-object-store", action="store_true", help="do not start the S3-compatible object store")
+    cluster.add_argument("--no-object-store", action="store_true",
+                         help="with --isolated: do not start the S3-compatible object store")
     cluster.add_argument("--isolated", action="store_true",
                          help="each node in its own mount namespace: private /tmp, home and working directory (root)")
     cluster.add_argument("--json", action="store_true", help="status: JSON only (addresses, object store, jobs)")

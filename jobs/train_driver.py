@@ -225,13 +225,13 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
                        "started_at": started_at, "layout": layout.to_dict(), "signing_key": signing_key_for_workers(signer)}
         result = _fit(_trainer(job, layout, loop_config))
-    keeper.check("the export")
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
+    keeper.check("removing checkpoints Ray Train no longer tracks")
     _delete_untracked(layout.uri, result, signer, console)
     scores = ckpt.scores_of(result.best_checkpoints)
     if job.train.average == "best" and not scores:
         console("no checkpoint has a valid BLEU (train.average=best): exporting the newest")
-    outcome = _finish(job, layout, report, manifest, started_at, scores, signer)
+    outcome = _finish(job, layout, report, manifest, started_at, scores, signer, keeper.check)
     console(outcome.time_table)
     return dataclasses.replace(outcome, log_path=str(getattr(console, "log_path", "") or ""))
 
@@ -277,10 +277,11 @@ def _plan_resume(job: JobConfig, source: str | None, manifest: Manifest) -> ckpt
 
 
 def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Manifest, started_at: float,
-            scores: dict[str, float], signer: ckpt.Signer) -> TrainOutcome:
+            scores: dict[str, float], signer: ckpt.Signer, fence: Callable[[str], None]) -> TrainOutcome:
     """Export the average of the chosen checkpoints (`scores`: their valid BLEU, for
     train.average=best) next to them, score it on test, log it all, with the run's time ledger:
-    the newest checkpoint's, and the time since it was saved as `finish`.
+    the newest checkpoint's, and the time since it was saved as `finish`. `fence(what)` raises
+    once the run's lease is lost: checked right before the export is published and logged.
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
@@ -303,12 +304,14 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
              "decoding": {"beam_size": job.train.beam_size, "length_penalty": job.train.length_penalty}},
             scratch / "export", moving_average=bool(job.train.ema_decay), signer=signer,
         )
+        fence("the export")
         storage.publish_directory(local_export, export_uri, INFO)
         best = final_state.best_valid_loss if math.isfinite(final_state.best_valid_loss) else None
         outcome = TrainOutcome(layout.name, report.run_id, report.tracking_uri, export_uri, final_state.step, final_state.tokens_seen,
                                final_state.elapsed_seconds, best)
         if manifest.has_split("test") and not manifest.monolingual:
             outcome = _score_test(job, outcome, manifest, local_export)
+        fence("the run's results in MLflow")
         model_uri = report.results(job, outcome, manifest, local_export, final_state.pending_metrics, newest)
     # The end's tracking too (an outage's backlog, the artifacts): the ledger is the last thing sent.
     ledger = GoodputLedger.from_dict(final_state.goodput)

@@ -60,7 +60,7 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
     enterable.chmod(0o755)
     env["AIAYN_HOME"] = str(enterable / "aiayn")
     token = tmp_path / "home" / ".ray" / "auth_token"
-    up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", "--no-object-store", env=env)
+    up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "1", env=env)
     try:
         assert up.returncode == 0, up.stderr[-2000:]
         assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
@@ -101,6 +101,12 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
         for target in (ray_dir, sessions[0] / "logs"):
             other = _as_another_account("ls", str(target))
             assert other.returncode != 0 and "Permission denied" in other.stderr, (target, other)
+        # Jobs' relative locations lie in a directory of this account's, which another cannot list
+        store = Path(state["storage"])
+        assert store == enterable / "aiayn" / "store" and stat.S_IMODE(store.stat().st_mode) == 0o700
+        assert "kept across `down`" in state["storage_kept"] and state["object_store"] == {}
+        other = _as_another_account("ls", str(store))
+        assert other.returncode != 0 and "Permission denied" in other.stderr, other
         # The cluster's state (its file, the services' logs, MLflow's databases), in a directory
         # others can enter: another account reads none of it.
         files = [str(path) for path in Path(env["AIAYN_HOME"]).rglob("*") if path.is_file()]
@@ -112,6 +118,53 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
         shutil.rmtree(enterable, ignore_errors=True)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert f"kept in {enterable / 'aiayn' / 'mlflow'}" in down.stdout
+    assert f"kept in {enterable / 'aiayn' / 'store'}" in down.stdout
+
+
+def _submitted(name: str, overrides: list[str], env: dict, timeout: float = 600) -> str:
+    """Submit `train` as the README does, wait for it and return its log (it must succeed)."""
+    submit = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--name", name, "--", "train", *overrides],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    job = submit.stdout.strip().splitlines()[-1]
+    deadline, status = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(2)
+        status = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "status", job], capture_output=True,
+                                text=True, timeout=60, env=env, cwd=ROOT).stdout.strip()
+    logs = subprocess.run([sys.executable, "-m", "jobs.cli", "jobs", "logs", job], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=ROOT).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    return logs
+
+
+@pytest.mark.slow
+def test_a_submitted_run_keeps_its_data_and_resumes_after_down_and_up(tmp_path, tiny_corpus) -> None:
+    """The README's submit example with its relative locations: the dataset and the run land in
+    the cluster's store, and after `down` + `up` the same submit resumes the run from it."""
+    from tests.jobs.helpers import tiny_overrides
+
+    env = _env(tmp_path)
+    overrides = [o for o in tiny_overrides(tiny_corpus, tmp_path, "kept")
+                 if not o.startswith(("data.output_dir=", "cluster.storage_path=", "cluster.num_workers="))]
+    overrides += ["cluster.num_workers=1", "train.validate_every=0", "train.max_steps=5"]
+    store = Path(env["AIAYN_HOME"]) / "store"
+    try:
+        assert _aiayn("up", "--nodes", "1", "--cpus-per-node", "2", "--no-mlflow", env=env).returncode == 0
+        _submitted("kept-1", overrides, env)
+        checkpoint = store / "runs" / "kept" / "checkpoint_step00000005"
+        assert checkpoint.is_dir() and (store / "data" / "text-en-de").is_dir()
+        down = _aiayn("down", env=env)
+        assert down.returncode == 0 and f"kept in {store}" in down.stdout, down.stdout
+        up = _aiayn("up", "--nodes", "1", "--cpus-per-node", "2", "--no-mlflow", env=env)
+        assert up.returncode == 0, up.stderr[-2000:]
+        status = _aiayn("status", env=env)
+        assert f"kept in {store}: a directory of your account's alone; kept across `down`" in status.stdout
+        logs = _submitted("kept-2", [*overrides[:-1], "train.max_steps=10"], env)
+        assert f"resuming at step 5 from {checkpoint}" in logs, logs[-3000:]
+        assert (store / "runs" / "kept" / "checkpoint_step00000010").is_dir()
+    finally:
+        _aiayn("down", env=env)
 
 
 def test_bad_use_and_a_broken_state_file_are_one_line(tmp_path) -> None:
