@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cluster.account_dir import account_dir
 from cluster.config import ClusterConfig
 from data_pipeline import storage
 
@@ -60,11 +61,12 @@ class RunLayout:
 
     @property
     def log_path(self) -> Path:
-        """The console's copy: in the run's directory when that is local, else in this machine's
-        temp directory (object stores take no appends)."""
+        """The console's copy: in the run's directory when that is local, else in this account's
+        own directory under the temp dir (object stores take no appends; a shared name there could
+        be another account's first)."""
         if storage.is_local(self.root):
             return Path(self.root) / self.name / LOG_NAME
-        return Path(tempfile.gettempdir()) / "aiayn-logs" / f"{self.name}.log"
+        return account_dir("logs") / f"{self.name}.log"
 
     def use_staging(self) -> None:
         """Make `staging_dir` this process's temp directory, so that every scratch file of a worker

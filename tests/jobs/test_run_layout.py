@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,7 +25,9 @@ def test_a_local_run_keeps_everything_under_its_directory(tmp_path) -> None:
 def test_an_object_store_run_keeps_its_log_on_this_machine() -> None:
     layout = RunLayout.of(ClusterConfig(storage_path="s3://bucket/runs"), "r1")
     assert layout.uri == "s3://bucket/runs/r1" and layout.export_uri == "s3://bucket/runs/r1/export"
-    assert layout.log_path.is_relative_to(tempfile.gettempdir())  # object stores take no appends
+    log_dir = layout.log_path.parent  # object stores take no appends: this machine's, this account's alone
+    assert log_dir.is_relative_to(tempfile.gettempdir()) and log_dir.stat().st_uid == os.getuid()
+    assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
 
 
 def test_a_relative_root_is_refused_workers_run_elsewhere() -> None:
