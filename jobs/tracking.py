@@ -133,8 +133,8 @@ class MetricLogger:
 
     Tracking is a side channel: nothing here ever blocks or fails a training step or a checkpoint.
     `log` and `set_tags` only append to a backlog; a background thread sends it. While the server
-    is unreachable the backlog grows (bounded by `max_backlog` values), one console line says so,
-    and another when it is back. The backlog is saved with every checkpoint (`spool()`), so a
+    is unreachable the backlog grows, one console line says so, and another when it is back; past
+    `max_backlog` values it keeps fewer steps, evenly, never cutting off its newest end. The backlog is saved with every checkpoint (`spool()`), so a
     restart sends it (`restore_spool`). Before values of a key are sent for the first time, or
     again after a failed send, the run's history is asked and steps it already holds are skipped
     (a write that timed out may still have landed, and a resumed run recomputes steps).
@@ -143,7 +143,7 @@ class MetricLogger:
     RETRY_S = (1.0, 30.0)  # first and longest pause between attempts while the server is unreachable
 
     def __init__(self, tracking_uri: str, run_id: str, say: Callable[[str], None] = print,
-                 max_backlog: int = 1_000_000) -> None:
+                 max_backlog: int = 100_000) -> None:
         self.client, self.run_id, self.say, self.max_backlog = MlflowClient(tracking_uri), run_id, say, max_backlog
         self.shown_uri = redact(tracking_uri)  # for console lines: never the credentials
         self._last_step: dict[str, int] = {}  # what this process has queued, per key
@@ -153,7 +153,7 @@ class MetricLogger:
         # per key, and again after a failed send, which may have landed in part).
         self._run_last: dict[str, int] = {}
         self._stale: set[str] = set()
-        self._dropped = 0
+        self._stride = 1  # the backlog keeps steps that are multiples of this (`_enqueue`)
         self._down_since: float | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -209,13 +209,21 @@ class MetricLogger:
         return left
 
     def _enqueue(self, metrics: list[Metric]) -> None:
-        room = self.max_backlog - len(self._backlog)
-        if len(metrics) > room and not self._dropped:
-            self.say(f"[aiayn] MLflow backlog is full ({self.max_backlog} values): newer metrics are dropped "
-                     "until the server takes them")
-        self._dropped += max(len(metrics) - room, 0)
-        if metrics[:room]:
-            self._backlog.extend(metrics[:room])
+        """Queue `metrics` at the backlog's resolution: past `max_backlog` values only every
+        `_stride`-th step is kept, the stride doubling each time it fills, so that a long outage
+        keeps the whole of every curve evenly, its newest stretch included (the checkpoint copies
+        the backlog, so it must stay bounded)."""
+        self._backlog.extend(m for m in metrics if m.step % self._stride == 0)
+        while len(self._backlog) > self.max_backlog:
+            if self._stride == 1:
+                self.say(f"[aiayn] MLflow backlog reached {self.max_backlog} values: keeping every second step of "
+                         "each metric (then every fourth, ...) until the server takes them")
+            self._stride *= 2
+            thinned = [m for m in self._backlog if m.step % self._stride == 0]
+            if len(thinned) == len(self._backlog):  # nothing left to thin by step: the oldest go
+                thinned = thinned[len(thinned) - self.max_backlog:]
+            self._backlog = thinned
+        if self._backlog:
             self._idle.clear()
             self._wake.notify()
 
@@ -244,14 +252,15 @@ class MetricLogger:
                 continue
             pause = self.RETRY_S[0]
             with self._lock:
-                del self._backlog[:len(metrics)]
+                sent = {id(m) for m in metrics}  # by identity: the backlog may have been thinned meanwhile
+                self._backlog = [m for m in self._backlog if id(m) not in sent]
                 for key, value in tags.items():
                     if self._tags.get(key) == value:
                         del self._tags[key]
                 if self._down_since is not None:
                     self.say(f"[aiayn] MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
                              f"the metrics held meanwhile are sent ({len(self._backlog)} still queued)")
-                    self._down_since = None
+                    self._down_since, self._stride = None, 1
 
     def _send(self, metrics: list[Metric], tags: dict[str, str]) -> None:
         for key in {m.key for m in metrics}:

@@ -58,6 +58,29 @@ def test_logging_never_waits_for_a_server_that_does_not_answer(monkeypatch) -> N
         logger.close(timeout_s=0)
 
 
+def test_a_long_outage_thins_the_backlog_and_keeps_the_newest_values(monkeypatch) -> None:
+    """Past its cap the backlog loses every second older value of each metric, never the newest."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    said: list[str] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        logger = MetricLogger(f"http://127.0.0.1:{silent.getsockname()[1]}", "0" * 32, say=said.append,
+                              max_backlog=100)
+        for step in range(1, 1001):
+            logger.log({"train/loss": float(step), "train/lr": 0.1}, step)
+        spooled = logger.spool()
+        logger.close(timeout_s=0)
+    assert 50 <= len(spooled) <= 100 and len(said) == 1 and "keeping every second step" in said[0]
+    for key in ("train/loss", "train/lr"):
+        steps = [m["step"] for m in spooled if m["key"] == key]
+        stride = steps[1] - steps[0]
+        assert steps == list(range(stride, 1001, stride)), steps  # evenly over the whole outage
+        assert steps[-1] > 1000 - stride and steps[0] <= stride  # its newest stretch and its start kept
+    assert all(m["value"] == float(m["step"]) for m in spooled if m["key"] == "train/loss")
+
+
 @pytest.mark.slow
 def test_an_outage_loses_no_metric_and_logs_none_twice(tmp_path, monkeypatch) -> None:
     """The server goes down, the trainer dies during the outage and restarts from its checkpoint
