@@ -113,10 +113,11 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
 
 def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from jobs.checkpoint_bleu import validation_config
     from jobs.cpu_allocator import worker_environment
+    from jobs.rendezvous import BoundTorchConfig
     from jobs.worker import train_loop_per_worker
 
     cluster = job.cluster
@@ -137,8 +138,8 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
         validation_config=(validation_config(loop_config, job)
                            if job.train.bleu_every and job.train.bleu_in_background else None),
-        torch_config=TorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
-                                 timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
+        torch_config=BoundTorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
+                                      timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
     )
 
 
