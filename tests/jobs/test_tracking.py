@@ -38,40 +38,41 @@ def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> Non
     assert MlflowClient(uri).get_run(run_id).data.params["train.max_steps"] == "10"
 
 
-def test_logging_never_waits_for_a_server_that_does_not_answer(monkeypatch) -> None:
-    """A server that takes the connection and never answers: each request would block for the
-    client's timeout, but the training thread's calls return at once and everything stays queued."""
+@pytest.fixture
+def silent_server(monkeypatch):
+    """The URL of a server that takes connections and never answers (each request would block for
+    the client's 30 s timeout)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    said: list[str] = []
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
-        logger = MetricLogger(f"http://127.0.0.1:{silent.getsockname()[1]}", "0" * 32, say=said.append)
-        started = time.monotonic()
-        for step in range(1, 201):
-            logger.log({"train/loss": 1.0, "train/lr": 0.1}, step)
-        logger.set_tags({"world_size": "2"})
-        assert time.monotonic() - started < 10  # the sender's first request alone waits 30 s
-        assert logger.pending() == 400 and said == []  # still waiting for the first answer
-        assert [m["step"] for m in logger.spool()][:3] == [1, 1, 2]  # what a checkpoint now would keep
-        logger.close(timeout_s=0)
+        yield f"http://127.0.0.1:{silent.getsockname()[1]}"
 
 
-def test_a_long_outage_thins_the_backlog_and_keeps_the_newest_values(monkeypatch) -> None:
-    """Past its cap the backlog loses every second older value of each metric, never the newest."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+def test_logging_never_waits_for_a_server_that_does_not_answer(silent_server) -> None:
+    """The training thread's calls return at once and everything stays queued."""
     said: list[str] = []
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        logger = MetricLogger(f"http://127.0.0.1:{silent.getsockname()[1]}", "0" * 32, say=said.append,
-                              max_backlog=100)
-        for step in range(1, 1001):
-            logger.log({"train/loss": float(step), "train/lr": 0.1}, step)
-        spooled = logger.spool()
-        logger.close(timeout_s=0)
+    logger = MetricLogger(silent_server, "0" * 32, say=said.append)
+    started = time.monotonic()
+    for step in range(1, 201):
+        logger.log({"train/loss": 1.0, "train/lr": 0.1}, step)
+    logger.set_tags({"world_size": "2"})
+    assert time.monotonic() - started < 10  # the sender's first request alone waits 30 s
+    assert logger.pending() == 400 and said == []  # still waiting for the first answer
+    assert [m["step"] for m in logger.spool()][:3] == [1, 1, 2]  # what a checkpoint now would keep
+    logger.close(timeout_s=0)
+
+
+def test_a_long_outage_thins_the_backlog_and_keeps_the_newest_values(silent_server) -> None:
+    """Past its cap the backlog keeps every 2nd, then 4th, ... step of each metric: the whole
+    outage evenly, its newest stretch included."""
+    said: list[str] = []
+    logger = MetricLogger(silent_server, "0" * 32, say=said.append, max_backlog=100)
+    for step in range(1, 1001):
+        logger.log({"train/loss": float(step), "train/lr": 0.1}, step)
+    spooled = logger.spool()
+    logger.close(timeout_s=0)
     assert 50 <= len(spooled) <= 100 and len(said) == 1 and "keeping every second step" in said[0]
     for key in ("train/loss", "train/lr"):
         steps = [m["step"] for m in spooled if m["key"] == key]
