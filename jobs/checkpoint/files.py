@@ -160,7 +160,7 @@ def is_complete(directory: str) -> bool:
     except (CheckpointError, OSError, ValueError, TypeError):
         return False
     markers = _markers(directory, job_state.world_size)
-    if markers is None:
+    if not markers:  # one missing, or a job state that claims no ranks (nothing would be checked)
         return False
     on_disk = storage.file_sizes(directory)
     return all(on_disk.get(name) == entry.get("size") for files, _ in markers for name, entry in files.items())

@@ -103,6 +103,13 @@ def test_only_a_checkpoint_signed_with_the_accounts_key_under_its_own_step_is_lo
     with pytest.raises(ckpt.CheckpointError, match="holds step 30, not the step its name says"):  # replayed later
         start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint_step00000099", SIGNER)
     assert engine.loaded_from is None
+    # a job state that claims no ranks, so that no marker would be checked: incomplete
+    state_file = directory / ckpt.JOB_STATE
+    saved = state_file.read_text()
+    state_file.write_text(saved.replace('"world_size": 1', '"world_size": 0'))
+    with pytest.raises(ckpt.CheckpointError, match="is incomplete"):
+        start_rank(job, MANIFEST, ONE_RANK, "launch-1", "run-1", directory, "checkpoint", SIGNER)
+    state_file.write_text(saved)
     # a planted payload with its sha256 and size rewritten in the marker: integrity holds, authorship not
     part = directory / "rank_00000.pt"
     part.write_bytes(b"a pickle of someone else's" + part.read_bytes()[26:])
