@@ -134,7 +134,8 @@ class MetricLogger:
     Tracking is a side channel: nothing here ever blocks or fails a training step or a checkpoint.
     `log` and `set_tags` only append to a backlog; a background thread sends it. While the server
     is unreachable the backlog grows, one console line says so, and another when it is back; past
-    `max_backlog` values it keeps fewer steps, evenly, never cutting off its newest end. The backlog is saved with every checkpoint (`spool()`), so a
+    `max_backlog` values it keeps fewer steps, evenly, never cutting off its newest end. The
+    backlog is saved with every checkpoint (`spool()`), so a
     restart sends it (`restore_spool`). Before values of a key are sent for the first time, or
     again after a failed send, the run's history is asked and steps it already holds are skipped
     (a write that timed out may still have landed, and a resumed run recomputes steps).
