@@ -4,7 +4,7 @@
 `train.async_checkpoint=true` and `=false`; each reads back from MLflow the seconds its loop stood
 still for each save (`checkpoint/stall_s`) and what the upload took (`checkpoint/upload_s`). The
 last save of a run waits for its upload by design and is left out. The bucket is a real
-S3-compatible server (moto) whose port is limited to `--rate` by the kernel's traffic control
+S3 server (the isolated cluster's Swift store) whose port is limited to `--rate` by the kernel's traffic control
 (an HTB class on the loopback device), in a network namespace of its own so that nothing else on
 the machine is shaped: the bench re-runs itself under `unshare --net` (needs root).
 
@@ -39,10 +39,9 @@ def _shape(port: int, rate: str) -> None:
         subprocess.run(command.split(), check=True)
 
 
-def _run(mode: str, args: argparse.Namespace, scratch: Path, endpoint: str) -> dict:
+def _run(mode: str, args: argparse.Namespace, scratch: Path, store_env: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from cluster.services import object_store_env
     from jobs.tracking import RUN_NAME_TAG
 
     name, tracking = f"stall-{mode}", f"sqlite:///{scratch / 'mlflow.db'}"
@@ -58,7 +57,7 @@ def _run(mode: str, args: argparse.Namespace, scratch: Path, endpoint: str) -> d
         "train.beam_size=1",
     ]
     try:
-        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, **object_store_env(endpoint)})
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, **store_env})
     finally:
         subprocess.run(["rm", "-rf", str(staging)], check=False)
     client = MlflowClient(tracking)
@@ -77,14 +76,14 @@ def _run(mode: str, args: argparse.Namespace, scratch: Path, endpoint: str) -> d
 
 
 def inside(args: argparse.Namespace) -> None:
-    from cluster.services import free_port, start_object_store
+    from cluster.services import free_port, start_scratch_object_store
 
     with tempfile.TemporaryDirectory() as scratch:
         port = free_port()
         _shape(port, args.rate)
-        store, endpoint = start_object_store(Path(scratch) / "logs", "bucket", port=port)
+        store, store_env = start_scratch_object_store(Path(scratch), "bucket", port=port)
         try:
-            runs = {mode: _run(mode, args, Path(scratch), endpoint) for mode in ("async", "sync")}
+            runs = {mode: _run(mode, args, Path(scratch), store_env) for mode in ("async", "sync")}
         finally:
             store.stop()
     uploads = [s for r in runs.values() for s in r["upload_s"].values()]

@@ -2,7 +2,7 @@
 export from the bucket against exporting the same checkpoint from local disk (the peer), in one run.
 
 For each measured preset a real DeepSpeed ZeRO-2 engine (fp32, Adam, one process) takes one step
-and saves an aiayn checkpoint, which is uploaded to an S3-compatible server (moto, on 127.0.0.1)
+and saves an aiayn checkpoint, which is uploaded to an S3 server (the isolated cluster's Swift store, on 127.0.0.1)
 and exported twice: from the local directory, and the way `aiayn train` does from a bucket
 (download the DeepSpeed files into a temporary directory, then export). Presets too large to
 measure here are computed from the measured bytes per parameter (the model's fp32 weights plus
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=37000)
     args = parser.parse_args()
 
-    from cluster.services import object_store_env, start_object_store
+    from cluster.services import start_scratch_object_store
     from data_pipeline import storage
     from transformer import build_model, count_parameters
     from transformer.config import PRESETS
@@ -84,8 +84,8 @@ def main() -> None:
     results: dict = {"vocab_size": args.vocab_size, "zero_stage": 2, "precision": "fp32", "presets": {}}
     with tempfile.TemporaryDirectory(prefix="aiayn-bench-") as scratch_name:
         scratch = Path(scratch_name)
-        service, endpoint = start_object_store(scratch / "logs", "bench")
-        os.environ.update(object_store_env(endpoint))
+        service, store_env = start_scratch_object_store(scratch / "store", "bench")
+        os.environ.update(store_env)
         try:
             for preset in args.measure:
                 local = scratch / preset / "checkpoint_step00000001"

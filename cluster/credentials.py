@@ -20,6 +20,7 @@ from pathlib import Path
 from data_pipeline.errors import InputError
 
 MLFLOW_LOGIN = "mlflow-login.json"
+STORE_LOGIN = "object-store-login.json"
 
 
 @dataclass(frozen=True)
@@ -72,18 +73,55 @@ def mlflow_login_path(directory: Path) -> Path:
 def mlflow_login(directory: Path) -> MlflowLogin:
     """The login kept in `directory` (a private directory), made at random the first time."""
     path = mlflow_login_path(private_dir(directory))
-    if not path.exists():
-        write_private(path, json.dumps(asdict(MlflowLogin(
-            username="aiayn", password=secrets.token_urlsafe(24), server_secret=secrets.token_urlsafe(32)))))
+    _make_once(path, lambda: MlflowLogin(username="aiayn", password=secrets.token_urlsafe(24),
+                                         server_secret=secrets.token_urlsafe(32)))
     return read_mlflow_login(path)
 
 
 def read_mlflow_login(path: Path) -> MlflowLogin:
+    return _read_login(path, MlflowLogin)
+
+
+@dataclass(frozen=True)
+class StoreLogin:
+    """The S3 key of the isolated cluster's object store, which admits no other."""
+
+    access_key: str
+    secret_key: str
+
+    def client_environment(self) -> dict[str, str]:
+        """What S3 clients (PyArrow, boto3, MLflow) read: the standard AWS variables."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+
+def store_login_path(directory: Path) -> Path:
+    return directory / STORE_LOGIN
+
+
+def store_login(directory: Path, access_key: str) -> StoreLogin:
+    """The store's key kept in `directory` (a private directory), made at random the first time."""
+    path = store_login_path(private_dir(directory))
+    _make_once(path, lambda: StoreLogin(access_key=access_key, secret_key=secrets.token_urlsafe(32)))
+    return read_store_login(path)
+
+
+def read_store_login(path: Path) -> StoreLogin:
+    return _read_login(path, StoreLogin)
+
+
+def _make_once(path: Path, make) -> None:
+    """Write `make()` as JSON (0600) unless `path` exists; of two first uses at once, the first's stays."""
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            write_private(path, json.dumps(asdict(make())), replace=False)
+
+
+def _read_login(path: Path, kind: type):
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise InputError(f"{path}: readable by other accounts; `chmod 600 {path}`, or remove it and run "
                          "`aiayn cluster up` again")
     try:
-        return MlflowLogin(**json.loads(path.read_text()))
+        return kind(**json.loads(path.read_text()))
     except (ValueError, TypeError) as error:
         raise InputError(f"{path}: not a login aiayn wrote ({type(error).__name__}); remove it and run "
                          "`aiayn cluster up` again") from None

@@ -2,8 +2,8 @@
 machine, on 127.0.0.1. Its nodes share this disk, so jobs keep their relative locations in a
 directory of this account's alone (`store_dir`), kept across `down` and `up`. With `isolated`,
 every Ray node runs in its own mount namespace (cluster/isolation.py) so that nodes share only the
-network, an S3-compatible object store and the Python environment, as on a cluster of separate
-machines.
+network, an S3 object store (cluster/s3_store.py, kept on disk, admitting this account's key alone)
+and the Python environment, as on a cluster of separate machines.
 
 The addresses and the process groups started are written to a state file (default
 ~/.aiayn/cluster.json, or $AIAYN_HOME) where `submit`, `jobs` and `down` find them. Every process
@@ -30,10 +30,11 @@ from pathlib import Path
 
 from cluster.account_dir import ray_temp_dir
 from cluster.credentials import (
-    SIGNING_KEY_ENV, aiayn_home, mlflow_login, mlflow_login_path, private_dir, read_mlflow_login, signing_key,
-    write_private,
+    SIGNING_KEY_ENV, aiayn_home, mlflow_login, mlflow_login_path, private_dir, read_mlflow_login, read_store_login,
+    signing_key, store_login, store_login_path, write_private,
 )
 from cluster.job_environment import named_variables
+from cluster.s3_store import access_key
 from cluster.services import (
     Isolation, Service, ServiceError, alive_nodes, live_processes_in_group, object_store_env, start_mlflow_server,
     start_object_store, start_ray_head, start_ray_worker, wait_for_nodes,
@@ -59,6 +60,12 @@ def credentials_dir() -> Path:
 def mlflow_dir() -> Path:
     """MLflow's runs, artifacts and users: kept across `down` and `up`."""
     return state_dir() / "mlflow"
+
+
+def object_store_dir() -> Path:
+    """The isolated cluster's object store keeps its objects (and Swift's configuration) here:
+    kept across `down` and `up`."""
+    return state_dir() / "object-store"
 
 
 def store_dir() -> Path:
@@ -115,9 +122,9 @@ def ray_token() -> Path:
 
 
 def _check_can_isolate() -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
-        raise InputError("--isolated needs root and the unshare and mount commands (util-linux): "
-                         "each node gets its own mount namespace")
+    if os.geteuid() != 0 or any(shutil.which(command) is None for command in ("unshare", "mount", "ip")):
+        raise InputError("--isolated needs root, the unshare and mount commands (util-linux) and ip (iproute2): "
+                         "each node gets its own mount namespace, the object store its own network")
 
 
 CLUSTER_ID = "AIAYN_CLUSTER_ID"
@@ -164,17 +171,25 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         token = ray_token()
         store_env, object_store = {}, {}
         storage, kept = str(private_dir(store_dir())), "a directory of your account's alone; kept across `down`"
+        credentials = {}
         if isolated:  # nodes that share no disk share the object store instead
             storage, kept = "", "nowhere: relative locations are refused; give every job an s3:// location"
             if with_object_store:
-                service, endpoint = start_object_store(logs, BUCKET, env=marker)
+                store_login(credentials_dir(), access_key())
+                credentials["object_store_login"] = str(store_login_path(credentials_dir()))
+                service, endpoint = start_object_store(logs, private_dir(object_store_dir()),
+                                                       store_login_path(credentials_dir()), BUCKET, env=marker)
                 started.append(service)
-                store_env = object_store_env(endpoint)
-                object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}", "env": store_env}
-                storage, kept = f"s3://{BUCKET}", "the local object store, in its memory: lost at `down`"
+                object_store = {"endpoint_url": endpoint, "bucket_uri": f"s3://{BUCKET}",
+                                "env": object_store_env(endpoint)}
+                store_env = {**object_store["env"], **_store_login_environment(credentials)}
+                storage, kept = f"s3://{BUCKET}", (f"the local object store, on disk in {object_store_dir()}: kept "
+                                                   "across `down`; it admits this account's key alone")
         private = [str(Path("/tmp")), str(Path.home()), str(Path.cwd())] if isolated else []
         isolation = Isolation(tuple(Path(d) for d in private), token) if isolated else None
         login = mlflow_login(credentials_dir()) if with_mlflow else None
+        if login is not None:
+            credentials["mlflow_login"] = str(mlflow_login_path(credentials_dir()))
         # Jobs inherit what the nodes carry: the store's endpoint, MLflow's login of this cluster and
         # the key that signs this account's checkpoints (an isolated node has a home of its own).
         node_env = {**named, **store_env, **(login.client_environment() if login else {}), **_signing_environment(),
@@ -198,8 +213,7 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         raise
     state = ClusterState(address, dashboard, mlflow_url, [s.process.pid for s in started], nodes, str(logs),
                          object_store, isolated, marker[CLUSTER_ID], cpus_per_node, workers, private, list(named),
-                         str(temp_dir), {"mlflow_login": str(mlflow_login_path(credentials_dir()))} if login else {},
-                         storage, kept)
+                         str(temp_dir), credentials, storage, kept)
     write_state(state)
     return state
 
@@ -231,8 +245,9 @@ def add_node() -> str:
         state = _require_state()
         index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
-        env = {**named_variables(state.named_env), **state.object_store.get("env", {}), **_login_environment(state),
-               **_signing_environment(), CLUSTER_ID: state.cluster_id}
+        env = {**named_variables(state.named_env), **state.object_store.get("env", {}),
+               **_store_login_environment(state.credentials), **_login_environment(state), **_signing_environment(),
+               CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
                         expected_nodes=alive_nodes(state.ray_address) + 1)
         state.worker_nodes[service.name] = service.process.pid
@@ -275,6 +290,11 @@ def remove_node(name: str, grace_s: float = 30.0) -> str:
 
 def _signing_environment() -> dict[str, str]:
     return {SIGNING_KEY_ENV: signing_key().decode()}
+
+
+def _store_login_environment(credentials: dict) -> dict[str, str]:
+    path = credentials.get("object_store_login")
+    return read_store_login(Path(path)).client_environment() if path else {}
 
 
 def _login_environment(state: ClusterState) -> dict[str, str]:

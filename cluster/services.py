@@ -1,12 +1,12 @@
 """Real services on this machine, on 127.0.0.1: Ray nodes started with `ray start`, an MLflow
-tracking server and an S3-compatible object store (moto's server mode). Each is started in the
+tracking server and an S3 object store (OpenStack Swift, cluster/s3_store.py). Each is started in the
 foreground (`ray start --block`) in its own process group, so stopping it stops exactly what was
 started here, and nothing else on the machine. A Ray node can be isolated: see cluster/isolation.py.
 
 A service's port is chosen free, then bound by the service seconds later: another account may
 bind it first. A service counts as up only once every socket listening on its ports is held by
 the service's own processes (`_serves`); any other listener is refused before a request, a token
-or a login is sent to it.
+or a login is sent to it. The object store is handed its socket already bound instead.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.credentials import MlflowLogin, write_private
+from cluster.credentials import MlflowLogin, read_store_login, store_login, store_login_path, write_private
 from cluster.job_environment import inherited_environment
 from cluster.processes import listening_sockets, socket_holders
+from cluster.s3_store import access_key
 
 LOOPBACK = "127.0.0.1"
+STORE_REGION = "us-east-1"  # the region the object store answers for (cluster/s3_store.py)
 
 
 def free_port() -> int:
@@ -149,7 +151,7 @@ RAY_TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
 
 
 def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None,
-           isolation: Isolation | None = None) -> Service:
+           isolation: Isolation | None = None, pass_fds: tuple[int, ...] = ()) -> Service:
     if isolation is not None:
         from cluster.isolation import node_command
 
@@ -160,7 +162,7 @@ def _spawn(name: str, command: list[str], log_dir: Path, env: dict | None = None
     # Jobs run `python -m jobs.cli ...`: this interpreter must be the `python` their shells find.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**inherited_environment(), "PATH": path, **(env or {})})
+                               pass_fds=pass_fds, env={**inherited_environment(), "PATH": path, **(env or {})})
     handle.close()
     return Service(name, process, log)
 
@@ -279,31 +281,59 @@ def _mlflow_auth_config(store: Path, login: MlflowLogin) -> Path:
     return path
 
 
-# The local object store checks no credentials; these only satisfy clients that insist on some.
-LOCAL_STORE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "aiayn-local", "AWS_SECRET_ACCESS_KEY": "aiayn-local",
-                           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 def object_store_env(endpoint: str) -> dict[str, str]:
-    """The standard variables that point S3 clients (PyArrow, boto3, MLflow) at `endpoint`."""
-    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, **LOCAL_STORE_CREDENTIALS}
+    """The standard variables, none secret, that point S3 clients (PyArrow, boto3, MLflow) at
+    `endpoint`; the key comes from the store's login (`StoreLogin.client_environment`)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": STORE_REGION}
 
 
-def start_object_store(log_dir: Path, bucket: str, *, port: int | None = None,
+def start_object_store(log_dir: Path, root: Path, login_file: Path, bucket: str, *, port: int | None = None,
                        env: dict | None = None) -> tuple[Service, str]:
-    """An S3-compatible server (moto) on 127.0.0.1 holding one empty bucket; returns its endpoint."""
+    """The S3 store of cluster/s3_store.py on 127.0.0.1, keeping its objects in `root`, admitting
+    the key in `login_file` alone and holding `bucket`; returns its endpoint. Root only (it runs in
+    namespaces of its own).
+
+    Its port is bound here and the listening socket handed over: no other process can take the
+    port before the store serves it, and a port already taken fails at once."""
     import pyarrow.fs as pafs
 
-    port = port or free_port()
-    service = _spawn("object-store", [_bin("moto_server"), "-H", LOOPBACK, "-p", str(port)], log_dir, env)
-    endpoint = f"http://{LOOPBACK}:{port}"
-    _wait_until(lambda: _serves(service, port) and _healthy(f"{endpoint}/moto-api/"), 60, "object store", service)
+    listener = socket.socket()
     try:
-        pafs.S3FileSystem(endpoint_override=endpoint, access_key=LOCAL_STORE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          secret_key=LOCAL_STORE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region=LOCAL_STORE_CREDENTIALS["AWS_DEFAULT_REGION"],
-                          allow_bucket_creation=True).create_dir(bucket)
-    except BaseException:
-        service.stop()
-        raise
+        listener.bind((LOOPBACK, port or 0))
+    except OSError as error:
+        listener.close()
+        raise ServiceError(f"port {port} on {LOOPBACK}, chosen for the object-store, is taken ({error.strerror}); "
+                           "start again (another port is chosen)") from None
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    command = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--", sys.executable, "-m", "cluster.s3_store",
+               "--root", str(root), "--login", str(login_file), "--listen-fd", str(listener.fileno()),
+               "--port", str(port)]
+    try:
+        service = _spawn("object-store", command, log_dir, env, pass_fds=(listener.fileno(),))
+    finally:
+        listener.close()
+    endpoint = f"http://{LOOPBACK}:{port}"
+    login = read_store_login(login_file)
+    store = pafs.S3FileSystem(endpoint_override=endpoint, access_key=login.access_key, secret_key=login.secret_key,
+                              region=STORE_REGION, allow_bucket_creation=True, connect_timeout=5, request_timeout=30)
+
+    def bucket_ready() -> bool:  # a request waits in the socket's queue until the proxy serves it
+        try:
+            if store.get_file_info(bucket).type == pafs.FileType.NotFound:
+                store.create_dir(bucket)
+            return True
+        except OSError:  # the proxy answered before its servers were up
+            return False
+
+    _wait_until(bucket_ready, 60, "object store", service)
     return service, endpoint
+
+
+def start_scratch_object_store(directory: Path, bucket: str, *, port: int | None = None) -> tuple[Service, dict]:
+    """A store with its data, key and log under `directory` (tests, benchmarks); returns it and the
+    variables that point S3 clients at it with its key."""
+    login = store_login(directory / "credentials", access_key())
+    service, endpoint = start_object_store(directory / "logs", directory / "store",
+                                           store_login_path(directory / "credentials"), bucket, port=port)
+    return service, {**object_store_env(endpoint), **login.client_environment()}

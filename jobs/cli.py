@@ -228,8 +228,9 @@ def _cluster(args: argparse.Namespace) -> int:
     elif args.action == "down":
         stopped = local_cluster.down()
         print(f"stopped {len(stopped)} process groups" if stopped else "no cluster was up")
-        if local_cluster.store_dir().is_dir():
-            print(f"jobs' datasets and runs are kept in {local_cluster.store_dir()} for the next `up`")
+        for kept in (local_cluster.store_dir(), local_cluster.object_store_dir()):
+            if kept.is_dir():
+                print(f"jobs' datasets and runs are kept in {kept} for the next `up`")
         if local_cluster.mlflow_dir().is_dir():
             print(f"MLflow's runs, artifacts and users are kept in {local_cluster.mlflow_dir()} for the next `up`")
     else:

@@ -55,13 +55,13 @@ def local_ray():
 
 @pytest.fixture(scope="session")
 def object_store(tmp_path_factory):
-    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; the standard
-    AWS_* variables point this process's clients at it while the session runs."""
-    from cluster.services import object_store_env, start_object_store
+    """The local cluster's S3 store (cluster/s3_store.py) on 127.0.0.1 with one bucket; the standard
+    AWS_* variables point this process's clients at it, with its key, while the session runs."""
+    from cluster.services import start_scratch_object_store
 
-    service, endpoint = start_object_store(tmp_path_factory.mktemp("object-store"), "bucket")
-    saved = {name: os.environ.get(name) for name in object_store_env(endpoint)}
-    os.environ.update(object_store_env(endpoint))
+    service, variables = start_scratch_object_store(tmp_path_factory.mktemp("object-store"), "bucket")
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield "s3://bucket"
     finally:

@@ -122,7 +122,13 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
     assert login["password"] not in up.stdout + up.stderr + json.dumps(status)
     with pytest.raises(urllib.error.HTTPError, match="401"):
         urllib.request.urlopen(f"{state['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
-    store_env = state["object_store"]["env"]
+    # The bucket admits the cluster's own key alone, kept like MLflow's login.
+    store_login_file = Path(state["credentials"]["object_store_login"])
+    store_login = json.loads(store_login_file.read_text())
+    assert stat.S_IMODE(store_login_file.stat().st_mode) == 0o600
+    assert store_login["secret_key"] not in up.stdout + up.stderr + json.dumps(status)
+    store_env = {**state["object_store"]["env"], "AWS_ACCESS_KEY_ID": store_login["access_key"],
+                 "AWS_SECRET_ACCESS_KEY": store_login["secret_key"]}
     client_env = {**env, **store_env}  # this shell's view of the bucket, as a user would configure it
     os.environ.update(store_env)
     os.environ.update(MLFLOW_TRACKING_USERNAME=login["username"], MLFLOW_TRACKING_PASSWORD=login["password"])
@@ -220,4 +226,16 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
     while _mount_namespaces() - namespaces_before and time.monotonic() < deadline:
         time.sleep(0.5)  # SIGKILLed processes are being reaped
     assert _mount_namespaces() - namespaces_before == set()
+
+    # The bucket keeps the run across `down` and `up` (its store keeps its objects on disk).
+    up = _aiayn("cluster", "up", "--nodes", "1", "--isolated", "--no-mlflow", env=env, cwd=workdir)
+    assert up.returncode == 0, up.stderr[-2000:]
+    endpoint = json.loads(up.stdout)["object_store"]["endpoint_url"]
+    try:
+        os.environ.update({**store_env, "AWS_ENDPOINT_URL": endpoint})
+        assert storage.is_file(f"{bucket}/runs/e2e/export/export.json")
+    finally:
+        for variable in store_env:
+            os.environ.pop(variable, None)
+        assert _aiayn("cluster", "down", env=env, cwd=workdir).returncode == 0
     print(f"end-to-end wall time: {time.monotonic() - started:.0f} s")

@@ -78,7 +78,7 @@ def test_a_port_taken_first_by_another_account_gets_no_login_and_the_start_fails
     import pytest
 
     from cluster.credentials import mlflow_login
-    from cluster.services import ServiceError, start_mlflow_server, start_object_store
+    from cluster.services import ServiceError, start_mlflow_server, start_scratch_object_store
 
     squatter = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env",
                                  "python3", "-c", SQUATTER], stdout=subprocess.PIPE, text=True,
@@ -88,8 +88,8 @@ def test_a_port_taken_first_by_another_account_gets_no_login_and_the_start_fails
         login = mlflow_login(tmp_path / "credentials")
         with pytest.raises(ServiceError, match=f"port {port} on 127.0.0.1, chosen for the mlflow, is held by"):
             start_mlflow_server(tmp_path / "logs", tmp_path / "store", port=port, login=login)
-        with pytest.raises(ServiceError, match=f"port {port} .* is held by .* not by the object-store"):
-            start_object_store(tmp_path / "logs", "bucket", port=port)
+        with pytest.raises(ServiceError, match=f"port {port} on 127.0.0.1, chosen for the object-store, is taken"):
+            start_scratch_object_store(tmp_path / "store", "bucket", port=port)
     finally:
         squatter.kill()
         received, _ = squatter.communicate(timeout=10)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -171,10 +173,10 @@ def test_a_corpus_inside_the_output_is_refused(corpus, tmp_path) -> None:
 
 
 def test_credentials_in_a_store_uri_stay_out_of_the_manifest(local_ray, corpus, object_store, capsys) -> None:
-    """PyArrow takes keys in a URI (s3://KEY:SECRET@bucket/...); the manifest, which training
-    logs to MLflow as an artifact and copies into exports, must not keep them."""
-    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCY"
-    output = object_store.replace("s3://", f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@") + f"/{uuid.uuid4().hex[:8]}/data"
+    """PyArrow takes keys in a URI (s3://KEY:SECRET@bucket/..., percent-encoded); the manifest,
+    which training logs to MLflow as an artifact and copies into exports, must not keep them."""
+    secret, key = os.environ["AWS_SECRET_ACCESS_KEY"], urllib.parse.quote(os.environ["AWS_ACCESS_KEY_ID"], safe="")
+    output = object_store.replace("s3://", f"s3://{key}:{secret}@") + f"/{uuid.uuid4().hex[:8]}/data"
     config = _config(corpus, output)
     manifest = run_prepare(plan_prepare(config))
     stored = storage.read_text(f"{load_manifest(config.dataset_uri).uri}/manifest.json")
