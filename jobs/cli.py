@@ -106,16 +106,16 @@ def _summary(outcome) -> str:
         lines.append(f"  MLflow model: {outcome.model_uri}  (mlflow.pyfunc.load_model, aiayn evaluate --model)")
     if outcome.log_path:
         lines.append(f"  log: {outcome.log_path}")
-    if outcome.tracking_uri.startswith(("http://", "https://")):
-        from mlflow.tracking import MlflowClient
-
-        experiment = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
-        page = f"{outcome.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{outcome.run_id}"
-        lines.append(f"  MLflow run: {redact(page)}")
+    if outcome.tracking_uri.startswith(("http://", "https://")):  # MLflow's UI finds a run by its id alone
+        lines.append(f"  MLflow run: {redact(outcome.tracking_uri.rstrip('/'))}/#/runs/{outcome.run_id}")
     else:
         store = redact(outcome.tracking_uri)
         lines.append(f"  MLflow run: {outcome.run_id} in {store}\n"
                      f"  open it: mlflow ui --backend-store-uri {store}  (then http://127.0.0.1:5000)")
+    if outcome.mlflow_lacks:
+        lines.append(f"  MLflow lacks {', '.join(outcome.mlflow_lacks)} of this run (its server did not answer): run "
+                     "the same command again once it does; the finished run is not trained again, and what MLflow "
+                     "lacks is sent, each step once")
     for source, reference, hypothesis in outcome.samples[:3]:
         lines.append(f"\n  SRC {source}\n  REF {reference}\n  HYP {hypothesis}")
     return "\n".join(lines)

@@ -120,6 +120,7 @@ class RankReport:
 class RunReport:
     def __init__(self, console: Callable[[str], None], tracking_uri: str, run_id: str, layout: RunLayout):
         self.console, self.tracking_uri, self.run_id, self.layout = console, tracking_uri, run_id, layout
+        self.unsent: list[str] = []  # what MLflow did not take at the end; a rerun of the run sends it
 
     def hang(self, line: str, stacks: str) -> None:
         """What the watchdog says; a hang's stacks go to <run>/hangs/ and MLflow."""
@@ -149,6 +150,7 @@ class RunReport:
         if logger.close(timeout_s=END_OF_RUN_WAIT_S):
             self.console(f"some metrics of this run are not in MLflow; they are kept in "
                          f"{storage.redact(checkpoint_uri)}/{ckpt.JOB_STATE}")
+            self.unsent.append("metrics")
         try:
             self._artifacts(job, outcome, manifest, export_dir)
             from jobs.model_registry import log_translation_model
@@ -158,6 +160,7 @@ class RunReport:
         except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
             self.console(f"logging the artifacts and the model to MLflow failed ({first_line(error)}); the export "
                          f"is at {storage.redact(outcome.export_uri)}, not logged as an artifact")
+            self.unsent.append("the artifacts and the model")
             return ""
 
     def ledger(self, ledger: GoodputLedger, step: int) -> None:
@@ -178,6 +181,7 @@ class RunReport:
         except Exception as error:  # noqa: BLE001 - tracking never fails a finished run
             self.console(f"logging the end of the run to MLflow failed ({first_line(error)}); the run's time "
                          "ledger (in this run's log) and its end are not in MLflow")
+            self.unsent.append("the time ledger and the run's end")
 
     def _artifacts(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path) -> None:
         from mlflow.entities import Metric, RunTag

@@ -55,6 +55,7 @@ class TrainOutcome:
     model_uri: str = ""  # the export as an MLflow model (models:/NAME/VERSION when registered)
     samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
     time_table: str = ""  # where the run's time went (jobs/goodput.py)
+    mlflow_lacks: tuple[str, ...] = ()  # what MLflow did not take at the end (its server did not answer)
 
 
 def run_name(job: JobConfig) -> str:
@@ -319,7 +320,7 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
     ledger.add("finish", time.time() - max(final_state.saved_at, started_at))  # a finished run rerun: its own
     outcome = dataclasses.replace(outcome, time_table=ledger.table(), model_uri=model_uri)
     report.ledger(ledger, outcome.steps)
-    return outcome
+    return dataclasses.replace(outcome, mlflow_lacks=tuple(report.unsent))
 
 
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:

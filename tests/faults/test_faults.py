@@ -28,6 +28,7 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
+from jobs.cli import _summary
 from jobs.train_driver import train
 from tests.jobs.helpers import (
     newest_complete,
@@ -107,9 +108,13 @@ def test_mlflow_server_that_hangs_until_the_run_ends(ray_cluster, tiny_corpus, t
         # hour per call; this one lets it end in a few minutes (the workers' last sends, the
         # driver's backlog wait, artifacts and ledger each give up after their budget).
         assert wall_s < 480, wall_s
+        # The end says, with no further call to MLflow, what it lacks and that the same command sends it.
+        assert "metrics" in outcome.mlflow_lacks and "the time ledger and the run's end" in outcome.mlflow_lacks
+        summary = _summary(outcome)
+        assert f"{url}/#/runs/{outcome.run_id}" in summary and "run the same command again" in summary
         resume()  # it then also answers the requests the kernel queued while it was stopped
         again = train(job, log=_quiet)
-        assert again.run_id == outcome.run_id
+        assert again.run_id == outcome.run_id and again.mlflow_lacks == ()
         assert steps(url, outcome.run_id) == list(range(1, STEPS + 1))  # nothing lost, nothing twice
         assert "test/bleu" in runs_named(url, "hung")[0].data.metrics
     finally:
