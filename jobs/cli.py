@@ -90,6 +90,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _end(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    config = _load_config(args)
+    from jobs.train_driver import end
+
+    if args.name:
+        config = dataclasses.replace(config, name=args.name)
+    print(end(config, args.status))
+    return 0
+
+
 def _summary(outcome) -> str:
     """The end of a run in a few lines, with the right way to open it in MLflow."""
     from data_pipeline.storage import redact
@@ -333,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default="", help="run name; running the same name again resumes it")
     train.add_argument("--resume", default="", metavar="CHECKPOINT_DIR", help="start from this checkpoint")
     train.set_defaults(handler=_train)
+
+    end = commands.add_parser("end", help="mark a run that will not be resumed ended in MLflow, without training")
+    _add_config_arguments(end)
+    end.add_argument("--name", default="", help="the run's name (as given to train)")
+    end.add_argument("--status", default="KILLED", choices=["KILLED", "FAILED"], help="default: KILLED")
+    end.set_defaults(handler=_end)
 
     evaluate = commands.add_parser("evaluate", help="sacreBLEU of an exported model on a prepared split")
     evaluate.add_argument("--model", required=True,

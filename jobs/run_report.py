@@ -11,11 +11,12 @@ what is not in MLflow and where it is instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from data_pipeline import storage
 from data_pipeline.manifest import Manifest
@@ -138,6 +139,30 @@ class RunReport:
         except Exception as error:  # noqa: BLE001 - tracking never fails a run
             self.console(f"MLflow did not take the stacks ({first_line(error)}); they are in {storage.redact(uri)}")
 
+    @contextlib.contextmanager
+    def ended_on_failure(self, still_ours: Callable[[], bool]) -> Iterator[None]:
+        """Whatever stops the run in this block marks its MLflow run ended (KILLED for an interrupt,
+        else FAILED) and says in one line how to go on, unless another driver owns the run now."""
+        try:
+            yield
+        except BaseException as error:
+            if still_ours():
+                self._stopped(error)
+            raise
+
+    def _stopped(self, error: BaseException) -> None:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
+            marked = f"its MLflow run is marked {status}"
+        except Exception as tracking_error:  # noqa: BLE001 - the run's own error is what the user must see
+            marked = (f"its MLflow run could not be marked {status} ({first_line(tracking_error)}; "
+                      f"`aiayn end --name {self.layout.name}` does it)")
+        self.console(f"run {self.layout.name} stopped ({first_line(error)}); {marked}; the same command resumes it "
+                     "from its newest checkpoint")
+
     def results(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path,
                 pending_metrics: list, checkpoint_uri: str) -> str:
         """Send what the workers could not (an outage at the end), the artifacts and the model;
@@ -210,6 +235,6 @@ def _count(number: int, noun: str, plural_ending: str = "s") -> str:
     return f"{number} {noun}{plural_ending if number != 1 else ''}"
 
 
-def first_line(error: Exception) -> str:
+def first_line(error: BaseException) -> str:
     """An error in one console line: its type (a refusal and a bug read differently) and message."""
     return storage.redact(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")

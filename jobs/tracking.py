@@ -106,6 +106,15 @@ def request_budget(environment: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def find_run(tracking_uri: str, experiment_id: str, run_name: str):
+    """The MLflow run (mlflow.entities.Run) of the run named `run_name`, or None."""
+    existing = MlflowClient(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return existing[0] if existing else None
+
+
 def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, bool]:
     """(run id, created). The same run name finds the same run again."""
     client = MlflowClient(tracking_uri)
@@ -113,12 +122,9 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=_artifact_root(tracking_uri)
     )
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    if existing:
-        run_id = existing[0].info.run_id
+    existing = find_run(tracking_uri, experiment_id, run_name)
+    if existing is not None:
+        run_id = existing.info.run_id
         client.set_terminated(run_id, "RUNNING")
         return run_id, False
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})

@@ -167,6 +167,34 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
         return _train_validated(job, layout, data_plan, manifest, resume_from, log, started_at)
 
 
+def end(job: JobConfig, status: str) -> str:
+    """Mark the MLflow run of `job` ended (FAILED or KILLED) without training: for a run whose driver
+    was killed and that will not be resumed. Refused while a driver trains it (it takes the run's
+    lease for the moment it writes). Returns what it did, in one line."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import find_run, request_budget, resolve_tracking_uri
+
+    job = with_absolute_paths(job)
+    layout = RunLayout.of(job.cluster, run_name(job))
+    if not storage.exists(layout.uri):
+        raise InputError(f"run {layout.name}: nothing at {storage.redact(layout.uri)}; give the run's --name and the "
+                         "cluster.storage_path it was trained with")
+    lease = acquire(layout.uri, layout.name, job.cluster.lease_ttl_s)
+    with LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, print), request_budget(job.tracking.environment()):
+        tracking_uri = resolve_tracking_uri(job.tracking.uri)
+        experiment = MlflowClient(tracking_uri).get_experiment_by_name(job.tracking.experiment)
+        run = find_run(tracking_uri, experiment.experiment_id, layout.name) if experiment else None
+        if run is None:
+            raise InputError(f"run {layout.name}: no MLflow run of that name in experiment {job.tracking.experiment} "
+                             f"at {storage.redact(tracking_uri)}; give the tracking.uri it was trained with")
+        if run.info.status != "RUNNING":
+            return f"run {layout.name}: already {run.info.status} in MLflow; nothing to do"
+        MlflowClient(tracking_uri).set_terminated(run.info.run_id, status)
+    return (f"run {layout.name}: MLflow run {run.info.run_id} marked {status}; its checkpoints are kept, and "
+            f"`aiayn train --name {layout.name}` with the same settings would still resume it")
+
+
 def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
                      resume_from: str, log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
     from jobs.tracking import resolve_tracking_uri
@@ -218,12 +246,20 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     console(f"{resume.describe()}; data {manifest.uri}")
     if isinstance(console, Console):
         console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
+    report = RunReport(console, tracking_uri, run_id, layout)
+    with report.ended_on_failure(still_ours=lambda: not keeper.lost):
+        return _train_tracked(job, layout, manifest, resume, console, keeper, report, signer, started_at)
+
+
+def _train_tracked(job: JobConfig, layout: RunLayout, manifest: Manifest, resume: ckpt.ResumePlan,
+                   console: Callable[[str], None], keeper: LeaseKeeper, report: RunReport, signer: ckpt.Signer,
+                   started_at: float) -> TrainOutcome:
+    """Train on the cluster, then export, score and report: the part of a run that MLflow follows."""
     started = time.time()
     policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
-    report = RunReport(console, tracking_uri, run_id, layout)
     with relay_to(console) as relay, watch_progress(policy, report.hang) as monitor:
-        loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": tracking_uri,
-                       "run_id": run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
+        loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": report.tracking_uri,
+                       "run_id": report.run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
                        "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
                        "started_at": started_at, "layout": layout.to_dict(), "signing_key": signing_key_for_workers(signer)}
         result = _fit(_trainer(job, layout, loop_config))

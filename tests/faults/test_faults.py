@@ -171,9 +171,14 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         # As soon as step 5's checkpoint is complete in storage (its registration by Ray Train lags
         # by seconds, which a short run can outlast): the saves after it find the disk full.
         watcher = when(lambda: ckpt.is_complete(run_dir / ckpt.checkpoint_dir_name(5)), fill)
+        said: list[str] = []
         with pytest.raises(Exception, match=r"checkpoint part to .* failed with 0 MiB free on that disk"):
-            train(job, log=_quiet)
+            train(job, log=said.append)
         watcher.join(timeout=30)
+        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        assert runs_named(tracking, "full")[0].info.status == "FAILED"  # not RUNNING forever
+        assert any(line.startswith("run full stopped (") and "its MLflow run is marked FAILED; the same command "
+                   "resumes it" in line for line in said), said[-5:]
         last = newest_complete(run_dir)
         resumed, complete_at_fill = ckpt.read_job_state(last).step, ckpt.read_job_state(at_fill[0]).step
         # Nothing was saved once the disk was full, but for the one save whose part was staged
@@ -183,8 +188,8 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         filler.unlink()
         outcome = train(job, log=_quiet)  # room again: the same command continues
         assert outcome.steps == STEPS
-        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         [run] = runs_named(tracking, "full")
+        assert run.info.status == "FINISHED"
         assert int(run.data.tags["resumed_from_step"]) == resumed
         assert steps(tracking, outcome.run_id) == list(range(1, STEPS + 1))
     finally:
