@@ -177,9 +177,11 @@ class TrackingConfig:
             raise ValueError(f"tracking.http_timeout_s must be at least 1 (seconds), got {self.http_timeout_s}")
 
     def environment(self) -> dict[str, str]:
-        """MLflow's own variables for this budget."""
+        """MLflow's own variables for a run's clients: this budget, and no progress bars (what a run
+        shows, in a terminal and in its log, is aiayn's lines)."""
         return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.http_retries),
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(round(self.http_timeout_s))}
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(round(self.http_timeout_s)),
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,13 @@ def train_step(engine, micro: list[Batch | None], global_tokens: float, world_si
     """One optimizer step over this rank's micro-batches (None: no data left); returns this rank's
     (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale.
     The sums stay on the device until the step's end: one host synchronisation per step.
-    `forward_clock` times the forward passes (straggler detection)."""
+    `forward_clock` times the forward passes of real batches (straggler detection)."""
     scale = world_size * len(micro) / max(global_tokens, 1.0)
     sums = []
     for batch in micro:
         weight = 0.0 if batch is None else 1.0
-        with forward_clock.timing() if forward_clock is not None else contextlib.nullcontext():
+        timed = forward_clock is not None and batch is not None  # a stand-in batch is no work to compare
+        with forward_clock.timing() if timed else contextlib.nullcontext():
             loss, nll = forward_loss(engine, batch or DUMMY_BATCH, epsilon)
         engine.backward(loss * (scale * weight))
         with _skip_if_not_finite(engine):

@@ -66,8 +66,9 @@ def batch_training_flops(config: ModelConfig, batch: Batch) -> float:
 
 
 class ForwardClock:
-    """This rank's time in forward passes, which no other rank waits in (`jobs.stragglers`). On a
-    GPU it is timed by CUDA events, read when the step's one host synchronisation has passed."""
+    """This rank's time in forward passes over its real batches, which no other rank waits in
+    (`jobs.stragglers`). On a GPU it is timed by CUDA events, read when the step's one host
+    synchronisation has passed."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -106,22 +107,25 @@ class MetricsWindow:
     flops: float = 0.0
     steps: int = 0
     data_wait: float = 0.0
-    forward: float = 0.0  # this rank's forward passes (ForwardClock)
+    forward: float = 0.0  # this rank's forward passes over its real batches (ForwardClock)
+    own_tokens: float = 0.0  # this rank's real target tokens
     started: float = field(default_factory=time.perf_counter)
 
     def add_step(self, loss: float, nll: float, global_tokens: float, global_flops: float, data_wait: float,
-                 forward: float = 0.0) -> None:
+                 forward: float = 0.0, own_tokens: float = 0.0) -> None:
         self.loss += loss
         self.nll += nll
         self.tokens += global_tokens
         self.flops += global_flops
         self.data_wait += data_wait
         self.forward += forward
+        self.own_tokens += own_tokens
         self.steps += 1
 
-    def own_seconds_per_step(self) -> float:
-        """What this rank spent alone per step (forward passes and data wait): see jobs.stragglers."""
-        return (self.forward + self.data_wait) / max(self.steps, 1)
+    def own_ms_per_1k_tokens(self) -> float | None:
+        """What this rank spent alone (forward passes and data wait) per 1,000 of its own target
+        tokens; None when it had no data in the window. See jobs.stragglers."""
+        return 1e6 * (self.forward + self.data_wait) / self.own_tokens if self.own_tokens else None
 
     def summary(self, all_sum: Callable[[list[float]], list[float]], peak_flops_per_rank: float,
                 world_size: int) -> dict[str, float]:
@@ -139,10 +143,11 @@ class MetricsWindow:
         return metrics
 
 
-def rank_time_metrics(own_seconds: list[float]) -> dict[str, float]:
-    """Each rank's own time per step (forward passes and data wait) and their skew: jobs.stragglers."""
-    return {**{f"train/own_time_s/rank{rank}": seconds for rank, seconds in enumerate(own_seconds)},
-            "train/rank_skew": skew(own_seconds)}
+def rank_time_metrics(own_ms: list[float | None]) -> dict[str, float]:
+    """Each rank's own time per 1,000 target tokens (forward passes and data wait; none for a rank
+    without data in the window) and their skew: jobs.stragglers."""
+    return {**{f"train/own_ms_per_ktok/rank{rank}": ms for rank, ms in enumerate(own_ms) if ms is not None},
+            "train/rank_skew": skew(own_ms)}
 
 
 def run_metrics(state: JobState, world_size: int, lr: float, grad_norm: float | None) -> dict[str, float]:

@@ -61,8 +61,8 @@ class RankZeroReporter:
 class Console:
     """The driver's side: every line to the console and to the run's log file."""
 
-    def __init__(self, log_path: Path | None = None, stream: TextIO = sys.stdout) -> None:
-        self.stream, self.log_path, self._log = stream, log_path, None
+    def __init__(self, log_path: Path | None = None, stream: TextIO | None = None) -> None:
+        self.stream, self.log_path, self._log = stream or sys.stdout, log_path, None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = log_path.open("a", encoding="utf-8")
@@ -77,6 +77,44 @@ class Console:
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
+
+
+@contextlib.contextmanager
+def libraries_output_to(path: Path) -> Iterator[None]:
+    """While the block runs, what libraries print in this process (Ray's `(raylet) ...` paragraphs
+    about dead workers, MLflow's messages and progress bars, Python's warnings) goes to `path`
+    instead of the terminal, which keeps aiayn's own lines (a Console holds the terminal's stream
+    from before). Python's streams only: what native code writes to fd 1 and 2 stays. Restored
+    on the way out, so that an error ending the block still shows where the user looks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = sys.stdout, sys.stderr
+    with path.open("a", encoding="utf-8") as handle:
+        sink = _Sink(handle, saved[1])
+        sys.stdout = sys.stderr = sink
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+class _Sink:
+    """A stream to the libraries' log that a thread holding it after the block (a logging handler
+    resolves sys.stderr as it writes) sees fall back to the terminal instead of a closed file."""
+
+    def __init__(self, handle: TextIO, after: TextIO) -> None:
+        self._handle, self._after = handle, after
+
+    def _target(self) -> TextIO:
+        return self._after if self._handle.closed else self._handle
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the file's while it is open
+        return getattr(self._target(), name)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,11 @@ class RunLayout:
             return Path(self.root) / self.name / LOG_NAME
         return account_dir("logs") / f"{self.name}.log"
 
+    @property
+    def libraries_log_path(self) -> Path:
+        """Where what libraries print on the driver goes (progress.libraries_output_to), beside the log."""
+        return self.log_path.with_name(f"{self.log_path.stem}.libraries.log")
+
     def use_staging(self) -> None:
         """Make `staging_dir` this process's temp directory, so that every scratch file of a worker
         (checkpoint parts, Ray's downloads of a checkpoint) lands on the disk the user chose."""

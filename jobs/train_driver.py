@@ -34,7 +34,7 @@ from jobs.deepspeed_config import with_step_budget
 from jobs.evaluation import Scores
 from jobs.goodput import GoodputLedger
 from jobs.lease import LeaseKeeper, LeaseLost, acquire
-from jobs.progress import Console, failure_lines, relay_to
+from jobs.progress import Console, failure_lines, libraries_output_to, relay_to
 from jobs.run_layout import RunLayout
 from jobs.run_report import RunReport
 from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
@@ -203,7 +203,8 @@ def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, 
     console = Console(layout.log_path) if log is None else log
     # Before the resume plan: what this driver resumes from cannot change under it any more.
     lease = acquire(layout.uri, layout.name, job.cluster.lease_ttl_s)  # a second driver of this run stops here
-    with LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, console) as keeper:
+    with libraries_output_to(layout.libraries_log_path), \
+            LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, console) as keeper:
         try:
             return _train_holding_lease(job, layout, data_plan, manifest, resume_from, console, tracking_uri, keeper,
                                         started_at)
@@ -245,7 +246,8 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     console(f"run {layout.name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
     console(f"{resume.describe()}; data {manifest.uri}")
     if isinstance(console, Console):
-        console(f"this run's log: {console.log_path}  (Ray's worker logs: the session's logs/ on each node)")
+        console(f"this run's log: {console.log_path}  (what libraries print here: {layout.libraries_log_path}; "
+                "Ray's worker logs: the session's logs/ on each node)")
     report = RunReport(console, tracking_uri, run_id, layout)
     with report.ended_on_failure(still_ours=lambda: not keeper.lost):
         return _train_tracked(job, layout, manifest, resume, console, keeper, report, signer, started_at)

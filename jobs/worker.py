@@ -186,7 +186,8 @@ class Trainer:
                 if self.average is not None and not skipped:
                     self.average.update(self.engine.module.named_parameters())
                 self.state.tokens_seen += int(global_tokens)
-                window.add_step(loss, nll, global_tokens, global_flops, data_wait, self.forward_clock.take())
+                window.add_step(loss, nll, global_tokens, global_flops, data_wait, self.forward_clock.take(),
+                                sum(b.target_tokens for b in real))
             self.state.elapsed_seconds = elapsed_before + time.monotonic() - started
             step = self.state.step
             stop = stop or bool(time_up) or cadence.out_of_steps(step)
@@ -238,7 +239,7 @@ class Trainer:
 
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
-        own = all_gather(window.own_seconds_per_step())
+        own = all_gather(window.own_ms_per_1k_tokens())
         for line in self.stragglers.observe(own, self.nodes):
             self.report.line(f"step {self.state.step}  {line}")
         return {**window.summary(all_sum, self.peak[0], self.world), **rank_time_metrics(own),

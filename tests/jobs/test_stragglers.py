@@ -15,7 +15,7 @@ WHERE = ["host-a/n1", "host-b/n2", "host-c/n3"]
 
 def test_a_rank_slow_for_three_windows_in_a_row_is_named_once() -> None:
     watch = StragglerWatch(factor=1.5)
-    named = [watch.observe([0.05, 0.12, 0.05], WHERE) for _ in range(WINDOWS + 3)]
+    named = [watch.observe([50.0, 120.0, 50.0], WHERE) for _ in range(WINDOWS + 3)]
     assert [len(lines) for lines in named] == [0] * (WINDOWS - 1) + [1] + [0] * 3
     assert named[WINDOWS - 1][0].startswith("straggler: rank 1 on host-b/n2 is 2.4x slower")
 
@@ -23,21 +23,53 @@ def test_a_rank_slow_for_three_windows_in_a_row_is_named_once() -> None:
 def test_a_slow_window_now_and_then_or_noise_is_no_straggler() -> None:
     watch = StragglerWatch(factor=1.5)
     for window in range(12):
-        slow = 0.2 if window % WINDOWS == 0 else 0.05
-        assert watch.observe([0.05, slow, 0.05], WHERE) == []
+        slow = 200.0 if window % WINDOWS == 0 else 50.0
+        assert watch.observe([50.0, slow, 50.0], WHERE) == []
     noise = StragglerWatch(factor=1.5)
-    assert all(noise.observe([0.0002, 0.001, 0.0002], WHERE) == [] for _ in range(2 * WINDOWS))  # 5x, of 1 ms
+    assert all(noise.observe([0.2, 1.0, 0.2], WHERE) == [] for _ in range(2 * WINDOWS))  # 5x, of 1 ms
 
 
 def test_a_recovered_straggler_is_named_again_when_slow_again() -> None:
     watch = StragglerWatch(factor=1.5)
-    slow, fine = [0.05, 0.2], [0.05, 0.05]
+    slow, fine = [50.0, 200.0], [50.0, 50.0]
     pattern = [slow] * WINDOWS + [fine] + [slow] * WINDOWS
     assert sum(len(watch.observe(times, WHERE)) for times in pattern) == 2
 
 
-def test_skew_is_the_slowest_over_the_median() -> None:
+def test_skew_is_the_slowest_over_the_median_of_the_ranks_with_data() -> None:
     assert skew([0.1, 0.1, 0.3]) == pytest.approx(3.0) and skew([0.2]) == 1.0
+    assert skew([0.1, None, 0.3]) == pytest.approx(1.5) and skew([None, None]) == 1.0
+
+
+def _window(forward_s: float, tokens_per_step: list[float]) -> MetricsWindow:
+    """A log window of one rank: `forward_s` per real batch, no data wait, these own tokens a step."""
+    window = MetricsWindow()
+    for tokens in tokens_per_step:
+        window.add_step(1.0, 1.0, 2000, 10, data_wait=0.0, forward=forward_s if tokens else 0.0, own_tokens=tokens)
+    return window
+
+
+def test_an_epoch_end_where_one_rank_runs_out_of_data_is_no_straggler() -> None:
+    """Near an epoch's end rank 1 has no batches left and steps on stand-ins while rank 0 trains on
+    its last ones, for longer than three log windows: rank 0 does more work, at the same speed."""
+    watch = StragglerWatch(factor=1.5)
+    for _ in range(2 * WINDOWS):
+        rank0 = _window(0.217, [1000.0] * 10)  # the main job's forward on a CPU
+        rank1 = _window(0.217, [1000.0] * 2 + [0.0] * 8)  # out of data after two steps
+        own = [rank0.own_ms_per_1k_tokens(), rank1.own_ms_per_1k_tokens()]
+        assert own[0] == pytest.approx(own[1]) and watch.observe(own, WHERE[:2]) == []
+        assert _window(0.217, [0.0] * 10).own_ms_per_1k_tokens() is None  # a window with none at all
+        assert watch.observe([own[0], None], WHERE[:2]) == []
+
+
+def test_a_rank_with_smaller_batches_is_no_straggler_but_one_slower_per_token_is() -> None:
+    fine, small, slow = (StragglerWatch(factor=1.5) for _ in range(3))
+    for _ in range(WINDOWS):
+        full = _window(0.200, [1000.0] * 10).own_ms_per_1k_tokens()
+        assert fine.observe([full, _window(0.050, [250.0] * 10).own_ms_per_1k_tokens()], WHERE[:2]) == []
+        lines = slow.observe([full, _window(0.400, [1000.0] * 10).own_ms_per_1k_tokens()], WHERE[:2])
+    assert lines and lines[0].startswith("straggler: rank 1 on host-b/n2 is 2.0x slower than the other ranks "
+                                         "(400 ms against 200 ms of forward passes and data wait per 1,000 target")
 
 
 def test_the_forward_clock_times_what_it_wraps_and_the_window_adds_data_wait() -> None:
@@ -47,6 +79,6 @@ def test_the_forward_clock_times_what_it_wraps_and_the_window_adds_data_wait() -
     forward = clock.take()
     assert 0.045 < forward < 0.5 and clock.take() == 0.0
     window = MetricsWindow()
-    window.add_step(1.0, 1.0, 10, 10, data_wait=0.01, forward=forward)
-    window.add_step(1.0, 1.0, 10, 10, data_wait=0.03, forward=forward)
-    assert abs(window.own_seconds_per_step() - (forward + 0.02)) < 1e-9
+    window.add_step(1.0, 1.0, 10, 10, data_wait=0.01, forward=forward, own_tokens=400)
+    window.add_step(1.0, 1.0, 10, 10, data_wait=0.03, forward=forward, own_tokens=600)
+    assert window.own_ms_per_1k_tokens() == pytest.approx(1e6 * (2 * forward + 0.04) / 1000)
