@@ -108,7 +108,7 @@ class _Sink:
         return self._after if self._handle.closed else self._handle
 
     def write(self, text: str) -> int:
-        return self._target().write(text)
+        return self._target().write(redact(text))  # a library may print a URI with its credentials
 
     def flush(self) -> None:
         self._target().flush()

@@ -107,7 +107,8 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert not [v for v in run.data.params.values() if SECRET in v] and "***@" in run.data.params["tracking.uri"]
     config = MlflowClient(mlflow_server).download_artifacts(outcome.run_id, "resolved_config.json", str(root))
     assert SECRET not in Path(config).read_text()
-    assert not [p for p in (root / "runs").rglob("*.json") if SECRET in p.read_text()]
+    assert not [p for p in (root / "runs").rglob("*") if p.suffix in (".json", ".log") and SECRET in p.read_text()]
+    assert (root / "runs" / "reference" / "aiayn.libraries.log").is_file()
     assert SECRET not in (root / "console.txt").read_text()
     assert outcome.test is not None and "nrefs:1" in outcome.test.bleu_signature and "nc:6" in outcome.test.chrf_signature
     # the export is the moving average of the weights (train.ema_decay), which every checkpoint keeps
