@@ -170,9 +170,10 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
     try:
         token = ray_token()
         store_env, object_store = {}, {}
-        storage, kept = str(private_dir(store_dir())), "a directory of your account's alone; kept across `down`"
         credentials = {}
-        if isolated:  # nodes that share no disk share the object store instead
+        if not isolated:
+            storage, kept = str(private_dir(store_dir())), "a directory of your account's alone; kept across `down`"
+        else:  # nodes that share no disk share the object store instead
             storage, kept = "", "nowhere: relative locations are refused; give every job an s3:// location"
             if with_object_store:
                 store_login(credentials_dir(), access_key())
