@@ -240,7 +240,7 @@ class Trainer:
     def _window_metrics(self, window: MetricsWindow) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
         own = all_gather(window.own_ms_per_1k_tokens())
-        for line in self.stragglers.observe(own, self.nodes):
+        for line in self.stragglers.observe(own, self.nodes, window.steps):
             self.report.line(f"step {self.state.step}  {line}")
         return {**window.summary(all_sum, self.peak[0], self.world), **rank_time_metrics(own),
                 **run_metrics(self.state, self.world, self.scheduler.get_last_lr()[0], self.engine.get_global_grad_norm())}

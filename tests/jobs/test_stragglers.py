@@ -8,32 +8,41 @@ import pytest
 import torch
 
 from jobs.metrics import ForwardClock, MetricsWindow
-from jobs.stragglers import WINDOWS, StragglerWatch, skew
+from jobs.stragglers import MIN_STEPS, WINDOWS, StragglerWatch, skew
 
 WHERE = ["host-a/n1", "host-b/n2", "host-c/n3"]
+STEPS = 10  # per log window, as the main job logs
 
 
 def test_a_rank_slow_for_three_windows_in_a_row_is_named_once() -> None:
     watch = StragglerWatch(factor=1.5)
-    named = [watch.observe([50.0, 120.0, 50.0], WHERE) for _ in range(WINDOWS + 3)]
+    named = [watch.observe([50.0, 120.0, 50.0], WHERE, STEPS) for _ in range(WINDOWS + 3)]
     assert [len(lines) for lines in named] == [0] * (WINDOWS - 1) + [1] + [0] * 3
     assert named[WINDOWS - 1][0].startswith("straggler: rank 1 on host-b/n2 is 2.4x slower")
+
+
+def test_a_few_short_slow_windows_are_the_machines_noise() -> None:
+    """With a log line every step, three windows are three steps: a loaded machine's moment."""
+    watch = StragglerWatch(factor=1.5)
+    named = [watch.observe([50.0, 120.0], WHERE[:2], 1) for _ in range(MIN_STEPS)]
+    assert [len(lines) for lines in named] == [0] * (MIN_STEPS - 1) + [1]
+    assert named[-1][0].endswith(f"for {MIN_STEPS} steps in a row")
 
 
 def test_a_slow_window_now_and_then_or_noise_is_no_straggler() -> None:
     watch = StragglerWatch(factor=1.5)
     for window in range(12):
         slow = 200.0 if window % WINDOWS == 0 else 50.0
-        assert watch.observe([50.0, slow, 50.0], WHERE) == []
+        assert watch.observe([50.0, slow, 50.0], WHERE, STEPS) == []
     noise = StragglerWatch(factor=1.5)
-    assert all(noise.observe([0.2, 1.0, 0.2], WHERE) == [] for _ in range(2 * WINDOWS))  # 5x, of 1 ms
+    assert all(noise.observe([0.2, 1.0, 0.2], WHERE, STEPS) == [] for _ in range(2 * WINDOWS))  # 5x, of 1 ms
 
 
 def test_a_recovered_straggler_is_named_again_when_slow_again() -> None:
     watch = StragglerWatch(factor=1.5)
     slow, fine = [50.0, 200.0], [50.0, 50.0]
     pattern = [slow] * WINDOWS + [fine] + [slow] * WINDOWS
-    assert sum(len(watch.observe(times, WHERE)) for times in pattern) == 2
+    assert sum(len(watch.observe(times, WHERE, STEPS)) for times in pattern) == 2
 
 
 def test_skew_is_the_slowest_over_the_median_of_the_ranks_with_data() -> None:
@@ -57,17 +66,17 @@ def test_an_epoch_end_where_one_rank_runs_out_of_data_is_no_straggler() -> None:
         rank0 = _window(0.217, [1000.0] * 10)  # the main job's forward on a CPU
         rank1 = _window(0.217, [1000.0] * 2 + [0.0] * 8)  # out of data after two steps
         own = [rank0.own_ms_per_1k_tokens(), rank1.own_ms_per_1k_tokens()]
-        assert own[0] == pytest.approx(own[1]) and watch.observe(own, WHERE[:2]) == []
+        assert own[0] == pytest.approx(own[1]) and watch.observe(own, WHERE[:2], STEPS) == []
         assert _window(0.217, [0.0] * 10).own_ms_per_1k_tokens() is None  # a window with none at all
-        assert watch.observe([own[0], None], WHERE[:2]) == []
+        assert watch.observe([own[0], None], WHERE[:2], STEPS) == []
 
 
 def test_a_rank_with_smaller_batches_is_no_straggler_but_one_slower_per_token_is() -> None:
     fine, small, slow = (StragglerWatch(factor=1.5) for _ in range(3))
     for _ in range(WINDOWS):
         full = _window(0.200, [1000.0] * 10).own_ms_per_1k_tokens()
-        assert fine.observe([full, _window(0.050, [250.0] * 10).own_ms_per_1k_tokens()], WHERE[:2]) == []
-        lines = slow.observe([full, _window(0.400, [1000.0] * 10).own_ms_per_1k_tokens()], WHERE[:2])
+        assert fine.observe([full, _window(0.050, [250.0] * 10).own_ms_per_1k_tokens()], WHERE[:2], STEPS) == []
+        lines = slow.observe([full, _window(0.400, [1000.0] * 10).own_ms_per_1k_tokens()], WHERE[:2], STEPS)
     assert lines and lines[0].startswith("straggler: rank 1 on host-b/n2 is 2.0x slower than the other ranks "
                                          "(400 ms against 200 ms of forward passes and data wait per 1,000 target")
 
