@@ -125,3 +125,28 @@ def tiny_corpus(tmp_path_factory):
         "test": write_parallel_corpus(root, 30, seed=3, prefix="test"),
         "root": root,
     }
+
+
+# The fault table: tests that inject a fault into a real run (tests/faults, and the cluster tests
+# that lose or take away nodes) add a row once their assertions hold; it is printed at the end of
+# the session (recorded in bench/results/).
+ROWS: list[dict] = []
+COLUMNS = ("fault", "injected", "at step", "outcome", "steps lost", "data lost")
+
+
+@pytest.fixture
+def fault_row():
+    """Call with the row's cells once the test's assertions hold."""
+    def add(**cells: str) -> None:
+        ROWS.append({column: str(cells.get(column.replace(" ", "_"), "")) for column in COLUMNS})
+    return add
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not ROWS:
+        return
+    terminalreporter.write_sep("=", "fault table")
+    terminalreporter.write_line("| " + " | ".join(COLUMNS) + " |")
+    terminalreporter.write_line("|" + "---|" * len(COLUMNS))
+    for row in ROWS:
+        terminalreporter.write_line("| " + " | ".join(row[c] for c in COLUMNS) + " |")
