@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from data_pipeline import storage
+from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from jobs import checkpoint as ckpt
 from jobs import progress
@@ -160,8 +161,9 @@ class RunReport:
         except Exception as tracking_error:  # noqa: BLE001 - the run's own error is what the user must see
             marked = (f"its MLflow run could not be marked {status} ({first_line(tracking_error)}; "
                       f"`aiayn end --name {self.layout.name}` does it)")
-        self.console(f"run {self.layout.name} stopped ({first_line(error)}); {marked}; the same command resumes it "
-                     "from its newest checkpoint")
+        how_on = "fix what it names, then" if isinstance(error, InputError) else "once the cause is gone,"
+        self.console(f"run {self.layout.name} stopped ({first_line(error)}); {marked}; {how_on} the same command "
+                     "resumes it from its newest checkpoint")
 
     def results(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path,
                 pending_metrics: list, checkpoint_uri: str) -> str:

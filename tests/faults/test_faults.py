@@ -177,8 +177,8 @@ def test_checkpoint_storage_full_during_a_save(ray_cluster, tiny_corpus, tmp_pat
         watcher.join(timeout=30)
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         assert runs_named(tracking, "full")[0].info.status == "FAILED"  # not RUNNING forever
-        assert any(line.startswith("run full stopped (") and "its MLflow run is marked FAILED; the same command "
-                   "resumes it" in line for line in said), said[-5:]
+        assert any(line.startswith("run full stopped (") and "its MLflow run is marked FAILED; once the cause is "
+                   "gone, the same command resumes it" in line for line in said), said[-5:]
         last = newest_complete(run_dir)
         resumed, complete_at_fill = ckpt.read_job_state(last).step, ckpt.read_job_state(at_fill[0]).step
         # Nothing was saved once the disk was full, but for the one save whose part was staged
