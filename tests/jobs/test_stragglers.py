@@ -22,11 +22,16 @@ def test_a_rank_slow_for_three_windows_in_a_row_is_named_once() -> None:
 
 
 def test_a_few_short_slow_windows_are_the_machines_noise() -> None:
-    """With a log line every step, three windows are three steps: a loaded machine's moment."""
-    watch = StragglerWatch(factor=1.5)
-    named = [watch.observe([50.0, 120.0], WHERE[:2], 1) for _ in range(MIN_STEPS)]
+    """With a log line every step, three windows are three steps: a loaded machine's moment. A rank
+    slowed for good is named once its latest MIN_STEPS steps say so, a noisy step among them or not."""
+    noise = StragglerWatch(factor=1.5)
+    windows = [[50.0, 50.0]] * 30 + [[50.0, 120.0]] * 3 + [[50.0, 50.0]] * 30
+    assert not [line for window in windows for line in noise.observe(window, WHERE[:2], 1)]
+    slowed = StragglerWatch(factor=1.5)
+    windows = [[50.0, 120.0]] * 9 + [[50.0, 50.0]] + [[50.0, 120.0]] * (MIN_STEPS - 10)  # one quick step among them
+    named = [slowed.observe(window, WHERE[:2], 1) for window in windows]
     assert [len(lines) for lines in named] == [0] * (MIN_STEPS - 1) + [1]
-    assert named[-1][0].endswith(f"for {MIN_STEPS} steps in a row")
+    assert named[-1][0].endswith(f"the median of the last {MIN_STEPS} steps)")
 
 
 def test_a_slow_window_now_and_then_or_noise_is_no_straggler() -> None:
@@ -41,7 +46,7 @@ def test_a_slow_window_now_and_then_or_noise_is_no_straggler() -> None:
 def test_a_recovered_straggler_is_named_again_when_slow_again() -> None:
     watch = StragglerWatch(factor=1.5)
     slow, fine = [50.0, 200.0], [50.0, 50.0]
-    pattern = [slow] * WINDOWS + [fine] + [slow] * WINDOWS
+    pattern = [slow] * WINDOWS + [fine] * WINDOWS + [slow] * WINDOWS
     assert sum(len(watch.observe(times, WHERE, STEPS)) for times in pattern) == 2
 
 
