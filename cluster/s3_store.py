@@ -38,6 +38,7 @@ from cluster.credentials import private_dir, write_private
 BACKENDS = {"object": 6200, "container": 6201, "account": 6202}
 ACCOUNT, USER = "aiayn", "aiayn"  # tempauth's account and user; the S3 access key is "account:user"
 DEVICE = "d1"
+REGION = "us-east-1"  # the region s3api answers for, which clients sign with
 PROXY_PIPELINE = "catch_errors gatekeeper proxy-logging listing_formats s3api tempauth copy slo dlo proxy-logging proxy-server"
 
 
@@ -84,7 +85,7 @@ def write_config(root: Path, secret: str, port: int) -> None:
     write_private(etc / "proxy-server.conf", _server_config(
         root, {"bind_ip": "127.0.0.1", "bind_port": str(port)}, PROXY_PIPELINE, {
             "app:proxy-server": {"use": "egg:swift#proxy", "account_autocreate": "true"},
-            "filter:s3api": {"use": "egg:swift#s3api", "location": "us-east-1"},
+            "filter:s3api": {"use": "egg:swift#s3api", "location": REGION},
             "filter:tempauth": {"use": "egg:swift#tempauth", f"user_{ACCOUNT}_{USER}": f"{secret} .admin"},
             **filters,
         }))

@@ -25,10 +25,10 @@ from pathlib import Path
 from cluster.credentials import MlflowLogin, read_store_login, store_login, store_login_path, write_private
 from cluster.job_environment import inherited_environment
 from cluster.processes import listening_sockets, socket_holders
+from cluster.s3_store import REGION as STORE_REGION
 from cluster.s3_store import access_key
 
 LOOPBACK = "127.0.0.1"
-STORE_REGION = "us-east-1"  # the region the object store answers for (cluster/s3_store.py)
 
 
 def free_port() -> int:
