@@ -8,8 +8,9 @@ runs out and steps on an empty stand-in batch, and a rank's batches vary in size
 own time is measured per 1,000 of its own target tokens, over its real batches only
 (`jobs.metrics.ForwardClock`, `MetricsWindow`): a rank is slow when it takes longer for the same
 work, not when it has more of it. A rank with no data in a window is not compared. Each log window
-rank 0 logs the figure per rank, with the skew, and `StragglerWatch` decides on the median of each
-rank's latest windows, enough of them to be more than a loaded machine's moment.
+rank 0 logs the figure per rank, with the skew, and `StragglerWatch` names a rank that was over
+the factor, window by window, in most of the latest windows: enough of them to be more than a
+loaded machine's moment.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 WINDOWS = 3  # a rank is judged over at least this many of the latest log windows...
 MIN_STEPS = 20  # ...covering at least this many steps: a few short windows are the machine's noise
+PERSISTENT = 0.75  # ...and is slow when it is over the factor in this share of those steps, window by window
 NOISE_MS = 2.0  # differences below this per 1,000 tokens are noise, however large the ratio
 
 
@@ -40,30 +42,35 @@ class StragglerWatch:
     def observe(self, own_ms: list[float | None], where: list[str], steps: int) -> list[str]:
         """Console lines for the ranks that have just become stragglers (each named once until it
         recovers) after one log window of `steps` steps, given each rank's own milliseconds per
-        1,000 target tokens (None: the rank had no data in the window). Each rank's figure is the
-        median over the latest windows (at least WINDOWS of them and MIN_STEPS steps, its windows
-        without data left out), so that neither one noisy window nor an epoch's end decides."""
+        1,000 target tokens (None: the rank had no data in the window). Over the latest windows (at
+        least WINDOWS of them and MIN_STEPS steps) a rank is compared with the others *in the same
+        window*, so that a load on the whole machine cancels out, and is named when it was over the
+        factor in PERSISTENT of the steps it had data in: a rank that is slow now and then, or by a
+        margin near the factor that noise crosses both ways, is not a straggler."""
         self.recent.append((own_ms, steps))
         while len(self.recent) > WINDOWS and sum(s for _, s in self.recent) - self.recent[0][1] >= MIN_STEPS:
             self.recent.popleft()
         covered = sum(s for _, s in self.recent)
         if len(self.recent) < WINDOWS or covered < MIN_STEPS:
             return []
-        typical = [_median([window[rank] for window, _ in self.recent if rank < len(window)])
-                   for rank in range(len(own_ms))]
         lines = []
-        for rank, ms in enumerate(typical):
-            others = [other for index, other in enumerate(typical) if index != rank and other is not None]
-            if ms is None or not others:
-                continue  # not compared: no data, or no one to compare with
-            median = statistics.median(others)
-            if not (ms > self.factor * median and ms - median > NOISE_MS):
+        for rank in range(len(own_ms)):
+            pairs = [(window[rank], others, steps) for window, steps in self.recent
+                     if rank < len(window) and window[rank] is not None
+                     and (others := _median([ms for index, ms in enumerate(window) if index != rank])) is not None]
+            compared = sum(steps for _, _, steps in pairs)
+            slow = sum(steps for ms, others, steps in pairs if ms > self.factor * others and ms - others > NOISE_MS)
+            if not pairs or slow < PERSISTENT * compared:
                 self.named.discard(rank)
-            elif rank not in self.named:
-                self.named.add(rank)
-                lines.append(f"straggler: rank {rank} on {where[rank]} is {ms / max(median, 1e-9):.1f}x slower than "
-                             f"the other ranks ({ms:.0f} ms against {median:.0f} ms of forward passes and data wait "
-                             f"per 1,000 target tokens, the median of the last {covered} steps)")
+                continue
+            if rank in self.named:
+                continue
+            self.named.add(rank)
+            ms = statistics.median(ms for ms, _, _ in pairs)
+            others = statistics.median(others for _, others, _ in pairs)
+            lines.append(f"straggler: rank {rank} on {where[rank]} is {ms / max(others, 1e-9):.1f}x slower than "
+                         f"the other ranks ({ms:.0f} ms against {others:.0f} ms of forward passes and data wait "
+                         f"per 1,000 target tokens, the median of the last {covered} steps)")
         return lines
 
 
