@@ -42,7 +42,7 @@ def _shape(port: int, rate: str) -> None:
 def _run(mode: str, args: argparse.Namespace, scratch: Path, store_env: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import RUN_NAME_TAG
+    from jobs.report.tracking import RUN_NAME_TAG
 
     name, tracking = f"stall-{mode}", f"sqlite:///{scratch / 'mlflow.db'}"
     staging = Path(tempfile.mkdtemp(prefix="aiayn-bench-staging-", dir="/dev/shm"))

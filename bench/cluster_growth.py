@@ -27,10 +27,10 @@ import threading
 import time
 from pathlib import Path
 
+from _provenance import ROOT, provenance
 from mlflow.tracking import MlflowClient
 
-from _provenance import ROOT, provenance
-from jobs.tracking import RUN_NAME_TAG
+from jobs.report.tracking import RUN_NAME_TAG
 
 
 def _aiayn(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""What keeping freed memory in glibc's heap (jobs/cpu_allocator.py, as CPU training workers do)
+"""What keeping freed memory in glibc's heap (jobs/train/cpu_allocator.py, as CPU training workers do)
 buys a CPU training step, and what it costs in resident memory.
 
 Each measurement is a fresh process, started with glibc's defaults or with the environment the
@@ -25,9 +25,9 @@ import threading
 import time
 
 import torch
-
 from _provenance import provenance
-from jobs.cpu_allocator import keep_freed_memory_environment
+
+from jobs.train.cpu_allocator import keep_freed_memory_environment
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import paper_adam

@@ -110,7 +110,7 @@ def _measure_training_rate(dataset: Path, max_tokens: int) -> float:
     """Target tokens/s of forward+backward+Adam of the default (small) model on real batches."""
     import torch
 
-    from jobs.config import JobConfig
+    from jobs.run.config import JobConfig
     from transformer import build_model
     from transformer.loss import label_smoothed_loss
 

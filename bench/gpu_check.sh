@@ -7,7 +7,7 @@
 #   2. bf16 training of `base` and `big` at a token budget like the paper's (~25k target tokens per
 #      step, its 37k vocabulary), eager, and compiled last (compiling takes the longest), against
 #      a dropout-matched bf16 torch.nn.Transformer, with MFU against the device's datasheet peak
-#      (jobs/metrics.py), beside it a bf16 8192^3 matrix multiply's rate on this device, and the
+#      (jobs/report/metrics.py), beside it a bf16 8192^3 matrix multiply's rate on this device, and the
 #      15 kernels that take most of one step's time; compiled, also with the loss left eager;
 #   3. translation at fixed length, `base` with random weights and the shipped Multi30K's tokenizer
 #      and test sources (`aiayn prepare` first, unless data/multi30k-en-de is there): ours in bf16
@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 [[ -n ${AIAYN_PYTHON:-} ]] || python3 -m jobs.bootstrap || exit 1
 py 30 -c "import torch; assert torch.cuda.is_available(), 'this torch build has no CUDA'; print(torch.__version__, torch.version.cuda)" || exit 1
 py 150 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
-peak=$(py 30 -c "import torch; from jobs.metrics import device_peak_flops; print(device_peak_flops(torch.device('cuda'), 'bf16')[0] / 1e12)")
+peak=$(py 30 -c "import torch; from jobs.report.metrics import device_peak_flops; print(device_peak_flops(torch.device('cuda'), 'bf16')[0] / 1e12)")
 py 30 -c "
 import json, torch
 a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))

@@ -43,7 +43,7 @@ def _train(name: str, tracking: str, scratch: Path, args: argparse.Namespace, *e
 def _history(tracking: str, name: str, key: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import RUN_NAME_TAG
+    from jobs.report.tracking import RUN_NAME_TAG
 
     client = MlflowClient(tracking)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],

@@ -35,7 +35,7 @@ def _step(model, optimizer, src, tgt) -> None:
 
 
 def _bookkeeping(heartbeat, ledger, step: int) -> None:
-    from jobs.watchdog import STEP
+    from jobs.train.watchdog import STEP
 
     heartbeat.beat(step, STEP)
     for category in CHARGES:
@@ -54,8 +54,8 @@ def main() -> None:
 
     import ray
 
-    from jobs.goodput import GoodputLedger
-    from jobs.watchdog import Heartbeat, ProgressMonitor
+    from jobs.report.goodput import GoodputLedger
+    from jobs.train.watchdog import Heartbeat, ProgressMonitor
 
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

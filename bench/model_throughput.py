@@ -30,10 +30,10 @@ import time
 from typing import Callable
 
 import torch
+from _provenance import provenance
 from torch import nn
 
-from _provenance import provenance
-from jobs.cpu_allocator import keep_freed_memory
+from jobs.train.cpu_allocator import keep_freed_memory
 from transformer import ModelConfig, build_model, preset
 from transformer.flops import training_flops_per_token
 from transformer.loss import label_smoothed_loss

@@ -38,8 +38,8 @@ def _checkpoint(preset: str, vocab_size: int, directory: Path) -> int:
 
     from data_pipeline.stream import StreamPosition
     from jobs import checkpoint as ckpt
-    from jobs.config import JobConfig
-    from jobs.deepspeed_config import deepspeed_config
+    from jobs.run.config import JobConfig
+    from jobs.train.deepspeed_config import deepspeed_config
     from transformer import build_model, count_parameters
     from transformer.config import PRESETS
 
@@ -58,7 +58,7 @@ def _checkpoint(preset: str, vocab_size: int, directory: Path) -> int:
 
 def _export_seconds(checkpoint: str, preset: str, vocab_size: int, scratch: Path) -> float:
     from jobs import checkpoint as ckpt
-    from jobs.export import export_model
+    from jobs.inference.export import export_model
     from transformer.config import PRESETS
 
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """What OpenMP threads that spin through a step's serial stretches give CPU training, in one run.
 
 CPU training workers (and `aiayn evaluate|translate` on a CPU) start with GNU OpenMP's spin count
-raised tenfold (jobs/openmp_spin.py). Here the same 2-thread work runs with libgomp's default
+raised tenfold (jobs/train/openmp_spin.py). Here the same 2-thread work runs with libgomp's default
 (`GOMP_SPINCOUNT=300000`, set explicitly) and with aiayn's setting, arms taking turns, each run in
 a fresh process (libgomp reads the setting once, as torch loads it):
 - bare: `bench/training_stack.py`'s bare loop (the recipe's model, the stream's token-budget
@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from _provenance import provenance
-from jobs.openmp_spin import WAIT_VARIABLES, spin_environment
 from training_stack import stack_run
+
+from jobs.train.openmp_spin import WAIT_VARIABLES, spin_environment
 
 ARMS = {"libgomp default": {"GOMP_SPINCOUNT": "300000"}, "aiayn": spin_environment({})}
 BARE = "import sys, training_stack; print(training_stack.bare_loop(*sys.argv[1:2], *map(int, sys.argv[2:])))"

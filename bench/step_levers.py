@@ -31,12 +31,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-
-import transformer.layers
-import transformer.model
 from _provenance import provenance
 from model_throughput import _step_fn
 from object_store import _single_process_distributed
+
+import transformer.layers
+import transformer.model
 from transformer import ModelConfig, build_model, preset
 from transformer.elementwise import dropout
 from transformer.loss import label_smoothed_loss
@@ -108,8 +108,8 @@ def _adam_step(config: ModelConfig, batch: tuple[torch.Tensor, ...], *, fused: b
 
     import deepspeed
 
-    from jobs.config import load_job_config
-    from jobs.deepspeed_config import deepspeed_config
+    from jobs.run.config import load_job_config
+    from jobs.train.deepspeed_config import deepspeed_config
 
     job = load_job_config(None, ["cluster.num_workers=1", f"deepspeed.optimizer.params.fused={str(fused).lower()}"])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(job, 1))

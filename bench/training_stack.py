@@ -10,7 +10,7 @@
 - seconds from starting `aiayn train` to its first optimizer step (the MLflow timestamp of the
   metrics the worker logs after step 1).
 One statistic for all four: target tokens/s of each 10-step window after step 10 (window wall
-time, as jobs/metrics.py measures the stack's), median over windows. The four are measured in
+time, as jobs/report/metrics.py measures the stack's), median over windows. The four are measured in
 interleaved rounds (bare, bare in Ray Train, 1, 2, bare, ...) and the ratios are of per-configuration medians,
 so that a noisy minute does not decide a ratio alone.
 
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _provenance import provenance
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.batching import Batch
@@ -37,15 +38,13 @@ from data_pipeline.config import StreamConfig
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import PAD_ID
-from jobs.config import JobConfig
-from jobs.cpu_allocator import keep_freed_memory
-from jobs.openmp_spin import spin_environment
-from _provenance import provenance
-from jobs.tracking import RUN_NAME_TAG
+from jobs.report.tracking import RUN_NAME_TAG
+from jobs.run.config import JobConfig
+from jobs.train.cpu_allocator import keep_freed_memory
+from jobs.train.openmp_spin import spin_environment
 from transformer import build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import paper_adam
-
 
 WINDOW = 10  # steps per log window, in both
 
@@ -93,7 +92,7 @@ def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: i
     from ray.train.torch import TorchTrainer
 
     from cluster.ray_connection import connect
-    from jobs.cpu_allocator import worker_environment
+    from jobs.train.cpu_allocator import worker_environment
 
     def loop(config: dict) -> None:  # Ray Train 2.60 keeps no metrics without a checkpoint: a file (one node)
         out = Path(config.pop("out"))
@@ -116,7 +115,7 @@ def bare_loop_in_ray_train(dataset: str, steps: int, max_tokens: int, threads: i
 
 def in_own_process(function, *args) -> float:
     """`function(*args)` in a fresh Python (Ray's daemons and state leave with it); its float result.
-    It starts as a CPU worker's process does (jobs/openmp_spin.py), and the processes Ray starts
+    It starts as a CPU worker's process does (jobs/train/openmp_spin.py), and the processes Ray starts
     inherit the path that imports this module."""
     here = Path(__file__).resolve().parent
     path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))

@@ -11,7 +11,7 @@ CTranslate2 (float32 and int8) against ours, on test2016 with a trained export. 
    extra steps per returned token.
 
 Every engine gets the same batches: a budget of rows x longest x beam tokens (CTranslate2's own
-budget counts source tokens, jobs/ctranslate2_engine.py divides it by the beam). CTranslate2 runs
+budget counts source tokens, jobs/inference/ctranslate2_engine.py divides it by the beam). CTranslate2 runs
 in a process of its own: in one process with torch both engines share one OpenMP runtime, which
 slowed ours (`ctranslate2_timings`).
 
@@ -38,14 +38,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from _provenance import provenance
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
-from jobs.cpu_allocator import keep_freed_memory
-from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
-from jobs.evaluation import corpus_scores, length_sorted_batches, read_eval_split, translate_ids
-from jobs.export import TOKENIZER, load_export, write_export
-from _provenance import provenance
+from jobs.inference.ctranslate2_engine import CTranslate2Translator, convert_export
+from jobs.inference.evaluation import corpus_scores, length_sorted_batches, read_eval_split, translate_ids
+from jobs.inference.export import TOKENIZER, load_export, write_export
+from jobs.train.cpu_allocator import keep_freed_memory
 from transformer import build_model, preset
 from transformer.decoding import Decoding
 

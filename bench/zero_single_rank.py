@@ -22,17 +22,17 @@ import json
 from typing import Callable
 
 import torch
-
 from _provenance import provenance
-from data_pipeline.config import StreamConfig
-from data_pipeline.manifest import load_manifest
-from data_pipeline.stream import ShardStream
-from jobs.config import load_job_config
-from jobs.cpu_allocator import keep_freed_memory
-from jobs.engine import build_engine, train_step
 from object_store import _single_process_distributed
 from step_levers import _medians, _timed
 from training_stack import bare_model, bare_step
+
+from data_pipeline.config import StreamConfig
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import ShardStream
+from jobs.run.config import load_job_config
+from jobs.train.cpu_allocator import keep_freed_memory
+from jobs.train.engine import build_engine, train_step
 
 
 def _engine_arm(stage: int, vocab_size: int, batches: list) -> Callable[[], None]:

@@ -20,7 +20,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # CPU workers keep the memory each step frees for the next one (glibc's malloc settings,
-    # jobs/cpu_allocator.py): steps 1.07-1.39x faster for a peak resident size 7-14% higher.
+    # jobs/train/cpu_allocator.py): steps 1.07-1.39x faster for a peak resident size 7-14% higher.
     # false: glibc's defaults, for a host whose memory is tighter than its time. GPU workers: no effect.
     keep_freed_memory: bool = True
     placement_strategy: Placement = "PACK"
@@ -35,7 +35,7 @@ class ClusterConfig:
     # waiting about 5 s; a poll costs one small remote call per worker.
     poll_interval_s: float = 0.5
     # A driver renews its lease on the run this often x 4; another driver may take the run over
-    # once the lease has gone this long without renewal (jobs/lease.py).
+    # once the lease has gone this long without renewal (jobs/run/lease.py).
     lease_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:

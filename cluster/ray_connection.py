@@ -29,7 +29,7 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     # Workers' output (DeepSpeed banners, Ray Train's report dumps) stays in Ray's logs on each
-    # node; aiayn's own progress lines reach the driver through jobs/progress.py.
+    # node; aiayn's own progress lines reach the driver through jobs/report/progress.py.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if target:
         ray.init(address=target, **quiet)

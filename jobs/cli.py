@@ -14,12 +14,12 @@ from typing import Callable
 from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
 from data_pipeline.storage import redact
 
-ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.evaluation.open_translator takes
+ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.inference.evaluation.open_translator takes
 DECODING_HELP = "default: what the model's training run scored with (the paper's beam 4, alpha 0.6 unless set)"
 EARLY_EXIT_HELP = ("end a sentence's beam search once its best extension is EOS, not once it has beam-size "
                    "finished hypotheses: faster, and a longer translation that would have won is missed now and "
                    "then (torch engine only)")
-DEVICES = ("auto", "cpu", "cuda")  # what jobs.evaluation.inference_device takes
+DEVICES = ("auto", "cpu", "cuda")  # what jobs.inference.evaluation.inference_device takes
 DEVICE_HELP = "cpu, or cuda (the first GPU; the torch engine decodes in float32 there); auto: cuda where torch sees one"
 ENGINE_HELP = "torch (our beam search) or ctranslate2 (a model from `aiayn export --format ctranslate2`); auto: by the model"
 
@@ -48,7 +48,7 @@ def _load_config(args: argparse.Namespace):
     import dataclasses
 
     from cluster.job_environment import job_location
-    from jobs.config import load_job_config
+    from jobs.run.config import load_job_config
 
     job = load_job_config(args.config, args.overrides)
     data = dataclasses.replace(job.data, output_dir=job_location("data.output_dir", job.data.output_dir))
@@ -57,8 +57,8 @@ def _load_config(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from cluster.reachability import check_reaches_every_node
     from cluster.ray_connection import connect
+    from cluster.reachability import check_reaches_every_node
     from data_pipeline.prepare import plan_prepare, run_prepare
 
     config = _load_config(args)
@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     config = _load_config(args)  # before the heavy imports (torch, MLflow): a bad key answers at once
-    from jobs.train_driver import train
+    from jobs.train.driver import train
 
     if args.address:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
@@ -94,7 +94,7 @@ def _end(args: argparse.Namespace) -> int:
     import dataclasses
 
     config = _load_config(args)
-    from jobs.train_driver import end
+    from jobs.train.driver import end
 
     if args.name:
         config = dataclasses.replace(config, name=args.name)
@@ -137,7 +137,7 @@ def _decoding(args: argparse.Namespace, export: Path):
     """The export's recorded decoding, with --beam, --alpha and --early-exit where given."""
     import dataclasses
 
-    from jobs.export import decoding_of
+    from jobs.inference.export import decoding_of
 
     given = {"beam_size": args.beam, "alpha": args.alpha, "early_exit": args.early_exit or None}
     return dataclasses.replace(decoding_of(export), **{k: v for k, v in given.items() if v is not None})
@@ -145,13 +145,13 @@ def _decoding(args: argparse.Namespace, export: Path):
 
 def _inference_device(args: argparse.Namespace) -> str:
     """The device `--device` names, called before torch is loaded. On the CPU this process keeps
-    the memory each decoding step frees for the next one (jobs/cpu_allocator.py): normal decoding
-    1.07-1.09x faster; its OpenMP threads spin between a step's operators (jobs/openmp_spin.py)."""
-    from jobs.openmp_spin import spin_in_this_process
+    the memory each decoding step frees for the next one (jobs/train/cpu_allocator.py): normal decoding
+    1.07-1.09x faster; its OpenMP threads spin between a step's operators (jobs/train/openmp_spin.py)."""
+    from jobs.train.openmp_spin import spin_in_this_process
 
     spin_in_this_process()  # before torch loads libgomp; nothing on a GPU runs OpenMP regions
-    from jobs.cpu_allocator import keep_freed_memory
-    from jobs.evaluation import inference_device
+    from jobs.inference.evaluation import inference_device
+    from jobs.train.cpu_allocator import keep_freed_memory
 
     device = inference_device(args.device)
     if device == "cpu":
@@ -162,8 +162,8 @@ def _inference_device(args: argparse.Namespace) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     device = _inference_device(args)
     from data_pipeline.manifest import check_tokenizer_matches, load_manifest
-    from jobs.evaluation import open_translator, score_split
-    from jobs.export import local_export
+    from jobs.inference.evaluation import open_translator, score_split
+    from jobs.inference.export import local_export
 
     manifest = load_manifest(args.data)
     with local_export(args.model) as directory:
@@ -181,8 +181,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     device = _inference_device(args)
     from data_pipeline.tokenizer import load_tokenizer
-    from jobs.evaluation import open_translator
-    from jobs.export import TOKENIZER, local_export
+    from jobs.inference.evaluation import open_translator
+    from jobs.inference.export import TOKENIZER, local_export
 
     with local_export(args.model) as directory:
         translate, _ = open_translator(directory, args.engine, _decoding(args, directory), device=device,
@@ -196,8 +196,8 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jobs.ctranslate2_engine import convert_export
-    from jobs.export import local_export
+    from jobs.inference.ctranslate2_engine import convert_export
+    from jobs.inference.export import local_export
 
     with local_export(args.model) as directory:
         convert_export(directory, args.output, quantization=args.quantization)
@@ -273,9 +273,8 @@ def _cluster_summary(state) -> dict:
 def _submit(args: argparse.Namespace) -> int:
     import os
 
-    from jobs import submit
-
     from cluster.local_cluster import read_state
+    from jobs import submit
 
     command = [c for c in args.command if c != "--"]
     state = None if args.address else read_state()  # submitting to the local cluster: its services
@@ -437,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from cluster.services import ServiceError
-    from jobs.lease import LeaseLost
+    from jobs.run.lease import LeaseLost
 
     try:
         return handler(args)

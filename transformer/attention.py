@@ -58,7 +58,7 @@ class KVCache:
         or makes a sentence's first row its beams. The filled positions are gathered straight into
         a new buffer of the same capacity: one pass over them, where gathering and then writing
         back in place took two (the freed buffer is reused by the allocator, on a CPU too:
-        `jobs.cpu_allocator`)."""
+        `jobs.train.cpu_allocator`)."""
         if self._keys is None or self._values is None:
             return
         self._keys, self._values = (self._gathered(buffer, index) for buffer in (self._keys, self._values))

@@ -25,9 +25,9 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
-import math
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
@@ -72,7 +72,7 @@ class JobState:
     skipped_steps: int = 0  # updates skipped for non-finite gradients
     dataset_fingerprint: str = ""  # the prepared data the positions index into (manifest fingerprint)
     launch_id: str = ""  # the `aiayn train` invocation that wrote it: tells a restart inside a run from a resume
-    goodput: dict = field(default_factory=dict)  # the time ledger so far (jobs/goodput.py)
+    goodput: dict = field(default_factory=dict)  # the time ledger so far (jobs/report/goodput.py)
     saved_at: float = 0.0  # wall clock (time.time()) when it was saved: a restart's lost time starts here
 
 

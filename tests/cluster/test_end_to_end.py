@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster.services import live_processes_in_group
 from data_pipeline import storage
-from jobs.tracking import RUN_NAME_TAG
+from jobs.report.tracking import RUN_NAME_TAG
 from tests.data_pipeline.synthetic import write_parallel_corpus
 
 pytestmark = pytest.mark.slow

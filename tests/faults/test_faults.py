@@ -29,7 +29,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
 from jobs.cli import _summary
-from jobs.train_driver import train
+from jobs.train.driver import train
 from tests.jobs.helpers import (
     newest_complete,
     runs_named,

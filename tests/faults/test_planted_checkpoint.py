@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from jobs import checkpoint as ckpt
-from jobs.train_driver import train
+from jobs.train.driver import train
 from tests.jobs.helpers import tiny_job, when_checkpoint_exists
 
 pytestmark = pytest.mark.slow

@@ -91,8 +91,8 @@ def test_the_compiled_loss_follows_the_eager_one_in_bf16() -> None:
 def test_translation_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     """`aiayn translate --device auto` picks the GPU; its greedy output parts from the CPU's only where
     the decision was within float rounding."""
-    from jobs.evaluation import inference_device, open_translator
-    from jobs.export import load_export
+    from jobs.inference.evaluation import inference_device, open_translator
+    from jobs.inference.export import load_export
     from tests.agreement import greedy_disagreements, teacher_forced
     from tests.jobs.tiny_model import sources_of
 
@@ -108,8 +108,8 @@ def test_beam_search_on_the_gpu_decides_as_on_the_cpu(trained_export) -> None:
     """The paper's beam search on the GPU (the host looks every 8 steps, caches are gathered into
     new buffers by row, sentences leave the batch as they end) chooses as on the CPU wherever the
     decision was not within float rounding."""
-    from jobs.evaluation import open_translator
-    from jobs.export import load_export
+    from jobs.inference.evaluation import open_translator
+    from jobs.inference.export import load_export
     from tests.agreement import beam_disagreements, gnmt, teacher_forced
     from tests.jobs.tiny_model import sources_of
 
@@ -126,10 +126,10 @@ def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
     engine builder and DeepSpeed config the workers use."""
     import torch.distributed as dist
 
-    from jobs.collectives import all_sum
-    from jobs.config import load_job_config
-    from jobs.engine import build_engine, train_step
     from data_pipeline.batching import Batch
+    from jobs.run.config import load_job_config
+    from jobs.train.collectives import all_sum
+    from jobs.train.engine import build_engine, train_step
 
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "WORLD_SIZE": "1",
                         "LOCAL_RANK": "0"}.items():

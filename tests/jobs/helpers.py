@@ -13,8 +13,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from jobs import checkpoint as ckpt
-from jobs.config import JobConfig, load_job_config
-from jobs.tracking import RUN_NAME_TAG
+from jobs.report.tracking import RUN_NAME_TAG
+from jobs.run.config import JobConfig, load_job_config
 
 
 def _alive_train_workers() -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""A few real optimizer steps through `jobs.engine` (one process, a gloo group, DeepSpeed's CPU
+"""A few real optimizer steps through `jobs.train.engine` (one process, a gloo group, DeepSpeed's CPU
 accelerator), printed as JSON. Tests run it as a subprocess so that no process group outlives it:
 
     python -m tests.jobs.step_run STEPS KEY=VALUE...
@@ -39,8 +39,8 @@ def main(steps: int, overrides: list[str]) -> None:
     import torch
 
     from cluster.services import free_port
-    from jobs.config import load_job_config
-    from jobs.engine import build_engine, train_step
+    from jobs.run.config import load_job_config
+    from jobs.train.engine import build_engine, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")

@@ -13,10 +13,10 @@ import torch
 
 from data_pipeline.stream import StreamPosition
 from jobs import checkpoint as ckpt
-from jobs.checkpoint.save import Saver
 from jobs.checkpoint.upload import staging_root
-from jobs.engine import NonFiniteTraining
-from jobs.run_report import RankReport
+from jobs.train.engine import NonFiniteTraining
+from jobs.train.run_report import RankReport
+from jobs.train.save import Saver
 
 
 class _RunsCodeWhenUnpickled:
@@ -128,8 +128,8 @@ from pathlib import Path
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 from jobs import checkpoint as ckpt
-from jobs.config import load_job_config
-from jobs.engine import build_engine
+from jobs.run.config import load_job_config
+from jobs.train.engine import build_engine
 job = load_job_config(None, ["model.preset=tiny", "train.zero_stage=2", "data.tokenizer.vocab_size=64"])
 engine, _ = build_engine(job, job.model.replace(vocab_size=64), 1, load_universal=False)
 directory = Path(tempfile.mkdtemp())

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobs.collectives import all_gather
+from jobs.train.collectives import all_gather
 
 
 def _rank(rank: int, store_file: str, results) -> None:

@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from jobs.config import ConfigError, JobConfig, flatten, config_to_dict, load_job_config
-from jobs.deepspeed_config import deepspeed_config
+from jobs.run.config import ConfigError, JobConfig, config_to_dict, flatten, load_job_config
+from jobs.train.deepspeed_config import deepspeed_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -17,14 +17,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_without_a_config_the_main_recipe_is_read(tmp_path, monkeypatch) -> None:
     recipe = tmp_path / "main.yaml"
     recipe.write_text("train:\n  max_steps: 1234\nstream:\n  max_tokens: 777\n")
-    monkeypatch.setattr("jobs.config.DEFAULT_RECIPE", recipe)
+    monkeypatch.setattr("jobs.run.config.DEFAULT_RECIPE", recipe)
     job = load_job_config(None, ["train.log_every=3"])
     assert (job.train.max_steps, job.stream.max_tokens, job.train.log_every) == (1234, 777, 3)
 
 
 def test_the_main_recipe_states_only_what_differs_from_the_defaults() -> None:
     """A value restated in the recipe is a second place to change, and the two drift apart."""
-    from jobs.config import DEFAULT_RECIPE, _read_recipe
+    from jobs.run.config import DEFAULT_RECIPE, _read_recipe
 
     defaults = flatten(config_to_dict(JobConfig()))
     stated = flatten(_read_recipe(str(DEFAULT_RECIPE)))

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from jobs.config import load_job_config
-from jobs.cpu_allocator import worker_environment
+from jobs.run.config import load_job_config
+from jobs.train.cpu_allocator import worker_environment
 
 # A fresh process (the settings hold for a whole process) trains a small model in a thread, as Ray
 # Train runs the training function, and reports the minor page faults of five steps after the heap
@@ -19,7 +19,7 @@ from jobs.cpu_allocator import worker_environment
 # default, so there every step maps them afresh.
 STEPS = """
 import json, resource, sys, threading, torch
-from jobs.cpu_allocator import keep_freed_memory
+from jobs.train.cpu_allocator import keep_freed_memory
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
 applied = keep_freed_memory() if sys.argv[1] == "mallopt" else None
@@ -124,7 +124,7 @@ def test_the_background_bleu_task_keeps_freed_memory(local_ray) -> None:
     """The valid-BLEU task runs with the options training gives Ray Train's validation (a process
     of its own, set up at its start) unless the job opts out, and on the CPU even when training
     is on GPUs."""
-    from jobs.checkpoint_bleu import validation_config
+    from jobs.train.checkpoint_bleu import validation_config
 
     def faults_in_the_task(*overrides: str) -> int:
         job = load_job_config(None, ["tracking.uri=http://127.0.0.1:1", *overrides])

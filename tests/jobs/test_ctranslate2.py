@@ -15,9 +15,9 @@ import torch
 
 from data_pipeline.errors import InputError
 from data_pipeline.tokenizer import EOS_ID, load_tokenizer
-from jobs.ctranslate2_engine import CTranslate2Translator, convert_export
-from jobs.evaluation import translate_ids
-from jobs.export import INFO
+from jobs.inference.ctranslate2_engine import CTranslate2Translator, convert_export
+from jobs.inference.evaluation import translate_ids
+from jobs.inference.export import INFO
 from tests.agreement import (
     beam_disagreements,
     gnmt,
@@ -61,7 +61,7 @@ CLOSE = 1e-3  # nats: far above float32 rounding in either engine, far below wha
 
 
 def test_ctranslate2_scores_every_token_as_our_model_does(trained_export: Path, tmp_path: Path) -> None:
-    from jobs.export import load_export
+    from jobs.inference.export import load_export
 
     convert_export(trained_export, str(tmp_path / "ct2"))
     assert json.loads((tmp_path / "ct2" / INFO).read_text())["format"] == "ctranslate2"
@@ -76,7 +76,7 @@ def test_an_export_from_before_attention_bias_loads_and_converts_with_its_biases
                                                                                  tmp_path: Path) -> None:
     """Exports written before `model.attention_bias` existed have attention biases and no such key
     in their config.json: they load with their biases, and CTranslate2 gets them too."""
-    from jobs.export import CONFIG, load_export, write_export
+    from jobs.inference.export import CONFIG, load_export, write_export
     from transformer import build_model
     from transformer.attention import MultiHeadAttention
 
@@ -105,7 +105,7 @@ def test_an_export_from_before_attention_bias_loads_and_converts_with_its_biases
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_ctranslate2_searches_as_ours_does(trained_export: Path, tmp_path: Path, beam: int) -> None:
-    from jobs.export import load_export
+    from jobs.inference.export import load_export
 
     convert_export(trained_export, str(tmp_path / "ct2"))
     model, _, _ = load_export(trained_export)
@@ -153,8 +153,8 @@ def _norms_of_attention_and_ffn_swapped(original):
 def test_a_conversion_broken_on_purpose_fails_both_checks(trained_export: Path, tmp_path: Path, monkeypatch,
                                                           break_conversion: str) -> None:
     """The checks above are not vacuous: each of three plausible conversion bugs fails them."""
-    import jobs.ctranslate2_engine as engine
-    from jobs.export import load_export
+    import jobs.inference.ctranslate2_engine as engine
+    from jobs.inference.export import load_export
 
     sabotage = {"positions": _positions_as_ctranslate2_builds_them,
                 "cross_attention": _cross_attention_keys_and_values_swapped,
@@ -175,7 +175,7 @@ def test_int8_quantized_model_translates_almost_as_well(trained_export: Path, tm
     CPU 119 did, and int8 got 110 right against float32's 121. So the outputs are judged as
     translations: int8 gets the task right at least 85% as often as float32 does, which a wrong
     quantization (scales, layout), turning most outputs into garbage, does not."""
-    from jobs.export import load_export
+    from jobs.inference.export import load_export
 
     convert_export(trained_export, str(tmp_path / "ct2-int8"), quantization="int8")
     model, _, _ = load_export(trained_export)
@@ -207,7 +207,7 @@ def test_the_cli_converts_and_translates_with_either_engine(trained_export: Path
     import subprocess
     import sys
 
-    from jobs.export import load_export
+    from jobs.inference.export import load_export
 
     def aiayn(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "jobs.cli", *args], input=stdin, capture_output=True,
@@ -254,7 +254,7 @@ def test_a_gpu_that_is_not_there_is_refused_in_one_line(trained_export: Path, tm
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and "--device cuda: torch sees no CUDA device" in lines[0], done.stderr
     opened = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                             "from jobs.evaluation import open_translator; "
+                             "from jobs.inference.evaluation import open_translator; "
                              "open_translator(Path(sys.argv[1]), 'ctranslate2', device='cuda')", str(tmp_path / "ct2")],
                             capture_output=True, text=True, timeout=120, cwd=root, env=no_gpu)
     assert opened.returncode != 0 and "InputError: --device cuda: CTranslate2 cannot run there (" in opened.stderr, \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs.train_driver import train
+from jobs.train.driver import train
 from tests.jobs.helpers import runs_named, steps, tiny_job
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ import uuid
 
 import pytest
 
+from cluster.processes import pid_namespace
 from data_pipeline import storage
 from data_pipeline.errors import InputError
-from cluster.processes import pid_namespace
-from jobs import lease as lease_module
-from jobs.lease import LeaseKeeper, LeaseLost, acquire, check_holds, lease_uri
+from jobs.run import lease as lease_module
+from jobs.run.lease import LeaseKeeper, LeaseLost, acquire, check_holds, lease_uri
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from jobs.cadence import Cadence
 from jobs.checkpoint import JobState
-from jobs.config import TrainConfig
-from jobs.engine import DivergenceGuard, NonFiniteTraining
-from jobs.goodput import CATEGORIES, GoodputLedger
-from jobs.metrics import MetricsWindow
-from jobs.progress import validation_line, window_line
+from jobs.report.goodput import CATEGORIES, GoodputLedger
+from jobs.report.metrics import MetricsWindow
+from jobs.report.progress import validation_line, window_line
+from jobs.run.config import TrainConfig
+from jobs.train.cadence import Cadence
+from jobs.train.engine import DivergenceGuard, NonFiniteTraining
 
 
 def _cadence(**train) -> Cadence:

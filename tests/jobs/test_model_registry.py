@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from cluster.services import free_port
-from jobs.evaluation import Scores, corpus_scores
-from jobs.export import WEIGHTS, local_export
-from jobs.model_registry import log_translation_model
+from jobs.inference.evaluation import Scores, corpus_scores
+from jobs.inference.export import WEIGHTS, local_export
+from jobs.inference.model_registry import log_translation_model
 from tests.jobs.tiny_model import pairs
 
 ROOT = Path(__file__).resolve().parents[2]

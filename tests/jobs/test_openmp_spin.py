@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from jobs.config import load_job_config
-from jobs.cpu_allocator import worker_environment
-from jobs.openmp_spin import WAIT_VARIABLES, spin_environment
+from jobs.run.config import load_job_config
+from jobs.train.cpu_allocator import worker_environment
+from jobs.train.openmp_spin import WAIT_VARIABLES, spin_environment
 
 # A fresh process (libgomp reads its settings once, as torch loads it) runs a parallel matrix
 # multiply on two threads, then its main thread sleeps: the process's CPU time over the sleep,

@@ -1,4 +1,4 @@
-"""A rank's start from a checkpoint directory (jobs/checkpoint/start.py): which kind of start it
+"""A rank's start from a checkpoint directory (jobs/train/start.py): which kind of start it
 is and the state it continues, with a stand-in engine (the real one: tests/jobs/test_training.py)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 from data_pipeline.stream import StreamPosition
 from jobs import checkpoint as ckpt
-from jobs.checkpoint.start import Place, Start, start_rank
-from jobs.config import load_job_config
+from jobs.run.config import load_job_config
+from jobs.train.start import Place, Start, start_rank
 
 MANIFEST = SimpleNamespace(tokenizer_sha256="tok", fingerprint="data-v2")
 ONE_RANK = Place(rank=0, world=1, local_rank=0)
@@ -38,7 +38,7 @@ class _Engine:
 @pytest.fixture
 def engine(monkeypatch) -> _Engine:
     built = _Engine()
-    monkeypatch.setattr("jobs.checkpoint.start.build_engine", lambda *args, load_universal: (built, "scheduler"))
+    monkeypatch.setattr("jobs.train.start.build_engine", lambda *args, load_universal: (built, "scheduler"))
     return built
 
 

@@ -37,7 +37,7 @@ def test_the_store_listens_on_the_masters_address_only(ray_cluster, tmp_path) ->
     from ray.train.torch import TorchTrainer
 
     from cluster.ray_connection import connect
-    from jobs.rendezvous import BoundTorchConfig
+    from jobs.train.rendezvous import BoundTorchConfig
 
     connect(ray_cluster)
     out = tmp_path / "store.json"

@@ -8,7 +8,7 @@ import pytest
 from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
 from jobs.checkpoint import CheckpointError, ResumePlan, attempt_source, check_compatible, untracked
-from jobs.config import load_job_config, public_config
+from jobs.run.config import load_job_config, public_config
 
 
 def _config(*overrides: str) -> dict:

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from data_pipeline import storage
 from jobs.cli import main
-from jobs.lease import acquire
-from jobs.tracking import find_or_create_run
+from jobs.report.tracking import find_or_create_run
+from jobs.run.lease import acquire
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from data_pipeline.errors import InputError
-from jobs.run_layout import RunLayout
+from jobs.run.layout import RunLayout
 
 
 def test_a_local_run_keeps_everything_under_its_directory(tmp_path) -> None:

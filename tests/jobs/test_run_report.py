@@ -9,15 +9,15 @@ from mlflow.tracking import MlflowClient
 from cluster.config import ClusterConfig
 from cluster.services import free_port
 from data_pipeline.stream import StreamPosition
-from jobs.cadence import Cadence
 from jobs.checkpoint import JobState
-from jobs.checkpoint.start import Start
-from jobs.config import TrainConfig
-from jobs.goodput import GoodputLedger
-from jobs.lease import LeaseLost
-from jobs.run_layout import RunLayout
-from jobs.run_report import RankReport, RunReport
-from jobs.tracking import find_or_create_run
+from jobs.report.goodput import GoodputLedger
+from jobs.report.tracking import find_or_create_run
+from jobs.run.config import TrainConfig
+from jobs.run.layout import RunLayout
+from jobs.run.lease import LeaseLost
+from jobs.train.cadence import Cadence
+from jobs.train.run_report import RankReport, RunReport
+from jobs.train.start import Start
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.job_environment import runtime_env
 from data_pipeline.errors import InputError
 from data_pipeline.storage import redact
-from jobs.config import flatten, load_job_config, public_config
-from cluster.job_environment import runtime_env
+from jobs.run.config import flatten, load_job_config, public_config
 
 
 def test_a_job_gets_no_secret_unless_it_is_named(monkeypatch) -> None:
@@ -98,7 +98,7 @@ def test_cluster_up_refuses_a_named_variable_that_is_not_set(monkeypatch, tmp_pa
 
 def test_the_console_never_shows_a_credential(tmp_path) -> None:
     """Every driver line (the data's URI, a checkpoint's, an export's) goes through the console."""
-    from jobs.progress import Console
+    from jobs.report.progress import Console
 
     screen = io.StringIO()
     console = Console(tmp_path / "run.log", stream=screen)

@@ -14,7 +14,7 @@ import torch
 from cluster.credentials import SIGNING_KEY_ENV, aiayn_home
 from data_pipeline.errors import InputError
 from jobs.checkpoint.signing import SignatureError, Signer
-from jobs.export import WEIGHTS, verify_export, write_export
+from jobs.inference.export import WEIGHTS, verify_export, write_export
 from transformer import build_model, preset
 
 

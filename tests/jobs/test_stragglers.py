@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from jobs.metrics import ForwardClock, MetricsWindow
-from jobs.stragglers import MIN_STEPS, PERSISTENT, WINDOWS, StragglerWatch, skew
+from jobs.report.metrics import ForwardClock, MetricsWindow
+from jobs.report.stragglers import MIN_STEPS, PERSISTENT, WINDOWS, StragglerWatch, skew
 
 WHERE = ["host-a/n1", "host-b/n2", "host-c/n3"]
 STEPS = 10  # per log window, as the main job logs

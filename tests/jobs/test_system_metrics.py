@@ -7,8 +7,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from jobs.system_metrics import NodeSystemMetrics
-from jobs.tracking import find_or_create_run
+from jobs.report.system_metrics import NodeSystemMetrics
+from jobs.report.tracking import find_or_create_run
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.services import free_port, start_mlflow_server
-from jobs.tracking import MetricLogger, find_or_create_run
+from jobs.report.tracking import MetricLogger, find_or_create_run
 
 
 def test_same_name_finds_the_same_run_and_steps_are_logged_once(tmp_path) -> None:

@@ -31,13 +31,24 @@ from safetensors.torch import load_file
 
 from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
-from jobs.config import TrainConfig
-from jobs.export import INFO
-from jobs.goodput import CATEGORIES
-from jobs.train_driver import train
+from jobs.inference.export import INFO
+from jobs.report.goodput import CATEGORIES
+from jobs.run.config import TrainConfig
+from jobs.train.driver import train
 from tests.jobs.helpers import (
-    CHECKPOINT_EVERY, cluster_busy_for, newest_complete, registered, runs_named, steps, tiny_job, tiny_overrides, time_ledger, TrainWorkers, when,
-    when_checkpoint_exists, when_checkpoint_upload_begins,
+    CHECKPOINT_EVERY,
+    TrainWorkers,
+    cluster_busy_for,
+    newest_complete,
+    registered,
+    runs_named,
+    steps,
+    time_ledger,
+    tiny_job,
+    tiny_overrides,
+    when,
+    when_checkpoint_exists,
+    when_checkpoint_upload_begins,
 )
 
 pytestmark = pytest.mark.slow

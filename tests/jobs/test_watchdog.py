@@ -12,10 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_job_config
 from cluster.processes import process_started
-from jobs.watchdog import (CHECKPOINT, COMPILE, DONE, START, STEP, STEP_FLOOR_S, HangPolicy, ProgressMonitor,
-                           RankProgress, Snapshot, collective_timeout_s, find_hang, on_node, quiet_past_a_step)
+from jobs.run.config import load_job_config
+from jobs.train.watchdog import (
+    CHECKPOINT,
+    COMPILE,
+    DONE,
+    START,
+    STEP,
+    STEP_FLOOR_S,
+    HangPolicy,
+    ProgressMonitor,
+    RankProgress,
+    Snapshot,
+    collective_timeout_s,
+    find_hang,
+    on_node,
+    quiet_past_a_step,
+)
 
 POLICY = HangPolicy(step_timeout_s=None, long_phase_timeout_s=900)
 
@@ -106,7 +120,7 @@ def test_ranks_that_left_with_a_downsize_are_forgotten(monkeypatch) -> None:
 def test_a_compile_reported_by_dynamo_beats_the_compile_phase_and_then_the_step_again(monkeypatch) -> None:
     import torch
 
-    from jobs import watchdog
+    from jobs.train import watchdog
 
     class _Monitor:
         def __init__(self) -> None:
@@ -191,7 +205,7 @@ def test_signals_reach_a_stopped_process_and_its_stacks_are_read(tmp_path: Path)
 @pytest.mark.parametrize("override", ["train.hang_timeout_s=nan", "train.hang_timeout_s=0",
                                       "train.hang_timeout_s=900", "train.long_phase_timeout_s=inf"])
 def test_timeouts_that_cannot_work_are_refused(override: str) -> None:
-    from jobs.config import ConfigError
+    from jobs.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_job_config(None, [override])

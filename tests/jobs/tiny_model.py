@@ -14,7 +14,7 @@ import torch
 from data_pipeline.batching import Window, collate
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
-from jobs.export import write_export
+from jobs.inference.export import write_export
 from tests.data_pipeline.synthetic import WORDS
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss

@@ -15,7 +15,7 @@ import torch
 
 from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import PAD_ID
-from jobs.stragglers import skew
+from jobs.report.stragglers import skew
 from transformer.config import ModelConfig
 from transformer.flops import decoder_only_training_flops, encoder_decoder_training_flops
 
@@ -67,7 +67,7 @@ def batch_training_flops(config: ModelConfig, batch: Batch) -> float:
 
 class ForwardClock:
     """This rank's time in forward passes over its real batches, which no other rank waits in
-    (`jobs.stragglers`). On a GPU it is timed by CUDA events, read when the step's one host
+    (`jobs.report.stragglers`). On a GPU it is timed by CUDA events, read when the step's one host
     synchronisation has passed."""
 
     def __init__(self, device: torch.device) -> None:
@@ -124,7 +124,7 @@ class MetricsWindow:
 
     def own_ms_per_1k_tokens(self) -> float | None:
         """What this rank spent alone (forward passes and data wait) per 1,000 of its own target
-        tokens; None when it had no data in the window. See jobs.stragglers."""
+        tokens; None when it had no data in the window. See jobs.report.stragglers."""
         return 1e6 * (self.forward + self.data_wait) / self.own_tokens if self.own_tokens else None
 
     def summary(self, all_sum: Callable[[list[float]], list[float]], peak_flops_per_rank: float,
@@ -145,7 +145,7 @@ class MetricsWindow:
 
 def rank_time_metrics(own_ms: list[float | None]) -> dict[str, float]:
     """Each rank's own time per 1,000 target tokens (forward passes and data wait; none for a rank
-    without data in the window) and their skew: jobs.stragglers."""
+    without data in the window) and their skew: jobs.report.stragglers."""
     return {**{f"train/own_ms_per_ktok/rank{rank}": ms for rank, ms in enumerate(own_ms) if ms is not None},
             "train/rank_skew": skew(own_ms)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.config import JobConfig, deep_merge
+from jobs.run.config import JobConfig, deep_merge
 
 
 def with_step_budget(job: JobConfig, saved_config: dict | None = None) -> JobConfig:

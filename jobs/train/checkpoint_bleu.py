@@ -19,18 +19,18 @@ from pathlib import Path
 from data_pipeline import storage
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt
-from jobs.config import JobConfig, build_section
+from jobs.run.config import JobConfig, build_section
 
 
 def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str, relay,
                      signing_key, step: int) -> dict[str, float]:
     """Ray Train's validation function: `checkpoint` is the committed one of `step`. Its lines
     reach the console through the driver's relay, as rank 0's do."""
-    from jobs.evaluation import open_translator, score_split
-    from jobs.export import export_model
-    from jobs.progress import validation_line
-    from jobs.run_report import RankReport
-    from jobs.tracking import END_OF_RUN_WAIT_S
+    from jobs.inference.evaluation import open_translator, score_split
+    from jobs.inference.export import export_model
+    from jobs.report.progress import validation_line
+    from jobs.report.tracking import END_OF_RUN_WAIT_S
+    from jobs.train.run_report import RankReport
 
     config = build_section(JobConfig, job, "")
     os.environ.update(config.tracking.environment())
@@ -63,8 +63,8 @@ def validation_config(loop_config: dict, job: JobConfig):
     from ray.train import ValidationConfig, ValidationTaskConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jobs.cpu_allocator import worker_environment
-    from jobs.tracking import local_store_dir
+    from jobs.report.tracking import local_store_dir
+    from jobs.train.cpu_allocator import worker_environment
 
     options: dict = {"num_cpus": 1, "max_retries": 1,
                      "runtime_env": {"env_vars": worker_environment(job.cluster, uses_gpu=False)}}

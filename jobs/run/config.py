@@ -33,7 +33,7 @@ Average = Literal["last", "best"]
 
 # configs/multi30k_small.yaml, through the package (jobs/recipes/ links to it), so that an installed
 # wheel, which has no configs/, carries it as package data.
-DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "multi30k_small.yaml"
+DEFAULT_RECIPE = Path(__file__).parents[1] / "recipes" / "multi30k_small.yaml"
 # model keys that come from the dataset's tokenizer; setting them could only break training
 FROM_DATASET = {"vocab_size": "data.tokenizer.vocab_size", "pad_id": "the tokenizer", "bos_id": "the tokenizer",
                 "eos_id": "the tokenizer"}
@@ -87,7 +87,7 @@ class TrainConfig:
     validate_every: int = 100
     bleu_every: int = 0  # 0: only at the end
     # Valid BLEU of the checkpoint saved at each bleu_every step, by a separate Ray task while
-    # training goes on (jobs/checkpoint_bleu.py); false: in the loop, every rank decoding a slice.
+    # training goes on (jobs/train/checkpoint_bleu.py); false: in the loop, every rank decoding a slice.
     bleu_in_background: bool = True
     bleu_valid_sentences: int = 300
     patience: int = 0  # stop after this many validations without improvement; 0: never

@@ -12,16 +12,15 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sacrebleu
 import torch
 
 from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
+from jobs.inference.scores import Scores, corpus_scores
 from transformer.decoding import PAPER, Decoding, search
 from transformer.model import EncoderDecoderTransformer
-
 
 Translate = Callable[[list[list[int]]], list[list[int]]]  # source ids (ending with EOS) -> hypothesis ids
 
@@ -41,8 +40,8 @@ def open_translator(directory: Path, engine: str, decoding: Decoding | None = No
     """(translate, the export's info) for a local export: ours (PyTorch beam search) or one made by
     `aiayn export --format ctranslate2`; "auto" goes by what the directory holds. `decoding`:
     None for the one the export's run decoded with. `device`: "cpu" or "cuda" (the first GPU)."""
-    from jobs.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
-    from jobs.export import decoding_of, load_export
+    from jobs.inference.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
+    from jobs.inference.export import decoding_of, load_export
 
     decoding = decoding or decoding_of(directory)
 
@@ -125,27 +124,6 @@ def translate_ids(
                 results[index] = hyp.tokens
             bar.update(len(indices))
     return results
-
-
-@dataclass(frozen=True)
-class Scores:
-    """sacreBLEU's corpus BLEU and chrF (character n-gram F-score, which fairseq, Marian and WMT
-    report beside BLEU) of detokenized text, with the signatures that make them reproducible."""
-
-    bleu: float
-    chrf: float
-    bleu_signature: str
-    chrf_signature: str
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/bleu": self.bleu, f"{prefix}/chrf": self.chrf}
-
-
-def corpus_scores(hypotheses: list[str], references: list[str]) -> Scores:
-    """BLEU with sacreBLEU's defaults (13a tokenization) and chrF (chrF2, character 6-grams)."""
-    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
-    return Scores(bleu.corpus_score(hypotheses, [references]).score, chrf.corpus_score(hypotheses, [references]).score,
-                  str(bleu.get_signature()), str(chrf.get_signature()))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -22,16 +23,34 @@ from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from jobs import checkpoint as ckpt
-from jobs import progress
-from jobs.config import JobConfig, public_config
-from jobs.goodput import GoodputLedger
-from jobs.run_layout import RunLayout
+from jobs.inference.scores import Scores
+from jobs.report import progress
+from jobs.report.goodput import GoodputLedger
+from jobs.run.config import JobConfig, public_config
+from jobs.run.layout import RunLayout
 
 if TYPE_CHECKING:  # MLflow is imported only once something is reported: config errors come first
-    from jobs.cadence import Cadence
-    from jobs.checkpoint.start import Start
-    from jobs.tracking import MetricLogger
-    from jobs.train_driver import TrainOutcome
+    from jobs.report.tracking import MetricLogger
+    from jobs.train.cadence import Cadence
+    from jobs.train.start import Start
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_name: str
+    run_id: str
+    tracking_uri: str
+    export_uri: str  # <storage>/<run name>/export: a local path or an object-store URI
+    steps: int
+    tokens: int = 0  # target tokens trained on, over every restart
+    train_seconds: float = 0.0  # training time, over every restart
+    best_valid_loss: float | None = None
+    log_path: str = ""  # the console's copy: aiayn's lines of this run
+    test: Scores | None = None  # BLEU and chrF of the export on the test split
+    model_uri: str = ""  # the export as an MLflow model (models:/NAME/VERSION when registered)
+    samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
+    time_table: str = ""  # where the run's time went (jobs/report/goodput.py)
+    mlflow_lacks: tuple[str, ...] = ()  # what MLflow did not take at the end (its server did not answer)
 
 
 class RankReport:
@@ -48,7 +67,7 @@ class RankReport:
     def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None,
                fence: Callable[[str], None] | None = None) -> RankReport:
         """A report that is delivered, sending first what a checkpoint had not sent."""
-        from jobs.tracking import MetricLogger
+        from jobs.report.tracking import MetricLogger
 
         lines = progress.RankZeroReporter(relay)
         metrics = MetricLogger(tracking_uri, run_id, say=lines.line)
@@ -165,12 +184,12 @@ class RunReport:
         self.console(f"run {self.layout.name} stopped ({first_line(error)}); {marked}; {how_on} the same command "
                      "resumes it from its newest checkpoint")
 
-    def results(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path,
+    def results(self, job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path,
                 pending_metrics: list, checkpoint_uri: str) -> str:
         """Send what the workers could not (an outage at the end), the artifacts and the model;
         returns the model's URI. MLflow being down now costs the artifacts of this run, not the
         run: the export is in storage already."""
-        from jobs.tracking import END_OF_RUN_WAIT_S, MetricLogger
+        from jobs.report.tracking import END_OF_RUN_WAIT_S, MetricLogger
 
         logger = MetricLogger(self.tracking_uri, self.run_id)
         logger.restore_spool(pending_metrics)
@@ -180,7 +199,7 @@ class RunReport:
             self.unsent.append("metrics")
         try:
             self._artifacts(job, outcome, manifest, export_dir)
-            from jobs.model_registry import log_translation_model
+            from jobs.inference.model_registry import log_translation_model
 
             return log_translation_model(self.tracking_uri, self.run_id, export_dir, outcome.test,
                                          job.tracking.registered_model)
@@ -210,7 +229,7 @@ class RunReport:
                          "ledger (in this run's log) and its end are not in MLflow")
             self.unsent.append("the time ledger and the run's end")
 
-    def _artifacts(self, job: JobConfig, outcome: "TrainOutcome", manifest: Manifest, export_dir: Path) -> None:
+    def _artifacts(self, job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> None:
         from mlflow.entities import Metric, RunTag
         from mlflow.tracking import MlflowClient
 

@@ -25,8 +25,8 @@ from data_pipeline import storage
 from jobs import checkpoint as ckpt
 from jobs.checkpoint.signing import Signer
 from transformer import ModelConfig, build_model
-from transformer.config import saved_model_section
 from transformer.averaging import average_state_dicts
+from transformer.config import saved_model_section
 from transformer.decoding import PAPER, Decoding
 
 WEIGHTS, CONFIG, TOKENIZER, INFO = "model.safetensors", "config.json", "tokenizer.model", "export.json"
@@ -125,7 +125,7 @@ def decoding_of(path: Path) -> Decoding:
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
-    from jobs.config import build_section
+    from jobs.run.config import build_section
 
     if not (path / INFO).is_file() or not (path / WEIGHTS).is_file():
         from data_pipeline.errors import InputError
@@ -149,8 +149,8 @@ def local_export(reference: str) -> Iterator[Path]:
         if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             import mlflow
 
-            from jobs.model_registry import export_inside
-            from jobs.tracking import resolve_tracking_uri
+            from jobs.inference.model_registry import export_inside
+            from jobs.report.tracking import resolve_tracking_uri
 
             mlflow.set_tracking_uri(resolve_tracking_uri(""))  # where aiayn train tracks by default too
             downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))

@@ -14,9 +14,9 @@ import torch
 
 from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from jobs.config import JobConfig
-from jobs.deepspeed_config import deepspeed_config
-from jobs.metrics import ForwardClock
+from jobs.report.metrics import ForwardClock
+from jobs.run.config import JobConfig
+from jobs.train.deepspeed_config import deepspeed_config
 from transformer import ModelConfig, build_model
 from transformer.loss import label_smoothed_loss
 from transformer.schedule import decay_factor, inverse_sqrt_lr, noam_lr

@@ -6,7 +6,7 @@ ZeRO 0-2; ZeRO-3's parameter gathers are in it too) and its wait for data. The r
 the data are not equal, though: near an epoch's end one rank may still have batches while another
 runs out and steps on an empty stand-in batch, and a rank's batches vary in size. So each rank's
 own time is measured per 1,000 of its own target tokens, over its real batches only
-(`jobs.metrics.ForwardClock`, `MetricsWindow`): a rank is slow when it takes longer for the same
+(`jobs.report.metrics.ForwardClock`, `MetricsWindow`): a rank is slow when it takes longer for the same
 work, not when it has more of it. A rank with no data in a window is not compared. Each log window
 rank 0 logs the figure per rank, with the skew, and `StragglerWatch` names a rank that was over
 the factor, window by window, in most of the latest windows: enough of them to be more than a

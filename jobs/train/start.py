@@ -21,12 +21,19 @@ import torch.distributed as dist
 
 from data_pipeline.manifest import Manifest
 from data_pipeline.stream import StreamPosition
-from jobs.checkpoint.files import JobState, load_engine_state, load_weight_average, read_job_state, universal_copy, verify
+from jobs.checkpoint.files import (
+    JobState,
+    load_engine_state,
+    load_weight_average,
+    read_job_state,
+    universal_copy,
+    verify,
+)
 from jobs.checkpoint.resume import ResumePlan, attempt_source, rank_start, reshard_of
 from jobs.checkpoint.signing import Signer
-from jobs.collectives import all_gather
-from jobs.config import JobConfig, public_config
-from jobs.engine import build_engine
+from jobs.run.config import JobConfig, public_config
+from jobs.train.collectives import all_gather
+from jobs.train.engine import build_engine
 from transformer.ema import WeightAverage
 
 

@@ -9,11 +9,11 @@ import torch
 
 from data_pipeline.manifest import Manifest
 from data_pipeline.stream import ShardStream
-from jobs.collectives import all_gather, all_sum
-from jobs.config import JobConfig
-from jobs.engine import DUMMY_BATCH, forward_loss
-from jobs.evaluation import corpus_scores, read_eval_split, translate_ids
 from data_pipeline.tokenizer import load_tokenizer
+from jobs.inference.evaluation import corpus_scores, read_eval_split, translate_ids
+from jobs.run.config import JobConfig
+from jobs.train.collectives import all_gather, all_sum
+from jobs.train.engine import DUMMY_BATCH, forward_loss
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 in one line that names the setting to change), then handed to `Uploads`, which copies it to the
 run's storage while training goes on; the stall and each upload reported.
 
-The loop decides when to save (`jobs.cadence`) and fills in the run's state; this module owns how.
+The loop decides when to save (`jobs.train.cadence`) and fills in the run's state; this module owns how.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from jobs.checkpoint.files import CheckpointError, JobState, RankState, checkpoi
 from jobs.checkpoint.retention import reported_metrics
 from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
-from jobs.engine import check_finite_weights
+from jobs.train.engine import check_finite_weights
 from transformer.ema import WeightAverage
 
 if TYPE_CHECKING:
-    from jobs.run_report import RankReport
+    from jobs.train.run_report import RankReport
 
 
 class Saver:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.checkpoint import JobState
-from jobs.config import TrainConfig
+from jobs.run.config import TrainConfig
 
 
 @dataclass(frozen=True)

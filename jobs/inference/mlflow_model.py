@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from jobs.model_registry import EXPORT
+from jobs.inference.model_registry import EXPORT
 
 
 class Translator(mlflow.pyfunc.PythonModel):
@@ -23,7 +23,7 @@ class Translator(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from data_pipeline.tokenizer import load_tokenizer
-        from jobs.evaluation import inference_device, open_translator
+        from jobs.inference.evaluation import inference_device, open_translator
 
         directory = Path(context.artifacts[EXPORT])
         # As the run decoded, on the GPU where the server has one.

@@ -17,7 +17,7 @@ import ctypes
 import ctypes.util
 
 from cluster.config import ClusterConfig
-from jobs.openmp_spin import spin_environment
+from jobs.train.openmp_spin import spin_environment
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
 NEVER = 2**31 - 1  # the largest trim threshold mallopt's int takes
@@ -38,7 +38,7 @@ def worker_environment(cluster: ClusterConfig, *, uses_gpu: bool) -> dict[str, s
     on the CPU (Ray Train's CPU workers, the background valid-BLEU task, whose beam search frees
     and reallocates its caches' copies and logits every step): these settings unless
     `cluster.keep_freed_memory` is off, and OpenMP threads that spin through a step
-    (jobs/openmp_spin.py). Nothing for a GPU worker, whose steps live on the device."""
+    (jobs/train/openmp_spin.py). Nothing for a GPU worker, whose steps live on the device."""
     if uses_gpu:
         return {}
     memory = keep_freed_memory_environment() if cluster.keep_freed_memory else {}

@@ -26,23 +26,30 @@ from data_pipeline.batching import Batch
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import ShardStream
 from jobs import checkpoint as ckpt
-from jobs.cadence import Cadence
-from jobs.checkpoint.save import Saver
-from jobs.checkpoint.start import Place, attempt_checkpoint, start_rank
-from jobs.collectives import all_gather, all_sum
-from jobs.config import JobConfig, build_section
-from jobs.deepspeed_config import accumulation_steps
-from jobs.engine import DivergenceGuard, train_step
-from jobs.goodput import GoodputLedger
-from jobs.lease import check_holds
-from jobs.metrics import ForwardClock, MetricsWindow, batch_training_flops, device_peak_flops, rank_time_metrics, run_metrics
-from jobs.run_layout import RunLayout
-from jobs.run_report import RankReport
-from jobs.stragglers import StragglerWatch
-from jobs.system_metrics import NodeSystemMetrics
-from jobs.tracking import END_OF_RUN_WAIT_S, local_store_dir
-from jobs.validation import valid_bleu, valid_loss
-from jobs.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
+from jobs.report.goodput import GoodputLedger
+from jobs.report.metrics import (
+    ForwardClock,
+    MetricsWindow,
+    batch_training_flops,
+    device_peak_flops,
+    rank_time_metrics,
+    run_metrics,
+)
+from jobs.report.stragglers import StragglerWatch
+from jobs.report.system_metrics import NodeSystemMetrics
+from jobs.report.tracking import END_OF_RUN_WAIT_S, local_store_dir
+from jobs.run.config import JobConfig, build_section
+from jobs.run.layout import RunLayout
+from jobs.run.lease import check_holds
+from jobs.train.cadence import Cadence
+from jobs.train.collectives import all_gather, all_sum
+from jobs.train.deepspeed_config import accumulation_steps
+from jobs.train.engine import DivergenceGuard, train_step
+from jobs.train.run_report import RankReport
+from jobs.train.save import Saver
+from jobs.train.start import Place, attempt_checkpoint, start_rank
+from jobs.train.validation import valid_bleu, valid_loss
+from jobs.train.watchdog import CHECKPOINT, START, STEP, TRACKING, VALIDATE, Heartbeat
 
 
 class Trainer:

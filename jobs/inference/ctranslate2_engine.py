@@ -23,7 +23,7 @@ import torch
 
 from data_pipeline.errors import InputError
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
-from jobs.export import INFO, TOKENIZER, load_export
+from jobs.inference.export import INFO, TOKENIZER, load_export
 from transformer.config import ModelConfig
 from transformer.decoding import PAPER, Decoding
 from transformer.model import EncoderDecoderTransformer
@@ -131,7 +131,7 @@ def convert_export(export_dir: Path, output: str, quantization: str | None = Non
 
 
 class CTranslate2Translator:
-    """Token ids in, token ids out, like `jobs.evaluation.translate_ids`, on a CTranslate2 model."""
+    """Token ids in, token ids out, like `jobs.inference.evaluation.translate_ids`, on a CTranslate2 model."""
 
     def __init__(self, directory: Path, *, device: str = "cpu", compute_type: str = "default", threads: int = 0):
         import ctranslate2

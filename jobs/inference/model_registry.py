@@ -1,4 +1,4 @@
-"""A run's export in MLflow as a model: logged with jobs/mlflow_model.py as its code, registered
+"""A run's export in MLflow as a model: logged with jobs/inference/mlflow_model.py as its code, registered
 under `tracking.registered_model` when that is set, with the test scores and their sacreBLEU
 signatures as tags of the version; and the way back from a `models:/` URI to the export's files.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.evaluation import Scores
+from jobs.inference.scores import Scores
 
 EXPORT = "export"  # the model's one artifact: the key, and its directory inside the model's artifacts
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")

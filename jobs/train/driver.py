@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,33 +28,14 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
-from jobs.config import JobConfig, config_to_dict, flatten, public_config
-from jobs.deepspeed_config import with_step_budget
-from jobs.evaluation import Scores
-from jobs.goodput import GoodputLedger
-from jobs.lease import LeaseKeeper, LeaseLost, acquire
-from jobs.progress import Console, failure_lines, libraries_output_to, relay_to
-from jobs.run_layout import RunLayout
-from jobs.run_report import RunReport
-from jobs.watchdog import HangPolicy, collective_timeout_s, watch_progress
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    run_name: str
-    run_id: str
-    tracking_uri: str
-    export_uri: str  # <storage>/<run name>/export: a local path or an object-store URI
-    steps: int
-    tokens: int = 0  # target tokens trained on, over every restart
-    train_seconds: float = 0.0  # training time, over every restart
-    best_valid_loss: float | None = None
-    log_path: str = ""  # the console's copy: aiayn's lines of this run
-    test: Scores | None = None  # BLEU and chrF of the export on the test split
-    model_uri: str = ""  # the export as an MLflow model (models:/NAME/VERSION when registered)
-    samples: tuple[tuple[str, str, str], ...] = ()  # (source, reference, hypothesis)
-    time_table: str = ""  # where the run's time went (jobs/goodput.py)
-    mlflow_lacks: tuple[str, ...] = ()  # what MLflow did not take at the end (its server did not answer)
+from jobs.report.goodput import GoodputLedger
+from jobs.report.progress import Console, failure_lines, libraries_output_to, relay_to
+from jobs.run.config import JobConfig, config_to_dict, flatten, public_config
+from jobs.run.layout import RunLayout
+from jobs.run.lease import LeaseKeeper, LeaseLost, acquire
+from jobs.train.deepspeed_config import with_step_budget
+from jobs.train.run_report import RunReport, TrainOutcome
+from jobs.train.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
 
 def run_name(job: JobConfig) -> str:
@@ -88,7 +68,7 @@ def _check_budget(job: JobConfig, manifest: Manifest) -> None:
 def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     """What every node must reach: checkpoints, data and (if it lives in files) the MLflow store."""
     locations = {"cluster.storage_path": job.cluster.storage_path, "data.output_dir": job.data.output_dir}
-    from jobs.tracking import local_store_dir
+    from jobs.report.tracking import local_store_dir
 
     store = local_store_dir(tracking_uri)
     if store is not None:
@@ -116,10 +96,10 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.checkpoint_bleu import validation_config
-    from jobs.cpu_allocator import worker_environment
-    from jobs.rendezvous import BoundTorchConfig
-    from jobs.worker import train_loop_per_worker
+    from jobs.train.checkpoint_bleu import validation_config
+    from jobs.train.cpu_allocator import worker_environment
+    from jobs.train.rendezvous import BoundTorchConfig
+    from jobs.train.worker import train_loop_per_worker
 
     cluster = job.cluster
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cluster.poll_interval_s)  # read by Train's controller
@@ -157,11 +137,11 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
 def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model. `log` receives
     aiayn's console lines (default: stdout and the run's log file)."""
-    started_at = time.time()  # the run's time ledger starts here (jobs/goodput.py)
+    started_at = time.time()  # the run's time ledger starts here (jobs/report/goodput.py)
     job = with_absolute_paths(job)
     layout = RunLayout.of(job.cluster, run_name(job))
     data_plan, manifest = validate(job, layout)
-    from jobs.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
+    from jobs.report.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
 
     with request_budget(job.tracking.environment()):  # every MLflow call of this driver is bounded
         return _train_validated(job, layout, data_plan, manifest, resume_from, log, started_at)
@@ -173,7 +153,7 @@ def end(job: JobConfig, status: str) -> str:
     lease for the moment it writes). Returns what it did, in one line."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import find_run, request_budget, resolve_tracking_uri
+    from jobs.report.tracking import find_run, request_budget, resolve_tracking_uri
 
     job = with_absolute_paths(job)
     layout = RunLayout.of(job.cluster, run_name(job))
@@ -197,7 +177,7 @@ def end(job: JobConfig, status: str) -> str:
 
 def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
                      resume_from: str, log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
-    from jobs.tracking import resolve_tracking_uri
+    from jobs.report.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
     console = Console(layout.log_path) if log is None else log
@@ -218,9 +198,9 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
                          resume_from: str,
                          console: Callable[[str], None], tracking_uri: str,
                          keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
-    from cluster.reachability import check_reaches_every_node
     from cluster.ray_connection import connect
-    from jobs.tracking import find_or_create_run, git_commit
+    from cluster.reachability import check_reaches_every_node
+    from jobs.report.tracking import find_or_create_run, git_commit
 
     signer = ckpt.Signer.of_account(job.train.accept_unsigned_checkpoints)
     source = ckpt.resume_source(layout.uri, resume_from, signer, console)
@@ -325,7 +305,7 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
-    from jobs.export import INFO, export_model
+    from jobs.inference.export import INFO, export_model
 
     chosen = ckpt.to_average(layout.uri, job.train, scores, signer)
     newest = ckpt.signed_checkpoints(layout.uri, signer)[0][-1]
@@ -364,7 +344,7 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
     """sacreBLEU of beam search on the test split with the exported (averaged) model: the same
     function as `aiayn evaluate`, so the two figures agree."""
-    from jobs.evaluation import open_translator, score_split
+    from jobs.inference.evaluation import open_translator, score_split
 
     translate, _ = open_translator(export_dir, "torch", job.train.decoding)
     score = score_split(translate, manifest, "test")

@@ -31,7 +31,7 @@ class RunLayout:
     @classmethod
     def of(cls, cluster: ClusterConfig, name: str) -> "RunLayout":
         """The layout of run `name` under a config whose local paths are absolute already
-        (`train_driver.with_absolute_paths`, the one place that makes them so)."""
+        (`jobs.train.driver.with_absolute_paths`, the one place that makes them so)."""
         if storage.is_local(cluster.storage_path) and str(storage.local_path(cluster.storage_path)) != cluster.storage_path:
             raise ValueError(f"cluster.storage_path={cluster.storage_path!r} is not absolute yet")
         return cls(name=name, root=cluster.storage_path, staging_dir=cluster.staging_dir)
