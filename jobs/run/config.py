@@ -109,8 +109,8 @@ class TrainConfig:
     # validation, the end of the run's metric backlog): at least this, or 3 x their longest so far.
     # The collective timeout of the process group is twice this, so that it never fires first.
     long_phase_timeout_s: float = 900.0
-    # A rank whose own time per 1,000 of its tokens (forward passes, data wait), the median of its
-    # latest 3+ log windows and 20+ steps, is this many times the other ranks' is named on the console.
+    # A rank whose own time per 1,000 of its tokens (forward passes, data wait) is this many times
+    # the other ranks' in 3 of every 4 steps of its latest 3+ log windows and 20+ steps is named.
     straggler_factor: float = 1.5
     # Load checkpoints that carry no signature (written by aiayn before it signed them) if they
     # are complete and unchanged. Only for checkpoints you wrote yourself, for this release; a
