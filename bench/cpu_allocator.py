@@ -25,12 +25,12 @@ import threading
 import time
 
 import torch
+from _optimizer import paper_adam
 from _provenance import provenance
 
 from jobs.train.cpu_allocator import keep_freed_memory_environment
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import paper_adam
 
 MODES = ("default", "kept")
 

@@ -36,8 +36,8 @@ def bench_stream(dataset: Path, step_tokens_per_s: float, max_tokens: int) -> di
     start, tokens, real, padded, rows = time.perf_counter(), 0, 0, 0, []
     for batch in stream.epoch_batches():
         tokens += batch.target_tokens
-        real += batch.real_tokens
-        padded += batch.padded_tokens
+        real += int((batch.src != PAD_ID).sum()) + batch.target_tokens  # source and target, padding left out
+        padded += batch.src.numel() + batch.tgt_out.numel()
         rows.append(batch.src.shape[0])
     rate = tokens / (time.perf_counter() - start)
     # Peer: fixed-size batches of shuffled examples with the same mean row count.

@@ -18,10 +18,10 @@ import statistics
 import time
 
 import torch
+from _optimizer import paper_adam
 
 from transformer import build_model, preset
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import paper_adam
 
 CHARGES = ("data_wait", "training", "tracking", "validation", "tracking", "checkpoint", "training")
 

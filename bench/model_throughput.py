@@ -30,6 +30,7 @@ import time
 from typing import Callable
 
 import torch
+from _optimizer import paper_adam
 from _provenance import provenance
 from torch import nn
 
@@ -37,7 +38,6 @@ from jobs.train.cpu_allocator import keep_freed_memory
 from transformer import ModelConfig, build_model, preset
 from transformer.flops import training_flops_per_token
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import paper_adam
 
 
 class TorchTransformerSeq2Seq(nn.Module):

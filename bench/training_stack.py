@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _optimizer import paper_adam
 from _provenance import provenance
 from mlflow.tracking import MlflowClient
 
@@ -44,7 +45,6 @@ from jobs.train.cpu_allocator import keep_freed_memory
 from jobs.train.openmp_spin import spin_environment
 from transformer import build_model
 from transformer.loss import label_smoothed_loss
-from transformer.schedule import paper_adam
 
 WINDOW = 10  # steps per log window, in both
 

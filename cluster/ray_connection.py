@@ -41,9 +41,3 @@ def connect(address: str = "", *, num_cpus: int | None = None) -> None:
         # directory, as `aiayn cluster up`'s do; every address it listens on is the loopback's.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", _temp_dir=str(ray_temp_dir()), **quiet)
-
-
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))

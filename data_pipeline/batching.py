@@ -67,15 +67,6 @@ class Batch:
     def target_tokens(self) -> int:
         return int((self.tgt_out != PAD_ID).sum())
 
-    @property
-    def real_tokens(self) -> int:
-        source = 0 if self.src is None else int((self.src != PAD_ID).sum())
-        return source + self.target_tokens
-
-    @property
-    def padded_tokens(self) -> int:
-        return (0 if self.src is None else self.src.numel()) + self.tgt_out.numel()
-
 
 def plan_token_batches(
     src_len: np.ndarray, tgt_len: np.ndarray, rng: np.random.Generator, max_tokens: int, max_sentences: int,

@@ -62,10 +62,6 @@ def is_file(uri: str) -> bool:
     return _type(uri) == pafs.FileType.File
 
 
-def is_dir(uri: str) -> bool:
-    return _type(uri) == pafs.FileType.Directory
-
-
 def exists(uri: str) -> bool:
     return _type(uri) != pafs.FileType.NotFound
 

@@ -1,10 +1,6 @@
-"""Learning-rate schedules and the paper's optimizer (§5.3)."""
+"""Learning-rate schedules (§5.3)."""
 
 from __future__ import annotations
-
-from typing import Iterable
-
-import torch
 
 
 def noam_lr(step: int, d_model: int, warmup_steps: int, scale: float = 1.0) -> float:
@@ -32,9 +28,3 @@ def decay_factor(step: int, last_step: int, decay_steps: int) -> float:
     if not decay_steps or step <= last_step - decay_steps:
         return 1.0
     return max(last_step - step + 1, 0) / decay_steps
-
-
-def paper_adam(params: Iterable[torch.nn.Parameter], lr: float = 1.0) -> torch.optim.Adam:
-    """Adam with beta1 = 0.9, beta2 = 0.98, epsilon = 1e-9 (§5.3), torch's fused kernel (as training's
-    DeepSpeed config asks for it): the benchmarks' peers update their weights as fast as ours."""
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9, fused=True)

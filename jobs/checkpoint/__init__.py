@@ -6,34 +6,32 @@
 - signing.py: who wrote a checkpoint or export (an HMAC under the account's key);
 - resume.py: the resume plan the driver computes once before the cluster starts (which
              checkpoint, resize, compatibility of the saved config with the new one) and the
-             rules the workers follow to restore from it;
-- start.py:  a rank's start from that plan: the engine built fresh or restored (through the
-             universal format on a resize), the moving average, data position and RNG, and which
-             kind of start it is (imported by the workers only: it builds DeepSpeed engines);
-- save.py:   a rank's save: weights checked finite, its part staged locally (a full disk said
-             in one line), handed to the upload (imported by the workers only);
+             rules the workers follow to restore from it (a rank's start and save, which build and
+             check DeepSpeed engines, are the training loop's: jobs/train/start.py, save.py);
 - upload.py: a rank's upload of its staged part while training goes on;
 - retention.py: which checkpoints Ray Train keeps (the newest, or the best by valid BLEU), those
              it never registered, and which the export averages.
+
+This module exports what the rest of aiayn uses; the modules above use each other directly.
 """
 
 from jobs.checkpoint.files import (
     AVERAGE, DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
     list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
-    read_job_state, save_checkpoint, saved_weight_average, signed_checkpoints, step_of, universal_copy, verify,
+    read_job_state, save_checkpoint, saved_weight_average, signed_checkpoints, verify,
     weights_only_loads,
 )
 from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
-    FIXED_ON_RESUME, ResumePlan, attempt_source, check_compatible, plan_resume, rank_start, reshard_of, resume_source,
+    ResumePlan, attempt_source, check_compatible, plan_resume, reshard_of, resume_source,
 )
-from jobs.checkpoint.retention import checkpoint_config, reported_metrics, scores_of, to_average, untracked
+from jobs.checkpoint.retention import checkpoint_config, scores_of, to_average, untracked
 
 
 __all__ = [
-    "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "FIXED_ON_RESUME", "CheckpointError", "JobState", "RankState",
+    "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "CheckpointError", "JobState", "RankState",
     "ResumePlan", "attempt_source", "check_compatible", "checkpoint_config", "checkpoint_dir_name", "is_complete",
-    "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume", "rank_start",
-    "read_job_state", "reported_metrics", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "Signer", "signed_checkpoints", "step_of", "to_average", "universal_copy", "untracked", "Uploads", "verify", "weights_only_loads",
+    "list_checkpoints", "load_engine_state", "load_rank_state", "load_weight_average", "local_copy", "plan_resume",
+    "read_job_state", "reshard_of", "resume_source", "save_checkpoint", "saved_weight_average", "scores_of", "Signer", "signed_checkpoints", "to_average", "untracked", "Uploads", "verify", "weights_only_loads",
 ]

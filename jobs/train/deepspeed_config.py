@@ -50,10 +50,10 @@ def deepspeed_config(job: JobConfig, world_size: int, *, load_universal: bool = 
         "checkpoint": {"load_universal": load_universal},
         # The paper's Adam (§5.3), torch's fused kernel on every device: on a CPU it updates ZeRO's
         # flat fp32 partition in one pass instead of one per operation (a ZeRO-2 engine's step
-        # at `small` 20 ms against 31, bench/step_levers.py, bench/results/, 2026-12-04). With the noam schedule the LambdaLR
-        # factor is the whole learning rate, so the base lr is 1.
+        # at `small` 20 ms against 31, bench/step_levers.py, bench/results/). The base lr is
+        # optim.lr whatever the schedule, which is a factor of it (jobs.train.engine.lr_factor).
         "optimizer": {"type": "Adam", "params": {
-            "lr": job.optim.lr if job.optim.schedule == "inverse_sqrt" else 1.0,
+            "lr": job.optim.lr,
             "betas": list(job.optim.betas), "eps": job.optim.eps,
             "weight_decay": job.optim.weight_decay, "torch_adam": True, "adam_w_mode": False, "fused": True,
         }},

@@ -31,9 +31,11 @@ class NonFiniteTraining(RuntimeError):
 
 
 def lr_factor(job: JobConfig, step: int) -> float:
-    """Multiplier of the optimizer's base lr at optimizer step `step` (1-based)."""
+    """Multiplier of the optimizer's base lr at optimizer step `step` (1-based). The base lr is
+    `optim.lr` for every schedule (`deepspeed_config`), so a schedule is a shape, peaking at 1
+    (noam's peak is below 1: `optim.lr` is then the paper's scale factor)."""
     if job.optim.schedule == "noam":
-        factor = noam_lr(step, job.model.d_model, job.optim.warmup_steps, scale=job.optim.lr)
+        factor = noam_lr(step, job.model.d_model, job.optim.warmup_steps)
     else:
         factor = inverse_sqrt_lr(step, 1.0, job.optim.warmup_steps)
     return factor * decay_factor(step, job.train.max_steps, job.optim.decay_steps)

@@ -115,7 +115,7 @@ def test_versions_swap_atomically_and_old_ones_are_pruned(root) -> None:
     assert load_manifest(made[-2]).data["fingerprint"] == "02" * 6  # a reader pinned to it still reads it
     in_flight = _write_version(dataset, "ff" * 6, complete=False)  # another prepare, still writing
     commit_version(dataset, _write_version(dataset, "aa" * 6))
-    assert storage.is_dir(in_flight)  # never removed while it may still be written
+    assert in_flight.rsplit("/", 1)[1] in storage.list_dirs(storage.join(dataset, VERSIONS))  # never removed while it may still be written
     assert json.loads(storage.read_text(storage.join(dataset, CURRENT)))["version"] in storage.list_dirs(
         storage.join(dataset, VERSIONS))
 

@@ -139,13 +139,36 @@ def test_deepspeed_json_is_generated_and_overridable() -> None:
 
 
 def test_training_uses_the_papers_adam() -> None:
-    """The optimizer DeepSpeed builds (§5.3: beta2 0.98, epsilon 1e-9); with the noam schedule the
-    LambdaLR factor is the whole learning rate, so DeepSpeed's base lr is 1."""
+    """The optimizer DeepSpeed builds (§5.3: beta2 0.98, epsilon 1e-9)."""
     adam = deepspeed_config(load_job_config(None, []), world_size=2)["optimizer"]
     assert adam["type"] == "Adam" and adam["params"]["betas"] == [0.9, 0.98] and adam["params"]["eps"] == 1e-9
     assert adam["params"]["lr"] == 2e-3 and not adam["params"]["adam_w_mode"]
-    noam = deepspeed_config(load_job_config(None, ["optim.schedule=noam", "optim.lr=2.0"]), world_size=2)
-    assert noam["optimizer"]["params"]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "noam"])
+def test_every_schedule_gets_its_base_lr_the_same_way(schedule: str) -> None:
+    """The lr a step trains at, as the engine's LambdaLR makes it (base lr x factor): the paper's
+    eq. 3 times its scale for noam, fairseq's warm-up to the peak for inverse_sqrt. A schedule whose
+    base lr came from elsewhere (once: 1.0 for every schedule but inverse_sqrt) trains at the wrong lr."""
+    import torch
+
+    from jobs.train.engine import lr_factor
+
+    job = load_job_config(None, [f"optim.schedule={schedule}", "optim.lr=0.5", "optim.warmup_steps=100",
+                                 "model.d_model=256", "train.max_steps=1000"])
+    weight = torch.nn.Parameter(torch.zeros(1))
+    base_lr = deepspeed_config(job, world_size=1)["optimizer"]["params"]["lr"]
+    optimizer = torch.optim.SGD([weight], lr=base_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(job, s + 1))  # as build_engine
+    lrs = {}
+    for step in range(1, 401):
+        lrs[step] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    if schedule == "noam":  # 0.5 x 256^-0.5 x min(step^-0.5, step x 100^-1.5)
+        assert lrs[100] == pytest.approx(0.5 / 16 / 10) and lrs[400] == pytest.approx(0.5 / 16 / 20)
+    else:  # peak 0.5 at the end of warm-up, then 0.5 x sqrt(100 / step)
+        assert lrs[50] == pytest.approx(0.25) and lrs[100] == pytest.approx(0.5) and lrs[400] == pytest.approx(0.25)
 
 
 def test_numbers_in_exponent_notation_are_numbers() -> None:
