@@ -19,11 +19,10 @@ from pathlib import Path
 from data_pipeline import storage
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt
-from jobs.run.config import JobConfig, build_section
+from jobs.train.launch import Launch
 
 
-def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: str, run_id: str, relay,
-                     signing_key, step: int) -> dict[str, float]:
+def score_checkpoint(checkpoint, *, launch: Launch, step: int) -> dict[str, float]:
     """Ray Train's validation function: `checkpoint` is the committed one of `step`. Its lines
     reach the console through the driver's relay, as rank 0's do."""
     from jobs.inference.evaluation import open_translator, score_split
@@ -32,14 +31,14 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     from jobs.report.tracking import END_OF_RUN_WAIT_S
     from jobs.train.run_report import RankReport
 
-    config = build_section(JobConfig, job, "")
+    config = launch.job
     os.environ.update(config.tracking.environment())
-    manifest = load_manifest(dataset_uri)
+    manifest = load_manifest(launch.dataset_uri)
     with storage.open_input(manifest.tokenizer_uri) as handle:
         tokenizer_bytes = handle.read()
     import ray
 
-    signer = ckpt.Signer(ray.get(signing_key), config.train.accept_unsigned_checkpoints)  # the driver's key
+    signer = ckpt.Signer(ray.get(launch.signing_key), config.train.accept_unsigned_checkpoints)  # the driver's key
     with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory(prefix="aiayn-bleu-") as scratch:
         ckpt.verify(directory, signer, posixpath.basename(checkpoint.path.rstrip("/")))  # before DeepSpeed unpickles
         export = export_model([Path(directory)], config.model, tokenizer_bytes, {"step": step}, Path(scratch) / "export",
@@ -47,7 +46,7 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
         translate, _ = open_translator(export, "torch", config.train.decoding)
         score = score_split(translate, manifest, "valid", limit=config.train.bleu_valid_sentences)
     metrics = score.scores.metrics("valid")
-    report = RankReport.to_run(relay, tracking_uri, run_id)
+    report = RankReport.to_run(launch.relay, launch.tracking_uri, launch.run_id)
     report.line(f"{validation_line(step, metrics)}  (checkpoint {step}, scored in the background)")
     report.log(metrics, step)
     if report.close(timeout_s=END_OF_RUN_WAIT_S):  # the run goes on
@@ -55,7 +54,7 @@ def score_checkpoint(checkpoint, *, job: dict, dataset_uri: str, tracking_uri: s
     return metrics
 
 
-def validation_config(loop_config: dict, job: JobConfig):
+def validation_config(launch: Launch):
     """The TorchTrainer's `validation_config`: one task at a time, with one CPU (and no GPU), in a
     process that keeps freed memory as CPU training workers do, on the driver's node when the
     tracking store is a file there (no other node can write it)."""
@@ -66,14 +65,13 @@ def validation_config(loop_config: dict, job: JobConfig):
     from jobs.report.tracking import local_store_dir
     from jobs.train.cpu_allocator import worker_environment
 
+    job = launch.job
     options: dict = {"num_cpus": 1, "max_retries": 1,
                      "runtime_env": {"env_vars": worker_environment(job.cluster, uses_gpu=False)}}
-    if local_store_dir(loop_config["tracking_uri"]) is not None:
+    if local_store_dir(launch.tracking_uri) is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=False)
     # Ray Train keeps these defaults in memory; only the per-checkpoint `step` goes to its snapshot.
-    fixed = {key: loop_config.get(key) for key in ("job", "dataset_uri", "tracking_uri", "run_id", "relay",
-                                                   "signing_key")}
-    return ValidationConfig(score_checkpoint, task_config=ValidationTaskConfig(fn_kwargs=fixed,
+    return ValidationConfig(score_checkpoint, task_config=ValidationTaskConfig(fn_kwargs={"launch": launch},
                                                                                timeout_s=job.train.long_phase_timeout_s),
                             ray_remote_kwargs=options)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from data_pipeline import storage
+from data_pipeline.batching import longest_example
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
@@ -34,6 +35,7 @@ from jobs.run.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.run.layout import RunLayout
 from jobs.run.lease import LeaseKeeper, LeaseLost, acquire
 from jobs.train.deepspeed_config import with_step_budget
+from jobs.train.launch import Launch
 from jobs.train.run_report import RunReport, TrainOutcome
 from jobs.train.watchdog import HangPolicy, collective_timeout_s, watch_progress
 
@@ -53,7 +55,7 @@ def _check_budget(job: JobConfig, manifest: Manifest) -> None:
     columns = ["src_len"] + ([] if manifest.monolingual else ["tgt_len"])
     table = pq.read_table(path, filesystem=fs, columns=columns)
     longest = np.max([table.column(c).to_numpy() for c in columns], axis=0)
-    limit = min(job.stream.max_tokens, job.model.max_positions)
+    limit = longest_example(job.stream.max_tokens, job.model.max_positions)
     if manifest.monolingual:
         if job.stream.packed_length > limit:
             raise InputError(f"stream.packed_length={job.stream.packed_length} exceeds the budget or model.max_positions ({limit})")
@@ -92,7 +94,7 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
     return plan, manifest
 
 
-def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
+def _trainer(launch: Launch):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -101,6 +103,7 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
     from jobs.train.rendezvous import BoundTorchConfig
     from jobs.train.worker import train_loop_per_worker
 
+    job, layout = launch.job, launch.layout
     cluster = job.cluster
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cluster.poll_interval_s)  # read by Train's controller
     scaling = ScalingConfig(
@@ -112,12 +115,12 @@ def _trainer(job: JobConfig, layout: RunLayout, loop_config: dict):
         name=layout.name, storage_path=layout.root,  # Ray Train's checkpoints: under layout.uri
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
-        callbacks=[failure_lines(loop_config["relay"], cluster.max_failures)],
+        callbacks=[failure_lines(launch.relay, cluster.max_failures)],
         worker_runtime_env={"env_vars": worker_environment(cluster, uses_gpu=cluster.use_gpu)},
     )
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run,
-        validation_config=(validation_config(loop_config, job)
+        train_loop_per_worker, train_loop_config=launch.loop_config(), scaling_config=scaling, run_config=run,
+        validation_config=(validation_config(launch)
                            if job.train.bleu_every and job.train.bleu_in_background else None),
         torch_config=BoundTorchConfig(backend="nccl" if job.cluster.use_gpu else "gloo",
                                       timeout_s=int(collective_timeout_s(job.train.long_phase_timeout_s))),
@@ -240,11 +243,9 @@ def _train_tracked(job: JobConfig, layout: RunLayout, manifest: Manifest, resume
     started = time.time()
     policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
     with relay_to(console) as relay, watch_progress(policy, report.hang) as monitor:
-        loop_config = {"job": config_to_dict(job), "dataset_uri": manifest.uri, "tracking_uri": report.tracking_uri,
-                       "run_id": report.run_id, "resume_plan": resume.to_dict(), "relay": relay, "monitor": monitor,
-                       "lease": {"uri": keeper.uri, "holder": keeper.lease.holder}, "launch_id": uuid.uuid4().hex,
-                       "started_at": started_at, "layout": layout.to_dict(), "signing_key": signing_key_for_workers(signer)}
-        result = _fit(_trainer(job, layout, loop_config))
+        launch = Launch(job, manifest.uri, report.tracking_uri, report.run_id, layout, resume, keeper.uri,
+                        keeper.lease.holder, uuid.uuid4().hex, started_at, signing_key_for_workers(signer), relay, monitor)
+        result = _fit(_trainer(launch))
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     keeper.check("removing checkpoints Ray Train no longer tracks")
     _delete_untracked(layout.uri, result, signer, console)

@@ -2,24 +2,28 @@
 in one line that names the setting to change), then handed to `Uploads`, which copies it to the
 run's storage while training goes on; the stall and each upload reported.
 
-The loop decides when to save (`jobs.train.cadence`) and fills in the run's state; this module owns how.
+The loop decides when to save (`jobs.train.cadence`); this module owns how, and what of the run's
+state goes with it.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import torch
+
+from data_pipeline.stream import StreamPosition
 from jobs.checkpoint.files import CheckpointError, JobState, RankState, checkpoint_dir_name, save_checkpoint
 from jobs.checkpoint.retention import reported_metrics
 from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
+from jobs.report.goodput import GoodputLedger
 from jobs.train.engine import check_finite_weights
+from jobs.train.phases import SAVE
+from jobs.train.run_report import RankReport
 from transformer.ema import WeightAverage
-
-if TYPE_CHECKING:
-    from jobs.train.run_report import RankReport
 
 
 class Saver:
@@ -30,6 +34,15 @@ class Saver:
         self.rank, self.zero_stage, self.engine, self.average, self.report = rank, zero_stage, engine, average, report
         self.signer = signer
         self.uploads = Uploads(rank, asynchronous, fence, self._uploaded)
+
+    def checkpoint(self, state: JobState, position: StreamPosition, ledger: GoodputLedger, metrics: dict[str, float],
+                   wait: bool, validate: bool) -> None:
+        """`save` with the run's state as of now: the metrics MLflow has not taken yet, and the
+        ledger charged up to this moment, which the checkpoint records as `saved_at`."""
+        state.pending_metrics = self.report.unsent()
+        ledger.charge(SAVE.ledger)
+        state.goodput, state.saved_at = ledger.to_dict(), time.time()
+        self.save(state, RankState(position, torch.get_rng_state()), metrics, wait, validate)
 
     def save(self, state: JobState, rank_state: RankState, metrics: dict[str, float], wait: bool,
              validate: bool) -> None:

@@ -124,12 +124,15 @@ def test_the_background_bleu_task_keeps_freed_memory(local_ray) -> None:
     """The valid-BLEU task runs with the options training gives Ray Train's validation (a process
     of its own, set up at its start) unless the job opts out, and on the CPU even when training
     is on GPUs."""
+    from jobs.checkpoint import ResumePlan
+    from jobs.run.layout import RunLayout
     from jobs.train.checkpoint_bleu import validation_config
+    from jobs.train.launch import Launch
 
     def faults_in_the_task(*overrides: str) -> int:
         job = load_job_config(None, ["tracking.uri=http://127.0.0.1:1", *overrides])
-        loop_config = {"job": {}, "dataset_uri": "", "tracking_uri": job.tracking.uri, "run_id": "", "relay": None}
-        options = validation_config(loop_config, job).ray_remote_kwargs
+        launch = Launch(job, "", job.tracking.uri, "", RunLayout("run", "/nowhere"), ResumePlan(), "", "", "", 0.0)
+        options = validation_config(launch).ray_remote_kwargs
         return local_ray.get(local_ray.remote(second_buffer_faults).options(**options).remote(), timeout=120)
 
     assert faults_in_the_task("cluster.use_gpu=true") < PAGES / 8
