@@ -68,6 +68,17 @@ class Batch:
         return int((self.tgt_out != PAD_ID).sum())
 
 
+def longest_example(max_tokens: int, max_positions: int | None) -> int:
+    """The longest example (in tokens, either side) a batch takes: the budget, or the model's
+    positions where fewer. The stream drops longer ones; the driver refuses a budget most miss."""
+    return max_tokens if max_positions is None else min(max_tokens, max_positions)
+
+
+def tokens_per_step(workers: int, max_tokens: int) -> int:
+    """An optimizer step's budget when none is given: one batch budget per worker."""
+    return workers * max_tokens
+
+
 def plan_token_batches(
     src_len: np.ndarray, tgt_len: np.ndarray, rng: np.random.Generator, max_tokens: int, max_sentences: int,
 ) -> list[np.ndarray]:

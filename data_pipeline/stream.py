@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
-from data_pipeline.batching import Batch, Window, collate, packed_batches, plan_token_batches
+from data_pipeline.batching import Batch, Window, collate, longest_example, packed_batches, plan_token_batches
 from data_pipeline.config import StreamConfig
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, check_token_ids
@@ -163,7 +163,7 @@ class ShardStream:
         if self.monolingual:
             return packed_batches(window, rng, self.config.packed_length, self.config.max_tokens)
         src_len, tgt_len = np.diff(window.src_offsets), np.diff(window.tgt_offsets)
-        limit = self.config.max_tokens if self.max_length is None else min(self.config.max_tokens, self.max_length)
+        limit = longest_example(self.config.max_tokens, self.max_length)
         fits = np.maximum(src_len, tgt_len) <= limit
         self.stats.dropped_too_long += int((~fits).sum())
         keep = np.flatnonzero(fits)

@@ -139,7 +139,7 @@ def _decoding(args: argparse.Namespace, export: Path):
 
     from jobs.inference.export import decoding_of
 
-    given = {"beam_size": args.beam, "alpha": args.alpha, "early_exit": args.early_exit or None}
+    given = {"beam_size": args.beam, "alpha": args.length_penalty, "early_exit": args.early_exit or None}
     return dataclasses.replace(decoding_of(export), **{k: v for k, v in given.items() if v is not None})
 
 
@@ -323,6 +323,18 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
+def _translation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and its decoding, as `evaluate` and `translate` both take them."""
+    parser.add_argument("--model", required=True,
+                        help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
+    parser.add_argument("--beam", type=int, help=DECODING_HELP)
+    parser.add_argument("--length-penalty", "--alpha", type=float, dest="length_penalty",
+                        help="the paper's alpha (train.length_penalty); " + DECODING_HELP)
+    parser.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
+    parser.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
+    parser.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiayn", description="Train the Transformer of 'Attention Is All You Need' on Ray, DeepSpeed and MLflow.")
@@ -352,26 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     end.set_defaults(handler=_end)
 
     evaluate = commands.add_parser("evaluate", help="sacreBLEU of an exported model on a prepared split")
-    evaluate.add_argument("--model", required=True,
-                          help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
+    _translation_arguments(evaluate)
     evaluate.add_argument("--data", default="data/multi30k-en-de", help="prepared dataset directory or URI")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
     evaluate.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
-    evaluate.add_argument("--beam", type=int, help=DECODING_HELP)
-    evaluate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
-    evaluate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
-    evaluate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    evaluate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     evaluate.set_defaults(handler=_evaluate)
 
     translate = commands.add_parser("translate", help="translate stdin to stdout, one sentence a line")
-    translate.add_argument("--model", required=True,
-                           help="export: a directory, an s3:// or gs:// URI, or an MLflow URI (runs:/<run id>/export)")
-    translate.add_argument("--beam", type=int, help=DECODING_HELP)
-    translate.add_argument("--alpha", type=float, help="length penalty; " + DECODING_HELP)
-    translate.add_argument("--early-exit", action="store_true", help=EARLY_EXIT_HELP)
-    translate.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    translate.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    _translation_arguments(translate)
     translate.set_defaults(handler=_translate)
 
     export = commands.add_parser("export", help="convert an export for a fast inference engine (CTranslate2)")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from jobs.report.progress import duration
+
 # In the order a person reads them. `training` is the optimizer steps themselves (forward,
 # backward, the update and the step's collective); the rest is what kept them from running.
 CATEGORIES = {
@@ -108,14 +110,8 @@ class GoodputLedger:
     def table(self) -> str:
         """The end-of-run table: each category's time and share, largest first."""
         total = self.total() or 1.0
-        rows = [f"  {CATEGORIES[category]:<40} {_duration(value):>10}  {100 * value / total:5.1f}%"
+        rows = [f"  {CATEGORIES[category]:<40} {duration(value):>10}  {100 * value / total:5.1f}%"
                 for category, value in sorted(self.seconds.items(), key=lambda item: -item[1]) if value > 0]
         again = f"; {self.recomputed_steps} steps trained again" if self.recomputed_steps else ""
-        return "\n".join([f"where the time went ({_duration(self.total())} in all; goodput "
+        return "\n".join([f"where the time went ({duration(self.total())} in all; goodput "
                           f"{100 * self.goodput():.1f}%{again}):", *rows])
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -17,10 +17,11 @@ from typing import Iterator, TextIO
 from data_pipeline.storage import redact
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+def duration(seconds: float) -> str:
+    """`3m07s`, `1h05m07s`: an ETA, a phase's share of a run."""
+    minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def window_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: float | None) -> str:
@@ -32,7 +33,7 @@ def window_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: flo
         parts.append(f"MFU {100 * metrics['train/mfu']:.1f}%")
     parts.append(f"data {1000 * metrics['train/data_wait_s']:.0f} ms")
     if eta_s is not None:
-        parts.append(f"ETA {_duration(eta_s)}")
+        parts.append(f"ETA {duration(eta_s)}")
     return "  ".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from data_pipeline.batching import tokens_per_step
 from jobs.run.config import JobConfig, deep_merge
 
 
@@ -14,14 +15,14 @@ def with_step_budget(job: JobConfig, saved_config: dict | None = None) -> JobCon
     if job.train.tokens_per_step:
         return job
     saved = (saved_config or {}).get("train", {}).get("tokens_per_step", 0)
-    budget = saved or job.cluster.num_workers * job.stream.max_tokens
+    budget = saved or tokens_per_step(job.cluster.num_workers, job.stream.max_tokens)
     return dataclasses.replace(job, train=dataclasses.replace(job.train, tokens_per_step=budget))
 
 
 def accumulation_steps(job: JobConfig, world_size: int) -> int:
     """Micro-batches per worker per optimizer step, so that world_size x this x stream.max_tokens
     is as close as it gets to train.tokens_per_step (at least one)."""
-    budget = job.train.tokens_per_step or job.cluster.num_workers * job.stream.max_tokens
+    budget = job.train.tokens_per_step or tokens_per_step(job.cluster.num_workers, job.stream.max_tokens)
     return max(1, round(budget / (world_size * job.stream.max_tokens)))
 
 
