@@ -20,7 +20,7 @@ def dashboard_address(explicit: str) -> str:
         value = os.environ.get(variable, "")
         if value.startswith("http"):
             return value
-    from cluster.local_cluster import read_state
+    from cluster.local_cluster import read_state  # the local cluster's state, only when no address is given
 
     state = read_state()
     if state is None:
@@ -48,7 +48,7 @@ def submit(address: str, command: list[str], *, name: str = "", tracking_uri: st
 
 
 def client(address: str):
-    from cluster.ray_connection import use_token_auth_if_available
+    from cluster.ray_connection import use_token_auth_if_available  # it sets what Ray reads at import
 
     use_token_auth_if_available()  # before Ray is imported: it reads the mode once, at import
     from ray.job_submission import JobSubmissionClient

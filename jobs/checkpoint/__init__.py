@@ -16,18 +16,38 @@ This module exports what the rest of aiayn uses; the modules above use each othe
 """
 
 from jobs.checkpoint.files import (
-    AVERAGE, DEEPSPEED_DIR, DEEPSPEED_TAG, JOB_STATE, CheckpointError, JobState, RankState, checkpoint_dir_name, is_complete,
-    list_checkpoints, load_engine_state, load_rank_state, load_weight_average, local_copy,
-    read_job_state, save_checkpoint, saved_weight_average, signed_checkpoints, verify,
+    AVERAGE,
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    JOB_STATE,
+    CheckpointError,
+    JobState,
+    RankState,
+    checkpoint_dir_name,
+    is_complete,
+    list_checkpoints,
+    load_engine_state,
+    load_rank_state,
+    load_weight_average,
+    local_copy,
+    read_job_state,
+    save_checkpoint,
+    saved_weight_average,
+    signed_checkpoints,
+    verify,
     weights_only_loads,
 )
-from jobs.checkpoint.signing import Signer
-from jobs.checkpoint.upload import Uploads
 from jobs.checkpoint.resume import (
-    ResumePlan, attempt_source, check_compatible, plan_resume, reshard_of, resume_source,
+    ResumePlan,
+    attempt_source,
+    check_compatible,
+    plan_resume,
+    reshard_of,
+    resume_source,
 )
 from jobs.checkpoint.retention import checkpoint_config, scores_of, to_average, untracked
-
+from jobs.checkpoint.signing import Signer
+from jobs.checkpoint.upload import Uploads
 
 __all__ = [
     "AVERAGE", "DEEPSPEED_DIR", "DEEPSPEED_TAG", "JOB_STATE", "CheckpointError", "JobState", "RankState",

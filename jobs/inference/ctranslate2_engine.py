@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from jobs.inference.export import INFO, TOKENIZER, load_export
@@ -114,8 +115,6 @@ def _converter(model: EncoderDecoderTransformer, pieces: list[str]):
 def convert_export(export_dir: Path, output: str, quantization: str | None = None) -> None:
     """Write a CTranslate2 model of the export at `export_dir` to `output` (atomically), with the
     export's tokenizer and info beside it so that translate and evaluate need nothing else."""
-    from data_pipeline import storage
-
     model, config, info = load_export(export_dir)
     _check_convertible(config, str(export_dir))
     tokenizer = load_tokenizer(str(export_dir / TOKENIZER))

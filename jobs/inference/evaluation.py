@@ -18,6 +18,7 @@ from data_pipeline import storage
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest
 from data_pipeline.tokenizer import PAD_ID, load_tokenizer
+from jobs.inference.export import decoding_of, load_export
 from jobs.inference.scores import Scores, corpus_scores
 from transformer.decoding import PAPER, Decoding, search
 from transformer.model import EncoderDecoderTransformer
@@ -40,8 +41,7 @@ def open_translator(directory: Path, engine: str, decoding: Decoding | None = No
     """(translate, the export's info) for a local export: ours (PyTorch beam search) or one made by
     `aiayn export --format ctranslate2`; "auto" goes by what the directory holds. `decoding`:
     None for the one the export's run decoded with. `device`: "cpu" or "cuda" (the first GPU)."""
-    from jobs.inference.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator
-    from jobs.inference.export import decoding_of, load_export
+    from jobs.inference.ctranslate2_engine import CT2_WEIGHTS, CTranslate2Translator  # ctranslate2: only when asked for
 
     decoding = decoding or decoding_of(directory)
 

@@ -22,8 +22,10 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.errors import InputError
 from jobs import checkpoint as ckpt
 from jobs.checkpoint.signing import Signer
+from jobs.run.config import build_section
 from transformer import ModelConfig, build_model
 from transformer.averaging import average_state_dicts
 from transformer.config import saved_model_section
@@ -125,11 +127,7 @@ def decoding_of(path: Path) -> Decoding:
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
-    from jobs.run.config import build_section
-
     if not (path / INFO).is_file() or not (path / WEIGHTS).is_file():
-        from data_pipeline.errors import InputError
-
         raise InputError(f"{path}: not a complete export (no {INFO} or {WEIGHTS}); give the export/ of a run")
     config = build_section(ModelConfig, saved_model_section(json.loads((path / CONFIG).read_text())), "model")
     model = build_model(config)
@@ -147,7 +145,7 @@ def local_export(reference: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="aiayn-export-") as scratch:
         if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-            import mlflow
+            import mlflow  # MLflow (and what uses it) only for an MLflow URI
 
             from jobs.inference.model_registry import export_inside
             from jobs.report.tracking import resolve_tracking_uri

@@ -22,6 +22,7 @@ class Translator(mlflow.pyfunc.PythonModel):
     """Source sentences in, translations out, by the export's beam search."""
 
     def load_context(self, context) -> None:
+        # aiayn's modules when MLflow loads the model, not when it reads this file to log it
         from data_pipeline.tokenizer import load_tokenizer
         from jobs.inference.evaluation import inference_device, open_translator
 

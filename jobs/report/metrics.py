@@ -8,19 +8,17 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import PAD_ID
+from jobs.checkpoint import JobState
 from jobs.report.stragglers import skew
 from transformer.config import ModelConfig
 from transformer.flops import decoder_only_training_flops, encoder_decoder_training_flops
-
-if TYPE_CHECKING:
-    from jobs.checkpoint import JobState
 
 # Dense (no sparsity) peaks, FLOP/s: bf16/fp16 tensor cores, and fp32 without TF32.
 _GPU_PEAKS = {

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cluster import PROJECT_ROOT
+from data_pipeline.errors import InputError
 from data_pipeline.storage import redact
 
 RUN_NAME_TAG = "aiayn.run_name"
@@ -38,8 +39,6 @@ def resolve_tracking_uri(configured: str) -> str:
     if configured:
         return log_in(configured) if ":" in configured else _sqlite_store(configured)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        from data_pipeline.errors import InputError
-
         raise InputError("tracking.uri is empty inside a Ray job, where ./mlruns is a temporary copy that is deleted; "
                          "set tracking.uri or MLFLOW_TRACKING_URI to your MLflow server (aiayn submit sets it "
                          "for clusters started with `aiayn cluster up`)")
@@ -50,7 +49,7 @@ def log_in(tracking_uri: str) -> str:
     """Give this process the login of this account's local cluster (`aiayn cluster up`) when
     `tracking_uri` is that cluster's MLflow and no login is set; returns the URI."""
     if "MLFLOW_TRACKING_USERNAME" not in os.environ and "MLFLOW_TRACKING_TOKEN" not in os.environ:
-        from cluster.local_cluster import mlflow_login_for
+        from cluster.local_cluster import mlflow_login_for  # the local cluster's code only where a login is needed
 
         os.environ.update(mlflow_login_for(tracking_uri))
     return tracking_uri

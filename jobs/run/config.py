@@ -23,6 +23,8 @@ import yaml
 from cluster.config import ClusterConfig
 from data_pipeline.config import PrepareConfig, StreamConfig, check_name
 from data_pipeline.errors import InputError
+from data_pipeline.storage import redact_tree
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.config import PRESETS, ModelConfig
 from transformer.decoding import PAPER, Decoding
 
@@ -204,8 +206,6 @@ class JobConfig:
 
     def with_dataset(self, manifest) -> "JobConfig":
         """The model section completed from the dataset: its vocabulary size and special ids."""
-        from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
         model = self.model.replace(vocab_size=manifest.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
         return dataclasses.replace(self, model=model)
 
@@ -362,8 +362,6 @@ def config_to_dict(config: Any) -> dict:
 def public_config(config: Any) -> dict:
     """The config as it may be printed, logged to MLflow and stored in checkpoints: every string
     redacted of credentials (a tracking URI with a password, a signed URL)."""
-    from data_pipeline.storage import redact_tree
-
     return redact_tree(config_to_dict(config))
 
 

@@ -19,18 +19,18 @@ from pathlib import Path
 from data_pipeline import storage
 from data_pipeline.manifest import load_manifest
 from jobs import checkpoint as ckpt
+from jobs.inference.evaluation import open_translator, score_split
+from jobs.inference.export import export_model
+from jobs.report.progress import validation_line
+from jobs.report.tracking import END_OF_RUN_WAIT_S, local_store_dir
+from jobs.train.cpu_allocator import worker_environment
 from jobs.train.launch import Launch
+from jobs.train.run_report import RankReport
 
 
 def score_checkpoint(checkpoint, *, launch: Launch, step: int) -> dict[str, float]:
     """Ray Train's validation function: `checkpoint` is the committed one of `step`. Its lines
     reach the console through the driver's relay, as rank 0's do."""
-    from jobs.inference.evaluation import open_translator, score_split
-    from jobs.inference.export import export_model
-    from jobs.report.progress import validation_line
-    from jobs.report.tracking import END_OF_RUN_WAIT_S
-    from jobs.train.run_report import RankReport
-
     config = launch.job
     os.environ.update(config.tracking.environment())
     manifest = load_manifest(launch.dataset_uri)
@@ -61,9 +61,6 @@ def validation_config(launch: Launch):
     import ray
     from ray.train import ValidationConfig, ValidationTaskConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from jobs.report.tracking import local_store_dir
-    from jobs.train.cpu_allocator import worker_environment
 
     job = launch.job
     options: dict = {"num_cpus": 1, "max_retries": 1,

@@ -29,11 +29,14 @@ from data_pipeline.errors import InputError
 from data_pipeline.manifest import Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import PreparePlan, plan_prepare, run_prepare
 from jobs import checkpoint as ckpt
+from jobs.inference.evaluation import open_translator, score_split
+from jobs.inference.export import INFO, export_model
 from jobs.report.goodput import GoodputLedger
 from jobs.report.progress import Console, failure_lines, libraries_output_to, relay_to
 from jobs.run.config import JobConfig, config_to_dict, flatten, public_config
 from jobs.run.layout import RunLayout
 from jobs.run.lease import LeaseKeeper, LeaseLost, acquire
+from jobs.train.cpu_allocator import worker_environment
 from jobs.train.deepspeed_config import with_step_budget
 from jobs.train.launch import Launch
 from jobs.train.run_report import RunReport, TrainOutcome
@@ -70,7 +73,7 @@ def _check_budget(job: JobConfig, manifest: Manifest) -> None:
 def shared_locations(job: JobConfig, tracking_uri: str) -> dict[str, str]:
     """What every node must reach: checkpoints, data and (if it lives in files) the MLflow store."""
     locations = {"cluster.storage_path": job.cluster.storage_path, "data.output_dir": job.data.output_dir}
-    from jobs.report.tracking import local_store_dir
+    from jobs.report.tracking import local_store_dir  # MLflow, after the checks
 
     store = local_store_dir(tracking_uri)
     if store is not None:
@@ -95,11 +98,11 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
 
 
 def _trainer(launch: Launch):
+    # Ray Train, and what builds on it, only once the checks have passed: bad input answers sooner.
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.train.checkpoint_bleu import validation_config
-    from jobs.train.cpu_allocator import worker_environment
     from jobs.train.rendezvous import BoundTorchConfig
     from jobs.train.worker import train_loop_per_worker
 
@@ -156,7 +159,7 @@ def end(job: JobConfig, status: str) -> str:
     lease for the moment it writes). Returns what it did, in one line."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.report.tracking import find_run, request_budget, resolve_tracking_uri
+    from jobs.report.tracking import find_run, request_budget, resolve_tracking_uri  # MLflow, after the checks
 
     job = with_absolute_paths(job)
     layout = RunLayout.of(job.cluster, run_name(job))
@@ -180,7 +183,7 @@ def end(job: JobConfig, status: str) -> str:
 
 def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
                      resume_from: str, log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
-    from jobs.report.tracking import resolve_tracking_uri
+    from jobs.report.tracking import resolve_tracking_uri  # MLflow, after the checks
 
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
     console = Console(layout.log_path) if log is None else log
@@ -201,6 +204,7 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
                          resume_from: str,
                          console: Callable[[str], None], tracking_uri: str,
                          keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
+    # Ray and MLflow only once the checks have passed: bad input answers sooner.
     from cluster.ray_connection import connect
     from cluster.reachability import check_reaches_every_node
     from jobs.report.tracking import find_or_create_run, git_commit
@@ -306,8 +310,6 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
 
     The checkpoints may be in an object store: the chosen ones are downloaded into a temporary
     directory (under cluster.staging_dir if set) that is removed afterwards."""
-    from jobs.inference.export import INFO, export_model
-
     chosen = ckpt.to_average(layout.uri, job.train, scores, signer)
     newest = ckpt.signed_checkpoints(layout.uri, signer)[0][-1]
     final_state = ckpt.read_job_state(newest)
@@ -345,8 +347,6 @@ def _finish(job: JobConfig, layout: RunLayout, report: RunReport, manifest: Mani
 def _score_test(job: JobConfig, outcome: TrainOutcome, manifest: Manifest, export_dir: Path) -> TrainOutcome:
     """sacreBLEU of beam search on the test split with the exported (averaged) model: the same
     function as `aiayn evaluate`, so the two figures agree."""
-    from jobs.inference.evaluation import open_translator, score_split
-
     translate, _ = open_translator(export_dir, "torch", job.train.decoding)
     score = score_split(translate, manifest, "test")
     return dataclasses.replace(outcome, test=score.scores, samples=score.samples)

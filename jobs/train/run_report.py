@@ -28,11 +28,11 @@ from jobs.report import progress
 from jobs.report.goodput import GoodputLedger
 from jobs.run.config import JobConfig, public_config
 from jobs.run.layout import RunLayout
+from jobs.train.cadence import Cadence
+from jobs.train.start import Start
 
 if TYPE_CHECKING:  # MLflow is imported only once something is reported: config errors come first
     from jobs.report.tracking import MetricLogger
-    from jobs.train.cadence import Cadence
-    from jobs.train.start import Start
 
 
 @dataclass(frozen=True)
