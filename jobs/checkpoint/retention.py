@@ -15,8 +15,9 @@ from typing import Any
 
 from jobs.checkpoint.files import CheckpointError, signed_checkpoints
 from jobs.checkpoint.signing import Signer
+from jobs.run.metric_names import VALID_BLEU
 
-SCORE = "valid/bleu"
+SCORE = VALID_BLEU
 # What a checkpoint reports until its BLEU is known: below every BLEU, so Ray Train drops those
 # first. Finite: Ray Train keeps the metrics in JSON, which turns -inf into null.
 UNSCORED = -1.0

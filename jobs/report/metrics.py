@@ -17,6 +17,15 @@ from data_pipeline.batching import Batch
 from data_pipeline.tokenizer import PAD_ID
 from jobs.checkpoint import JobState
 from jobs.report.stragglers import skew
+from jobs.run.metric_names import (
+    TRAIN_DATA_WAIT_S,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_MFU,
+    TRAIN_PPL,
+    TRAIN_STEP_TIME_S,
+    TRAIN_TOKENS_PER_S,
+)
 from transformer.config import ModelConfig
 from transformer.flops import decoder_only_training_flops, encoder_decoder_training_flops
 
@@ -132,12 +141,12 @@ class MetricsWindow:
         seconds = time.perf_counter() - self.started
         tokens, steps = max(self.tokens, 1.0), max(self.steps, 1)
         metrics = {
-            "train/loss": loss / tokens, "train/nll": nll / tokens, "train/ppl": math.exp(min(nll / tokens, 50)),
-            "train/tokens_per_s": self.tokens / seconds, "train/step_time_s": seconds / steps,
-            "train/data_wait_s": self.data_wait / steps,
+            TRAIN_LOSS: loss / tokens, "train/nll": nll / tokens, TRAIN_PPL: math.exp(min(nll / tokens, 50)),
+            TRAIN_TOKENS_PER_S: self.tokens / seconds, TRAIN_STEP_TIME_S: seconds / steps,
+            TRAIN_DATA_WAIT_S: self.data_wait / steps,
         }
         if peak_flops_per_rank:
-            metrics["train/mfu"] = self.flops / seconds / (peak_flops_per_rank * world_size)
+            metrics[TRAIN_MFU] = self.flops / seconds / (peak_flops_per_rank * world_size)
         return metrics
 
 
@@ -150,7 +159,7 @@ def rank_time_metrics(own_ms: list[float | None]) -> dict[str, float]:
 
 def run_metrics(state: JobState, world_size: int, lr: float, grad_norm: float | None) -> dict[str, float]:
     """Where the run stands, logged with each window (no gradient norm where DeepSpeed has none)."""
-    metrics = {"train/lr": float(lr), "train/epoch": float(state.epoch), "train/world_size": float(world_size),
+    metrics = {TRAIN_LR: float(lr), "train/epoch": float(state.epoch), "train/world_size": float(world_size),
                "train/tokens_seen": float(state.tokens_seen), "train/skipped_steps": float(state.skipped_steps)}
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)

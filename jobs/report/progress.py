@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 from data_pipeline.storage import redact
+from jobs.run.metric_names import (
+    TRAIN_DATA_WAIT_S,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    TRAIN_MFU,
+    TRAIN_PPL,
+    TRAIN_TOKENS_PER_S,
+    VALID_BLEU,
+    VALID_LOSS,
+    VALID_PPL,
+)
 
 
 def duration(seconds: float) -> str:
@@ -27,11 +38,11 @@ def duration(seconds: float) -> str:
 def window_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: float | None) -> str:
     """`step 120/450  loss 4.213  ppl 67.6  lr 1.80e-03  3,512 tok/s  MFU 3.1%  data 2 ms  ETA 9m12s`"""
     parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}",
-             f"loss {metrics['train/loss']:.3f}", f"ppl {metrics['train/ppl']:.1f}", f"lr {metrics['train/lr']:.2e}",
-             f"{metrics['train/tokens_per_s']:,.0f} tok/s"]
-    if "train/mfu" in metrics:
-        parts.append(f"MFU {100 * metrics['train/mfu']:.1f}%")
-    parts.append(f"data {1000 * metrics['train/data_wait_s']:.0f} ms")
+             f"loss {metrics[TRAIN_LOSS]:.3f}", f"ppl {metrics[TRAIN_PPL]:.1f}", f"lr {metrics[TRAIN_LR]:.2e}",
+             f"{metrics[TRAIN_TOKENS_PER_S]:,.0f} tok/s"]
+    if TRAIN_MFU in metrics:
+        parts.append(f"MFU {100 * metrics[TRAIN_MFU]:.1f}%")
+    parts.append(f"data {1000 * metrics[TRAIN_DATA_WAIT_S]:.0f} ms")
     if eta_s is not None:
         parts.append(f"ETA {duration(eta_s)}")
     return "  ".join(parts)
@@ -39,10 +50,10 @@ def window_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: flo
 
 def validation_line(step: int, metrics: dict[str, float]) -> str | None:
     parts = []
-    if "valid/loss" in metrics:
-        parts += [f"valid loss {metrics['valid/loss']:.3f}", f"ppl {metrics['valid/ppl']:.1f}"]
-    if "valid/bleu" in metrics:
-        parts.append(f"BLEU {metrics['valid/bleu']:.2f}")
+    if VALID_LOSS in metrics:
+        parts += [f"valid loss {metrics[VALID_LOSS]:.3f}", f"ppl {metrics[VALID_PPL]:.1f}"]
+    if VALID_BLEU in metrics:
+        parts.append(f"BLEU {metrics[VALID_BLEU]:.2f}")
     return f"step {step}  " + "  ".join(parts) if parts else None
 
 

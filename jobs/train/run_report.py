@@ -28,6 +28,7 @@ from jobs.report import progress
 from jobs.report.goodput import GoodputLedger
 from jobs.run.config import JobConfig, public_config
 from jobs.run.layout import RunLayout
+from jobs.run.metric_names import TRAIN_LOSS, TRAIN_STEP_TIME_S
 from jobs.train.cadence import Cadence
 from jobs.train.start import Start
 
@@ -122,8 +123,8 @@ class RankReport:
         if self._fence is not None:
             self._fence(f"the metrics of step {step}")
         self.log(metrics, step)
-        if "train/loss" in metrics:
-            eta = cadence.eta_s(step, elapsed_s, metrics["train/step_time_s"])
+        if TRAIN_LOSS in metrics:
+            eta = cadence.eta_s(step, elapsed_s, metrics[TRAIN_STEP_TIME_S])
             self.line(progress.window_line(step, cadence.train.max_steps, metrics, eta))
         line = progress.validation_line(step, metrics)
         if line:

@@ -20,6 +20,7 @@ from jobs.checkpoint.retention import reported_metrics
 from jobs.checkpoint.signing import Signer
 from jobs.checkpoint.upload import Uploads
 from jobs.report.goodput import GoodputLedger
+from jobs.run.metric_names import CHECKPOINT_STALL_S, CHECKPOINT_UPLOAD_S
 from jobs.train.engine import check_finite_weights
 from jobs.train.phases import SAVE
 from jobs.train.run_report import RankReport
@@ -62,7 +63,7 @@ class Saver:
                     "set cluster.staging_dir to a local disk with room for one checkpoint shard"
                 ) from error
             self.uploads.report(reported_metrics(metrics, state.step), local, state.step, wait, validate)
-        self.report.log({"checkpoint/stall_s": time.monotonic() - held_since}, state.step)
+        self.report.log({CHECKPOINT_STALL_S: time.monotonic() - held_since}, state.step)
 
     def register(self, name: str, step: int, validate: bool) -> None:
         """A complete checkpoint Ray Train never registered, which this attempt resumed from."""
@@ -70,6 +71,6 @@ class Saver:
 
     def _uploaded(self, step: int, seconds: float, in_background: bool) -> None:
         """This rank's part of the checkpoint of `step` is in storage."""
-        self.report.log({"checkpoint/upload_s": seconds}, step)
+        self.report.log({CHECKPOINT_UPLOAD_S: seconds}, step)
         self.report.line(f"step {step}  checkpoint {checkpoint_dir_name(step)} saved "
                          f"(uploaded in {seconds:.1f} s{', while training went on' if in_background else ''})")

@@ -12,6 +12,7 @@ from data_pipeline.stream import ShardStream
 from data_pipeline.tokenizer import load_tokenizer
 from jobs.inference.evaluation import corpus_scores, read_eval_split, translate_ids
 from jobs.run.config import JobConfig
+from jobs.run.metric_names import VALID_LOSS, VALID_NLL, VALID_PPL
 from jobs.train.collectives import all_gather, all_sum
 from jobs.train.engine import DUMMY_BATCH, forward_loss
 
@@ -38,7 +39,7 @@ def valid_loss(engine, job: JobConfig, manifest: Manifest, rank: int, world_size
     loss, nll, tokens = all_sum(sums)
     if tokens == 0:
         return {}  # nothing in valid fits the budget
-    return {"valid/loss": loss / tokens, "valid/nll": nll / tokens, "valid/ppl": math.exp(min(nll / tokens, 50))}
+    return {VALID_LOSS: loss / tokens, VALID_NLL: nll / tokens, VALID_PPL: math.exp(min(nll / tokens, 50))}
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from jobs.report.system_metrics import NodeSystemMetrics
 from jobs.report.tracking import END_OF_RUN_WAIT_S, local_store_dir
 from jobs.run.config import JobConfig
 from jobs.run.lease import check_holds
+from jobs.run.metric_names import VALID_LOSS
 from jobs.train.cadence import Cadence
 from jobs.train.collectives import all_gather, all_sum
 from jobs.train.deepspeed_config import accumulation_steps
@@ -187,8 +188,8 @@ class Trainer:
         with self.phases(VALIDATE, entered=loss_due or bleu_due):
             if loss_due:
                 metrics.update(valid_loss(self.engine, self.job, self.manifest, self.rank, self.world))
-                if "valid/loss" in metrics:  # the patience counts every validation, the last one too
-                    stop = cadence.patience_exhausted(self.state, metrics["valid/loss"]) or stop
+                if VALID_LOSS in metrics:  # the patience counts every validation, the last one too
+                    stop = cadence.patience_exhausted(self.state, metrics[VALID_LOSS]) or stop
             if bleu_due:
                 metrics.update(valid_bleu(self.engine, self.job, self.manifest, self.rank, self.world))
         return stop
