@@ -91,6 +91,11 @@ class Manifest:
         return int(self.data["tokenizer"]["vocab_size"])
 
     @property
+    def target_language(self) -> str:
+        """The target side's language code as the source config gave it ("" if none was given)."""
+        return str(self.data.get("source", {}).get("tgt_lang", ""))
+
+    @property
     def monolingual(self) -> bool:
         return bool(self.data["monolingual"])
 

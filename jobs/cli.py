@@ -13,6 +13,7 @@ from typing import Callable
 
 from data_pipeline.errors import InputError  # the one error type for user mistakes: exit 2
 from data_pipeline.storage import redact
+from jobs.inference.scores import TOKENIZED_BLEU
 
 ENGINES = ("auto", "torch", "ctranslate2")  # what jobs.inference.evaluation.open_translator takes
 DECODING_HELP = "default: what the model's training run scored with (the paper's beam 4, alpha 0.6 unless set)"
@@ -113,6 +114,8 @@ def _summary(outcome) -> str:
     if outcome.test is not None:
         lines.append(f"  test BLEU {outcome.test.bleu:.2f}  ({outcome.test.bleu_signature})")
         lines.append(f"  test chrF {outcome.test.chrf:.2f}  ({outcome.test.chrf_signature})")
+        if outcome.test.tokenized_bleu is not None:
+            lines.append(f"  test {TOKENIZED_BLEU} {outcome.test.tokenized_bleu:.2f}: not sacreBLEU")
     lines.append(f"  export: {redact(outcome.export_uri)}")
     if outcome.model_uri:
         lines.append(f"  MLflow model: {outcome.model_uri}  (mlflow.pyfunc.load_model, aiayn evaluate --model)")
@@ -174,7 +177,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     scores = score.scores
     print(json.dumps({"split": args.split, "sentences": score.sentences, "bleu": round(scores.bleu, 2),
                       "chrf": round(scores.chrf, 2), "signature": scores.bleu_signature,
-                      "chrf_signature": scores.chrf_signature}, indent=2))
+                      "chrf_signature": scores.chrf_signature,
+                      **({} if scores.tokenized_bleu is None else {
+                          "tokenized_bleu": round(scores.tokenized_bleu, 2), "tokenized_bleu_is": TOKENIZED_BLEU})},
+                     indent=2))
     return 0
 
 

@@ -138,5 +138,5 @@ def score_split(translate: Translate, manifest: Manifest, split: str, *, limit: 
     data = read_eval_split(manifest, split, limit)
     tokenizer = load_tokenizer(manifest.tokenizer_uri)
     hyps = tokenizer.decode(translate(data.src_ids))
-    return SplitScore(corpus_scores(hyps, data.references), len(hyps),
+    return SplitScore(corpus_scores(hyps, data.references, manifest.target_language), len(hyps),
                       tuple(zip(data.src_text[:5], data.references[:5], hyps[:5])))

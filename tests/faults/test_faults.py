@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from cluster.ray_connection import connect
 from cluster.services import free_port, start_mlflow_server
@@ -215,3 +216,26 @@ def test_a_run_that_diverges_to_nan(ray_cluster, tiny_corpus, tmp_path, fault_ro
     fault_row(fault="the loss becomes NaN (optim.lr=1e30)", injected="divergence after step 1", at_step="2",
               outcome="3 updates skipped on every rank, then the run stopped naming the divergence; nothing saved",
               steps_lost="all (nothing worth keeping)", data_lost="none")
+
+
+def test_a_recompile_longer_than_the_step_limit_is_no_hang(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
+    """GPU runs compile by default, and Dynamo compiles again when a token-budget batch brings a
+    new shape (after that it marks the sizes dynamic) or the epoch's end its stand-in batch. Each
+    compile is a phase of its own with the long allowance, wherever it happens: here a step limit of
+    3 s, compiles on a CPU that take many times that, and the run ends with no hang declared."""
+    lines: list[str] = []
+    job = tiny_job(tiny_corpus, tmp_path, "compiled", address=ray_cluster, extra=(
+        "train.compile=true", "train.hang_timeout_s=3", "train.max_steps=6", "train.validate_every=0",
+        "train.checkpoint_every_steps=100", "cluster.max_failures=0"))
+    outcome = train(job, log=lines.append)
+    assert outcome.steps == 6
+    step_time = {m.step: m.value for m in MlflowClient(outcome.tracking_uri).get_metric_history(
+        outcome.run_id, "train/step_time_s")}
+    over = {step: round(seconds, 1) for step, seconds in step_time.items() if step > 1 and seconds > 3}
+    assert over, step_time  # a step after the first compiled again, for longer than the step limit
+    assert not (tmp_path / "runs" / "compiled" / "hangs").exists()
+    assert not [line for line in lines if "hang: rank" in line or "worker group failed" in line], "\n".join(lines)
+    fault_row(fault="a recompile longer than the step limit (train.compile, hang_timeout_s=3)",
+              injected="a new batch shape after step 1", at_step=", ".join(map(str, sorted(over))),
+              outcome="no hang declared, no restart: compiling is a long phase of its own",
+              steps_lost="0", data_lost="none")

@@ -94,7 +94,7 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert steps(mlflow_server, outcome.run_id) == list(range(1, MAX_STEPS + 1))
     run = runs[0]
     for key in ("train/nll", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
-                "train/step_time_s", "train/data_wait_s", "valid/loss", "valid/ppl", "test/bleu"):
+                "train/step_time_s", "train/data_wait_s", "valid/loss", "valid/ppl", "test/bleu", "test/tokenized_bleu"):
         assert key in run.data.metrics, key
     assert run.data.params["train.zero_stage"] == "2" and run.data.tags["world_size"] == "2"
     assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature", "chrf_signature"} <= set(run.data.tags)
