@@ -19,8 +19,10 @@ class SourceConfig:
 
     text: a prefix, read as PREFIX.<lang> or PREFIX.<lang>.gz (one sentence a line);
     tsv / jsonl / parquet: a file (source and target in `src_field` / `tgt_field`);
-    hf: a Hugging Face dataset: a local `save_to_disk` directory, a data file, or a hub name
-    (online only), with the split names below; rows hold `translation: {src, tgt}` or two columns;
+    hf: a Hugging Face dataset: a local `save_to_disk` directory, a data file, or a dataset
+    repository (a hub name, online only, or a local folder laid out as one), with its
+    configuration (`hf_config`, e.g. "de-en" of "wmt14") and the split names below; rows hold
+    `translation: {src, tgt}` or two columns;
     multi30k: the built-in corpus shipped in data_pipeline/corpora/multi30k (paths are ignored).
     Monolingual corpora (decoder-only models) leave tgt_lang empty.
     """
@@ -34,6 +36,7 @@ class SourceConfig:
     src_field: str = ""  # defaults to src_lang
     tgt_field: str = ""  # defaults to tgt_lang
     hf_splits: tuple[str, str, str] = ("train", "validation", "test")
+    hf_config: str = ""  # the dataset's configuration (format hf): "de-en" for wmt14; empty for none
 
     @property
     def monolingual(self) -> bool:

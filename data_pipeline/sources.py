@@ -196,8 +196,9 @@ def _hf_split(source: SourceConfig, split: str):
     location = source.train
     split_name = source.hf_splits[SPLITS.index(split)]
     path = Path(location)
+    saved = path.is_dir() and any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json"))
     try:
-        if path.is_dir():
+        if saved:
             loaded = datasets.load_from_disk(location)
         elif path.is_file():
             kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
@@ -205,11 +206,12 @@ def _hf_split(source: SourceConfig, split: str):
                 raise InputError(f"{location}: unsupported data file type for data.source.format=hf")
             loaded = datasets.load_dataset(kind, data_files={split_name: location})
         else:
-            loaded = datasets.load_dataset(location)
+            loaded = datasets.load_dataset(location, source.hf_config or None)
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - datasets raises many types; the user needs one line
-        raise InputError(f"data.source.train={location!r}: cannot load the Hugging Face dataset ({error})") from None
+        raise InputError(f"data.source.train={location!r}: cannot load the Hugging Face dataset "
+                         f"({str(error).splitlines()[0]})") from None
     if isinstance(loaded, datasets.DatasetDict):
         return loaded[split_name] if split_name in loaded else None
     return loaded if split == "train" else None

@@ -52,6 +52,26 @@ def test_tsv_jsonl_parquet_and_hf_read_the_same_pairs(tmp_path) -> None:
         assert _pairs(SourceConfig(format=fmt, train=str(tmp_path / path))) == PAIRS, fmt
 
 
+def test_a_dataset_repository_with_configurations_reads_the_one_named(tmp_path) -> None:
+    """As the hub's wmt14 is laid out (one configuration per language pair: "de-en", "fr-en", ...),
+    here as a local folder, which `datasets` reads as it reads a hub repository."""
+    configs = []
+    for config, lang in (("de-en", "de"), ("fr-en", "fr")):
+        for split in ("train", "validation"):
+            rows = [{"translation": {"en": s, lang: f"{lang}:{t}"}} for s, t in PAIRS]
+            (tmp_path / "wmt" / config).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), tmp_path / "wmt" / config / f"{split}-00000.parquet")
+        configs.append(f"- config_name: {config}\n  data_files:\n"
+                       + "".join(f"  - split: {split}\n    path: {config}/{split}-*\n" for split in ("train", "validation")))
+    (tmp_path / "wmt" / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    source = SourceConfig(format="hf", train=str(tmp_path / "wmt"), hf_config="fr-en", tgt_lang="fr")
+    assert _pairs(source) == [(s, f"fr:{t}") for s, t in PAIRS]
+    valid = list(read_split(source, split_inputs(source, "valid"), skip_invalid=False))
+    assert valid == [(s, f"fr:{t}") for s, t in PAIRS]
+    with pytest.raises(InputError, match=r"cannot load the Hugging Face dataset.*Config name is missing"):
+        _pairs(SourceConfig(format="hf", train=str(tmp_path / "wmt")))
+
+
 def test_named_columns(tmp_path) -> None:
     pq.write_table(pa.table({"source": ["x y"], "target": ["X Y"]}), tmp_path / "c.parquet")
     source = SourceConfig(format="parquet", train=str(tmp_path / "c.parquet"), src_field="source", tgt_field="target")

@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from jobs.run.config import ConfigError, JobConfig, config_to_dict, flatten, load_job_config
-from jobs.train.deepspeed_config import deepspeed_config
+from jobs.train.deepspeed_config import accumulation_steps, deepspeed_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,16 +22,45 @@ def test_without_a_config_the_main_recipe_is_read(tmp_path, monkeypatch) -> None
     assert (job.train.max_steps, job.stream.max_tokens, job.train.log_every) == (1234, 777, 3)
 
 
-def test_the_main_recipe_states_only_what_differs_from_the_defaults() -> None:
-    """A value restated in the recipe is a second place to change, and the two drift apart."""
-    from jobs.run.config import DEFAULT_RECIPE, _read_recipe
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_each_recipe_states_only_what_differs_from_the_defaults(recipe: str) -> None:
+    """A value restated in a recipe is a second place to change, and the two drift apart."""
+    from jobs.run.config import _read_recipe
 
     defaults = flatten(config_to_dict(JobConfig()))
-    stated = flatten(_read_recipe(str(DEFAULT_RECIPE)))
+    stated = flatten(_read_recipe(str(ROOT / "configs" / recipe)))
     assert stated, "the recipe is empty"
     restated = {key: value for key, value in stated.items() if defaults.get(key, object()) == value}
     assert not restated, f"the recipe restates code defaults: {restated}"
-    assert load_job_config(None, []).train.max_steps == stated["train.max_steps"]
+    assert load_job_config(str(ROOT / "configs" / recipe), []).train.max_steps == stated["train.max_steps"]
+
+
+def test_the_main_recipe_is_what_train_reads_without_a_config() -> None:
+    from jobs.run.config import DEFAULT_RECIPE
+
+    assert DEFAULT_RECIPE.read_text() == (ROOT / "configs" / "multi30k_small.yaml").read_text()
+
+
+@pytest.mark.parametrize("size, steps, dropout, averaged", [("base", 100_000, 0.1, 5), ("big", 300_000, 0.3, 20)])
+def test_the_wmt14_recipes_are_the_papers_settings(size: str, steps: int, dropout: float, averaged: int) -> None:
+    """§5 and §6.1 of the paper, read through the config as a run reads it."""
+    job = load_job_config(str(ROOT / "configs" / f"wmt14_en_de_{size}.yaml"), [])
+    model, optim, train = job.model, job.optim, job.train
+    assert (model.d_model, model.n_heads, model.d_ff) == ((512, 8, 2048) if size == "base" else (1024, 16, 4096))
+    assert model.n_layers == 6 and model.norm == "post" and model.share_embeddings and model.dropout == dropout
+    assert model.label_smoothing == 0.1 and job.data.tokenizer.vocab_size == 37000
+    source = job.data.source
+    assert (source.format, source.train, source.hf_config, source.src_lang, source.tgt_lang) == (
+        "hf", "wmt14", "de-en", "en", "de")
+    assert source.hf_splits == ("train", "validation", "test")  # newstest2013, newstest2014
+    assert optim.schedule == "noam" and optim.lr == 1.0 and optim.warmup_steps == 4000
+    assert optim.betas == (0.9, 0.98) and optim.eps == 1e-9 and optim.clip_norm == 0
+    assert train.max_steps == steps and train.average == "last" and train.average_checkpoints == averaged
+    assert train.checkpoint_every_minutes == 10 and (train.beam_size, train.length_penalty) == (4, 0.6)
+    # ~25k tokens a side per step, whatever the number of GPUs (the accumulation adapts)
+    assert 25_000 <= train.tokens_per_step <= 30_000
+    for gpus, micro_batches in ((8, 1), (4, 2), (2, 4)):
+        assert accumulation_steps(job, gpus) == micro_batches
 
 
 @pytest.mark.parametrize("key", ["vocab_size", "pad_id", "bos_id", "eos_id"])
