@@ -44,10 +44,18 @@ from tests.jobs.helpers import (
 
 pytestmark = pytest.mark.slow
 STEPS = 30
+SHORT_CLIENT_BUDGET = ("tracking.http_retries=0", "tracking.http_timeout_s=3")  # MLflow's: seconds, not minutes
 
 
 def _quiet(*_args) -> None:
     return None
+
+
+def _timed_train(job):
+    """The run's outcome and its wall time, for the ledger to be held to."""
+    started = time.time()
+    outcome = train(job, log=_quiet)
+    return outcome, time.time() - started
 
 
 def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_row) -> None:
@@ -64,13 +72,10 @@ def test_mlflow_server_down_mid_run(ray_cluster, tiny_corpus, tmp_path, fault_ro
         server, _ = start_mlflow_server(tmp_path / "logs", store, port=port)
         back.set()
 
-    job = tiny_job(tiny_corpus, tmp_path, "outage", address=ray_cluster, tracking=url,
-                   extra=("tracking.http_retries=0", "tracking.http_timeout_s=3"))
+    job = tiny_job(tiny_corpus, tmp_path, "outage", address=ray_cluster, tracking=url, extra=SHORT_CLIENT_BUDGET)
     watcher = when_checkpoint_exists(tmp_path / "runs" / "outage", 10, outage)
     try:
-        started = time.time()
-        outcome = train(job, log=_quiet)
-        wall_s = time.time() - started
+        outcome, wall_s = _timed_train(job)
         watcher.join(timeout=60)
         assert back.wait(timeout=60)
         assert outcome.steps == STEPS and Path(outcome.export_uri, "export.json").is_file()
@@ -96,13 +101,10 @@ def test_mlflow_server_that_hangs_until_the_run_ends(ray_cluster, tiny_corpus, t
     rerun of the finished run once the server is back sends what it could not, each step once."""
     server, url = start_mlflow_server(tmp_path / "logs", tmp_path / "mlflow", port=free_port())
     hang, resume = (functools.partial(os.killpg, server.process.pid, sig) for sig in (signal.SIGSTOP, signal.SIGCONT))
-    job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=url,
-                   extra=("tracking.http_retries=0", "tracking.http_timeout_s=3"))
+    job = tiny_job(tiny_corpus, tmp_path, "hung", address=ray_cluster, tracking=url, extra=SHORT_CLIENT_BUDGET)
     watcher = when_checkpoint_upload_begins(tmp_path / "runs" / "hung", 10, hang)
     try:
-        started = time.time()
-        outcome = train(job, log=_quiet)
-        wall_s = time.time() - started
+        outcome, wall_s = _timed_train(job)
         watcher.join(timeout=60)
         assert outcome.steps == STEPS and Path(outcome.export_uri, "export.json").is_file()
         # MLflow's own budget (120 s and 7 retries per call) would hold the end for a quarter of an
