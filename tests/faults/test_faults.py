@@ -227,10 +227,10 @@ def test_a_recompile_longer_than_the_step_limit_is_no_hang(ray_cluster, tiny_cor
     3 s, compiles on a CPU that take many times that, and the run ends with no hang declared."""
     lines: list[str] = []
     job = tiny_job(tiny_corpus, tmp_path, "compiled", address=ray_cluster, extra=(
-        "train.compile=true", "train.hang_timeout_s=3", "train.max_steps=6", "train.validate_every=0",
+        "train.compile=true", "train.hang_timeout_s=3", "train.max_steps=3", "train.validate_every=0",
         "train.checkpoint_every_steps=100", "cluster.max_failures=0"))
     outcome = train(job, log=lines.append)
-    assert outcome.steps == 6
+    assert outcome.steps == 3
     step_time = {m.step: m.value for m in MlflowClient(outcome.tracking_uri).get_metric_history(
         outcome.run_id, "train/step_time_s")}
     over = {step: round(seconds, 1) for step, seconds in step_time.items() if step > 1 and seconds > 3}
