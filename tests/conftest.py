@@ -60,16 +60,12 @@ def object_store(tmp_path_factory):
     from cluster.services import start_scratch_object_store
 
     service, variables = start_scratch_object_store(tmp_path_factory.mktemp("object-store"), "bucket")
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
     try:
-        yield "s3://bucket"
+        with pytest.MonkeyPatch.context() as patch:  # the session's own values come back afterwards
+            for name, value in variables.items():
+                patch.setenv(name, value)
+            yield "s3://bucket"
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         service.stop()
 
 
