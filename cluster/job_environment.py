@@ -66,9 +66,12 @@ def job_location(key: str, location: str) -> str:
                      "path that every node reaches")
 
 
-def runtime_env(named: list[str], tracking_uri: str = "", cluster_storage: str = "") -> dict:
+def runtime_env(named: list[str], tracking_uri: str = "", cluster_storage: str = "",
+                mlflow_login: dict[str, str] | None = None) -> dict:
     """The job's runtime environment: the project, the tracking URI, the cluster's own storage (if
-    it has one), the non-secret settings that are set here and exactly the variables the user named."""
+    it has one), the non-secret settings that are set here, exactly the variables the user named,
+    and on the local cluster the job's own MLflow user (cluster/mlflow_users.py), whose password is
+    in the job's record for holders of the cluster's Ray token alone."""
     chosen = named_variables(named)
     if tracking_uri and redact(tracking_uri) != tracking_uri:
         raise InputError("the tracking URI holds credentials, which Ray would keep in the job's record: put them in "
@@ -80,4 +83,5 @@ def runtime_env(named: list[str], tracking_uri: str = "", cluster_storage: str =
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     if cluster_storage:
         env_vars[JOB_STORAGE] = cluster_storage
+    env_vars.update(mlflow_login or {})
     return {"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}

@@ -191,10 +191,10 @@ def _up(nodes: int, cpus_per_node: int, with_mlflow: bool, with_object_store: bo
         login = mlflow_login(credentials_dir()) if with_mlflow else None
         if login is not None:
             credentials["mlflow_login"] = str(mlflow_login_path(credentials_dir()))
-        # Jobs inherit what the nodes carry: the store's endpoint, MLflow's login of this cluster and
-        # the key that signs this account's checkpoints (an isolated node has a home of its own).
-        node_env = {**named, **store_env, **(login.client_environment() if login else {}), **_signing_environment(),
-                    **marker}
+        # Jobs inherit what the nodes carry: the store's endpoint and the key that signs this
+        # account's checkpoints (an isolated node has a home of its own). Not MLflow's administrator:
+        # each job gets a user of its own from `aiayn submit` (cluster/mlflow_users.py).
+        node_env = {**named, **store_env, **_signing_environment(), **marker}
         temp_dir = ray_temp_dir()
         head, address, dashboard = start_ray_head(logs, num_cpus=cpus_per_node, temp_dir=temp_dir, env=node_env,
                                                   isolation=isolation)
@@ -247,7 +247,7 @@ def add_node() -> str:
         index = 1 + max((int(name.rsplit("-", 1)[1]) for name in state.worker_nodes), default=0)
         isolation = Isolation(tuple(Path(d) for d in state.private_dirs), ray_token()) if state.isolated else None
         env = {**named_variables(state.named_env), **state.object_store.get("env", {}),
-               **_store_login_environment(state.credentials), **_login_environment(state), **_signing_environment(),
+               **_store_login_environment(state.credentials), **_signing_environment(),
                CLUSTER_ID: state.cluster_id}
         service = _join(Path(state.log_dir), state.ray_address, state.cpus_per_node, index, env, isolation,
                         expected_nodes=alive_nodes(state.ray_address) + 1)

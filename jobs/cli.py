@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -277,8 +279,6 @@ def _cluster_summary(state) -> dict:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    import os
-
     from cluster.local_cluster import read_state
     from jobs import submit
 
@@ -286,12 +286,34 @@ def _submit(args: argparse.Namespace) -> int:
     state = None if args.address else read_state()  # submitting to the local cluster: its services
     tracking = args.tracking_uri or (state.mlflow_url if state else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
     cluster_storage = state.storage if state else ""
-    job_id = submit.submit(args.address, command, name=args.name, tracking_uri=tracking, named_env=args.env,
-                           cluster_storage=cluster_storage)
+    name = args.name or f"aiayn-{secrets.token_hex(4)}"
+    login = {}
+    if state is not None and state.mlflow_url and tracking.rstrip("/") == state.mlflow_url.rstrip("/") \
+            and "MLFLOW_TRACKING_USERNAME" not in args.env:  # the job's own MLflow user, not the administrator
+        login = _job_mlflow_login(state, tracking, name, command)
+    job_id = submit.submit(args.address, command, name=name, tracking_uri=tracking, named_env=args.env,
+                           cluster_storage=cluster_storage, mlflow_login=login)
     print(job_id)
     if args.env:
         print(f"passed to the job (values not shown; kept in Ray's job record): {', '.join(args.env)}", file=sys.stderr)
     return 0
+
+
+def _job_mlflow_login(state, tracking_uri: str, job_id: str, command: list[str]) -> dict[str, str]:
+    """A new MLflow user for the job, allowed the experiment and registered model its command's
+    config names (none for a command without a config)."""
+    from cluster.credentials import read_mlflow_login
+    from cluster.mlflow_users import job_login
+    from jobs.run.config import load_job_config
+
+    try:
+        parsed = build_parser().parse_args(command)
+    except SystemExit:
+        raise InputError(f"`aiayn {shlex.join(command)}` is not an aiayn command line; see `aiayn --help`") from None
+    tracked = load_job_config(parsed.config, parsed.overrides).tracking if hasattr(parsed, "overrides") else None
+    admin = read_mlflow_login(Path(state.credentials["mlflow_login"]))
+    return job_login(tracking_uri, admin, job_id, tracked.experiment if tracked else "",
+                     tracked.registered_model if tracked else "")
 
 
 def _jobs(args: argparse.Namespace) -> int:

@@ -29,9 +29,9 @@ def dashboard_address(explicit: str) -> str:
 
 
 def submit(address: str, command: list[str], *, name: str = "", tracking_uri: str = "",
-           named_env: list[str] | None = None, cluster_storage: str = "") -> str:
+           named_env: list[str] | None = None, cluster_storage: str = "", mlflow_login: dict | None = None) -> str:
     """Submit `aiayn <command>`; returns the submission id. `cluster_storage`: where the job's
-    relative locations go (the local cluster's bucket)."""
+    relative locations go (the local cluster's bucket); `mlflow_login`: the job's own MLflow user."""
     if command and command[0] == "aiayn":
         command = command[1:]
     if not command:
@@ -41,7 +41,7 @@ def submit(address: str, command: list[str], *, name: str = "", tracking_uri: st
         raise InputError(f"{redact(holding)}: this argument holds credentials, which Ray would keep in the job's "
                          "record; put them in a variable the job reads (MLFLOW_TRACKING_PASSWORD, "
                          "AWS_SECRET_ACCESS_KEY, ...) and pass it with --env NAME")
-    environment = runtime_env(named_env or [], tracking_uri, cluster_storage)
+    environment = runtime_env(named_env or [], tracking_uri, cluster_storage, mlflow_login or {})
     return client(address).submit_job(
         entrypoint=f"python -m jobs.cli {shlex.join(command)}", runtime_env=environment, submission_id=name or None,
     )

@@ -47,11 +47,17 @@ def resolve_tracking_uri(configured: str) -> str:
 
 def log_in(tracking_uri: str) -> str:
     """Give this process the login of this account's local cluster (`aiayn cluster up`) when
-    `tracking_uri` is that cluster's MLflow and no login is set; returns the URI."""
+    `tracking_uri` is that cluster's MLflow and no login is set; returns the URI. Not inside a Ray
+    job: a job logs in as the user `aiayn submit` made for it, never as the administrator."""
     if "MLFLOW_TRACKING_USERNAME" not in os.environ and "MLFLOW_TRACKING_TOKEN" not in os.environ:
         from cluster.local_cluster import mlflow_login_for  # the local cluster's code only where a login is needed
 
-        os.environ.update(mlflow_login_for(tracking_uri))
+        administrator = mlflow_login_for(tracking_uri)
+        if administrator and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            raise InputError(f"{tracking_uri}: this job has no MLflow login of its own; submit it with `aiayn "
+                             "submit`, which makes one, or pass one with --env MLFLOW_TRACKING_USERNAME "
+                             "--env MLFLOW_TRACKING_PASSWORD")
+        os.environ.update(administrator)
     return tracking_uri
 
 

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
+from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
 from cluster.services import live_processes_in_group
@@ -97,6 +99,19 @@ def _listing(directory: Path, depth: int = 2, names: tuple[str, ...] = ("",)) ->
     return found
 
 
+def _cluster_processes_holding(groups: list[int], secret: str) -> list[int]:
+    """The live processes of these process groups whose environment holds `secret`."""
+    holding = []
+    for group in groups:
+        for pid in live_processes_in_group(group):
+            try:
+                if secret.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                    holding.append(pid)
+            except OSError:
+                continue  # gone meanwhile
+    return holding
+
+
 def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
     started = time.monotonic()
     workdir, fresh = tmp_path / "work", tmp_path / "fresh"
@@ -148,7 +163,7 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
             "optim.lr=0.003", "optim.warmup_steps=5", "optim.decay_steps=0", f"train.max_steps={STEPS}", "train.max_minutes=0",
             "train.log_every=1", "train.validate_every=20", "train.checkpoint_every_steps=10",
             "train.checkpoint_every_minutes=1000", "train.keep_checkpoints=3", "train.average_checkpoints=1",
-            "train.beam_size=2", "cluster.num_workers=2",
+            "train.beam_size=2", "cluster.num_workers=2", "tracking.registered_model=e2e-translator",
             "cluster.placement_strategy=STRICT_SPREAD", "cluster.max_failures=3",
         ]
         # data.output_dir and cluster.storage_path are left at their relative defaults, as in the
@@ -194,6 +209,18 @@ def test_shared_nothing_cluster_object_store_end_to_end(tmp_path) -> None:
         assert run.data.tags["node.rank0"] != run.data.tags["node.rank1"]  # STRICT_SPREAD
         assert {a.path for a in client.list_artifacts(run.info.run_id, "export")} >= {"export/model.safetensors",
                                                                                        "export/export.json"}
+        # The job logged all that in as a user of its own (cluster/mlflow_users.py): no process of
+        # the cluster holds the administrator's password, and the job's user may edit the run's
+        # experiment and registered model, not delete the model (MANAGE stays with the administrator).
+        assert _cluster_processes_holding(state["process_groups"], login["password"]) == []
+        users = requests.get(f"{state['mlflow']}/api/2.0/mlflow/users/list", timeout=30,
+                             auth=(login["username"], login["password"])).json()["users"]
+        job_user = next(u["username"] for u in users if u["username"].startswith("job-e2e-train-"))
+        assert not next(u for u in users if u["username"] == job_user)["is_admin"]
+        auth = AuthServiceClient(state["mlflow"])
+        assert auth.get_user_permission(job_user, "experiment", run.info.experiment_id).permission == "EDIT"
+        assert auth.get_user_permission(job_user, "registered_model", "e2e-translator").permission == "EDIT"
+        assert client.get_model_version("e2e-translator", "1").run_id == run.info.run_id
         # MLflow's artifacts beside its records in the cluster's state directory, kept across `down`
         assert (Path(env["AIAYN_HOME"]) / "mlflow" / "artifacts").is_dir()
 
