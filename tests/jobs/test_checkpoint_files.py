@@ -158,3 +158,18 @@ def test_deepspeeds_own_loads_read_plain_data_and_its_allowed_types_only(tmp_pat
     assert "genuine loaded" in loaded.stdout, loaded.stderr[-3000:]
     assert "refused:" in loaded.stdout and "not plain data" in loaded.stdout, loaded.stdout + loaded.stderr[-3000:]
     assert not sentinel.exists()
+
+
+def test_fp16s_loss_scalers_load_weights_only_with_their_state(tmp_path) -> None:
+    """What DeepSpeed's fp16 optimizers save beside the tensors (`state_dict["loss_scaler"]`), as
+    the real objects: they load under the allow-list with their state; fp16 itself needs a GPU."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    dynamic = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                consecutive_hysteresis=False, raise_error_at_min_scale=True, dtype=torch.half)
+    dynamic.cur_scale, dynamic.cur_hysteresis, dynamic.last_overflow_iter = 2.0**15, 1, 7  # not its first state
+    torch.save({"loss_scaler": dynamic, "static": LossScaler(128.0)}, tmp_path / "optim_states.pt")
+    with ckpt.weights_only_loads(tmp_path):
+        loaded = torch.load(tmp_path / "optim_states.pt", weights_only=False)  # as DeepSpeed's loader asks
+    assert vars(loaded["loss_scaler"]) == vars(dynamic) and loaded["loss_scaler"].cur_scale == 2.0**15
+    assert loaded["static"].cur_scale == 128.0
