@@ -395,9 +395,11 @@ def test_a_second_driver_of_a_running_run_is_refused_and_the_first_is_unharmed(
 
 
 def test_a_driver_stopped_past_its_lease_is_replaced_and_writes_nothing_more(
-        ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
-    command = [sys.executable, "-m", "jobs.cli", "train", "cluster.lease_ttl_s=6",
-               *tiny_overrides(tiny_corpus, tmp_path, "taken-over", address=ray_cluster, tracking=mlflow_server)]
+        reference_run, ray_cluster, mlflow_server, tiny_corpus, tmp_path) -> None:
+    _, reference = reference_run
+    command = [sys.executable, "-m", "jobs.cli", "train",
+               *tiny_overrides(tiny_corpus, tmp_path, "taken-over", address=ray_cluster, tracking=mlflow_server),
+               "cluster.lease_ttl_s=6", EMA]
     run_dir = tmp_path / "runs" / "taken-over"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -420,6 +422,8 @@ def test_a_driver_stopped_past_its_lease_is_replaced_and_writes_nothing_more(
     assert not (run_dir / "export.json").exists() and (run_dir / "export" / "export.json").is_file()
     [run] = runs_named(mlflow_server, "taken-over")
     assert steps(mlflow_server, run.info.run_id) == list(range(1, MAX_STEPS + 1))  # each step once, no writes by the first
+    ours, theirs = _weights(run_dir / "export"), _weights(Path(reference.export_uri))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
 def test_an_interrupted_checkpoint_is_never_loaded(reference_run, tmp_path) -> None:
