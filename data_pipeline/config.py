@@ -14,6 +14,32 @@ InvalidUtf8 = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
+class CorpusConfig:
+    """One training corpus of a mixture (`data.source.corpora`), read as `data.source.train` would
+    be with this format and path. `weight` upsamples, as fairseq's and Marian's do: each pair is in
+    the dataset `weight` times per epoch (2: twice); a fraction picks that share of the corpus's
+    pairs, a fixed seeded choice (0.5: half of them, once)."""
+
+    name: str = ""
+    format: SourceFormat = "text"
+    path: str = ""
+    weight: float = 1.0
+    src_field: str = ""
+    tgt_field: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+
+    def check(self, key: str) -> None:
+        check_name(self.name, f"{key}.name")
+        if not self.name or not self.path:
+            raise ValueError(f"{key}: a corpus needs a name and a path")
+        if self.format == "multi30k":
+            raise ValueError(f"{key}.format: the built-in multi30k is not a corpus of a mixture; give its files as text")
+        if not 0 < self.weight <= 100:
+            raise ValueError(f"{key}.weight={self.weight}: give an upsampling factor above 0 (at most 100)")
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """Where the corpus is. Paths are per split; `valid` and `test` are optional.
 
@@ -25,6 +51,8 @@ class SourceConfig:
     `translation: {src, tgt}` or two columns;
     multi30k: the built-in corpus shipped in data_pipeline/corpora/multi30k (paths are ignored).
     Monolingual corpora (decoder-only models) leave tgt_lang empty.
+    `corpora`: several training corpora mixed by weight (then `train` stays empty); `valid` and
+    `test` are still read with `format`.
     """
 
     format: SourceFormat = "multi30k"
@@ -37,13 +65,25 @@ class SourceConfig:
     tgt_field: str = ""  # defaults to tgt_lang
     hf_splits: tuple[str, str, str] = ("train", "validation", "test")
     hf_config: str = ""  # the dataset's configuration (format hf): "de-en" for wmt14; empty for none
+    # training corpora mixed by weight, each {name, format, path, weight, src_field, tgt_field, hf_config,
+    # hf_split}: weight 2 reads a corpus twice an epoch, 0.5 a fixed seeded half of it once
+    corpora: tuple[CorpusConfig, ...] = ()
 
     @property
     def monolingual(self) -> bool:
         return not self.tgt_lang
 
     def __post_init__(self) -> None:
-        if self.format != "multi30k" and not self.train:
+        if self.corpora:
+            if self.train:
+                raise ValueError("data.source.train and data.source.corpora are both set; list every training "
+                                 "corpus under corpora")
+            for number, corpus in enumerate(self.corpora):
+                corpus.check(f"data.source.corpora[{number}]")
+            names = [corpus.name for corpus in self.corpora]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.source.corpora: names must differ, got {names}")
+        elif self.format != "multi30k" and not self.train:
             raise ValueError(f"data.source.train is required for data.source.format={self.format}")
         if self.format == "multi30k" and {self.src_lang, self.tgt_lang} - {"en", "de", "fr"}:
             raise ValueError("data.source.src_lang / tgt_lang must be en, de or fr for the built-in multi30k")

@@ -44,15 +44,18 @@ def length_histogram(lengths: np.ndarray) -> dict[str, int]:
     return {label: int(count) for label, count in zip(labels, counts)}
 
 
-def describe_split(dataset_uri: str, split: str) -> dict:
-    """Rows, tokens, length histograms and per-shard checksums of a written split."""
-    shards, src_lengths, tgt_lengths = [], [], []
+def describe_split(dataset_uri: str, split: str, corpora: list[str] | None = None) -> dict:
+    """Rows, tokens, length histograms and per-shard checksums of a written split; for a mixture
+    (`corpora`: its names, in order) each corpus's share of the rows and tokens."""
+    shards, src_lengths, tgt_lengths, corpus_ids = [], [], [], []
     for shard in storage.list_files(f"{dataset_uri}/{split}", ".parquet"):
         fs, path = storage.filesystem(shard)
         table = pq.read_table(path, filesystem=fs, columns=None)
         src_lengths.append(table.column("src_len").to_numpy())
         if "tgt_len" in table.column_names:
             tgt_lengths.append(table.column("tgt_len").to_numpy())
+        if corpora:
+            corpus_ids.append(table.column("corpus").to_numpy())
         shards.append({"file": f"{split}/{shard.rsplit('/', 1)[1]}", "rows": table.num_rows, "sha256": storage.sha256_of(shard)})
     src = np.concatenate(src_lengths) if src_lengths else np.zeros(0, dtype=np.int64)
     described = {
@@ -65,6 +68,12 @@ def describe_split(dataset_uri: str, split: str) -> dict:
         tgt = np.concatenate(tgt_lengths)
         described["tgt_tokens"] = int(tgt.sum())
         described["length_histogram"]["tgt"] = length_histogram(tgt)
+    if corpora:
+        ids, tokens = np.concatenate(corpus_ids), np.concatenate(tgt_lengths) if tgt_lengths else src
+        described["corpora"] = {name: {"rows": int((ids == number).sum()),
+                                       "row_share": round(float((ids == number).mean()), 4) if ids.size else 0.0,
+                                       "token_share": round(float(tokens[ids == number].sum() / max(1, tokens.sum())), 4)}
+                                for number, name in enumerate(corpora)}
     return described
 
 

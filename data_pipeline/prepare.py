@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import random
 import shutil
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -34,13 +37,13 @@ import pyarrow.parquet as pq
 
 from data_pipeline import storage
 from data_pipeline.cleaning import Cleaner
-from data_pipeline.config import PrepareConfig
+from data_pipeline.config import PrepareConfig, SourceConfig
 from data_pipeline.errors import InputError
 from data_pipeline.manifest import (
     MANIFEST, SCHEMA_VERSION, TOKENIZER, check_dataset_location, commit_version, current_version, describe_split,
     new_version_uri, write_manifest,
 )
-from data_pipeline.sources import SPLITS, check_split, read_split, split_inputs
+from data_pipeline.sources import SPLITS, SplitInputs, check_split, corpus_source, read_split, split_inputs
 from data_pipeline.tokenizer import (
     ReservoirSample, load_tokenizer, tokenizer_from_bytes, train_tokenizer,
 )
@@ -51,9 +54,19 @@ STAGED_ROW_GROUP_ROWS = 8192
 
 
 @dataclass(frozen=True)
+class Reading:
+    """One corpus of a split as prepare reads it: a mixture's train split has one per corpus."""
+
+    source: SourceConfig
+    inputs: SplitInputs
+    name: str = ""  # the corpus's name in a mixture
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class PreparePlan:
     config: PrepareConfig
-    inputs: dict  # split -> SplitInputs
+    inputs: dict[str, tuple[Reading, ...]]  # split -> what it is read from
     described_inputs: list[dict]
     fingerprint: str
     up_to_date: bool
@@ -67,14 +80,16 @@ def plan_prepare(config: PrepareConfig) -> PreparePlan:
         load_tokenizer(config.tokenizer.path)
     inputs, described = {}, []
     for split in SPLITS:
-        found = split_inputs(config.source, split)
-        inside = [path for path in (found.paths if found else ()) if storage.is_within(path, config.dataset_uri)]
-        if inside:
-            raise InputError(f"data.source.{split}={inside[0]} lies inside the output {config.dataset_uri}, which "
-                             "prepare manages; keep the corpus elsewhere")
-        if found is not None:
-            inputs[split] = found
-            described.append(check_split(config.source, found, skip_invalid))
+        readings = _readings(config.source, split)
+        for reading in readings:
+            inside = [path for path in reading.inputs.paths if storage.is_within(path, config.dataset_uri)]
+            if inside:
+                raise InputError(f"data.source.{split}={inside[0]} lies inside the output {config.dataset_uri}, "
+                                 "which prepare manages; keep the corpus elsewhere")
+            checked = check_split(reading.source, reading.inputs, skip_invalid)
+            described.append({**checked, "corpus": reading.name, "weight": reading.weight} if reading.name else checked)
+        if readings:
+            inputs[split] = readings
     settings = dataclasses.asdict(config)
     for machine_only in ("output_dir", "name", "encode_actors", "encode_batch_rows"):
         settings.pop(machine_only)
@@ -93,19 +108,56 @@ def plan_prepare(config: PrepareConfig) -> PreparePlan:
     return PreparePlan(config, inputs, described, fingerprint, up_to_date)
 
 
+def _readings(source: SourceConfig, split: str) -> tuple[Reading, ...]:
+    """What `split` is read from: each corpus of a mixture's train split, else the source's own."""
+    if split == "train" and source.corpora:
+        readings = []
+        for corpus in source.corpora:
+            own = corpus_source(source, corpus)
+            readings.append(Reading(own, split_inputs(own, "train"), corpus.name, corpus.weight))
+        return tuple(readings)
+    found = split_inputs(source, split)
+    return () if found is None else (Reading(source, found),)
+
+
+_STAGED = pa.schema([("index", pa.int64()), ("src_text", pa.string()), ("tgt_text", pa.string())])
+_MIXED = _STAGED.append(pa.field("corpus", pa.int16()))  # a mixture's train split: which corpus a row is of
+
+
 def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirSample | None) -> dict:
-    """Write one split's (cleaned, for train) text pairs to a Parquet file; return counts."""
+    """Write one split's (cleaned, for train) text pairs to a Parquet file; return counts. A
+    mixture's corpora are cleaned together (a pair in two corpora is kept in the first), each
+    staged alone, then copied in by weight (`_mix`)."""
     config = plan.config
+    cleaner = Cleaner(config.cleaning, config.source.monolingual) if split == "train" else None
+    readings = plan.inputs[split]
+    if len(readings) == 1 and not readings[0].name:
+        return _stage_reading(config, readings[0], raw_uri, cleaner, sample)
+    parts, corpora = [], {}
+    for number, reading in enumerate(readings):
+        part = f"{raw_uri.removesuffix('.parquet')}-corpus{number}.parquet"
+        kept_before = cleaner.kept
+        _stage_reading(config, reading, part, cleaner, sample)
+        parts.append(part)
+        corpora[reading.name] = {"weight": reading.weight, "kept": cleaner.kept - kept_before}
+    fs, path = storage.filesystem(raw_uri)
+    with pq.ParquetWriter(path, _MIXED, filesystem=fs) as writer:
+        for number, (reading, part) in enumerate(zip(readings, parts)):
+            corpora[reading.name]["rows"] = _mix(part, writer, number, reading, config.seed)
+    return {**cleaner.report(), "corpora": corpora}
+
+
+def _stage_reading(config: PrepareConfig, reading: Reading, raw_uri: str, cleaner: Cleaner | None,
+                   sample: ReservoirSample | None) -> dict:
+    """One corpus's pairs (those `cleaner` keeps) into a staged Parquet file, sampled for the tokenizer."""
     monolingual = config.source.monolingual
-    cleaner = Cleaner(config.cleaning, monolingual) if split == "train" else None
     skip_invalid = config.cleaning.invalid_utf8 == "skip"
-    schema = pa.schema([("index", pa.int64()), ("src_text", pa.string()), ("tgt_text", pa.string())])
     invalid, rows = 0, {"index": [], "src_text": [], "tgt_text": []}
     group_rows = min(STAGED_ROW_GROUP_ROWS, config.encode_batch_rows)
     fs, path = storage.filesystem(raw_uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
-        for index, pair in enumerate(read_split(config.source, plan.inputs[split], skip_invalid)):
+    with pq.ParquetWriter(path, _STAGED, filesystem=fs) as writer:
+        for index, pair in enumerate(read_split(reading.source, reading.inputs, skip_invalid)):
             if cleaner is not None:
                 if not cleaner.keep(pair):
                     continue
@@ -121,13 +173,37 @@ def _stage_split(plan: PreparePlan, split: str, raw_uri: str, sample: ReservoirS
                 if not monolingual:
                     sample.add(tgt)
             if len(rows["index"]) >= group_rows:
-                writer.write_table(pa.table(rows, schema=schema))
+                writer.write_table(pa.table(rows, schema=_STAGED))
                 rows = {key: [] for key in rows}
-        writer.write_table(pa.table(rows, schema=schema))
+        writer.write_table(pa.table(rows, schema=_STAGED))
     if cleaner is not None:
         return cleaner.report()
     with storage.open_random_access(raw_uri) as handle:
         return {"kept": pq.ParquetFile(handle).metadata.num_rows, "dropped": {"invalid_utf8": invalid}}
+
+
+def _mix(part_uri: str, writer: pq.ParquetWriter, number: int, reading: Reading, seed: int) -> int:
+    """Write a corpus's staged pairs into the mixture `weight` times over: whole copies, then the
+    fraction as a seeded choice of exactly round(fraction x pairs) of them. Copies follow one
+    another (a whole corpus apart, as fairseq's upsampled copies), never two of a pair side by
+    side; a row group at a time. Returns the rows written."""
+    with storage.open_random_access(part_uri) as handle:
+        staged = pq.ParquetFile(handle)
+        pairs = staged.metadata.num_rows
+        whole, fraction = math.floor(reading.weight), reading.weight - math.floor(reading.weight)
+        chosen = np.array(sorted(random.Random(f"{seed}:{reading.name}").sample(range(pairs), round(fraction * pairs))),
+                          dtype=np.int64)
+        written = 0
+        for copy in range(whole + (len(chosen) > 0)):
+            first = 0
+            for group in range(staged.metadata.num_row_groups):
+                rows = staged.read_row_group(group)
+                if copy == whole:  # the fraction: the chosen rows of this group
+                    picked = chosen[(chosen >= first) & (chosen < first + rows.num_rows)] - first
+                    first, rows = first + rows.num_rows, rows.take(pa.array(picked))
+                writer.write_table(rows.append_column("corpus", pa.array(np.full(rows.num_rows, number, np.int16))))
+                written += rows.num_rows
+    return written
 
 
 class _Encoder:
@@ -150,6 +226,8 @@ class _Encoder:
             columns["tgt_ids"], columns["tgt_len"] = self._encode(batch.column("tgt_text").to_pylist())
         if self.keep_text:
             columns.update(index=batch.column("index"), src_text=batch.column("src_text"), tgt_text=batch.column("tgt_text"))
+        if "corpus" in batch.column_names:  # a mixture's: kept for the manifest's shares
+            columns["corpus"] = batch.column("corpus")
         return pa.table(columns)
 
 
@@ -267,7 +345,8 @@ def run_prepare(plan: PreparePlan) -> dict:
             cleaning[split] = _stage_split(plan, split, storage.join(raw, f"{split}.parquet"),
                                            sample if split == "train" else None)
         if cleaning["train"]["kept"] == 0:
-            raise InputError(f"{plan.inputs['train'].paths[0]}: every training pair was dropped by cleaning: {cleaning['train']['dropped']}")
+            raise InputError(f"{plan.inputs['train'][0].inputs.paths[0]}: every training pair was dropped by "
+                             f"cleaning: {cleaning['train']['dropped']}")
         if config.tokenizer.path:  # a path or a URI: a local copy to read below
             model_path = scratch / TOKENIZER
             with storage.open_input(config.tokenizer.path) as handle:
@@ -281,8 +360,8 @@ def run_prepare(plan: PreparePlan) -> dict:
             _encode_split(plan, split, storage.join(raw, f"{split}.parquet"), model_path.read_bytes(),
                           storage.join(version, split))
         storage.delete_dir(raw)
-        for split in plan.inputs:
-            splits[split] = describe_split(version, split)
+        for split, readings in plan.inputs.items():
+            splits[split] = describe_split(version, split, [reading.name for reading in readings if reading.name])
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": config.dataset_name,

@@ -9,6 +9,7 @@ undecodable line is yielded as None so that the cleaner counts it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import zlib
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from data_pipeline import storage
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import CorpusConfig, SourceConfig
 from data_pipeline.errors import InputError
 
 Pair = tuple[str, str]
@@ -32,6 +33,14 @@ class SplitInputs:
 
     split: str
     paths: tuple[str, ...]  # text: one file per language; others: one path or name
+
+
+def corpus_source(source: SourceConfig, corpus: CorpusConfig) -> SourceConfig:
+    """The source that reads `corpus` as its train split: the mixture's languages, the corpus's
+    own format, path, fields and Hugging Face configuration."""
+    return dataclasses.replace(source, format=corpus.format, train=corpus.path, valid="", test="", corpora=(),
+                               src_field=corpus.src_field, tgt_field=corpus.tgt_field, hf_config=corpus.hf_config,
+                               hf_splits=(corpus.hf_split, *source.hf_splits[1:]))
 
 
 def split_inputs(source: SourceConfig, split: str) -> SplitInputs | None:

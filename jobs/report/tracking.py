@@ -8,18 +8,21 @@ instead of logging it twice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cluster import PROJECT_ROOT
 from data_pipeline.errors import InputError
+from data_pipeline.manifest import Manifest
 from data_pipeline.storage import redact
 
 RUN_NAME_TAG = "aiayn.run_name"
@@ -120,8 +123,38 @@ def find_run(tracking_uri: str, experiment_id: str, run_name: str):
     return existing[0] if existing else None
 
 
-def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, bool]:
-    """(run id, created). The same run name finds the same run again."""
+def dataset_inputs(manifest: Manifest) -> list[DatasetInput]:
+    """What the run trains on, as MLflow's run page shows it ("Datasets used"): the prepared
+    dataset version, and for a mixture each corpus with its weight and its share of the rows and
+    target tokens. Metadata only: MLflow reads none of the data."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    def source(uri: str):
+        with warnings.catch_warnings():  # a local path matches two of MLflow's equal local sources; it says so
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(redact(uri))
+
+    data, train = manifest.data, manifest.data["splits"]["train"]
+    version = MetaDataset(source(manifest.uri), name=data["name"], digest=data["fingerprint"][:16])
+    inputs = [DatasetInput(version._to_mlflow_entity(), [InputTag("mlflow.data.context", "training"),
+                                                         InputTag("rows", str(train["rows"]))])]
+    for described in data["inputs"]:
+        if not described.get("corpus"):
+            continue
+        share = train["corpora"][described["corpus"]]
+        corpus = MetaDataset(source(described["files"][0]["path"]), name=described["corpus"],
+                             digest=hashlib.sha256("".join(f["sha256"] for f in described["files"]).encode()).hexdigest()[:16])
+        inputs.append(DatasetInput(corpus._to_mlflow_entity(), [
+            InputTag("mlflow.data.context", "training corpus"), InputTag("weight", str(described["weight"])),
+            InputTag("rows", str(share["rows"])), InputTag("row_share", str(share["row_share"])),
+            InputTag("token_share", str(share["token_share"]))]))
+    return inputs
+
+
+def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+                       inputs: list[DatasetInput] | None = None) -> tuple[str, bool]:
+    """(run id, created). The same run name finds the same run again; `inputs` go to a new run."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
@@ -136,6 +169,8 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
+    if inputs:
+        client.log_inputs(run.info.run_id, datasets=inputs)
     return run.info.run_id, True
 
 

@@ -207,7 +207,7 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     # Ray and MLflow only once the checks have passed: bad input answers sooner.
     from cluster.ray_connection import connect
     from cluster.reachability import check_reaches_every_node
-    from jobs.report.tracking import find_or_create_run, git_commit
+    from jobs.report.tracking import dataset_inputs, find_or_create_run, git_commit
 
     signer = ckpt.Signer.of_account(job.train.accept_unsigned_checkpoints)
     source = ckpt.resume_source(layout.uri, resume_from, signer, console)
@@ -228,7 +228,7 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     # world_size and zero_stage: rank 0's tags, set by the worker group that trains (an elastic run's varies)
     tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id()}
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, layout.name,
-                                         flatten(public_config(job)), tags)
+                                         flatten(public_config(job)), tags, dataset_inputs(manifest))
     console("resolved config:\n" + yaml.safe_dump(public_config(job), sort_keys=False).rstrip())
     console(f"run {layout.name}: MLflow run {run_id} ({'new' if created else 'continued'}) at {storage.redact(tracking_uri)}")
     console(f"{resume.describe()}; data {manifest.uri}")

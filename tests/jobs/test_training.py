@@ -104,6 +104,8 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert "straggler:" not in (root / "console.txt").read_text()
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
     assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
+    [trained_on] = run.inputs.dataset_inputs  # the run's page names its dataset version, once across restarts
+    assert trained_on.dataset.name == "text-en-de" and "/versions/" in trained_on.dataset.source
     # Where the time went: every category, and nothing lost without a restart (the sum against
     # the wall time: the SIGKILL test).
     ledger = {key: value for key, value in run.data.metrics.items() if key.startswith("goodput/") and key.endswith("_s")}
