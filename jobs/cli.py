@@ -82,12 +82,17 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     config = _load_config(args)  # before the heavy imports (torch, MLflow): a bad key answers at once
-    from jobs.train.driver import train
-
     if args.address:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
     if args.name:
         config = dataclasses.replace(config, name=args.name)
+    if args.dry_run:
+        from jobs.train.dry_run import dry_run
+
+        dry_run(config)
+        return 0
+    from jobs.train.driver import train
+
     outcome = train(config, resume_from=args.resume or "")
     print(_summary(outcome))
     return 0
@@ -383,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(train)
     train.add_argument("--name", default="", help="run name; running the same name again resumes it")
     train.add_argument("--resume", default="", metavar="CHECKPOINT_DIR", help="start from this checkpoint")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, data and cluster, print the plan and time a few steps; train nothing")
     train.set_defaults(handler=_train)
 
     end = commands.add_parser("end", help="mark a run that will not be resumed ended in MLflow, without training")

@@ -41,6 +41,12 @@ def lr_factor(job: JobConfig, step: int) -> float:
     return factor * decay_factor(step, job.train.max_steps, job.optim.decay_steps)
 
 
+def compiles(job: JobConfig, on_gpu: bool) -> bool:
+    """Whether the engine is compiled: train.compile, by default on GPUs only (on a CPU the
+    compile takes longer than it saves in a run of this size)."""
+    return on_gpu if job.train.compile is None else job.train.compile
+
+
 def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, load_universal: bool):
     """(engine, lr scheduler) with identical initial weights on every rank."""
     import deepspeed
@@ -52,7 +58,7 @@ def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, 
         config=deepspeed_config(job, world_size, load_universal=load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(job, s + 1)),
     )
-    if torch.cuda.is_available() if job.train.compile is None else job.train.compile:
+    if compiles(job, torch.cuda.is_available()):
         # In place (the module's state_dict keys stay those of the checkpoints). Token-budget batches
         # change shape every step: after the first recompile, dynamo marks those sizes dynamic.
         engine.compile()
