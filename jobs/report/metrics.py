@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,6 +19,11 @@ from data_pipeline.tokenizer import PAD_ID
 from jobs.checkpoint import JobState
 from jobs.report.stragglers import skew
 from jobs.run.metric_names import (
+    OWN_MS_MAX,
+    OWN_MS_MEDIAN,
+    OWN_MS_MIN,
+    RANK_SKEW,
+    SLOWEST_RANK,
     TRAIN_DATA_WAIT_S,
     TRAIN_LOSS,
     TRAIN_LR,
@@ -151,10 +157,18 @@ class MetricsWindow:
 
 
 def rank_time_metrics(own_ms: list[float | None]) -> dict[str, float]:
-    """Each rank's own time per 1,000 target tokens (forward passes and data wait; none for a rank
-    without data in the window) and their skew: jobs.report.stragglers."""
-    return {**{f"train/own_ms_per_ktok/rank{rank}": ms for rank, ms in enumerate(own_ms) if ms is not None},
-            "train/rank_skew": skew(own_ms)}
+    """The ranks' own time per 1,000 target tokens (forward passes and data wait; none for a rank
+    without data in the window) as a fixed set of names whatever the world size: the fastest,
+    the median and the slowest rank's, which rank that is, and the skew (jobs.report.stragglers).
+    One series per rank would be thousands of keys on a large run, which MLflow's store and
+    charts do not carry; every rank's figure goes to the run's per-rank table instead
+    (`RankReport.rank_figures`)."""
+    measured = {rank: ms for rank, ms in enumerate(own_ms) if ms is not None}
+    if not measured:
+        return {RANK_SKEW: 1.0}
+    slowest = max(measured, key=measured.get)
+    return {OWN_MS_MIN: min(measured.values()), OWN_MS_MEDIAN: statistics.median(measured.values()),
+            OWN_MS_MAX: measured[slowest], SLOWEST_RANK: float(slowest), RANK_SKEW: skew(own_ms)}
 
 
 def run_metrics(state: JobState, world_size: int, lr: float, grad_norm: float | None) -> dict[str, float]:

@@ -1,49 +1,70 @@
-"""Per-node CPU, memory, disk, network and (where present) GPU figures in the run's MLflow run.
+"""Each node's CPU, memory, disk, network and (where present) GPU figures, in the run's MLflow run
+as a fixed set of names whatever the number of nodes.
 
-MLflow's own SystemMetricsMonitor does the sampling (psutil; pynvml for NVIDIA GPUs) and names
-each series `system/<node>/...`; one runs on each node (its local rank 0). What is added here:
-the node's label, numbering that continues across restarts, and a keeper thread that starts the
-monitor again when it has stopped (MLflow's stops for good once the server cannot be reached).
-Nothing here runs on the training thread, and nothing raises: these figures are a side channel.
+MLflow's own collectors (those of its SystemMetricsMonitor: psutil, and pynvml for NVIDIA GPUs)
+sample on each node's local rank 0, on a thread of their own, from the attempt's start. At each
+log window the samples since the last one (MLflow's aggregation: their mean) travel to rank 0
+with the window's other figures, which logs, per figure, the lowest, the median and the highest
+over the nodes (over every GPU for a GPU's figures): `system/<figure>/min|median|max`. MLflow's
+monitor would log `system/<node>/<figure>` for each node, a dozen names a node, which MLflow's
+store and charts do not carry on a large cluster; every node's figures go to the run's per-node
+table instead (`RankReport.node_figures`). Nothing here calls MLflow or raises: a side channel.
 """
 
 from __future__ import annotations
 
-import socket
+import re
+import statistics
 import threading
 
+_GPU_INDEX = re.compile(r"^gpu_\d+_")  # MLflow names a GPU's figures gpu_<index>_<figure>
 
-class NodeSystemMetrics:
-    def __init__(self, run_id: str, tracking_uri: str, node_id: str, interval_s: float) -> None:
-        self.run_id, self.tracking_uri, self.interval_s = run_id, tracking_uri, interval_s
-        self.label = f"{socket.gethostname()}-{node_id[:8]}"  # host and Ray node, as in the node.rankN tags
-        self.monitor = None
-        self._stop = threading.Event()
-        self._keeper = threading.Thread(target=self._keep, name="aiayn-system-metrics", daemon=True)
-        self._keeper.start()
 
-    def _keep(self) -> None:
-        while not self._stop.is_set():
-            if not self._running():
-                self._start()
-            self._stop.wait(2 * self.interval_s)
+class NodeSampler:
+    """This node's figures, sampled every `interval_s` by MLflow's collectors."""
 
-    def _running(self) -> bool:
-        thread = getattr(self.monitor, "_process", None)  # MLflow keeps its sampling thread there
-        return thread is not None and thread.is_alive()
+    def __init__(self, interval_s: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def _start(self) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        # Only its collectors are used (it picks the GPU's where there is one): it is never started,
+        # so it logs nothing and asks the server nothing.
+        self._collectors = SystemMetricsMonitor(run_id=None, tracking_uri="")
+        self.interval_s, self._lock, self._stop = interval_s, threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="aiayn-system-metrics", daemon=True)
+        self._thread.start()
 
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval_s, resume_logging=True,
-                                                node_id=self.label, tracking_uri=self.tracking_uri)
-            self.monitor.start()
-        except Exception:  # noqa: BLE001 - the server is unreachable: tried again later
-            self.monitor = None
+    def _sample(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._collectors.collect_metrics()
+            except Exception:  # noqa: BLE001 - a figure that cannot be read this time is missing this time
+                pass
+            if self._stop.wait(self.interval_s):
+                return
+
+    def take(self) -> dict[str, float]:
+        """The mean of each figure over the samples since the last take ({} when none was taken)."""
+        with self._lock:
+            figures = self._collectors.aggregate_metrics()
+            for collector in self._collectors.monitors:
+                collector.clear_metrics()
+        return {key: float(value) for key, value in figures.items()}
 
     def finish(self) -> None:
         self._stop.set()
-        self._keeper.join(timeout=5)
-        if self._running():
-            self.monitor.finish()
+        self._thread.join(timeout=5)
+
+
+def node_metrics(figures: list[dict[str, float] | None]) -> dict[str, float]:
+    """Rank 0's metrics from every rank's `take()` (None where a rank samples nothing): per figure
+    the lowest, median and highest over the nodes and their GPUs."""
+    values: dict[str, list[float]] = {}
+    for node in figures:
+        for key, value in (node or {}).items():
+            values.setdefault(_GPU_INDEX.sub("gpu_", key), []).append(value)
+    metrics = {}
+    for key, seen in values.items():
+        metrics.update({f"system/{key}/min": min(seen), f"system/{key}/median": statistics.median(seen),
+                        f"system/{key}/max": max(seen)})
+    return metrics

@@ -163,8 +163,8 @@ class TrackingConfig:
     # decides how soon an outage is noticed and how long the end of a run waits for the server.
     http_retries: int = 2
     http_timeout_s: float = 30.0
-    # Each node's CPU, memory, disk, network and GPU figures (MLflow's system metrics, named
-    # system/<host>-<node id>/...) every this many seconds; 0: none.
+    # Each node's CPU, memory, disk, network and GPU figures (MLflow's collectors) sampled every this
+    # many seconds, logged per log window as system/<figure>/min|median|max over the nodes; 0: none.
     system_metrics_every_s: float = 30.0
     # The export is logged as the run's MLflow model (a python_function); with a name here it is
     # also registered in MLflow's Model Registry under it, a new version per run.

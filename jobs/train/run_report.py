@@ -63,6 +63,7 @@ class RankReport:
                  fence: Callable[[str], None] | None = None):
         """`fence(what)` raises once the run's lease is lost, checked before each window's metrics."""
         self._lines, self._metrics, self._fence = lines, metrics, fence
+        self._rank_rows: list[str] = []  # the per-rank table's rows (`rank_figures`)
 
     @classmethod
     def to_run(cls, relay, tracking_uri: str, run_id: str, pending_metrics: list | None = None,
@@ -134,9 +135,31 @@ class RankReport:
         """The metrics not yet known to be in MLflow, for the checkpoint to keep."""
         return self._metrics.spool() if self._metrics is not None else []
 
+    def rank_figures(self, step: int, own_ms: list[float | None], nodes: list[str],
+                     system: list[dict[str, float] | None]) -> None:
+        """Every rank's own time and every node's system figures in the log window ending at
+        `step`: the per-rank table that the metrics summarise (`rank_time_metrics`, `node_metrics`),
+        sent at the attempt's end."""
+        if self._metrics is None:
+            return
+        for rank, (ms, node, figures) in enumerate(zip(own_ms, nodes, system)):
+            if ms is not None:
+                self._rank_rows.append(f"{step},{rank},{node},own_ms_per_ktok,{ms:.3f}\n")
+            self._rank_rows.extend(f"{step},{rank},{node},{key},{value:.3f}\n" for key, value in (figures or {}).items())
+
     def close(self, timeout_s: float) -> int:
-        """Send what is queued for up to `timeout_s`; the number of values still unsent."""
-        return self._metrics.close(timeout_s=timeout_s) if self._metrics is not None else 0
+        """Send what is queued for up to `timeout_s`, and the per-rank table of this attempt's
+        steps (`ranks/figures.steps<first>-<last>.csv`); the number of values still unsent."""
+        if self._metrics is None:
+            return 0
+        if self._rank_rows:
+            first, last = (row.split(",", 1)[0] for row in (self._rank_rows[0], self._rank_rows[-1]))
+            try:
+                self._metrics.client.log_text(self._metrics.run_id, "step,rank,node,figure,value\n" + "".join(
+                    self._rank_rows), f"ranks/figures.steps{first}-{last}.csv")
+            except Exception as error:  # noqa: BLE001 - tracking never fails a run
+                self.line(f"the per-rank table of steps {first}-{last} is not in MLflow ({type(error).__name__})")
+        return self._metrics.close(timeout_s=timeout_s)
 
 
 class RunReport:

@@ -36,8 +36,8 @@ from jobs.report.metrics import (
     run_metrics,
 )
 from jobs.report.stragglers import StragglerWatch
-from jobs.report.system_metrics import NodeSystemMetrics
-from jobs.report.tracking import END_OF_RUN_WAIT_S, local_store_dir
+from jobs.report.system_metrics import NodeSampler, node_metrics
+from jobs.report.tracking import END_OF_RUN_WAIT_S
 from jobs.run.config import JobConfig
 from jobs.run.lease import check_holds
 from jobs.run.metric_names import VALID_LOSS
@@ -175,9 +175,11 @@ class Trainer:
             return {}
         window, self.window = self.window, MetricsWindow()
         own = all_gather(window.own_ms_per_1k_tokens())
+        nodes = all_gather(self.system_metrics.take() if self.system_metrics is not None else None)
+        self.report.rank_figures(self.state.step, own, self.nodes, nodes)
         for line in self.stragglers.observe(own, self.nodes, window.steps):
             self.report.line(f"step {self.state.step}  {line}")
-        return {**window.summary(all_sum, self.peak[0], self.world), **rank_time_metrics(own),
+        return {**window.summary(all_sum, self.peak[0], self.world), **rank_time_metrics(own), **node_metrics(nodes),
                 **run_metrics(self.state, self.world, self.scheduler.get_last_lr()[0], self.engine.get_global_grad_norm()),
                 **({} if stop else self.phases.ledger.metrics())}
 
@@ -248,7 +250,7 @@ def _start(launch: Launch, place: Place, manifest: Manifest, signer: ckpt.Signer
     return start, restored, registered
 
 
-def _finish(phases: Phases, report: RankReport, system_metrics: NodeSystemMetrics | None, step: int) -> None:
+def _finish(phases: Phases, report: RankReport, system_metrics: NodeSampler | None, step: int) -> None:
     """The attempt's end: the system figures' last, what is still queued for MLflow (it is in the
     last checkpoint's spool too), the heartbeat's last."""
     if system_metrics is not None:
@@ -282,17 +284,13 @@ def _charge_start(phases: Phases, start: Start, began_at: float, driver_started_
 
 
 def _tracking(job: JobConfig, place: Place, launch: Launch, pending_metrics: list, fence) -> tuple:
-    """(the rank's report, its node's system metrics or None). Rank 0's report reaches the console
-    and MLflow; each node's local rank 0 sends the node's system figures (with a store in files,
-    SQLite, only rank 0's node can reach it)."""
-    import ray
-
+    """(the rank's report, its node's system figures' sampler or None). Rank 0's report reaches the
+    console and MLflow; each node's local rank 0 samples the node's system figures, which reach
+    rank 0 with each log window."""
     os.environ.update(job.tracking.environment())
     report = RankReport.of_rank(place.rank, launch.relay, launch.tracking_uri, launch.run_id, pending_metrics, fence)
     every = job.tracking.system_metrics_every_s
-    if place.local_rank == 0 and every and (place.rank == 0 or local_store_dir(launch.tracking_uri) is None):
-        return report, NodeSystemMetrics(launch.run_id, launch.tracking_uri, ray.get_runtime_context().get_node_id(), every)
-    return report, None
+    return report, NodeSampler(every) if place.local_rank == 0 and every else None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

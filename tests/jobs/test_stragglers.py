@@ -111,3 +111,17 @@ def test_the_forward_clock_times_what_it_wraps_and_the_window_adds_data_wait() -
     window.add_step(1.0, 1.0, 10, 10, data_wait=0.01, forward=forward, own_tokens=400)
     window.add_step(1.0, 1.0, 10, 10, data_wait=0.03, forward=forward, own_tokens=600)
     assert window.own_ms_per_1k_tokens() == pytest.approx(1e6 * (2 * forward + 0.04) / 1000)
+
+
+def test_the_ranks_figures_are_the_same_few_names_at_any_world_size() -> None:
+    """Two ranks or a thousand: five metric names, the slowest rank named by its number."""
+    from jobs.report.metrics import rank_time_metrics
+
+    many = [10.0 + (rank % 3) for rank in range(1000)]
+    many[637], many[5] = 50.0, None  # one slow rank, one without data in the window
+    figures = rank_time_metrics(many)
+    assert figures == {"train/own_ms_per_ktok/min": 10.0, "train/own_ms_per_ktok/median": 11.0,
+                       "train/own_ms_per_ktok/max": 50.0, "train/slowest_rank": 637.0,
+                       "train/rank_skew": pytest.approx(50.0 / 11.0)}
+    assert set(rank_time_metrics([20.0, 30.0])) == set(figures)
+    assert rank_time_metrics([None, None]) == {"train/rank_skew": 1.0}

@@ -1,40 +1,39 @@
-"""Each node's system figures go to the run, and a monitor that stopped is started again."""
+"""Each node's system figures, sampled by MLflow's collectors, and their summary over the nodes:
+the same few metric names whatever the number of nodes and GPUs."""
 
 from __future__ import annotations
 
-import socket
 import time
 
-from mlflow.tracking import MlflowClient
-
-from jobs.report.system_metrics import NodeSystemMetrics
-from jobs.report.tracking import find_or_create_run
+from jobs.report.system_metrics import NodeSampler, node_metrics
 
 
-def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def _wait_for(condition, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def test_a_node_reports_its_figures_under_its_label_and_a_stopped_monitor_resumes(tmp_path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, _ = find_or_create_run(uri, "exp", "system", {}, {})
-    client = MlflowClient(uri)
-    node = NodeSystemMetrics(run_id, uri, "0123456789abcdef", interval_s=0.5)
-    key = f"system/{socket.gethostname()}-01234567/system_memory_usage_megabytes"
+def test_a_node_samples_its_figures_from_the_start_until_taken() -> None:
+    sampler = NodeSampler(interval_s=0.2)
     try:
-        _wait_for(lambda: len(_steps(client, run_id, key)) >= 2)
-        node.monitor.finish()  # as MLflow's own monitor does once the server cannot be reached
-        before = _steps(client, run_id, key)
-        _wait_for(lambda: len(_steps(client, run_id, key)) >= len(before) + 2)
+        time.sleep(0.1)  # the first sample is taken at once
+        figures = sampler.take()
+        assert figures["system_memory_usage_megabytes"] > 0 and "disk_usage_percentage" in figures
+        deadline = time.monotonic() + 10
+        while not (later := sampler.take()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert later["system_memory_usage_megabytes"] > 0  # sampling goes on between takes
     finally:
-        node.finish()
-    after = _steps(client, run_id, key)
-    assert after == sorted(set(after)) and after[: len(before)] == before  # numbering goes on, no step twice
-    assert client.get_metric_history(run_id, key)[0].value > 0
+        sampler.finish()
+    assert not sampler._thread.is_alive()
+
+
+def test_nodes_and_gpus_fold_into_the_same_few_names() -> None:
+    nodes = [{"cpu_utilization_percentage": 50.0, "gpu_0_utilization_percentage": 90.0,
+              "gpu_1_utilization_percentage": 30.0},
+             None,  # a rank that is not its node's first samples nothing
+             {"cpu_utilization_percentage": 70.0, "gpu_0_utilization_percentage": 60.0,
+              "gpu_1_utilization_percentage": 80.0}]
+    assert node_metrics(nodes) == {
+        "system/cpu_utilization_percentage/min": 50.0, "system/cpu_utilization_percentage/median": 60.0,
+        "system/cpu_utilization_percentage/max": 70.0,
+        "system/gpu_utilization_percentage/min": 30.0, "system/gpu_utilization_percentage/median": 70.0,
+        "system/gpu_utilization_percentage/max": 90.0}
+    many = [{"cpu_utilization_percentage": float(n), **{f"gpu_{g}_utilization_percentage": 1.0 for g in range(8)}}
+            for n in range(500)]
+    assert set(node_metrics(many)) == set(node_metrics(nodes))

@@ -7,6 +7,7 @@ losses of stages 1-3 must match stage 0 to 1e-4 relative.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -14,8 +15,10 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -100,7 +103,17 @@ def test_reference_run_is_tracked_once_per_step(reference_run, mlflow_server) ->
     assert {"node.rank0", "node.rank1", "git_commit", "bleu_signature", "chrf_signature"} <= set(run.data.tags)
     # Rank 0 has its usual extra duties here (MLflow over HTTP, checkpoint uploads, the moving
     # average), and the ranks' data runs out unevenly at each epoch's end: no rank is a straggler.
-    assert {"train/own_ms_per_ktok/rank0", "train/own_ms_per_ktok/rank1"} <= set(run.data.metrics)
+    own = {key for key in run.data.metrics if key.startswith("train/own_ms_per_ktok/")}
+    assert own == {"train/own_ms_per_ktok/min", "train/own_ms_per_ktok/median", "train/own_ms_per_ktok/max"}
+    assert run.data.metrics["train/slowest_rank"] in (0, 1)
+    [table] = [a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id, "ranks")]
+    rows = Path(MlflowClient(mlflow_server).download_artifacts(outcome.run_id, table, str(root))).read_text().splitlines()
+    assert rows[0] == "step,rank,node,figure,value" and {row.split(",")[1] for row in rows[1:]} == {"0", "1"}
+    assert {row.split(",")[3] for row in rows[1:]} >= {"own_ms_per_ktok", "system_memory_usage_megabytes"}
+    assert {"system/system_memory_usage_megabytes/max", "system/cpu_utilization_percentage/median"} <= set(
+        run.data.metrics)  # the nodes' figures, summarised
+    assert not [key for key in run.data.metrics  # no name per node or rank
+                if socket.gethostname() in key or re.search(r"rank\d", key)]
     assert "straggler:" not in (root / "console.txt").read_text()
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(outcome.run_id)}
     assert {"resolved_config.json", "data_manifest.json", "sample_translations.txt", "export"} <= artifacts
@@ -315,11 +328,14 @@ def test_a_rank_slowed_down_is_named_as_a_straggler(ray_cluster, tiny_corpus, tm
     assert slowing.is_set()
     # The steps logged once the slowing runs (by the clock: the console that starts it lags tiny
     # steps by a dozen or more on a loaded machine), averaged as the straggler watch averages them.
-    own = {rank: statistics.mean(m.value for m in MlflowClient(outcome.tracking_uri).get_metric_history(
-        outcome.run_id, f"train/own_ms_per_ktok/rank{rank}") if m.timestamp > 1000 * (slowed_since[0] + 1.0))
-        for rank in (0, 1)}
-    slowed = max(own, key=own.get)
-    assert own[slowed] > 1.5 * own[1 - slowed], own  # the rank held back is the one whose own time grew
+    def since_slowed(key: str) -> dict[int, float]:
+        history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, key)
+        return {m.step: m.value for m in history if m.timestamp > 1000 * (slowed_since[0] + 1.0)}
+
+    slowest, fastest = since_slowed("train/own_ms_per_ktok/max"), since_slowed("train/own_ms_per_ktok/min")
+    ratio = statistics.mean(slowest[step] / fastest[step] for step in slowest)
+    assert ratio > 1.5, ratio  # one rank's own time grew
+    [(slowed, _)] = collections.Counter(int(rank) for rank in since_slowed("train/slowest_rank").values()).most_common(1)
     # ... and it is named. (Tiny steps on 2 shared cores are noisy: the other rank may be named
     # too, for a moment.)
     named = [line for line in lines if f"straggler: rank {slowed} " in line]
