@@ -25,6 +25,7 @@ class Window:
     src_offsets: np.ndarray
     tgt_values: np.ndarray | None
     tgt_offsets: np.ndarray | None
+    corpus: np.ndarray | None = None  # a mixture's: each row's corpus (its number in the manifest)
 
     @property
     def rows(self) -> int:
@@ -46,12 +47,13 @@ class Batch:
     src: torch.Tensor | None
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
+    corpus: torch.Tensor | None = None  # (B,) a mixture's: each row's corpus; stays on the host
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out))
+        return Batch(src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out), corpus=self.corpus)
 
     def target_positions(self) -> torch.Tensor:
         """Flat indices of the real target tokens in (B, T), computed where the batch was built (the
@@ -66,6 +68,16 @@ class Batch:
     @property
     def target_tokens(self) -> int:
         return int((self.tgt_out != PAD_ID).sum())
+
+    def corpus_target_tokens(self, corpora: int) -> np.ndarray:
+        """A mixture's: the batch's real target tokens of each corpus."""
+        assert self.corpus is not None
+        return np.bincount(self.corpus.numpy(), weights=(self.tgt_out != PAD_ID).sum(1).numpy(), minlength=corpora)
+
+    def target_corpora(self, positions: torch.Tensor) -> torch.Tensor:
+        """The corpus of each target token at `positions` (flat indices into (B, T)), on the host."""
+        assert self.corpus is not None
+        return self.corpus.index_select(0, positions // self.tgt_out.shape[1])
 
 
 def longest_example(max_tokens: int, max_positions: int | None) -> int:
@@ -112,7 +124,8 @@ def _pad(rows: list[np.ndarray]) -> torch.Tensor:
 def collate(window: Window, rows: np.ndarray) -> Batch:
     targets = [window.tgt(int(r)) for r in rows]
     inputs = [np.concatenate(([BOS_ID], t[:-1])) for t in targets]
-    return Batch(src=_pad([window.src(int(r)) for r in rows]), tgt_in=_pad(inputs), tgt_out=_pad(targets))
+    corpus = None if window.corpus is None else torch.from_numpy(window.corpus[rows].astype(np.int64))
+    return Batch(src=_pad([window.src(int(r)) for r in rows]), tgt_in=_pad(inputs), tgt_out=_pad(targets), corpus=corpus)
 
 
 def packed_batches(window: Window, rng: np.random.Generator, length: int, max_tokens: int) -> list[Batch]:

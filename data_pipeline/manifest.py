@@ -70,10 +70,11 @@ def describe_split(dataset_uri: str, split: str, corpora: list[str] | None = Non
         described["length_histogram"]["tgt"] = length_histogram(tgt)
     if corpora:
         ids, tokens = np.concatenate(corpus_ids), np.concatenate(tgt_lengths) if tgt_lengths else src
-        described["corpora"] = {name: {"rows": int((ids == number).sum()),
-                                       "row_share": round(float((ids == number).mean()), 4) if ids.size else 0.0,
-                                       "token_share": round(float(tokens[ids == number].sum() / max(1, tokens.sum())), 4)}
-                                for number, name in enumerate(corpora)}
+        described["corpora"] = [  # a list: a corpus's place is its number in the shards' corpus column
+            {"name": name, "rows": int((ids == number).sum()),
+             "row_share": round(float((ids == number).mean()), 4) if ids.size else 0.0,
+             "token_share": round(float(tokens[ids == number].sum() / max(1, tokens.sum())), 4)}
+            for number, name in enumerate(corpora)]
     return described
 
 
@@ -81,6 +82,10 @@ def describe_split(dataset_uri: str, split: str, corpora: list[str] | None = Non
 class Manifest:
     uri: str  # the dataset directory
     data: dict
+
+    def corpora(self, split: str) -> tuple[str, ...]:
+        """The names of a mixture's corpora in `split`, in the order of their numbers; () for one corpus."""
+        return tuple(corpus["name"] for corpus in self.data["splits"][split].get("corpora", []))
 
     @property
     def tokenizer_uri(self) -> str:

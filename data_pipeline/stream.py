@@ -86,6 +86,9 @@ class ShardStream:
         self.position = position or StreamPosition()
         self.stats = StreamStats()
         self.monolingual = manifest.monolingual
+        # A mixture's corpora, in the order of their numbers (batches carry each row's; a decoder-only
+        # stream packs documents across rows, so it carries none)
+        self.corpora = () if self.monolingual else manifest.corpora(split)
         shards = manifest.shard_uris(split)
         self._units = [
             (uri, start, min(start + config.unit_rows, rows))
@@ -122,6 +125,7 @@ class ShardStream:
         if self._cached is None or self._cached[0] != uri:
             fs, path = storage.filesystem(uri)
             columns = ["src_ids", "src_len"] + ([] if self.monolingual else ["tgt_ids", "tgt_len"])
+            columns += ["corpus"] if self.corpora else []
             table = pq.read_table(path, filesystem=fs, columns=columns)
             check_token_ids(uri, table, self.manifest.vocab_size)  # the driver checked; a node may read other bytes
             self._cached = (uri, table)
@@ -133,7 +137,8 @@ class ShardStream:
         if self.monolingual:
             return Window(src_values, src_offsets, None, None)
         tgt_values, tgt_offsets = _list_values(pieces.column("tgt_ids"))
-        return Window(src_values, src_offsets, tgt_values, tgt_offsets)
+        corpus = pieces.column("corpus").to_numpy() if self.corpora else None
+        return Window(src_values, src_offsets, tgt_values, tgt_offsets, corpus)
 
     def _example_seeds(self, epoch: int, units: list[tuple[str, int, int]]) -> list[int]:
         """One seed per example of the window, from (seed, epoch, its row in the split)."""
@@ -152,7 +157,7 @@ class ShardStream:
         src = sampled_segmentation(self._processor, window.src_values, window.src_offsets, seeds, self._sampling)
         tgt = sampled_segmentation(self._processor, window.tgt_values, window.tgt_offsets,
                                    [seed ^ 0x5BD1E995 for seed in seeds], self._sampling)  # not the source's draws
-        return Window(*src, *tgt)
+        return Window(*src, *tgt, window.corpus)
 
     def _window_batches(self, epoch: int, window_units: int, index: int) -> list[Batch]:
         units = self._window(epoch, window_units, index)

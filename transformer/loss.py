@@ -9,14 +9,15 @@ import torch
 
 
 def _sums(nll: torch.Tensor, uniform: torch.Tensor, real: torch.Tensor, epsilon: float):
-    """(smoothed loss, NLL) summed over the real targets, from each row's NLL and mean -log p."""
+    """(smoothed loss summed over the real targets, each target's NLL with 0 at padding), from each
+    row's NLL and mean -log p."""
     loss = ((1.0 - epsilon) * nll + epsilon * uniform).masked_fill(~real, 0.0).sum()
-    return loss, nll.masked_fill(~real, 0.0).sum()
+    return loss, nll.masked_fill(~real, 0.0)
 
 
 def _logsumexp_sums(logits: torch.Tensor, targets: torch.Tensor, real: torch.Tensor, epsilon: float):
-    """The compiled forward: (loss, NLL, each row's log-sum-exp) from reductions over the logits as
-    they are (bf16 read, fp32 summed), without writing any (N, V) tensor."""
+    """The compiled forward: (loss, each row's NLL, each row's log-sum-exp) from reductions over
+    the logits as they are (bf16 read, fp32 summed), without writing any (N, V) tensor."""
     x = logits.float()
     lse = x.logsumexp(dim=-1)
     nll = lse - x.gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -52,16 +53,18 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     on a GPU in bf16 that moves ~8 bytes per logit where the eager path moves ~48."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, epsilon: float, pad_id: int, compiled: bool):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, epsilon: float, pad_id: int, compiled: bool,
+                groups: torch.Tensor | None, group_count: int):
         real = targets != pad_id
         if compiled:
-            loss, nll_sum, lse = _compiled(_logsumexp_sums)(logits, targets, real, epsilon)
+            loss, nll, lse = _compiled(_logsumexp_sums)(logits, targets, real, epsilon)
             ctx.save_for_backward(logits, lse, targets, real)
         else:
             log_probs = logits.float().log_softmax(dim=-1)
-            nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-            loss, nll_sum = _sums(nll, -log_probs.mean(dim=-1), real, epsilon)
+            loss, nll = _sums(-log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), -log_probs.mean(dim=-1), real,
+                              epsilon)
             ctx.save_for_backward(log_probs, targets, real)
+        nll_sum = nll.sum() if groups is None else nll.new_zeros(group_count).index_add_(0, groups, nll)
         ctx.mark_non_differentiable(nll_sum)
         ctx.epsilon, ctx.logits_dtype, ctx.compiled, ctx.spent = epsilon, logits.dtype, compiled, False
         return loss, nll_sum
@@ -75,11 +78,11 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         scale = (grad_loss * real).unsqueeze(1).float()  # (N, 1): 0 at padding
         if ctx.compiled:
             logits, lse, targets = kept
-            return _compiled(_logsumexp_gradient)(logits, lse, targets, scale, epsilon), None, None, None, None
+            return _compiled(_logsumexp_gradient)(logits, lse, targets, scale, epsilon), None, None, None, None, None, None
         log_probs, targets = kept
         grad = log_probs.exp_().sub_(epsilon / log_probs.shape[1])
         grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(scale, epsilon - 1.0))
-        return grad.mul_(scale).to(ctx.logits_dtype), None, None, None, None
+        return grad.mul_(scale).to(ctx.logits_dtype), None, None, None, None, None, None
 
 
 def label_smoothed_loss(
@@ -89,6 +92,8 @@ def label_smoothed_loss(
     pad_id: int,
     *,
     compiled: bool = False,
+    groups: torch.Tensor | None = None,
+    group_count: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed smoothed loss and summed NLL (not differentiable) over non-pad targets.
 
@@ -96,6 +101,8 @@ def label_smoothed_loss(
     torch's convention): loss = (1 - eps) * nll + eps * mean_v(-log p_v). Sums, not means, so that
     callers normalise by the token count of the whole (possibly accumulated) batch. `compiled`:
     torch.compile the loss's two passes (inductor), as training does when it compiles the model.
+    `groups` (one integer below `group_count` per target, on the logits' device): the NLL is then
+    summed per group, a (group_count,) tensor, as a mixture's loss per corpus.
     """
     return _LabelSmoothedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            epsilon, pad_id, compiled)
+                                            epsilon, pad_id, compiled, groups, group_count)

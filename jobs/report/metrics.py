@@ -122,12 +122,22 @@ class MetricsWindow:
     data_wait: float = 0.0
     forward: float = 0.0  # this rank's forward passes over its real batches (ForwardClock)
     own_tokens: float = 0.0  # this rank's real target tokens
+    corpora: tuple[str, ...] = ()  # a mixture's corpora: the NLL and target tokens of each, this rank's
+    corpus_nll: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    corpus_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     started: float = field(default_factory=time.perf_counter)
 
+    def __post_init__(self) -> None:
+        self.corpus_nll, self.corpus_tokens = np.zeros(len(self.corpora)), np.zeros(len(self.corpora))
+
     def add_step(self, loss: float, nll: float, global_tokens: float, global_flops: float, data_wait: float,
-                 forward: float = 0.0, own_tokens: float = 0.0) -> None:
+                 forward: float = 0.0, own_tokens: float = 0.0, corpus_nll: tuple[float, ...] = (),
+                 corpus_tokens: tuple[float, ...] = ()) -> None:
         self.loss += loss
         self.nll += nll
+        if self.corpora:
+            self.corpus_nll += corpus_nll
+            self.corpus_tokens += corpus_tokens
         self.tokens += global_tokens
         self.flops += global_flops
         self.data_wait += data_wait
@@ -143,7 +153,7 @@ class MetricsWindow:
     def summary(self, all_sum: Callable[[list[float]], list[float]], peak_flops_per_rank: float,
                 world_size: int) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
-        loss, nll = all_sum([self.loss, self.nll])
+        loss, nll, *per_corpus = all_sum([self.loss, self.nll, *self.corpus_nll, *self.corpus_tokens])
         seconds = time.perf_counter() - self.started
         tokens, steps = max(self.tokens, 1.0), max(self.steps, 1)
         metrics = {
@@ -153,6 +163,11 @@ class MetricsWindow:
         }
         if peak_flops_per_rank:
             metrics[TRAIN_MFU] = self.flops / seconds / (peak_flops_per_rank * world_size)
+        count = len(self.corpora)
+        for name, corpus_nll, corpus_tokens in zip(self.corpora, per_corpus[:count], per_corpus[count:]):
+            metrics[f"train/corpus/{name}/tokens"] = corpus_tokens  # its target tokens in the window, all ranks
+            if corpus_tokens:
+                metrics[f"train/corpus/{name}/nll"] = corpus_nll / corpus_tokens
         return metrics
 
 

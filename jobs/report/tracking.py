@@ -142,7 +142,7 @@ def dataset_inputs(manifest: Manifest) -> list[DatasetInput]:
     for described in data["inputs"]:
         if not described.get("corpus"):
             continue
-        share = train["corpora"][described["corpus"]]
+        share = next(corpus for corpus in train["corpora"] if corpus["name"] == described["corpus"])
         corpus = MetaDataset(source(described["files"][0]["path"]), name=described["corpus"],
                              digest=hashlib.sha256("".join(f["sha256"] for f in described["files"]).encode()).hexdigest()[:16])
         inputs.append(DatasetInput(corpus._to_mlflow_entity(), [

@@ -65,40 +65,58 @@ def build_engine(job: JobConfig, model_config: ModelConfig, world_size: int, *, 
     return engine, scheduler
 
 
-def forward_loss(engine, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label-smoothed loss, NLL), summed over the batch's target tokens.
+def forward_loss(engine, batch: Batch, epsilon: float, corpora: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed loss, NLL), summed over the batch's target tokens; with `corpora` (a
+    mixture's number of corpora) the NLL is summed per corpus, a (corpora,) tensor.
 
     Everything that depends on where the padding is (target positions, whether the source needs
-    a mask) is decided on the host before the batch moves, so the device never waits on the host."""
+    a mask, each target's corpus) is decided on the host before the batch moves, so the device
+    never waits on the host."""
     positions = batch.target_positions()
     targets = batch.tgt_out.flatten().index_select(0, positions)
+    groups = None
+    if corpora:  # a stand-in batch has no corpus: its weight is 0, so any will do
+        groups = batch.target_corpora(positions) if batch.corpus is not None else torch.zeros_like(positions)
     kwargs = {} if batch.src is None else {"src_padded": batch.src_padded}
     device = engine.device
     positions, targets = positions.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    groups = None if groups is None else groups.to(device, non_blocking=True)
     batch = batch.to(device)
     inputs = (batch.tgt_in, positions) if batch.src is None else (batch.src, batch.tgt_in, positions)
-    return label_smoothed_loss(engine(*inputs, **kwargs), targets, epsilon, PAD_ID, compiled=engine.is_compiled)
+    return label_smoothed_loss(engine(*inputs, **kwargs), targets, epsilon, PAD_ID, compiled=engine.is_compiled,
+                               groups=groups, group_count=corpora)
+
+
+@dataclass(frozen=True)
+class StepSums:
+    """A rank's sums over one optimizer step's real target tokens."""
+
+    loss: float
+    nll: float
+    corpus_nll: tuple[float, ...] = ()  # a mixture's NLL per corpus, in the manifest's order
 
 
 def train_step(engine, micro: list[Batch | None], global_tokens: float, world_size: int,
-               epsilon: float, forward_clock: ForwardClock | None = None) -> tuple[float, float]:
+               epsilon: float, forward_clock: ForwardClock | None = None, corpora: int = 0) -> StepSums:
     """One optimizer step over this rank's micro-batches (None: no data left); returns this rank's
-    (loss, NLL) sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale.
-    The sums stay on the device until the step's end: one host synchronisation per step.
-    `forward_clock` times the forward passes of real batches (straggler detection)."""
+    sums. DeepSpeed averages gradients over ranks and micro-batches, hence the scale. The sums
+    stay on the device until the step's end: one host synchronisation per step.
+    `forward_clock` times the forward passes of real batches (straggler detection); `corpora`: a
+    mixture's number of corpora, whose NLL is summed apart."""
     scale = world_size * len(micro) / max(global_tokens, 1.0)
     sums = []
     for batch in micro:
         weight = 0.0 if batch is None else 1.0
         timed = forward_clock is not None and batch is not None  # a stand-in batch is no work to compare
         with forward_clock.timing() if timed else contextlib.nullcontext():
-            loss, nll = forward_loss(engine, batch or DUMMY_BATCH, epsilon)
+            loss, nll = forward_loss(engine, batch or DUMMY_BATCH, epsilon, corpora)
         engine.backward(loss * (scale * weight))
         with _skip_if_not_finite(engine):
             engine.step()
-        sums.append(torch.stack([loss.detach().float(), nll.float()]) * weight)
-    loss_sum, nll_sum = torch.stack(sums).sum(0).tolist()
-    return loss_sum, nll_sum
+        sums.append(torch.cat([loss.detach().float().view(1), nll.float().sum().view(1), nll.float().view(-1)[:corpora]])
+                    * weight)
+    loss_sum, nll_sum, *corpus_nll = torch.stack(sums).sum(0).tolist()
+    return StepSums(loss_sum, nll_sum, tuple(corpus_nll))
 
 
 @contextlib.contextmanager

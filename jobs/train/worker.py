@@ -86,7 +86,7 @@ class Trainer:
                                   position=self.start.position, max_length=self.model_config.max_positions)
         self.report, self.system_metrics = _tracking(self.job, self.place, launch, self.state.pending_metrics, self.fence)
         self.peak = device_peak_flops(self.device, self.job.train.precision)
-        self.forward_clock, self.window = ForwardClock(self.device), MetricsWindow()
+        self.forward_clock, self.window = ForwardClock(self.device), MetricsWindow(corpora=self.stream.corpora)
         self.stragglers = StragglerWatch(self.job.train.straggler_factor)
         self.saver = Saver(self.rank, self.job.train.zero_stage, self.job.train.async_checkpoint, self.engine,
                            self.average, self.report, self.fence, self.signer)
@@ -157,23 +157,26 @@ class Trainer:
 
     def _train(self, micro: list[Batch | None], agreed: Agreement, data_wait: float) -> None:
         """One optimizer step over this rank's micro-batches (None: a zero-weight stand-in)."""
-        loss, nll = train_step(self.engine, micro, agreed.tokens, self.world, self.model_config.label_smoothing,
-                               self.forward_clock)
+        corpora = len(self.stream.corpora)
+        sums = train_step(self.engine, micro, agreed.tokens, self.world, self.model_config.label_smoothing,
+                          self.forward_clock, corpora)
         self.state.step += 1
         skipped = self.guard.after_step(self.engine, self.state.step)
         self.state.skipped_steps += skipped
         if self.average is not None and not skipped:
             self.average.update(self.engine.module.named_parameters())
         self.state.tokens_seen += int(agreed.tokens)
-        self.window.add_step(loss, nll, agreed.tokens, agreed.flops, data_wait, self.forward_clock.take(),
-                             sum(b.target_tokens for b in micro if b is not None))
+        real = [b for b in micro if b is not None]
+        corpus_tokens = sum((b.corpus_target_tokens(corpora) for b in real), 0) if corpora else ()
+        self.window.add_step(sums.loss, sums.nll, agreed.tokens, agreed.flops, data_wait, self.forward_clock.take(),
+                             sum(b.target_tokens for b in real), sums.corpus_nll, corpus_tokens)
 
     def _window_metrics(self, stop: bool) -> dict[str, float]:
         """The log window's metrics when a log line is due (a collective: every rank is here at the
         same step); the last step's ledger is the driver's, with the run's end."""
         if not (self.window.steps and self.cadence.log(self.state.step, stop)):
             return {}
-        window, self.window = self.window, MetricsWindow()
+        window, self.window = self.window, MetricsWindow(corpora=self.stream.corpora)
         own = all_gather(window.own_ms_per_1k_tokens())
         nodes = all_gather(self.system_metrics.take() if self.system_metrics is not None else None)
         self.report.rank_figures(self.state.step, own, self.nodes, nodes)

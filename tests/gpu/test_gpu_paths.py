@@ -145,7 +145,7 @@ def test_deepspeed_fp16_step_over_nccl(tmp_path, monkeypatch) -> None:
         assert engine.optimizer.optimizer.defaults["fused"]  # torch's fused Adam inside ZeRO
         src, tgt_in, tgt_out = _batch(engine.device)
         batch = Batch(src=src.cpu(), tgt_in=tgt_in.cpu(), tgt_out=tgt_out.cpu())
-        losses = [train_step(engine, [batch], float(batch.target_tokens), 1, 0.1)[0] for _ in range(10)]
+        losses = [train_step(engine, [batch], float(batch.target_tokens), 1, 0.1).loss for _ in range(10)]
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     finally:
         dist.destroy_process_group()

@@ -50,7 +50,7 @@ def main(steps: int, overrides: list[str]) -> None:
     engine, _ = build_engine(job, job.model.replace(vocab_size=VOCAB), 1, load_universal=False)
     losses, applied = [], []
     for batch in padded_batches(steps, seed=7):
-        loss, _ = train_step(engine, [batch], batch.target_tokens, 1, job.model.label_smoothing)
+        loss = train_step(engine, [batch], batch.target_tokens, 1, job.model.label_smoothing).loss
         losses.append(loss / batch.target_tokens)
         applied.append(engine.was_step_applied())
     weights_finite = None if job.train.zero_stage == 3 else all(  # ZeRO-3's are partitioned away

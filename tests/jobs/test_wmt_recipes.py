@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from data_pipeline.manifest import load_manifest
 from jobs.run.config import load_job_config
@@ -83,5 +84,18 @@ def test_both_recipes_train_a_few_tiny_steps_from_the_mixed_corpora(wmt_shaped, 
         outcome = train(job, log=lambda line: None)
         assert outcome.steps == 4 and outcome.test is not None
         assert Path(outcome.export_uri, "export.json").is_file()
+    # The last run's loss and target tokens per corpus: the corpora's tokens add up to every token
+    # trained on, and their NLLs, weighted by their tokens, to the window's NLL.
+    client = MlflowClient(outcome.tracking_uri)
+    history = {key: {m.step: m.value for m in client.get_metric_history(outcome.run_id, key)}
+               for key in ["train/nll", "train/tokens_seen", *(f"train/corpus/{name}/{figure}" for name in CORPORA
+                                                               for figure in ("nll", "tokens"))]}
+    windows = sorted(history["train/nll"])
+    tokens = {step: sum(history[f"train/corpus/{name}/tokens"][step] for name in CORPORA) for step in windows}
+    assert sum(tokens.values()) == history["train/tokens_seen"][4]
+    for step in windows:
+        weighted = sum(history[f"train/corpus/{name}/nll"][step] * history[f"train/corpus/{name}/tokens"][step]
+                       for name in CORPORA) / tokens[step]
+        assert weighted == pytest.approx(history["train/nll"][step], rel=1e-5)
     manifest = load_manifest(str(tmp_path / "data" / "text-en-de"))  # one dataset served both recipes
-    assert set(manifest.data["splits"]["train"]["corpora"]) == set(CORPORA)
+    assert manifest.corpora("train") == tuple(CORPORA)

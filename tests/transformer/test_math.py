@@ -53,6 +53,21 @@ def test_label_smoothed_loss_hand_values() -> None:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_nll_per_group_is_torchs_over_each_groups_targets(compiled: bool) -> None:
+    """A mixture's loss per corpus: each target's group picks the sum it joins; padding joins none."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 13, generator=generator)
+    targets = torch.tensor([3, 5, 0, 7, 1, 0, 12, 4])  # 0: padding
+    groups = torch.tensor([0, 2, 2, 0, 1, 1, 2, 0])
+    loss, nll = label_smoothed_loss(logits, targets, 0.1, 0, compiled=compiled, groups=groups, group_count=4)
+    for group in range(4):
+        rows = groups == group
+        reference = torch.nn.functional.cross_entropy(logits[rows], targets[rows], ignore_index=0, reduction="sum")
+        torch.testing.assert_close(nll[group], reference)  # group 3 has no target: 0
+    torch.testing.assert_close(loss, label_smoothed_loss(logits, targets, 0.1, 0, compiled=compiled)[0])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_label_smoothed_loss_and_its_gradient_match_torch_cross_entropy(compiled: bool) -> None:
     """Both paths (eager: one log_softmax; compiled: log-sum-exp reductions and one fused gradient
     pass) give torch's label-smoothed cross entropy, gradients too."""
