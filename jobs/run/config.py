@@ -206,7 +206,11 @@ class JobConfig:
 
     def with_dataset(self, manifest) -> "JobConfig":
         """The model section completed from the dataset: its vocabulary size and special ids."""
-        model = self.model.replace(vocab_size=manifest.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        return self.with_vocabulary(manifest.vocab_size)
+
+    def with_vocabulary(self, vocab_size: int) -> "JobConfig":
+        """The model section completed with a vocabulary size and the tokenizer's fixed special ids."""
+        model = self.model.replace(vocab_size=vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
         return dataclasses.replace(self, model=model)
 
 

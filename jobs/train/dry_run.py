@@ -10,7 +10,6 @@ once), no MLflow run is made.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import socket
@@ -23,7 +22,7 @@ import torch
 
 from data_pipeline.batching import Batch, longest_example
 from data_pipeline.manifest import Manifest
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from data_pipeline.tokenizer import BOS_ID
 from jobs.report.metrics import batch_training_flops, device_peak_flops
 from jobs.report.progress import duration
 from jobs.run.config import JobConfig
@@ -168,8 +167,6 @@ def plan_lines(job: JobConfig, shape: Shape, manifest: Manifest | None) -> tuple
 
 def dry_run(job: JobConfig, say: Callable[[str], None] = print, timed_steps: int = 3) -> None:
     """Check and plan `job` without training or writing; print the plan and the estimate."""
-    import ray
-
     from cluster.ray_connection import connect
     from jobs.train.driver import run_name, validate, with_absolute_paths
 
@@ -183,8 +180,7 @@ def dry_run(job: JobConfig, say: Callable[[str], None] = print, timed_steps: int
         rows = sum(d["rows"] for d in plan.described_inputs if d["split"] == "train")
         say(f"data: {job.data.dataset_uri}: not prepared yet; its inputs check out ({rows:,} training pairs before "
             "cleaning); the run would prepare it first")
-        model = job.model.replace(vocab_size=job.data.tokenizer.vocab_size, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
-        job = dataclasses.replace(job, model=model)  # the vocabulary it asks SentencePiece for
+        job = job.with_vocabulary(job.data.tokenizer.vocab_size)  # the size it asks SentencePiece for
     say(f"run {layout.name}: checkpoints and export in {layout.uri}")
     connect(job.cluster.address)
     for line in cluster_lines(job):
@@ -193,27 +189,32 @@ def dry_run(job: JobConfig, say: Callable[[str], None] = print, timed_steps: int
     lines, steps = plan_lines(job, shape, manifest)
     for line in lines:
         say(line)
+    for line in _timed_lines(job, shape, steps, timed_steps):
+        say(line)
+    say("dry run: nothing was trained or written")
+
+
+def _timed_lines(job: JobConfig, shape: Shape, steps: int | None, timed_steps: int) -> list[str]:
+    """A few steps timed on one worker's resources, and the run's length at that rate."""
+    import ray
+
     if job.cluster.use_gpu and not ray.cluster_resources().get("GPU"):
-        say("measured: nothing: the run trains on GPUs and this cluster has none to time a step on")
-        say("dry run: nothing was trained or written")
-        return
-    accumulation = accumulation_steps(job, job.cluster.num_workers)
+        return ["measured: nothing: the run trains on GPUs and this cluster has none to time a step on"]
     task = ray.remote(  # max_calls: the process group and DeepSpeed's state leave with the process
         num_cpus=job.cluster.cpus_per_worker, num_gpus=1 if job.cluster.use_gpu else 0, max_calls=1,
         runtime_env={"env_vars": worker_environment(job.cluster, uses_gpu=job.cluster.use_gpu)})(measure_steps)
     try:
-        measured = ray.get(task.remote(job, shape, accumulation, timed_steps))
+        measured = ray.get(task.remote(job, shape, accumulation_steps(job, job.cluster.num_workers), timed_steps))
     except ray.exceptions.RayTaskError as error:
         if "OutOfMemoryError" in str(error) or "out of memory" in str(error):
-            say(f"measured: a step of this micro-batch does not fit in one worker's memory; lower "
-                f"stream.max_tokens (now {job.stream.max_tokens:,}) or raise train.zero_stage")
-            return
+            return [f"measured: one micro-batch of {job.stream.max_tokens:,} tokens does not fit in a worker's memory; "
+                    "lower stream.max_tokens (the step keeps its size: train.tokens_per_step)"]
         raise
     memory = (f", peak {measured.peak_memory / 2**30:.1f} of {measured.device_memory / 2**30:.0f} GiB"
               if measured.device_memory else "")
-    say(f"measured: {measured.steps} steps on one worker ({measured.device}, world size 1): "
-        f"{measured.step_s:.3f} s a step, {measured.mfu:.0%} of its {job.train.precision} peak{memory}")
+    lines = [f"measured: {measured.steps} steps on one worker ({measured.device}, world size 1): "
+             f"{measured.step_s:.3f} s a step, {measured.mfu:.0%} of its {job.train.precision} peak{memory}"]
     if steps is not None:
-        say(f"estimate: {duration(steps * measured.step_s)} for {steps:,} steps at that rate, plus the "
-            f"gradient exchange across {job.cluster.num_workers} workers, validation and checkpoints")
-    say("dry run: nothing was trained or written")
+        lines.append(f"estimate: {duration(steps * measured.step_s)} for {steps:,} steps at that rate, plus the "
+                     f"gradient exchange across {job.cluster.num_workers} workers, validation and checkpoints")
+    return lines
