@@ -8,7 +8,7 @@ with the window's other figures, which logs, per figure, the lowest, the median 
 over the nodes (over every GPU for a GPU's figures): `system/<figure>/min|median|max`. MLflow's
 monitor would log `system/<node>/<figure>` for each node, a dozen names a node, which MLflow's
 store and charts do not carry on a large cluster; every node's figures go to the run's per-node
-table instead (`RankReport.node_figures`). Nothing here calls MLflow or raises: a side channel.
+table instead (`RankReport.rank_figures`). Nothing here calls MLflow or raises: a side channel.
 """
 
 from __future__ import annotations
