@@ -98,6 +98,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jobs.tune.spaces import parse_search
+    from jobs.tune.sweep import plan_sweep
+
+    config = _load_config(args)
+    if args.address:
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=args.address))
+    plan = plan_sweep(config, [parse_search(text) for text in args.search], name=args.name, trials=args.trials,
+                      scheduler=args.scheduler, metric=args.metric, concurrent=args.concurrent)
+    from jobs.tune.sweep import run_sweep  # Ray Tune only once the sweep's checks have passed
+
+    run_sweep(plan)
+    return 0
+
+
 def _end(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -391,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the config, data and cluster, print the plan and time a few steps; train nothing")
     train.set_defaults(handler=_train)
+
+    tune = commands.add_parser("tune", help="a Ray Tune sweep of training runs, one MLflow parent run (docs/sweeps.md)")
+    _add_config_arguments(tune)
+    tune.add_argument("--name", default="", help="the sweep's name; the same name again resumes it")
+    tune.add_argument("--search", action="append", default=[], metavar="KEY=SPACE",
+                      help="choice(a,b) uniform(lo,hi) loguniform(lo,hi) int(lo,hi) grid(a,b) over any config key")
+    tune.add_argument("--trials", type=int, default=4, help="samples of the space (default 4)")
+    tune.add_argument("--scheduler", default="asha", help="asha (stops weak trials early) or fifo")
+    tune.add_argument("--metric", default="valid/loss", help="valid/loss or valid/bleu")
+    tune.add_argument("--concurrent", type=int, default=0, help="trials at once (default: as many as fit)")
+    tune.set_defaults(handler=_tune)
 
     end = commands.add_parser("end", help="mark a run that will not be resumed ended in MLflow, without training")
     _add_config_arguments(end)

@@ -156,6 +156,7 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else a local store ./mlruns
     experiment: str = "aiayn"
+    parent_run: str = ""  # an MLflow run id the run is a child of (`aiayn tune` sets it: the sweep's run)
     # The MLflow client's budget per request, on the driver and every worker. MLflow's own
     # defaults (120 s, 7 retries with backoff) let one call to a server that accepts connections
     # and never answers take a quarter of an hour. Metrics are sent by a background thread that
@@ -360,6 +361,15 @@ def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
     for key in (model if isinstance(model, dict) else {}):
         if key in FROM_DATASET:
             raise ConfigError(f"model.{key}: comes from the dataset ({FROM_DATASET[key]}); remove it from the config")
+    return build_section(JobConfig, tree, "")
+
+
+def with_values(job: JobConfig, values: dict[str, Any]) -> JobConfig:
+    """`job` with each dotted key set to its (parsed) value, checked as a recipe's keys are: a
+    sweep's trial. Not `model.preset`, which a resolved config no longer names."""
+    tree = config_to_dict(job)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
     return build_section(JobConfig, tree, "")
 
 

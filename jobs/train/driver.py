@@ -97,7 +97,7 @@ def validate(job: JobConfig, layout: RunLayout) -> tuple[PreparePlan, Manifest |
     return plan, manifest
 
 
-def _trainer(launch: Launch):
+def _trainer(launch: Launch, callbacks: tuple = ()):
     # Ray Train, and what builds on it, only once the checks have passed: bad input answers sooner.
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -118,7 +118,7 @@ def _trainer(launch: Launch):
         name=layout.name, storage_path=layout.root,  # Ray Train's checkpoints: under layout.uri
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=ckpt.checkpoint_config(job.train),
-        callbacks=[failure_lines(launch.relay, cluster.max_failures)],
+        callbacks=[failure_lines(launch.relay, cluster.max_failures), *callbacks],
         worker_runtime_env={"env_vars": worker_environment(cluster, uses_gpu=cluster.use_gpu)},
     )
     return TorchTrainer(
@@ -140,9 +140,11 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, data=data, cluster=cluster)
 
 
-def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None) -> TrainOutcome:
+def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] | None = None,
+          callbacks: tuple = ()) -> TrainOutcome:
     """Run (or continue) the training job to completion and export the model. `log` receives
-    aiayn's console lines (default: stdout and the run's log file)."""
+    aiayn's console lines (default: stdout and the run's log file); `callbacks`: more of Ray
+    Train's for the worker group (a sweep's trial reports to Ray Tune through one)."""
     started_at = time.time()  # the run's time ledger starts here (jobs/report/goodput.py)
     job = with_absolute_paths(job)
     layout = RunLayout.of(job.cluster, run_name(job))
@@ -150,7 +152,7 @@ def train(job: JobConfig, *, resume_from: str = "", log: Callable[[str], None] |
     from jobs.report.tracking import request_budget  # MLflow, after the checks: bad input answers sooner
 
     with request_budget(job.tracking.environment()):  # every MLflow call of this driver is bounded
-        return _train_validated(job, layout, data_plan, manifest, resume_from, log, started_at)
+        return _train_validated(job, layout, data_plan, manifest, resume_from, log, started_at, callbacks)
 
 
 def end(job: JobConfig, status: str) -> str:
@@ -182,7 +184,8 @@ def end(job: JobConfig, status: str) -> str:
 
 
 def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
-                     resume_from: str, log: Callable[[str], None] | None, started_at: float) -> TrainOutcome:
+                     resume_from: str, log: Callable[[str], None] | None, started_at: float,
+                     callbacks: tuple) -> TrainOutcome:
     from jobs.report.tracking import resolve_tracking_uri  # MLflow, after the checks
 
     tracking_uri = resolve_tracking_uri(job.tracking.uri)
@@ -193,7 +196,7 @@ def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, 
             LeaseKeeper(layout.uri, lease, job.cluster.lease_ttl_s, console) as keeper:
         try:
             return _train_holding_lease(job, layout, data_plan, manifest, resume_from, console, tracking_uri, keeper,
-                                        started_at)
+                                        started_at, callbacks)
         except BaseException as error:
             if keeper.lost:  # the lease was lost: say that, not whatever it interrupted
                 raise LeaseLost(f"run {layout.name}: this driver lost its lease ({keeper.lost}) and stopped") from error
@@ -203,7 +206,7 @@ def _train_validated(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, 
 def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePlan, manifest: Manifest | None,
                          resume_from: str,
                          console: Callable[[str], None], tracking_uri: str,
-                         keeper: LeaseKeeper, started_at: float) -> TrainOutcome:
+                         keeper: LeaseKeeper, started_at: float, callbacks: tuple) -> TrainOutcome:
     # Ray and MLflow only once the checks have passed: bad input answers sooner.
     from cluster.ray_connection import connect
     from cluster.reachability import check_reaches_every_node
@@ -226,7 +229,8 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
     import ray
 
     # world_size and zero_stage: rank 0's tags, set by the worker group that trains (an elastic run's varies)
-    tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id()}
+    tags = {"git_commit": git_commit(), "ray_job_id": ray.get_runtime_context().get_job_id(),
+            **({"mlflow.parentRunId": job.tracking.parent_run} if job.tracking.parent_run else {})}
     run_id, created = find_or_create_run(tracking_uri, job.tracking.experiment, layout.name,
                                          flatten(public_config(job)), tags, dataset_inputs(manifest))
     console("resolved config:\n" + yaml.safe_dump(public_config(job), sort_keys=False).rstrip())
@@ -237,19 +241,19 @@ def _train_holding_lease(job: JobConfig, layout: RunLayout, data_plan: PreparePl
                 "Ray's worker logs: the session's logs/ on each node)")
     report = RunReport(console, tracking_uri, run_id, layout)
     with report.ended_on_failure(still_ours=lambda: not keeper.lost):
-        return _train_tracked(job, layout, manifest, resume, console, keeper, report, signer, started_at)
+        return _train_tracked(job, layout, manifest, resume, console, keeper, report, signer, started_at, callbacks)
 
 
 def _train_tracked(job: JobConfig, layout: RunLayout, manifest: Manifest, resume: ckpt.ResumePlan,
                    console: Callable[[str], None], keeper: LeaseKeeper, report: RunReport, signer: ckpt.Signer,
-                   started_at: float) -> TrainOutcome:
+                   started_at: float, callbacks: tuple) -> TrainOutcome:
     """Train on the cluster, then export, score and report: the part of a run that MLflow follows."""
     started = time.time()
     policy = HangPolicy(job.train.hang_timeout_s, job.train.long_phase_timeout_s)
     with relay_to(console) as relay, watch_progress(policy, report.hang) as monitor:
         launch = Launch(job, manifest.uri, report.tracking_uri, report.run_id, layout, resume, keeper.uri,
                         keeper.lease.holder, uuid.uuid4().hex, started_at, signing_key_for_workers(signer), relay, monitor)
-        result = _fit(_trainer(launch))
+        result = _fit(_trainer(launch, callbacks))
     console(f"training finished in {time.time() - started:.0f} s; exporting and scoring ...")
     keeper.check("removing checkpoints Ray Train no longer tracks")
     _delete_untracked(layout.uri, result, signer, console)
