@@ -49,6 +49,16 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def check_own_tree(path: Path) -> None:
+    """Raise InputError unless `path` and everything below it is this account's and writable by it
+    alone: what aiayn unpickles from there can then only be its own."""
+    for entry in [path, *path.rglob("*")]:
+        info = entry.lstat()
+        if info.st_uid != os.getuid() or stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) & 0o022:
+            raise InputError(f"{entry}: not this account's alone (owner {info.st_uid}, mode "
+                             f"{oct(stat.S_IMODE(info.st_mode))}); aiayn loads nothing from there: remove {path}")
+
+
 def write_private(path: Path, text: str, replace: bool = True) -> None:
     """Write a file of mode 0600 atomically (created 0600, never readable by others meanwhile).
     `replace=False`: an existing file stays (FileExistsError), so that a secret made twice at once

@@ -111,8 +111,8 @@ def _tune(args: argparse.Namespace) -> int:
                       scheduler=args.scheduler, metric=args.metric, concurrent=args.concurrent)
     from jobs.tune.sweep import run_sweep  # Ray Tune only once the sweep's checks have passed
 
-    run_sweep(plan)
-    return 0
+    rows = run_sweep(plan)
+    return 0 if any(row.status == "finished" for row in rows) else 1
 
 
 def _end(args: argparse.Namespace) -> int:

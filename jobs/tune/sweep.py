@@ -17,11 +17,15 @@ exactly as a rerun of `aiayn train` does; the MLflow parent is found again by it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from cluster.credentials import aiayn_home, check_own_tree, private_dir
 from data_pipeline import storage
 from data_pipeline.config import check_name
 from data_pipeline.errors import InputError
@@ -107,10 +111,38 @@ def _trial(values: dict[str, Any], base: JobConfig, sweep: str, parent_run: str,
     from jobs.tune.callbacks import ReportsBeforeTheEnd
 
     job = trial_job(base, values, sweep, tune.get_context().get_trial_id(), parent_run)
-    outcome = train(job, callbacks=(ReportsBeforeTheEnd(metric, job.train.max_steps or float("inf")),))
+    with _ended_when_stopped():
+        outcome = train(job, callbacks=(ReportsBeforeTheEnd(metric, job.train.max_steps or float("inf")),))
     history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, metric)
     final = {metric: history[-1].value} if history else {}
     tune.report({"step": outcome.steps, **final, "run_id": outcome.run_id, "export_uri": outcome.export_uri})
+
+
+@contextmanager
+def _ended_when_stopped() -> Iterator[None]:
+    """Ends the trial's process, and its training with it, as soon as Tune stops the trial.
+
+    Tune stops a trial by asking its actor to stop and then letting it go; but an actor that ends
+    gracefully first waits for the tasks it started, and the trial started its Ray Train
+    controller, whose task lasts the whole run: a trial ASHA stopped would train on to its end
+    beside the trials that took its place. Killed instead, the trial's process takes what it owns
+    with it (the controller, and the worker group the controller owns), within seconds; its
+    checkpoints are whole or not there (jobs/checkpoint), and TrialLines ends its MLflow run."""
+    import ray
+    from ray.train._internal.session import get_session  # Tune sets its stop_event to stop the trial
+
+    stop, finished = get_session().stop_event, threading.Event()
+
+    def end_when_stopped() -> None:
+        stop.wait()
+        if not finished.is_set():
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    threading.Thread(target=end_when_stopped, name="aiayn-trial-stop", daemon=True).start()
+    try:
+        yield
+    finally:
+        finished.set()
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,10 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> list[Trial
 
     base = with_absolute_paths(plan.base)
     data_plan, manifest = validate(base, RunLayout.of(base.cluster, plan.name))
+    root = _state_root(base)
+    state = root / plan.name
+    if state.exists():
+        check_own_tree(state)  # Tune restores a sweep by unpickling its state
     connect(base.cluster.address)
     if manifest is None:  # once, here: trials started together would each prepare it
         say(f"preparing {storage.redact(base.data.dataset_uri)} ...")
@@ -149,21 +185,20 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> list[Trial
             "scheduler": plan.scheduler, "metric": plan.metric, "trials": plan.trials}, {SWEEP_TAG: plan.name})
     say(f"sweep {plan.name}: MLflow run {parent} ({'new' if created else 'continued'})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables and banners off: TrialLines says it
-    root = storage.join(base.cluster.storage_path, "sweeps")
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep=plan.name, parent_run=parent,
                                                          metric=plan.metric), {"CPU": TRIAL_CPU})
     space = {search.key: search.domain() for search in plan.searches}
-    if tune.Tuner.can_restore(storage.join(root, plan.name)):
+    if tune.Tuner.can_restore(str(state)):
         say(f"sweep {plan.name}: resuming: finished trials are kept, the others continue from their checkpoints")
-        tuner = tune.Tuner.restore(storage.join(root, plan.name), trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=space)
     else:
         at_once = plan.concurrent or _fits(base)  # the generator itself holds the rest back, in its order
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             num_samples=plan.trials, metric=plan.metric, mode=plan.mode, scheduler=_scheduler(plan),
             search_alg=BasicVariantGenerator(random_state=base.train.seed, max_concurrent=at_once),
-            reuse_actors=False),  # a stopped trial's process ends, and its training with it
-            run_config=tune.RunConfig(name=plan.name, storage_path=root, verbose=0, callbacks=[
+            reuse_actors=False),  # a trial's process is its own: _ended_when_stopped may end it
+            run_config=tune.RunConfig(name=plan.name, storage_path=str(root), verbose=0, callbacks=[
                 TrialLines(plan.name, plan.metric, plan.scheduler, tracking_uri, base.tracking.experiment,
                            base.tracking.environment())]))
     grid = tuner.fit()
@@ -171,6 +206,14 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> list[Trial
     with request_budget(base.tracking.environment()):
         _record(rows, plan, tracking_uri, parent, say)
     return rows
+
+
+def _state_root(job: JobConfig) -> Path:
+    """Where Ray Tune keeps the sweeps of `job`'s storage: in this account's private aiayn home on
+    the driver's machine, never in the storage others may share, since Tune pickles its state and
+    restores a sweep by unpickling it (a submitted sweep's driver runs on the head node)."""
+    storage_key = hashlib.sha256(job.cluster.storage_path.encode()).hexdigest()[:12]
+    return private_dir(private_dir(private_dir(aiayn_home()) / "sweeps") / storage_key)
 
 
 def _scheduler(plan: SweepPlan):
@@ -230,6 +273,7 @@ def _record(rows: list[TrialRow], plan: SweepPlan, tracking_uri: str, parent: st
     best = next((row for row in rows if row.status == "finished"), None)
     if best is None:
         say(f"sweep {plan.name}: no trial finished")
+        client.set_terminated(parent, "FAILED")
         return
     client.set_tag(parent, "best_trial", best.trial_id)
     client.set_tag(parent, "best_run_id", best.run_id)
@@ -243,3 +287,4 @@ def _record(rows: list[TrialRow], plan: SweepPlan, tracking_uri: str, parent: st
         uri = log_translation_model(tracking_uri, best.run_id, Path(best.export_uri), None,
                                     plan.base.tracking.registered_model)  # logged by the trial: registered here
         say(f"sweep {plan.name}: the best trial's model is {uri}")
+    client.set_terminated(parent, "FINISHED")

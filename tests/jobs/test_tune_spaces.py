@@ -81,3 +81,33 @@ def test_bad_sweeps_answer_before_ray_starts(tmp_path) -> None:
         assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("aiayn-*")) and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("plant", ["another account's file", "a file others may write"])
+def test_a_sweep_state_not_all_ours_is_refused_before_ray_starts(plant: str, tmp_path, tiny_corpus, monkeypatch) -> None:
+    """Tune restores a sweep by unpickling its state: one entry there that is not this account's
+    alone, and the real command refuses in one line (exit 2) before Ray starts or anything loads."""
+    import os
+
+    from jobs.train.driver import with_absolute_paths
+    from jobs.tune.sweep import _state_root
+    from tests.jobs.helpers import tiny_overrides
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("AIAYN_HOME", str(home))
+    overrides = [o for o in tiny_overrides(tiny_corpus, tmp_path, "s") if not o.startswith("name=")]
+    overrides += ["train.max_steps=20", "train.validate_every=5", "train.checkpoint_every_steps=5"]
+    state = _state_root(with_absolute_paths(load_job_config(None, overrides))) / "s"
+    state.mkdir(mode=0o700)
+    planted = state / "tuner.pkl"
+    planted.write_bytes(b"not this account's pickle")
+    if plant == "another account's file":
+        os.chown(planted, 65534, 65534)
+    else:
+        planted.chmod(0o666)
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "tune", "--name", "s", "--search",
+                             "optim.lr=grid(0.001,0.002)", *overrides], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=300)
+    assert result.returncode == 2 and f"{planted}: not this account's alone" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / f"aiayn-{os.getuid()}").exists()  # no Ray session was made
