@@ -121,9 +121,9 @@ def test_up_on_a_fresh_account_keeps_its_secrets_and_lets_no_other_account_in(tm
     assert f"kept in {enterable / 'aiayn' / 'store'}" in down.stdout
 
 
-def _submitted(name: str, overrides: list[str], env: dict, timeout: float = 600) -> str:
-    """Submit `train` as the README does, wait for it and return its log (it must succeed)."""
-    submit = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--name", name, "--", "train", *overrides],
+def _submitted(name: str, command: list[str], env: dict, timeout: float = 600) -> str:
+    """Submit an aiayn command as the README does, wait for it and return its log (it must succeed)."""
+    submit = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--name", name, "--", *command],
                             capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert submit.returncode == 0, submit.stderr[-2000:]
     job = submit.stdout.strip().splitlines()[-1]
@@ -151,7 +151,7 @@ def test_a_submitted_run_keeps_its_data_and_resumes_after_down_and_up(tmp_path, 
     store = Path(env["AIAYN_HOME"]) / "store"
     try:
         assert _aiayn("up", "--nodes", "1", "--cpus-per-node", "2", "--no-mlflow", env=env).returncode == 0
-        _submitted("kept-1", overrides, env)
+        _submitted("kept-1", ["train", *overrides], env)
         checkpoint = store / "runs" / "kept" / "checkpoint_step00000005"
         assert checkpoint.is_dir() and (store / "data" / "text-en-de").is_dir()
         down = _aiayn("down", env=env)
@@ -160,9 +160,18 @@ def test_a_submitted_run_keeps_its_data_and_resumes_after_down_and_up(tmp_path, 
         assert up.returncode == 0, up.stderr[-2000:]
         status = _aiayn("status", env=env)
         assert f"kept in {store}: a directory of your account's alone; kept across `down`" in status.stdout
-        logs = _submitted("kept-2", [*overrides[:-1], "train.max_steps=10"], env)
+        logs = _submitted("kept-2", ["train", *overrides[:-1], "train.max_steps=10"], env)
         assert f"resuming at step 5 from {checkpoint}" in logs, logs[-3000:]
         assert (store / "runs" / "kept" / "checkpoint_step00000010").is_dir()
+        # A sweep is submitted as train is: its trials' runs land in the same store
+        sweep = [o for o in overrides
+                 if not o.startswith(("name=", "train.max_steps=", "train.validate_every=", "train.checkpoint_every_s"))]
+        tune = ["tune", "--name", "rates", "--search", "optim.lr=grid(0.003,0.0001)", "--trials", "1",
+                "--scheduler", "fifo", "--concurrent", "1"]
+        logs = _submitted("kept-sweep", [*tune, *sweep, "train.max_steps=5", "train.validate_every=5",
+                                         "train.checkpoint_every_steps=5"], env)
+        assert logs.count("started: optim.lr=") == 2 and logs.count("finished at step 5") == 2, logs[-3000:]
+        assert "sweep rates: best trial" in logs and len(list((store / "runs").glob("rates-*/export"))) == 2
     finally:
         _aiayn("down", env=env)
 
