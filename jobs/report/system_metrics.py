@@ -23,12 +23,14 @@ _GPU_INDEX = re.compile(r"^gpu_\d+_")  # MLflow names a GPU's figures gpu_<index
 class NodeSampler:
     """This node's figures, sampled every `interval_s` by MLflow's collectors."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, tracking_uri: str) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         # Only its collectors are used (it picks the GPU's where there is one): it is never started,
-        # so it logs nothing and asks the server nothing.
-        self._collectors = SystemMetricsMonitor(run_id=None, tracking_uri="")
+        # so it logs nothing and asks the server nothing. It still makes a client at once: given no
+        # URI, MLflow's default made a SQLite store in the worker's working directory, schema and
+        # all, and a worker killed while making it left one that failed every later worker there.
+        self._collectors = SystemMetricsMonitor(run_id=None, tracking_uri=tracking_uri)
         self.interval_s, self._lock, self._stop = interval_s, threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._sample, name="aiayn-system-metrics", daemon=True)
         self._thread.start()

@@ -293,7 +293,7 @@ def _tracking(job: JobConfig, place: Place, launch: Launch, pending_metrics: lis
     os.environ.update(job.tracking.environment())
     report = RankReport.of_rank(place.rank, launch.relay, launch.tracking_uri, launch.run_id, pending_metrics, fence)
     every = job.tracking.system_metrics_every_s
-    return report, NodeSampler(every) if place.local_rank == 0 and every else None
+    return report, NodeSampler(every, launch.tracking_uri) if place.local_rank == 0 and every else None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -8,8 +8,14 @@ import time
 from jobs.report.system_metrics import NodeSampler, node_metrics
 
 
-def test_a_node_samples_its_figures_from_the_start_until_taken() -> None:
-    sampler = NodeSampler(interval_s=0.2)
+def test_a_node_samples_its_figures_from_the_start_until_taken(tmp_path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sampler = NodeSampler(interval_s=0.2, tracking_uri=f"sqlite:///{tmp_path / 'runs.db'}")
+    # nothing made in the worker's working directory (MLflow's default store was, once)
+    assert list(work.iterdir()) == []
     try:
         time.sleep(0.1)  # the first sample is taken at once
         figures = sampler.take()
