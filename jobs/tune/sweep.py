@@ -19,11 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from cluster.credentials import aiayn_home, check_own_tree, private_dir
 from data_pipeline import storage
@@ -111,38 +109,10 @@ def _trial(values: dict[str, Any], base: JobConfig, sweep: str, parent_run: str,
     from jobs.tune.callbacks import ReportsBeforeTheEnd
 
     job = trial_job(base, values, sweep, tune.get_context().get_trial_id(), parent_run)
-    with _ended_when_stopped():
-        outcome = train(job, callbacks=(ReportsBeforeTheEnd(metric, job.train.max_steps or float("inf")),))
+    outcome = train(job, callbacks=(ReportsBeforeTheEnd(metric, job.train.max_steps or float("inf")),))
     history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.run_id, metric)
     final = {metric: history[-1].value} if history else {}
     tune.report({"step": outcome.steps, **final, "run_id": outcome.run_id, "export_uri": outcome.export_uri})
-
-
-@contextmanager
-def _ended_when_stopped() -> Iterator[None]:
-    """Ends the trial's process, and its training with it, as soon as Tune stops the trial.
-
-    Tune stops a trial by asking its actor to stop and then letting it go; but an actor that ends
-    gracefully first waits for the tasks it started, and the trial started its Ray Train
-    controller, whose task lasts the whole run: a trial ASHA stopped would train on to its end
-    beside the trials that took its place. Killed instead, the trial's process takes what it owns
-    with it (the controller, and the worker group the controller owns), within seconds; its
-    checkpoints are whole or not there (jobs/checkpoint), and TrialLines ends its MLflow run."""
-    import ray
-    from ray.train._internal.session import get_session  # Tune sets its stop_event to stop the trial
-
-    stop, finished = get_session().stop_event, threading.Event()
-
-    def end_when_stopped() -> None:
-        stop.wait()
-        if not finished.is_set():
-            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-    threading.Thread(target=end_when_stopped, name="aiayn-trial-stop", daemon=True).start()
-    try:
-        yield
-    finally:
-        finished.set()
 
 
 @dataclass(frozen=True)
@@ -185,8 +155,11 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> list[Trial
             "scheduler": plan.scheduler, "metric": plan.metric, "trials": plan.trials}, {SWEEP_TAG: plan.name})
     say(f"sweep {plan.name}: MLflow run {parent} ({'new' if created else 'continued'})")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables and banners off: TrialLines says it
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep=plan.name, parent_run=parent,
-                                                         metric=plan.metric), {"CPU": TRIAL_CPU})
+    # The store as resolved here: a trial works in a directory of Tune's, where the default ./mlruns
+    # would be a store of its own that no one looks at.
+    in_trials = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=tracking_uri))
+    trial = tune.with_parameters(_trial, base=in_trials, sweep=plan.name, parent_run=parent, metric=plan.metric)
+    trainable = tune.with_resources(trial, {"CPU": TRIAL_CPU})
     space = {search.key: search.domain() for search in plan.searches}
     if tune.Tuner.can_restore(str(state)):
         say(f"sweep {plan.name}: resuming: finished trials are kept, the others continue from their checkpoints")
@@ -197,7 +170,7 @@ def run_sweep(plan: SweepPlan, say: Callable[[str], None] = print) -> list[Trial
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
             num_samples=plan.trials, metric=plan.metric, mode=plan.mode, scheduler=_scheduler(plan),
             search_alg=BasicVariantGenerator(random_state=base.train.seed, max_concurrent=at_once),
-            reuse_actors=False),  # a trial's process is its own: _ended_when_stopped may end it
+            reuse_actors=False),  # a stopped trial's process ends, and its training with it
             run_config=tune.RunConfig(name=plan.name, storage_path=str(root), verbose=0, callbacks=[
                 TrialLines(plan.name, plan.metric, plan.scheduler, tracking_uri, base.tracking.experiment,
                            base.tracking.environment())]))

@@ -19,15 +19,20 @@ from tests.jobs.helpers import tiny_overrides, when
 
 ROOT = Path(__file__).resolve().parents[2]
 RATES = (0.003, 0.006, 0.00001, 0.000003)  # in the grid's order: the two that learn run first
+# Tiny steps take ~0.1 s and a rung's decision ~1 s to come back: a stopped trial trains on ~10
+# steps, and the last step lies far enough beyond that for a trial that is not stopped to show.
+STEPS = 60
 pytestmark = pytest.mark.slow
 
 
-def _command(name: str, tiny_corpus, root: Path, address: str) -> list[str]:
-    overrides = [o for o in tiny_overrides(tiny_corpus, root, name, address=address)
-                 if not o.startswith(("name=", "train.max_steps=", "train.validate_every=", "cluster.num_workers="))]
+def _command(name: str, tiny_corpus, root: Path, address: str, *, default_store: bool = False) -> list[str]:
+    """`default_store`: no tracking.uri, so the sweep's and its trials' runs go to ./mlruns."""
+    dropped = ("name=", "train.max_steps=", "train.validate_every=", "cluster.num_workers=",
+               *(("tracking.uri=",) if default_store else ()))
+    overrides = [o for o in tiny_overrides(tiny_corpus, root, name, address=address) if not o.startswith(dropped)]
     grid = ", ".join(str(rate) for rate in RATES)
     return [sys.executable, "-m", "jobs.cli", "tune", "--name", name, "--search", f"optim.lr=grid({grid})",
-            "--trials", "1", "--concurrent", "2", *overrides, "cluster.num_workers=1", "train.max_steps=20",
+            "--trials", "1", "--concurrent", "2", *overrides, "cluster.num_workers=1", f"train.max_steps={STEPS}",
             "train.validate_every=5", "train.checkpoint_every_steps=5", "train.keep_checkpoints=2",
             "tracking.registered_model=swept"]
 
@@ -79,9 +84,9 @@ def test_four_trials_two_at_a_time_the_weak_stopped_early_one_parent(sweep, tmp_
         assert run.info.status == ("KILLED" if rate in stopped else "FINISHED")
         exported = (root / "runs" / run.data.tags["aiayn.run_name"] / "export").is_dir()
         if rate in stopped:  # its training ended with the trial: not run on beside the trials after it
-            assert steps[-1] < 20 and not exported, (rate, steps)
+            assert steps[-1] < STEPS and not exported, (rate, steps)
         else:
-            assert steps[-1] == 20 and exported, (rate, steps)
+            assert steps[-1] == STEPS and exported, (rate, steps)
     assert parent.info.status == "FINISHED"
     assert console.count("started: optim.lr=") == 4 and "stopped early by asha at step" in console
     table = MlflowClient(tracking).download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
@@ -100,9 +105,12 @@ def test_four_trials_two_at_a_time_the_weak_stopped_early_one_parent(sweep, tmp_
 def test_a_sweep_whose_driver_was_killed_resumes_with_the_same_trials(sweep, ray_cluster, tiny_corpus, tmp_path) -> None:
     reference_root, _, reference_tracking = sweep
     reference = _children(reference_tracking, _parent(reference_tracking, "lr").info.run_id)
-    command = _command("lr", tiny_corpus, tmp_path, ray_cluster)
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                             start_new_session=True)
+    # Run from the user's directory with MLflow's default store there (./mlruns): the trials, which
+    # work in directories of Tune's, must track into it too
+    command = _command("lr", tiny_corpus, tmp_path, ray_cluster, default_store=True)
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                             start_new_session=True, env=environment)
     killed = []
     runs = tmp_path / "runs"
     killer = when(lambda: any(runs.glob("lr-*/checkpoint_step00000010")),
@@ -110,10 +118,10 @@ def test_a_sweep_whose_driver_was_killed_resumes_with_the_same_trials(sweep, ray
     first.wait(timeout=1500)
     killer.join(timeout=5)
     assert killed, "the sweep ended before a trial reached its 10th step"
-    again = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=environment)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming: finished trials are kept" in again.stdout
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     children = _children(tracking, _parent(tracking, "lr").info.run_id)  # one parent across both drivers
     assert sorted(children) == sorted(RATES)
     compared = 0
