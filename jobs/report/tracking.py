@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cluster import PROJECT_ROOT
@@ -170,7 +171,12 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, params
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     if inputs:
-        client.log_inputs(run.info.run_id, datasets=inputs)
+        try:
+            client.log_inputs(run.info.run_id, datasets=inputs)
+        except MlflowException:
+            # Runs of one experiment made at once (a sweep's trials) may both add the same dataset: the
+            # store looks it up and inserts it apart, so one fails its unique key; again, it finds it.
+            client.log_inputs(run.info.run_id, datasets=inputs)
     return run.info.run_id, True
 
 
